@@ -1,0 +1,471 @@
+"""Data pipelines: n_bits reduction, dequantization, built-in and tfds data sets.
+
+Conventions follow openai/glow. An image is reduced to ``n_bins`` levels
+``k in {0, ..., n_bins - 1}`` (``n_bins = 2**n_bits`` for 8-bit sources, 17
+for the bundled 8x8 digits) and fed to a flow as
+
+    x = (k + u) / n_bins - 0.5,   u ~ U(0, 1)   (uniform dequantization;
+                                                 see `preprocess` for the edges)
+    x = (k + 0.5) / n_bins - 0.5                 (bin centre, dequantize=False)
+
+so ``x`` lies in ``[-0.5, 0.5]`` and ``floor((x + 0.5) * n_bins) == k``. A
+continuous density ``p`` on ``x`` then bounds the discrete likelihood,
+``log P(k) >= E_u[log p(x)] - D log(n_bins)`` (D = pixels x channels).
+
+Machines here are offline, so besides tensorflow-datasets pipelines this
+module provides the scikit-learn 8x8 digits (bundled, 1,797 real images) and
+2-D toy densities generated on the fly.
+
+#### Examples
+
+```python
+from tfp_glow import data
+ds = data.digits_dataset("train", batch_size=64)       # float32 [B, 8, 8, 1]
+info = data.dataset_info("digits")                     # image_shape, num_bins, ...
+ds = data.make_dataset("mnist", "train", 64, n_bits=5, data_dir="/data/tfds")
+pts = data.toy_density("8gaussians", 1000)             # float32 [1000, 2]
+```
+"""
+
+import functools
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+__all__ = [
+    "DATASETS",
+    "DIGITS_NUM_BINS",
+    "DatasetNotAvailableError",
+    "SHUFFLE_BUFFER",
+    "TFDS_IMAGE_DATASETS",
+    "TOY_DENSITIES",
+    "dataset_info",
+    "digits_dataset",
+    "load_digits",
+    "make_dataset",
+    "preprocess",
+    "reduce_bits",
+    "tfds_dataset",
+    "toy_dataset",
+    "toy_density",
+]
+
+DIGITS_NUM_BINS = 17  # scikit-learn digits hold integer levels 0..16
+DIGITS_NUM_TRAIN = 1437  # of 1,797: a fixed 80/20 split
+SHUFFLE_BUFFER = 10_000
+TFDS_IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "celeb_a")
+TOY_DENSITIES = ("two_moons", "8gaussians", "checkerboard")
+CELEB_A_CROP = 148  # openai/glow & RealNVP: central 148x148 crop, then resize
+
+# Fraction of a bin kept clear at each edge by the dequantization noise:
+# float32 rounding of (k + u) / n_bins - 0.5 is below 1e-5 of a bin for
+# n_bins <= 256, so this margin guarantees floor((x + 0.5) * n_bins) == k.
+# It narrows U(0, 1) to U(eps, 1 - eps), costing < 3e-4 bits/dim in the bound.
+_DEQUANT_EPS = 1e-4
+
+
+class DatasetNotAvailableError(FileNotFoundError):
+    """A tensorflow-datasets data set is not prepared and may not be downloaded."""
+
+
+def _check_choice(arg, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{arg}` must be one of {sorted(allowed)}, got {value!r}.")
+
+
+def _check_positive_int(arg, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
+
+
+# --------------------------------------------------------------------------
+# Quantization and dequantization.
+
+
+def reduce_bits(images_uint8, n_bits):
+    """Reduces 8-bit pixels to ``n_bits``: ``k = floor(pixel / 2**(8 - n_bits))``.
+
+    Args:
+      images_uint8: integer tensor or array with values in ``0..255``.
+      n_bits: int in ``1..8``; the result has ``2**n_bits`` levels.
+
+    Returns:
+      A `tf.uint8` tensor of levels in ``0..2**n_bits - 1``, same shape.
+    """
+    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not (
+        1 <= n_bits <= 8
+    ):
+        raise ValueError(f"`n_bits` must be an integer in 1..8, got {n_bits!r}.")
+    images = tf.cast(tf.convert_to_tensor(images_uint8), tf.int32)
+    return tf.cast(images // (2 ** (8 - int(n_bits))), tf.uint8)
+
+
+def _as_stateless_seed(seed):
+    """Python int -> [seed, 0]; a length-2 tensor passes through (tf.data seeds)."""
+    if isinstance(seed, (int, np.integer)):
+        return tf.constant([int(seed), 0], tf.int64)
+    return tf.cast(seed, tf.int64)
+
+
+def preprocess(images, num_bins, dequantize=True, seed=None):
+    """Maps integer levels ``k`` to float32 model inputs in ``[-0.5, 0.5]``.
+
+        dequantize=True:   x = (k + u) / num_bins - 0.5,  u ~ U(eps, 1 - eps)
+        dequantize=False:  x = (k + 0.5) / num_bins - 0.5
+
+    with ``eps = 1e-4`` keeping every ``x`` strictly inside its bin despite
+    float32 rounding, so ``floor((x + 0.5) * num_bins) == k`` always holds.
+
+    Args:
+      images: integer (or integer-valued) tensor of levels ``0..num_bins - 1``.
+      num_bins: number of levels, e.g. ``2**n_bits`` or `DIGITS_NUM_BINS`.
+      dequantize: add uniform noise (training) or take the bin centre.
+      seed: `None` (stateful RNG), a Python int, or a shape-[2] integer tensor;
+        a seed makes the noise reproducible (stateless RNG), also in `tf.data`.
+
+    Returns:
+      float32 tensor shaped like `images`.
+    """
+    _check_positive_int("num_bins", num_bins)
+    k = tf.cast(images, tf.float32)
+    if not dequantize:
+        u = 0.5
+    else:
+        shape = tf.shape(k)
+        if seed is None:
+            u = tf.random.uniform(shape, _DEQUANT_EPS, 1.0 - _DEQUANT_EPS)
+        else:
+            u = tf.random.stateless_uniform(
+                shape, _as_stateless_seed(seed), _DEQUANT_EPS, 1.0 - _DEQUANT_EPS
+            )
+    # k / n - 0.5 first, then u / n: rounding stays at the scale of x, not of k.
+    return (k / num_bins - 0.5) + u / num_bins
+
+
+def _finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
+                     seed, repeat, drop_remainder, shuffle_buffer):
+    """(levels, label) elements -> shuffled, batched, dequantized, prefetched."""
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if dequantize:
+        # One stateless seed per batch, drawn from a seeded stream that is
+        # re-randomised each epoch: reproducible runs, fresh noise every epoch.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (preprocess(xy[0], num_bins, True, s), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        ds = ds.map(lambda x, y: (preprocess(x, num_bins, False), y),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    if not with_labels:
+        ds = ds.map(lambda x, y: x)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_pipeline_args(batch_size, seed):
+    _check_positive_int("batch_size", batch_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
+
+
+# --------------------------------------------------------------------------
+# Built-in digits (scikit-learn, bundled: no download).
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays():
+    from sklearn import datasets as sk_datasets  # deferred: sklearn import is slow
+
+    bunch = sk_datasets.load_digits()
+    images = bunch.images.astype(np.uint8)[..., None]  # float 0..16 -> uint8
+    labels = bunch.target.astype(np.int64)
+    order = np.random.RandomState(0).permutation(len(images))
+    return images[order], labels[order]
+
+
+def load_digits(split="train"):
+    """The scikit-learn 8x8 digits with a fixed train/test split.
+
+    All 1,797 images are permuted by ``np.random.RandomState(0)``; the first
+    1,437 are "train", the last 360 "test", "all" is the whole permutation.
+
+    Returns:
+      ``(images, labels)``: uint8 ``[N, 8, 8, 1]`` with levels ``0..16``
+      (`DIGITS_NUM_BINS` = 17) and int64 ``[N]`` classes ``0..9``.
+    """
+    _check_choice("split", split, ("train", "test", "all"))
+    images, labels = _digits_arrays()
+    part = {"train": slice(0, DIGITS_NUM_TRAIN), "test": slice(DIGITS_NUM_TRAIN, None),
+            "all": slice(None)}[split]
+    return images[part].copy(), labels[part].copy()
+
+
+def digits_dataset(split="train", batch_size=64, dequantize=True, shuffle=True,
+                   with_labels=False, seed=0, repeat=False, drop_remainder=False):
+    """`tf.data` pipeline over `load_digits`: float32 ``[B, 8, 8, 1]`` batches.
+
+    Values are ``preprocess(k, 17, dequantize)``, i.e. ``(k + u)/17 - 0.5``;
+    with `with_labels` the elements are ``(image, label)`` with int64 labels.
+    """
+    _check_pipeline_args(batch_size, seed)
+    images, labels = load_digits(split)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    return _finish_pipeline(ds, DIGITS_NUM_BINS, batch_size, dequantize, shuffle,
+                            with_labels, seed, repeat, drop_remainder,
+                            shuffle_buffer=len(images))
+
+
+# --------------------------------------------------------------------------
+# tensorflow-datasets.
+
+
+def _image_size_pair(image_size):
+    if image_size is None:
+        return None
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        pair = (int(image_size), int(image_size))
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        pair = tuple(image_size)
+    else:
+        pair = None
+    if pair is None or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair
+    ):
+        raise ValueError(
+            f"`image_size` must be None, a positive int or a (height, width) pair, "
+            f"got {image_size!r}.")
+    return tuple(int(v) for v in pair)
+
+
+def _tfds_builder(name, data_dir=None):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a tensorflow-datasets name, got {name!r}.")
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"`name`={name!r} is not a tensorflow-datasets data set "
+            f"(built in here: {sorted(DATASETS)}).") from e
+
+
+def _image_spec(builder, name, image_size):
+    """(image shape after crop/resize, num_classes or None) from tfds metadata."""
+    features = builder.info.features
+    if "image" not in features.keys():
+        raise ValueError(f"`name`={name!r} has no 'image' feature; it is not an image data set.")
+    height, width, channels = features["image"].shape
+    size = _image_size_pair(image_size)
+    if size is None and _base_name(name) == "celeb_a":
+        size = (64, 64)
+    if size is not None:
+        height, width = size
+    if height is None or width is None:
+        raise ValueError(
+            f"Images of {name!r} vary in size: pass `image_size` to resize them.")
+    label = features["label"] if "label" in features.keys() else None
+    num_classes = getattr(label, "num_classes", None)
+    return (height, width, channels), num_classes, size
+
+
+def _base_name(name):
+    return name.split(":")[0].split("/")[0]
+
+
+def _not_available(name, builder, data_dir):
+    root = data_dir if data_dir is not None else os.environ.get(
+        "TFDS_DATA_DIR", tfds.core.constants.DATA_DIR)
+    return DatasetNotAvailableError(
+        f"Data set {name!r} is not prepared in data_dir={str(root)!r} "
+        f"(looked for {builder.data_dir}) and download=False. This machine is "
+        f"offline: run `tfds build {_base_name(name)} --data_dir {root}` on a machine "
+        f"with internet and copy that folder here, or pass `data_dir=` pointing at a "
+        f"prepared copy (download=True only works with internet).")
+
+
+def dataset_info(name, n_bits=8, image_size=None):
+    """Static facts for a data set: ``dict(image_shape, num_bins, num_classes)``.
+
+    "digits": ``(8, 8, 1)``, 17 bins, 10 classes (`n_bits` is ignored: the
+    digits have 17 native levels). Toy densities: ``image_shape=(2,)`` and no
+    bins or classes. tensorflow-datasets names: the image shape after the
+    crop/resize that `tfds_dataset` applies, ``num_bins = 2**n_bits``. No data
+    is read, so this works before the data set is prepared.
+    """
+    if name == "digits":
+        return dict(image_shape=(8, 8, 1), num_bins=DIGITS_NUM_BINS, num_classes=10)
+    if name in TOY_DENSITIES:
+        return dict(image_shape=(2,), num_bins=None, num_classes=None)
+    reduce_bits(np.zeros([1], np.uint8), n_bits)  # validates n_bits
+    shape, num_classes, _ = _image_spec(_tfds_builder(name), name, image_size)
+    return dict(image_shape=shape, num_bins=2 ** int(n_bits), num_classes=num_classes)
+
+
+def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
+                 data_dir=None, dequantize=True, shuffle=True, with_labels=False,
+                 seed=0, repeat=False, drop_remainder=False, download=False):
+    """`tf.data` pipeline over a tensorflow-datasets image data set.
+
+    Per image: (celeb_a only) central 148x148 crop; optional area resize to
+    `image_size` (celeb_a defaults to 64); ``k = floor(pixel / 2**(8-n_bits))``;
+    then batches of ``x = (k + u) / 2**n_bits - 0.5`` (see `preprocess`).
+    Works for "mnist", "fashion_mnist", "cifar10", "svhn_cropped", "celeb_a"
+    and any tfds data set with an "image" feature.
+
+    Args:
+      name: tfds name, optionally with version (``"mnist:3.0.1"``).
+      split: tfds split string (``"train"``, ``"test[:10%]"``, ...).
+      with_labels: yield ``(image, label)``; needs a "label" feature.
+      data_dir: where prepared tfds data lives (tfds default if None).
+      download: call ``download_and_prepare`` first (needs internet).
+
+    Raises:
+      DatasetNotAvailableError: the data set is not prepared in `data_dir`
+        and `download` is False.
+      ValueError: an argument value is not allowed (the message names it).
+    """
+    _check_pipeline_args(batch_size, seed)
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"`split` must be a tfds split string such as 'train', got {split!r}.")
+    reduce_bits(np.zeros([1], np.uint8), n_bits)  # validates n_bits
+    num_bins = 2 ** int(n_bits)
+    builder = _tfds_builder(name, data_dir)
+    _, num_classes, size = _image_spec(builder, name, image_size)
+    if with_labels and num_classes is None:
+        raise ValueError(
+            f"`with_labels`=True but {name!r} has no class 'label' feature.")
+    if download:
+        builder.download_and_prepare()
+    try:
+        ds = builder.as_dataset(
+            split=split, shuffle_files=shuffle,
+            read_config=tfds.ReadConfig(shuffle_seed=seed))
+    except AssertionError as e:  # tfds signals "not prepared" with an assert
+        if builder.is_prepared():
+            raise
+        raise _not_available(name, builder, data_dir) from e
+
+    crop = _base_name(name) == "celeb_a"
+
+    def to_levels(example):
+        image = example["image"]
+        if crop:
+            h, w = tf.shape(image)[0], tf.shape(image)[1]
+            image = tf.image.crop_to_bounding_box(
+                image, (h - CELEB_A_CROP) // 2, (w - CELEB_A_CROP) // 2,
+                CELEB_A_CROP, CELEB_A_CROP)
+        if size is not None:
+            image = tf.image.resize(tf.cast(image, tf.float32), size, method="area")
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        label = tf.cast(example["label"], tf.int64) if with_labels else tf.constant(0, tf.int64)
+        return reduce_bits(image, n_bits), label
+
+    ds = ds.map(to_levels, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
+                            seed, repeat, drop_remainder, shuffle_buffer=SHUFFLE_BUFFER)
+
+
+# --------------------------------------------------------------------------
+# 2-D toy densities (FFJORD's generators, standardised).
+
+
+def toy_density(name, num_samples, seed=0):
+    """Samples a 2-D toy density as float32 ``[num_samples, 2]``.
+
+    The generators of FFJORD (Grathwohl et al., 2019, ``toy_data.py``), each
+    divided by its analytic per-coordinate standard deviation so that the
+    mean is 0 and the per-coordinate variance is about 1:
+
+    - "two_moons": ``t ~ U(0, pi)``; upper moon ``(cos t, sin t)``, lower moon
+      ``(1 - cos t, 1/2 - sin t)``, each with prob. 1/2, plus ``N(0, 0.1^2)``;
+      then ``(p - (1/2, 1/4)) / (sqrt(0.76), sqrt(0.5725 - 1/pi))``.
+    - "8gaussians": ``N(4 * (cos a, sin a) / sqrt(2), (0.5 / sqrt(2))^2)``
+      with ``a = j pi / 4``, ``j ~ U{0..7}``; divided by ``sqrt(4.125)``.
+    - "checkerboard": ``x1 ~ U(-4, 4)``, ``x2`` uniform on the cells of a
+      2x2-unit checkerboard over ``[-4, 4)^2`` where ``floor(x1/2) +
+      floor(x2/2)`` is even; divided by ``4 / sqrt(3)``.
+
+    Args:
+      name: one of `TOY_DENSITIES`.
+      num_samples: positive int.
+      seed: anything `np.random.default_rng` accepts (int or int sequence).
+    """
+    _check_choice("name", name, TOY_DENSITIES)
+    _check_positive_int("num_samples", num_samples)
+    rng = np.random.default_rng(seed)
+    n = int(num_samples)
+    if name == "two_moons":
+        t = rng.uniform(0.0, np.pi, n)
+        lower = rng.integers(0, 2, n).astype(bool)
+        x = np.where(lower, 1.0 - np.cos(t), np.cos(t))
+        y = np.where(lower, 0.5 - np.sin(t), np.sin(t))
+        points = np.stack([x, y], axis=1) + 0.1 * rng.standard_normal((n, 2))
+        # E[x] = 1/2, Var x = 1 - 1/4 + 0.01; E[y] = 1/4,
+        # Var y = 1/4 + (3/4 - 2/pi)/2 - 1/16 + 0.01 = 0.5725 - 1/pi.
+        std = np.array([math.sqrt(0.76), math.sqrt(0.5725 - 1.0 / np.pi)])
+        points = (points - np.array([0.5, 0.25])) / std
+    elif name == "8gaussians":
+        angle = rng.integers(0, 8, n) * (np.pi / 4)
+        centers = 4.0 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        points = (centers + 0.5 * rng.standard_normal((n, 2))) / math.sqrt(2.0)
+        # Per-coordinate variance: (16 / 2 + 0.25) / 2 = 4.125.
+        points = points / math.sqrt(4.125)
+    else:  # checkerboard
+        x1 = rng.uniform(-2.0, 2.0, n)
+        x2 = rng.uniform(0.0, 1.0, n) - 2.0 * rng.integers(0, 2, n) + np.floor(x1) % 2
+        # Both coordinates are U(-4, 4) after the x2 scale: std 8 / sqrt(12).
+        points = 2.0 * np.stack([x1, x2], axis=1) / (4.0 / math.sqrt(3.0))
+    return points.astype(np.float32)
+
+
+def toy_dataset(name, num_samples, batch_size, seed=0, shuffle=True):
+    """`tf.data` pipeline of float32 ``[B, 2]`` batches of `toy_density` points."""
+    _check_pipeline_args(batch_size, seed)
+    return _points_dataset(toy_density(name, num_samples, seed), batch_size, seed, shuffle)
+
+
+def _points_dataset(points, batch_size, seed, shuffle):
+    ds = tf.data.Dataset.from_tensor_slices(points)
+    if shuffle:
+        ds = ds.shuffle(len(points), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _toy_split_dataset(name, split="train", batch_size=64, num_samples=None, seed=0,
+                       shuffle=True):
+    """Train/test draws of a toy density from independent seeds ``(seed, split)``."""
+    _check_choice("split", split, ("train", "test"))
+    _check_pipeline_args(batch_size, seed)
+    if num_samples is None:
+        num_samples = 10_000 if split == "train" else 2_000
+    index = 0 if split == "train" else 1
+    points = toy_density(name, num_samples, seed=None if seed is None else (seed, index))
+    return _points_dataset(points, batch_size, seed, shuffle)
+
+
+# --------------------------------------------------------------------------
+# Registry.
+
+DATASETS = {
+    "digits": digits_dataset,
+    **{name: functools.partial(tfds_dataset, name) for name in TFDS_IMAGE_DATASETS},
+    **{name: functools.partial(_toy_split_dataset, name) for name in TOY_DENSITIES},
+}
+
+
+def make_dataset(name, split="train", batch_size=64, **kwargs):
+    """Builds the pipeline for `name`: a key of `DATASETS`, else any tfds name.
+
+    ``kwargs`` go to the loader (`digits_dataset`, `tfds_dataset`, or for toy
+    names ``num_samples``, ``seed``, ``shuffle``).
+    """
+    loader = DATASETS.get(name)
+    if loader is None:
+        loader = functools.partial(tfds_dataset, name)
+    return loader(split=split, batch_size=batch_size, **kwargs)

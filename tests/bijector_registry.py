@@ -1,0 +1,130 @@
+"""Every tfp_glow bijector configuration the contract test checks.
+
+One line per configuration: `name: Case(make, event_shape, ...)`. `make(dtype)`
+returns a fresh bijector; a new bijector is tested by adding a line here.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_glow import bijectors as B
+from tfp_glow import nets
+
+tfb = tfp.bijectors
+IMAGE = (4, 4, 4)
+VECTOR = (6,)
+
+
+@dataclasses.dataclass
+class Case:
+    make: Callable  # dtype -> bijector
+    event_shape: tuple
+    sample: Optional[Callable] = None  # (rng, shape) -> x in the domain
+    conditional: Optional[int] = None  # num_classes when class-conditional
+
+    def draw(self, rng, batch, dtype):
+        shape = (batch,) + self.event_shape
+        x = self.sample(rng, shape) if self.sample else rng.standard_normal(shape)
+        return tf.constant(x, dtype=dtype)
+
+    def kwargs(self, rng, batch):
+        if self.conditional is None:
+            return {}
+        return {"conditional_input": tf.constant(
+            rng.integers(0, self.conditional, size=batch), tf.int32)}
+
+
+def _dt(dtype):
+    return tf.as_dtype(dtype).name
+
+
+def affine(mask, parity, shape=IMAGE):
+    def make(dtype):
+        c = shape[-1]
+        c_a = c // 2 if mask == "channel" else c
+        net = (nets.GlowCouplingNet(8, 2 * c_a, dtype=_dt(dtype)) if len(shape) == 3
+               else nets.MLPCouplingNet(8, 2 * c_a, dtype=_dt(dtype)))
+        return B.AffineCoupling(net, mask=mask, parity=parity, event_shape=shape,
+                                dtype=dtype)
+    return Case(make, shape)
+
+
+def additive(mask, parity, shape=IMAGE):
+    def make(dtype):
+        c = shape[-1]
+        c_a = c // 2 if mask == "channel" else c
+        net = (nets.GlowCouplingNet(8, c_a, dtype=_dt(dtype)) if len(shape) == 3
+               else nets.MLPCouplingNet(8, c_a, dtype=_dt(dtype)))
+        return B.AdditiveCoupling(net, mask=mask, parity=parity, event_shape=shape,
+                                  dtype=dtype)
+    return Case(make, shape)
+
+
+def small_multi_scale(dtype, num_classes=None):
+    """Two levels of squeeze + (ActNorm, LU conv, affine coupling), a split."""
+    def level(shape, seed):
+        c = shape[-1] * 4
+        squeezed = (shape[0] // 2, shape[1] // 2, c)
+        net = nets.GlowCouplingNet(8, c, dtype=_dt(dtype))
+        steps = tfb.Chain([
+            B.AffineCoupling(net, event_shape=squeezed, dtype=dtype),
+            B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
+            B.ActNorm(c, dtype=dtype),
+            B.Squeeze(event_shape=shape)])
+        return steps, squeezed
+    steps1, s1 = level((4, 4, 2), 1)
+    fo = B.FactorOut(s1[-1], num_classes=num_classes, dtype=dtype)
+    steps2, s2 = level(s1[:2] + (s1[-1] - fo.num_factored,), 2)
+    return B.MultiScaleFlow((4, 4, 2), [(steps1, fo), (steps2, None)],
+                            top_prior=B.LearnedPrior(s2, num_classes=num_classes,
+                                                     dtype=dtype))
+
+
+def _unit_interval(rng, shape):
+    return rng.uniform(0.01, 0.99, size=shape)
+
+
+REGISTRY = {
+    "actnorm_image": Case(lambda d: B.ActNorm(4, dtype=d), IMAGE),
+    "actnorm_vector": Case(lambda d: B.ActNorm(6, event_ndims=1, dtype=d), VECTOR),
+    "conv1x1_lu": Case(lambda d: B.InvertibleConv1x1(4, seed=0, dtype=d), IMAGE),
+    "conv1x1_full": Case(lambda d: B.InvertibleConv1x1(4, lu=False, seed=0, dtype=d), IMAGE),
+    "linear_lu_vector": Case(
+        lambda d: B.InvertibleConv1x1(6, event_ndims=1, seed=0, dtype=d), VECTOR),
+    "linear_full_vector": Case(
+        lambda d: B.InvertibleConv1x1(6, lu=False, event_ndims=1, seed=0, dtype=d), VECTOR),
+    "affine_channel_p0": affine("channel", 0),
+    "affine_channel_p1": affine("channel", 1),
+    "affine_checkerboard_p0": affine("checkerboard", 0),
+    "affine_checkerboard_p1": affine("checkerboard", 1),
+    "affine_vector_channel": affine("channel", 1, VECTOR),
+    "affine_vector_checkerboard": affine("checkerboard", 0, VECTOR),
+    "additive_channel_p0": additive("channel", 0),
+    "additive_channel_p1": additive("channel", 1),
+    "additive_checkerboard_p0": additive("checkerboard", 0),
+    "additive_checkerboard_p1": additive("checkerboard", 1),
+    "additive_vector_channel": additive("channel", 0, VECTOR),
+    "squeeze": Case(lambda d: B.Squeeze(event_shape=IMAGE), IMAGE),
+    "logit_preprocess": Case(lambda d: B.LogitPreprocess(0.05), IMAGE, _unit_interval),
+    "factor_out_half": Case(lambda d: B.FactorOut(4, dtype=d), IMAGE),
+    "factor_out_quarter": Case(lambda d: B.FactorOut(4, 0.25, dtype=d), IMAGE),
+    "factor_out_vector": Case(lambda d: B.FactorOut(6, event_ndims=1, dtype=d), VECTOR),
+    "factor_out_class_conditional": Case(
+        lambda d: B.FactorOut(4, num_classes=3, dtype=d), IMAGE, conditional=3),
+    "learned_prior": Case(lambda d: B.LearnedPrior(IMAGE, dtype=d), IMAGE),
+    "learned_prior_class_conditional": Case(
+        lambda d: B.LearnedPrior(IMAGE, num_classes=3, dtype=d), IMAGE, conditional=3),
+    "multi_scale": Case(small_multi_scale, (4, 4, 2)),
+    "multi_scale_class_conditional": Case(
+        lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3),
+}
+
+
+def perturb(bijector, rng, scale=0.1):
+    """Moves every trainable variable off its (often identity) init value."""
+    for v in bijector.trainable_variables:
+        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))

@@ -1,0 +1,51 @@
+"""Shape helpers shared by the bijectors (static where possible)."""
+
+import tensorflow as tf
+
+
+def event_size(x, axes):
+    """Product of `x`'s sizes along `axes` (negative indices), as x's dtype.
+
+    Static when the shape is known, a tensor otherwise, so log-dets like
+    `H * W * sum(log s)` work with an unknown batch dimension.
+    """
+    static = [x.shape[a] for a in axes]
+    if all(d is not None for d in static):
+        n = 1
+        for d in static:
+            n *= d
+        return tf.constant(n, dtype=x.dtype)
+    shape = tf.shape(x)
+    return tf.cast(tf.reduce_prod(tf.stack([shape[a] for a in axes])), x.dtype)
+
+
+def check_event_rank(x, event_ndims, arg_name="x"):
+    """Raises ValueError when `x` has fewer dims than its event needs."""
+    rank = x.shape.rank
+    if rank is not None and rank < event_ndims:
+        raise ValueError(
+            f"`{arg_name}` must have at least {event_ndims} dimensions "
+            f"(event) plus batch dimensions; got shape {x.shape}.")
+
+
+def check_channels(x, channels, arg_name="x"):
+    """Raises ValueError when the static channel count differs."""
+    c = x.shape[-1] if x.shape.rank else None
+    if c is not None and channels is not None and c != channels:
+        raise ValueError(
+            f"`{arg_name}` must have {channels} channels in its last axis; "
+            f"got shape {x.shape}.")
+
+
+def validate_event_ndims(event_ndims):
+    if event_ndims not in (1, 3):
+        raise ValueError(
+            f"`event_ndims` must be 3 (images [H, W, C]) or 1 (vectors [D]); "
+            f"got {event_ndims!r}.")
+    return event_ndims
+
+
+def validate_positive_int(value, arg_name):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{arg_name}` must be a positive int; got {value!r}.")
+    return value

@@ -1,0 +1,28 @@
+"""A Keras layer that only holds variables for a bijector.
+
+Variables are created eagerly in the constructor (never lazily on the first
+call), so `FlowModel`, `save_weights`, checkpoints and `tf.distribute` all see
+them before any data flows.
+"""
+
+import keras
+
+
+class ParameterLayer(keras.layers.Layer):
+    """Holds the named `keras.Variable`s of one bijector.
+
+    `add(name, shape, initializer, trainable)` creates a weight and returns it;
+    the bijector keeps the returned variable and reads it inside its math.
+    """
+
+    def __init__(self, dtype="float32", name=None):
+        super().__init__(dtype=dtype, name=name, trainable=True)
+        self.built = True
+
+    def add(self, name, shape, initializer="zeros", trainable=True):
+        return self.add_weight(
+            name=name, shape=tuple(shape), initializer=initializer,
+            trainable=trainable, dtype=self.dtype)
+
+    def call(self, inputs):  # Never used as a layer; variables only.
+        return inputs

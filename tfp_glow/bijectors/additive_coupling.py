@@ -1,0 +1,48 @@
+"""NICE's additive coupling layer (Dinh, Krueger & Bengio 2014)."""
+
+import tensorflow as tf
+
+from tfp_glow.bijectors.coupling import CouplingBase
+
+__all__ = ["AdditiveCoupling"]
+
+
+class AdditiveCoupling(CouplingBase):
+    """Volume-preserving coupling: `y_a = x_a + t(x_b)`, `y_b = x_b`.
+
+        forward:  y_a = x_a + t(x_b)         log|det J| = 0
+        inverse:  x_a = y_a - t(y_b)         log|det J| = 0
+
+    `shift_fn` is a Keras layer mapping the conditioning part to one output
+    channel per transformed channel (`C/2` for `mask="channel"`, `C` for
+    `mask="checkerboard"`). See `tfp_glow.bijectors.coupling` for the masks.
+
+    #### Examples
+
+    ```python
+    net = tfp_glow.nets.GlowCouplingNet(hidden_channels=64, out_channels=2)
+    nice = tfp_glow.bijectors.AdditiveCoupling(net, event_shape=(8, 8, 4))
+    ```
+
+    #### References
+
+    [1] Laurent Dinh, David Krueger, Yoshua Bengio. NICE: Non-linear
+        Independent Components Estimation. 2014. https://arxiv.org/abs/1410.8516
+    """
+
+    _outputs_per_channel = 1
+
+    def __init__(self, shift_fn, mask="channel", parity=0, event_shape=None,
+                 event_ndims=3, dtype=tf.float32, validate_args=False,
+                 name="additive_coupling"):
+        parameters = dict(locals())
+        super().__init__(shift_fn, mask=mask, parity=parity,
+                         event_shape=event_shape, event_ndims=event_ndims,
+                         dtype=dtype, validate_args=validate_args,
+                         parameters=parameters, name=name)
+
+    def _transform(self, x_a, shift):
+        return x_a + shift, tf.zeros_like(x_a)
+
+    def _untransform(self, y_a, shift):
+        return y_a - shift, tf.zeros_like(y_a)

@@ -1,0 +1,166 @@
+"""Masks and the shared machinery of the coupling layers (NICE, RealNVP).
+
+A coupling layer splits its input into a conditioning part `x_b`, copied
+unchanged, and a transformed part `x_a` whose shift (and scale) come from a
+network applied to `x_b`. Two masks (Dinh et al. 2017, section 3.4):
+
+* `mask="channel"`: `x_b` is one half of the channels (last axis); `parity=0`
+  conditions on the first half and transforms the second, `parity=1` swaps.
+* `mask="checkerboard"`: `x_b` is the spatial checkerboard `b[h, w] =
+  (h + w + parity) % 2 == 0` (all channels); for vectors, the even (parity 0)
+  or odd features. The network sees `b * x`, and the transform applies where
+  `b == 0`.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfp_glow.bijectors import _shapes
+from tfp_glow.bijectors.base import FlowBijector
+
+__all__ = ["MASKS", "checkerboard_mask", "CouplingBase"]
+
+MASKS = ("channel", "checkerboard")
+
+
+def checkerboard_mask(event_shape, parity=0, dtype=tf.float32):
+    """Binary mask `b` (1 = conditioning, copied), shaped to broadcast.
+
+    Images `[H, W, C]`: `b[h, w, 0] = (h + w + parity) % 2 == 0`, shape
+    `[H, W, 1]`. Vectors `[D]`: `b[i] = (i + parity) % 2 == 0`.
+    """
+    if len(event_shape) == 3:
+        h, w = event_shape[0], event_shape[1]
+        grid = np.add.outer(np.arange(h), np.arange(w)) + parity
+        mask = (grid % 2 == 0).astype(np.float64)[..., None]
+    else:
+        mask = ((np.arange(event_shape[0]) + parity) % 2 == 0).astype(np.float64)
+    return tf.constant(mask, dtype=dtype)
+
+
+class CouplingBase(FlowBijector):
+    """Validates arguments, splits and recombines; subclasses give the math.
+
+    Subclasses implement `_transform(x_a, h)` and `_untransform(y_a, h)`
+    returning `(out, elementwise_log_det)`, where `h` is the network output
+    for the conditioning part, and set `_outputs_per_channel` (1 for NICE, 2
+    for affine).
+    """
+
+    _outputs_per_channel = 1
+
+    def __init__(self, net, mask="channel", parity=0, event_shape=None,
+                 event_ndims=3, dtype=tf.float32, validate_args=False,
+                 parameters=None, name=None):
+        if not callable(net):
+            raise TypeError(
+                f"The coupling network must be a callable Keras layer; got {net!r}.")
+        if mask not in MASKS:
+            raise ValueError(f"`mask` must be one of {MASKS}; got {mask!r}.")
+        if parity not in (0, 1):
+            raise ValueError(f"`parity` must be 0 or 1; got {parity!r}.")
+        if event_shape is not None:
+            event_shape = tuple(int(d) for d in event_shape)
+            event_ndims = len(event_shape)
+        _shapes.validate_event_ndims(event_ndims)
+        self._net = net
+        self._mask = mask
+        self._parity = parity
+        self._event_ndims = event_ndims
+        self._event_shape = event_shape
+        dtype = tf.as_dtype(dtype)
+        super().__init__(forward_min_event_ndims=event_ndims,
+                         validate_args=validate_args, dtype=dtype,
+                         parameters=parameters, name=name)
+        if event_shape is not None:
+            self._validate_event_shape(event_shape, "event_shape")
+            if not getattr(net, "built", True):
+                net.build((None,) + self._conditioning_shape(event_shape))
+        if isinstance(net, keras.layers.Layer):
+            self._track_layers(net)
+
+    @property
+    def net(self):
+        return self._net
+
+    @property
+    def mask(self):
+        return self._mask
+
+    @property
+    def parity(self):
+        return self._parity
+
+    def _validate_event_shape(self, shape, arg_name):
+        if len(shape) != self._event_ndims:
+            raise ValueError(
+                f"`{arg_name}` must have {self._event_ndims} dims; got {shape}.")
+        channels = shape[-1]
+        if self._mask == "channel" and channels is not None and channels % 2:
+            raise ValueError(
+                f"mask='channel' needs an even number of channels (last axis of "
+                f"`{arg_name}`); got {channels}. Use mask='checkerboard' or "
+                f"squeeze first.")
+
+    def _conditioning_shape(self, event_shape):
+        if self._mask == "channel":
+            return tuple(event_shape[:-1]) + (event_shape[-1] // 2,)
+        return tuple(event_shape)
+
+    def _check(self, x):
+        _shapes.check_event_rank(x, self._event_ndims)
+        self._validate_event_shape(tuple(x.shape[-self._event_ndims:]), "x")
+
+    def _run_net(self, x_b, units):
+        """Network output for the conditioning part, in the flow's dtype.
+
+        The network may compute in lower precision (mixed precision); the
+        flow math and log-dets stay in the input dtype.
+        """
+        h = self._net(x_b)
+        if isinstance(h, (tuple, list)):
+            h = tf.concat(h, axis=-1)
+        h = tf.cast(h, x_b.dtype)
+        if h.shape[-1] is not None and h.shape[-1] != units:
+            raise ValueError(
+                f"The coupling network of {self.name} must return "
+                f"{units} channels ({self._outputs_per_channel} per transformed "
+                f"channel); got shape {h.shape}.")
+        return h
+
+    def _reduce_event(self, ldj):
+        return tf.reduce_sum(ldj, axis=list(range(-self._event_ndims, 0)))
+
+    def _split(self, x):
+        half = x.shape[-1] // 2
+        if self._parity == 0:
+            return x[..., half:], x[..., :half]  # (x_a, x_b)
+        return x[..., :half], x[..., half:]
+
+    def _recombine(self, y_a, x_b):
+        return tf.concat([x_b, y_a] if self._parity == 0 else [y_a, x_b], axis=-1)
+
+    def _apply(self, x, direction):
+        self._check(x)
+        fn = self._transform if direction == "forward" else self._untransform
+        if self._mask == "channel":
+            x_a, x_b = self._split(x)
+            h = self._run_net(x_b, self._outputs_per_channel * x_a.shape[-1])
+            y_a, ldj = fn(x_a, h)
+            return self._recombine(y_a, x_b), self._reduce_event(ldj)
+        b = checkerboard_mask(tuple(x.shape[-self._event_ndims:]), self._parity,
+                              x.dtype)
+        h = self._run_net(x * b, self._outputs_per_channel * x.shape[-1])
+        y, ldj = fn(x, h)
+        # Copy the conditioning positions; only b == 0 is transformed. `where`
+        # (not b * x + (1 - b) * y) so the unused values can never leak a NaN.
+        keep = tf.broadcast_to(b > 0.5, tf.shape(x))
+        return (tf.where(keep, x, y),
+                self._reduce_event(tf.where(keep, tf.zeros_like(ldj), ldj)))
+
+    def _forward_and_log_det(self, x, **kwargs):
+        return self._apply(x, "forward")
+
+    def _inverse_and_log_det(self, y, **kwargs):
+        return self._apply(y, "inverse")

@@ -1,0 +1,80 @@
+"""The learned split prior of Glow's multi-scale architecture."""
+
+import keras
+import tensorflow as tf
+
+from tfp_glow.bijectors import _shapes
+from tfp_glow.bijectors.standardize import StandardizeBase
+
+__all__ = ["FactorOut"]
+
+
+class FactorOut(StandardizeBase):
+    """Standardises the channels about to be factored out, given the rest.
+
+    With `x = [z, h]` split on channels (`z` the first `num_factored`):
+
+        (mu, log_sigma) = prior_net(h)           (+ class offsets)
+        forward:  [z, h] -> [(z - mu) * exp(-log_sigma), h]
+        log|det J| = -sum(log_sigma)
+
+    i.e. `z | h ~ N(mu(h), sigma(h)^2)`, openai/glow's `split2d` prior. The
+    default `prior_net` is a zero-initialised 3x3 convolution (a dense layer
+    for vectors), so the layer is the identity at init. The multi-scale flow
+    then removes `z` with `tfb.Split` and keeps transforming `h`.
+
+    `split_fraction` picks `num_factored = round(channels * split_fraction)`
+    (any value leaving at least one channel on each side).
+    """
+
+    def __init__(self, channels, split_fraction=0.5, prior_net=None,
+                 num_classes=None, event_ndims=3, dtype=tf.float32,
+                 validate_args=False, name="factor_out"):
+        parameters = dict(locals())
+        _shapes.validate_positive_int(channels, "channels")
+        if not 0.0 < float(split_fraction) < 1.0:
+            raise ValueError(
+                f"`split_fraction` must be in (0, 1); got {split_fraction!r}.")
+        k = int(round(channels * float(split_fraction)))
+        if not 0 < k < channels:
+            raise ValueError(
+                f"`split_fraction`={split_fraction} of {channels} channels leaves "
+                f"nothing on one side; choose a fraction giving 1..{channels - 1}.")
+        self._channels = channels
+        self._num_factored = k
+        super().__init__(num_classes, k, event_ndims, dtype, parameters, name,
+                         validate_args)
+        if prior_net is None:
+            layer_cls = keras.layers.Conv2D if event_ndims == 3 else keras.layers.Dense
+            kwargs = dict(kernel_size=3, padding="same") if event_ndims == 3 else {}
+            prior_net = layer_cls(2 * k, kernel_initializer="zeros",
+                                  bias_initializer="zeros", dtype=self.dtype.name,
+                                  name=f"{self.name}_prior", **kwargs)
+            prior_net.build((None,) + (None,) * (event_ndims - 1) + (channels - k,))
+        self._prior_net = prior_net
+        self._track_layers(prior_net)
+
+    @property
+    def channels(self):
+        return self._channels
+
+    @property
+    def num_factored(self):
+        """Channels standardised here and factored out by the flow."""
+        return self._num_factored
+
+    @property
+    def prior_net(self):
+        return self._prior_net
+
+    def _parts(self, x):
+        _shapes.check_event_rank(x, self._event_ndims)
+        _shapes.check_channels(x, self._channels)
+        return x[..., :self._num_factored], x[..., self._num_factored:]
+
+    def _join(self, z, rest):
+        return tf.concat([z, rest], axis=-1)
+
+    def _mean_and_log_scale(self, rest):
+        h = tf.cast(self._prior_net(rest), rest.dtype)
+        return tf.split(h, 2, axis=-1)

@@ -1,0 +1,49 @@
+"""The learned top prior of Glow (`learntop`), as a bijector."""
+
+import tensorflow as tf
+
+from tfp_glow.bijectors._state import ParameterLayer
+from tfp_glow.bijectors.standardize import StandardizeBase
+
+__all__ = ["LearnedPrior"]
+
+
+class LearnedPrior(StandardizeBase):
+    """`z ~ N(mu, sigma^2)` with `mu`, `log sigma` learned per position.
+
+        forward:  z' = (z - mu) * exp(-log_sigma)
+        log|det J| = -sum(log_sigma)
+
+    Both start at zero (the identity). With `num_classes`, a per-class
+    per-channel offset is added (openai/glow's `ycond`), so sampling draws the
+    chosen class.
+    """
+
+    def __init__(self, event_shape, num_classes=None, dtype=tf.float32,
+                 validate_args=False, name="learned_prior"):
+        parameters = dict(locals())
+        event_shape = tuple(int(d) for d in event_shape)
+        self._event_shape_in = event_shape
+        super().__init__(num_classes, event_shape[-1], len(event_shape), dtype,
+                         parameters, name, validate_args)
+        state = ParameterLayer(dtype=self.dtype.name, name=f"{self.name}_params")
+        self.mean = state.add("mean", event_shape)
+        self.log_scale = state.add("log_scale", event_shape)
+        self._track_layers(state)
+
+    def _parts(self, x):
+        shape = tuple(x.shape[-len(self._event_shape_in):])
+        if x.shape.rank is not None and (
+                x.shape.rank < len(self._event_shape_in) or not all(
+                    a is None or a == b for a, b in zip(shape, self._event_shape_in))):
+            raise ValueError(
+                f"`x` must end in the event shape {self._event_shape_in}; got "
+                f"shape {x.shape}.")
+        return x, None
+
+    def _join(self, z, rest):
+        return z
+
+    def _mean_and_log_scale(self, rest):
+        return (tf.convert_to_tensor(self.mean),
+                tf.convert_to_tensor(self.log_scale))

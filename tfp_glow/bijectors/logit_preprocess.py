@@ -1,0 +1,50 @@
+"""RealNVP's logit pre-processing of data in [0, 1]."""
+
+import tensorflow as tf
+
+from tfp_glow.bijectors.base import FlowBijector
+
+__all__ = ["LogitPreprocess"]
+
+
+class LogitPreprocess(FlowBijector):
+    """Elementwise `y = logit(alpha + (1 - 2 alpha) x)` for `x` in [0, 1].
+
+        p = alpha + (1 - 2 alpha) x
+        forward:    y = log p - log(1 - p)
+        log|det J| = log(1 - 2 alpha) - log p - log(1 - p)
+        inverse:    x = (sigmoid(y) - alpha) / (1 - 2 alpha)
+
+    `alpha` keeps `p` away from 0 and 1 so the logit stays finite (RealNVP
+    uses 0.05 on CIFAR-10, 1e-6 on MNIST).
+
+    #### References
+
+    [1] Dinh, Sohl-Dickstein & Bengio. Density estimation using Real NVP.
+        ICLR 2017, section 4.1. https://arxiv.org/abs/1605.08803
+    """
+
+    def __init__(self, alpha=0.05, validate_args=False, name="logit_preprocess"):
+        parameters = dict(locals())
+        if not 0.0 <= float(alpha) < 0.5:
+            raise ValueError(f"`alpha` must be in [0, 0.5); got {alpha!r}.")
+        self._alpha = float(alpha)
+        super().__init__(forward_min_event_ndims=0, validate_args=validate_args,
+                         parameters=parameters, name=name)
+
+    @property
+    def alpha(self):
+        return self._alpha
+
+    def _forward_and_log_det(self, x, **kwargs):
+        p = self._alpha + (1.0 - 2.0 * self._alpha) * x
+        log_p, log_1mp = tf.math.log(p), tf.math.log1p(-p)
+        ldj = tf.math.log1p(-2.0 * tf.constant(self._alpha, x.dtype)) - log_p - log_1mp
+        return log_p - log_1mp, ldj
+
+    def _inverse_and_log_det(self, y, **kwargs):
+        x = (tf.sigmoid(y) - self._alpha) / (1.0 - 2.0 * self._alpha)
+        # log p + log(1 - p) = log_sigmoid(y) + log_sigmoid(-y), stable for |y| large.
+        ildj = (tf.math.log_sigmoid(y) + tf.math.log_sigmoid(-y)
+                - tf.math.log1p(-2.0 * tf.constant(self._alpha, y.dtype)))
+        return x, ildj

@@ -1,0 +1,167 @@
+"""Keras 3 layers used as coupling and prior networks.
+
+Every network ends in a zero-initialised layer, so a coupling layer starts
+as the identity (additive) or a fixed contraction `sigmoid(2)` (affine) and a
+deep flow is well conditioned at init (Glow section 3.3; distrax's examples).
+All are Keras-serialisable (`get_config` returns constructor arguments).
+"""
+
+import keras
+from keras import layers
+
+__all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D"]
+
+_PACKAGE = "tfp_glow"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ZeroConv2D(layers.Layer):
+    """openai/glow's `conv2d_zeros`: `conv(x) * exp(3 * logs)`, all zero at init.
+
+    The learned per-channel `logs` (scaled by 3) lets the last layer of a
+    coupling network grow its output quickly once training starts.
+    """
+
+    def __init__(self, filters, kernel_size=3, logscale_factor=3.0, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.logscale_factor = logscale_factor
+        self.conv = layers.Conv2D(filters, kernel_size, padding="same",
+                                  kernel_initializer="zeros", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.logs = self.add_weight(name="logs", shape=(self.filters,),
+                                    initializer="zeros")
+
+    def call(self, x):
+        scale = keras.ops.exp(keras.ops.cast(self.logs, self.compute_dtype)
+                              * self.logscale_factor)
+        return self.conv(x) * scale
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.filters,)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "logscale_factor": self.logscale_factor}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GlowCouplingNet(layers.Layer):
+    """Glow's coupling network `NN()`:
+
+        3x3 conv (hidden) -> ReLU -> 1x1 conv (hidden) -> ReLU -> ZeroConv2D(out)
+    """
+
+    def __init__(self, hidden_channels, out_channels, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        policy = self.dtype_policy
+        self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
+                                     activation="relu", dtype=policy)
+        self.conv_mid = layers.Conv2D(hidden_channels, 1, activation="relu",
+                                      dtype=policy)
+        self.conv_out = ZeroConv2D(out_channels, 3, dtype=policy)
+
+    def build(self, input_shape):
+        self.conv_in.build(input_shape)
+        hidden_shape = tuple(input_shape[:-1]) + (self.hidden_channels,)
+        self.conv_mid.build(hidden_shape)
+        self.conv_out.build(hidden_shape)
+
+    def call(self, x):
+        return self.conv_out(self.conv_mid(self.conv_in(x)))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.out_channels,)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_channels": self.hidden_channels,
+                "out_channels": self.out_channels}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ResNetCouplingNet(layers.Layer):
+    """RealNVP-style residual network:
+
+        3x3 conv -> num_blocks x [x + conv3x3(ReLU(conv3x3(ReLU(x))))]
+        -> ReLU -> ZeroConv2D(out)
+    """
+
+    def __init__(self, hidden_channels, out_channels, num_blocks=2, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        self.num_blocks = num_blocks
+        policy = self.dtype_policy
+        self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy)
+        self.blocks = [
+            (layers.Conv2D(hidden_channels, 3, padding="same", activation="relu",
+                           dtype=policy),
+             layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy))
+            for _ in range(num_blocks)]
+        self.conv_out = ZeroConv2D(out_channels, 3, dtype=policy)
+
+    def build(self, input_shape):
+        self.conv_in.build(input_shape)
+        hidden_shape = tuple(input_shape[:-1]) + (self.hidden_channels,)
+        for first, second in self.blocks:
+            first.build(hidden_shape)
+            second.build(hidden_shape)
+        self.conv_out.build(hidden_shape)
+
+    def call(self, x):
+        h = self.conv_in(x)
+        for first, second in self.blocks:
+            h = h + second(first(keras.ops.relu(h)))
+        return self.conv_out(keras.ops.relu(h))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.out_channels,)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_channels": self.hidden_channels,
+                "out_channels": self.out_channels, "num_blocks": self.num_blocks}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MLPCouplingNet(layers.Layer):
+    """Fully connected network for vector data (NICE, 2-D toy densities):
+
+        num_hidden_layers x Dense(hidden_units, ReLU) -> Dense(out, zeros)
+    """
+
+    def __init__(self, hidden_units, out_units, num_hidden_layers=2, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_units = hidden_units
+        self.out_units = out_units
+        self.num_hidden_layers = num_hidden_layers
+        policy = self.dtype_policy
+        self.hidden = [layers.Dense(hidden_units, activation="relu", dtype=policy)
+                       for _ in range(num_hidden_layers)]
+        self.dense_out = layers.Dense(out_units, kernel_initializer="zeros",
+                                      dtype=policy)
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = shape[:-1] + (self.hidden_units,)
+        self.dense_out.build(shape)
+
+    def call(self, x):
+        for layer in self.hidden:
+            x = layer(x)
+        return self.dense_out(x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.out_units,)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_units": self.hidden_units,
+                "out_units": self.out_units,
+                "num_hidden_layers": self.num_hidden_layers}

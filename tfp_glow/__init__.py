@@ -1,6 +1,23 @@
-"""tfp_glow: Glow, RealNVP and NICE for TensorFlow Probability and Keras 3."""
+"""tfp_glow: Glow, RealNVP and NICE for TensorFlow Probability and Keras 3.
+
+Bijectors live in `tfp_glow.bijectors` (forward = data to latent, as in the
+Glow paper); complete models are Keras 3 `FlowModel`s trained with `fit`.
+"""
 
 from tfp_glow import bijectors
+from tfp_glow import data
 from tfp_glow import nets
+from tfp_glow.flow_model import FlowModel
+from tfp_glow.models import NICE, Glow, RealNVP
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FlowModel",
+    "Glow",
+    "NICE",
+    "RealNVP",
+    "bijectors",
+    "data",
+    "nets",
+]

@@ -46,8 +46,11 @@ class MultiScaleFlow(FlowBijector):
         self._event_ndims = len(event_shape)
         shape = tf.TensorShape(event_shape)
         self._latent_shapes, self._splits = [], []
+        self._level_ndims, self._level_out_ndims = [], []
         for i, (steps, fo) in enumerate(self._levels):
+            self._level_ndims.append(len(shape))
             shape = steps.forward_event_shape(shape)
+            self._level_out_ndims.append(len(shape))
             if not shape.is_fully_defined():
                 raise ValueError(f"Level {i} gives an undefined event shape {shape}.")
             if fo is not None:
@@ -128,11 +131,11 @@ class MultiScaleFlow(FlowBijector):
 
     def _forward_and_log_det(self, x, **kwargs):
         self._check(x)
-        nd = self._event_ndims
         h, total, latents = x, tf.zeros([], x.dtype), []
-        for (steps, fo), split in zip(self._levels, self._splits):
+        for (steps, fo), split, nd in zip(self._levels, self._splits, self._level_ndims):
             h, ldj = forward_and_log_det(steps, h, nd, **kwargs)
             total += ldj
+            nd = steps.forward_event_ndims(nd)
             if fo is not None:
                 h, ldj = fo.forward_and_log_det(h, **kwargs)
                 total += ldj
@@ -141,14 +144,13 @@ class MultiScaleFlow(FlowBijector):
         if self._top_prior is not None:
             h, ldj = self._top_prior.forward_and_log_det(h, **kwargs)
             total += ldj
-        latents.append(self._flatten(h, nd))
+        latents.append(self._flatten(h, len(self._latent_shapes[-1])))
         return tf.concat(latents, axis=-1), total
 
     def _inverse_and_log_det(self, y, **kwargs):
         if y.shape.rank is not None and y.shape[-1] not in (None, self.latent_size):
             raise ValueError(
                 f"The latent must have shape [batch, {self.latent_size}]; got {y.shape}.")
-        nd = self._event_ndims
         parts = self.split_latent(y)
         h, total = parts[-1], tf.zeros([], y.dtype)
         if self._top_prior is not None:
@@ -160,6 +162,6 @@ class MultiScaleFlow(FlowBijector):
                 h = self._splits[i].inverse([parts[i], h])
                 h, ldj = fo.inverse_and_log_det(h, **kwargs)
                 total += ldj
-            h, ldj = inverse_and_log_det(steps, h, nd, **kwargs)
+            h, ldj = inverse_and_log_det(steps, h, self._level_out_ndims[i], **kwargs)
             total += ldj
         return h, total

@@ -1,0 +1,306 @@
+"""Glow, RealNVP and NICE as `FlowModel`s built from a config.
+
+Each builder returns the normalizing bijector `f` (data to latent) as a
+`MultiScaleFlow`; the classes are Keras-serialisable (`get_config` holds the
+constructor arguments, so `.keras` files reload).
+"""
+
+import keras
+import numpy as np
+import tensorflow_probability as tfp
+
+from tfp_glow import nets
+from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling,
+                                FactorOut, InvertibleConv1x1, LearnedPrior,
+                                LogitPreprocess, MultiScaleFlow, Squeeze,
+                                channel_permutation)
+from tfp_glow.flow_model import FlowModel
+
+tfb = tfp.bijectors
+
+__all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS"]
+
+COUPLINGS = ("affine", "additive")
+PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
+
+
+def _choice(value, allowed, arg_name):
+    if value not in allowed:
+        raise ValueError(f"`{arg_name}` must be one of {allowed}; got {value!r}.")
+    return value
+
+
+def _positive_int(value, arg_name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{arg_name}` must be an int >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def _image_shape(shape, levels, arg_name="image_shape"):
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+        raise ValueError(f"`{arg_name}` must be (height, width, channels); got {shape!r}.")
+    step = 2 ** levels
+    if shape[0] % step or shape[1] % step:
+        raise ValueError(
+            f"`{arg_name}` {shape} cannot be squeezed {levels} times: height and "
+            f"width must be divisible by 2**levels = {step}. Use fewer `levels` "
+            f"or resize the images.")
+    return tuple(int(d) for d in shape)
+
+
+def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
+              num_blocks=2):
+    c = shape[-1]
+    c_a = c - c // 2 if mask == "channel" else c
+    units = (2 if kind == "affine" else 1) * c_a
+    if len(shape) == 1:
+        network = nets.MLPCouplingNet(hidden, units, dtype=dtype)
+    elif net == "resnet":
+        network = nets.ResNetCouplingNet(hidden, units, num_blocks=num_blocks, dtype=dtype)
+    else:
+        network = nets.GlowCouplingNet(hidden, units, dtype=dtype)
+    cls = AffineCoupling if kind == "affine" else AdditiveCoupling
+    return cls(network, mask=mask, parity=parity, event_shape=shape)
+
+
+def _permutation(kind, channels, seed, event_ndims=3):
+    if kind in ("conv_lu", "conv"):
+        return InvertibleConv1x1(channels, lu=(kind == "conv_lu"), seed=seed,
+                                 event_ndims=event_ndims)
+    return channel_permutation(kind, channels, seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="tfp_glow")
+class Glow(FlowModel):
+    """Glow (Kingma & Dhariwal 2018): `levels` x [squeeze, `steps_per_level` x
+    (ActNorm, 1x1 conv, coupling), split], a learned top prior.
+
+    Args:
+      image_shape: `(H, W, C)`, with H and W divisible by `2**levels`.
+      levels: number of scales `L`.
+      steps_per_level: flow steps `K` per scale.
+      hidden_channels: width of every coupling network.
+      coupling: `"affine"` (bounded scale, Glow) or `"additive"` (NICE-style).
+      permutation: `"conv_lu"` (LU 1x1 conv), `"conv"` (full 1x1 conv),
+        `"reverse"` or `"shuffle"` (fixed permutations).
+      learn_top_prior: learn the top prior's mean and scale.
+      num_classes: class-conditional priors (`sample(labels=...)`).
+      split_fraction: fraction of channels factored out at each split.
+      num_bins: data levels (256 for 8-bit, 17 for the built-in digits).
+      seed: seeds the 1x1 conv rotations and shuffles.
+
+    #### Examples
+
+    ```python
+    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=4,
+                          hidden_channels=32, num_bins=17)
+    model.compile(keras.optimizers.Adam(1e-3))
+    model.fit(tfp_glow.data.digits_dataset(), epochs=10)
+    images = model.sample(16, temperature=0.7, seed=1)
+    ```
+    """
+
+    def __init__(self, image_shape=(32, 32, 3), levels=3, steps_per_level=8,
+                 hidden_channels=512, coupling="affine", permutation="conv_lu",
+                 learn_top_prior=True, num_classes=None, split_fraction=0.5,
+                 num_bins=256, seed=0, **kwargs):
+        levels = _positive_int(levels, "levels")
+        image_shape = _image_shape(image_shape, levels)
+        steps_per_level = _positive_int(steps_per_level, "steps_per_level")
+        hidden_channels = _positive_int(hidden_channels, "hidden_channels")
+        _choice(coupling, COUPLINGS, "coupling")
+        _choice(permutation, PERMUTATIONS, "permutation")
+        if num_classes is not None:
+            num_classes = _positive_int(num_classes, "num_classes")
+        self._config = dict(
+            image_shape=image_shape, levels=levels, steps_per_level=steps_per_level,
+            hidden_channels=hidden_channels, coupling=coupling,
+            permutation=permutation, learn_top_prior=bool(learn_top_prior),
+            num_classes=num_classes, split_fraction=float(split_fraction),
+            num_bins=num_bins, seed=seed)
+
+        def build():
+            return build_glow_flow(**{k: v for k, v in self._config.items()
+                                      if k != "num_bins"})
+
+        super().__init__(flow=build, event_shape=image_shape, num_bins=num_bins,
+                         num_classes=num_classes, **kwargs)
+
+    def get_config(self):
+        return {**super(FlowModel, self).get_config(), **self._config}
+
+
+def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
+                    coupling="affine", permutation="conv_lu", learn_top_prior=True,
+                    num_classes=None, split_fraction=0.5, seed=0):
+    """The normalizing bijector of `Glow` (see its docstring)."""
+    shape = tuple(image_shape)
+    stages = []
+    for level in range(levels):
+        squeeze = Squeeze(event_shape=shape)
+        shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
+        c = shape[-1]
+        steps = [squeeze]
+        for k in range(steps_per_level):
+            step_seed = None if seed is None else seed * 100003 + level * 1000 + k
+            steps += [ActNorm(c, name=f"act_norm_{level}_{k}"),
+                      _permutation(permutation, c, step_seed),
+                      _coupling(coupling, shape, hidden_channels)]
+        fo = None
+        if level < levels - 1:
+            fo = FactorOut(c, split_fraction, num_classes=num_classes,
+                           name=f"factor_out_{level}")
+            shape = shape[:-1] + (c - fo.num_factored,)
+        stages.append((tfb.Chain(list(reversed(steps)), name=f"level_{level}"), fo))
+    top = None
+    if learn_top_prior or num_classes is not None:
+        top = LearnedPrior(shape, num_classes=num_classes)
+    return MultiScaleFlow(image_shape, stages, top_prior=top, name="glow")
+
+
+@keras.saving.register_keras_serializable(package="tfp_glow")
+class RealNVP(FlowModel):
+    """RealNVP (Dinh et al. 2017).
+
+    Images (`input_shape=(H, W, C)`): each of `levels - 1` scales applies 3
+    checkerboard affine couplings, a squeeze, 3 channel couplings and factors
+    out half of the channels; the last scale applies 4 checkerboard
+    couplings. ActNorm follows every coupling (in place of batch norm), the
+    networks are residual (`num_blocks`), and data in [-0.5, 0.5] first goes
+    through `LogitPreprocess(logit_alpha)` of `x + 0.5` (None to skip).
+
+    Vectors (`input_shape=(D,)`, e.g. 2-D toy densities):
+    `coupling_layers` affine couplings with MLPs (alternating halves) and
+    ActNorm between them.
+    """
+
+    def __init__(self, input_shape=(8, 8, 1), levels=2, hidden_channels=64,
+                 num_blocks=2, coupling_layers=8, logit_alpha=0.05,
+                 num_classes=None, num_bins=256, **kwargs):
+        input_shape = tuple(int(d) for d in input_shape)
+        levels = _positive_int(levels, "levels")
+        if len(input_shape) == 3:
+            _image_shape(input_shape, levels - 1, "input_shape")
+        elif len(input_shape) != 1:
+            raise ValueError(
+                f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
+        self._config = dict(
+            input_shape=input_shape, levels=levels,
+            hidden_channels=_positive_int(hidden_channels, "hidden_channels"),
+            num_blocks=_positive_int(num_blocks, "num_blocks"),
+            coupling_layers=_positive_int(coupling_layers, "coupling_layers", 2),
+            logit_alpha=logit_alpha, num_classes=num_classes, num_bins=num_bins)
+        cfg = self._config
+        super().__init__(
+            flow=lambda: build_realnvp_flow(
+                cfg["input_shape"], cfg["levels"], cfg["hidden_channels"],
+                cfg["num_blocks"], cfg["coupling_layers"], cfg["logit_alpha"],
+                cfg["num_classes"]),
+            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
+            **kwargs)
+
+    def get_config(self):
+        return {**super(FlowModel, self).get_config(), **self._config}
+
+
+def _vector_steps(dim, coupling, layers, hidden, mask):
+    steps = []
+    for i in range(layers):
+        steps += [_coupling(coupling, (dim,), hidden, mask=mask, parity=i % 2),
+                  ActNorm(dim, event_ndims=1)]
+    return steps
+
+
+def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
+                       coupling_layers=8, logit_alpha=0.05, num_classes=None):
+    """The normalizing bijector of `RealNVP` (see its docstring)."""
+    if len(input_shape) == 1:
+        steps = _vector_steps(input_shape[0], "affine", coupling_layers,
+                              hidden_channels, "channel")
+        return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
+                              top_prior=_maybe_prior(input_shape, num_classes),
+                              name="realnvp")
+
+    def block(shape, mask, count, first_parity=0):
+        out = []
+        for i in range(count):
+            out += [_coupling("affine", shape, hidden_channels, mask=mask,
+                              parity=(first_parity + i) % 2, net="resnet",
+                              num_blocks=num_blocks),
+                    ActNorm(shape[-1])]
+        return out
+
+    shape = tuple(input_shape)
+    stages = []
+    for level in range(levels):
+        steps = []
+        if level == 0 and logit_alpha is not None:
+            steps += [tfb.Shift(0.5), LogitPreprocess(logit_alpha)]
+        if level == levels - 1:
+            steps += block(shape, "checkerboard", 4)
+            stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), None))
+            break
+        steps += block(shape, "checkerboard", 3)
+        steps.append(Squeeze(event_shape=shape))
+        shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
+        steps += block(shape, "channel", 3)
+        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes)
+        stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
+        shape = shape[:-1] + (shape[-1] - fo.num_factored,)
+    return MultiScaleFlow(input_shape, stages,
+                          top_prior=_maybe_prior(shape, num_classes), name="realnvp")
+
+
+def _maybe_prior(shape, num_classes):
+    return None if num_classes is None else LearnedPrior(shape, num_classes=num_classes)
+
+
+@keras.saving.register_keras_serializable(package="tfp_glow")
+class NICE(FlowModel):
+    """NICE (Dinh et al. 2014): the data flattened to a vector, `coupling_layers`
+    additive couplings with MLPs on alternating features, then a learned
+    diagonal scaling (an `ActNorm` on the vector, NICE's `exp(S)` layer).
+    Works on images (`input_shape=(H, W, C)`) and vectors (`(D,)`).
+    """
+
+    def __init__(self, input_shape=(8, 8, 1), coupling_layers=4, hidden_units=256,
+                 num_hidden_layers=3, num_classes=None, num_bins=256, **kwargs):
+        input_shape = tuple(int(d) for d in input_shape)
+        if len(input_shape) not in (1, 3):
+            raise ValueError(
+                f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
+        self._config = dict(
+            input_shape=input_shape,
+            coupling_layers=_positive_int(coupling_layers, "coupling_layers", 2),
+            hidden_units=_positive_int(hidden_units, "hidden_units"),
+            num_hidden_layers=_positive_int(num_hidden_layers, "num_hidden_layers"),
+            num_classes=num_classes, num_bins=num_bins)
+        cfg = self._config
+        super().__init__(
+            flow=lambda: build_nice_flow(cfg["input_shape"], cfg["coupling_layers"],
+                                         cfg["hidden_units"], cfg["num_hidden_layers"],
+                                         cfg["num_classes"]),
+            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
+            **kwargs)
+
+    def get_config(self):
+        return {**super(FlowModel, self).get_config(), **self._config}
+
+
+def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
+                    num_hidden_layers=3, num_classes=None):
+    """The normalizing bijector of `NICE` (see its docstring)."""
+    dim = int(np.prod(input_shape))
+    steps = []
+    if len(input_shape) > 1:
+        steps.append(tfb.Reshape(event_shape_out=[dim], event_shape_in=list(input_shape)))
+    for i in range(coupling_layers):
+        c = dim
+        units = c  # checkerboard mask on vectors: every feature gets an output
+        net = nets.MLPCouplingNet(hidden_units, units, num_hidden_layers=num_hidden_layers)
+        steps.append(AdditiveCoupling(net, mask="checkerboard", parity=i % 2,
+                                      event_shape=(dim,)))
+    steps.append(ActNorm(dim, event_ndims=1, name="nice_scaling"))
+    return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
+                          top_prior=_maybe_prior((dim,), num_classes), name="nice")

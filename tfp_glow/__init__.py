@@ -9,6 +9,8 @@ from tfp_glow import data
 from tfp_glow import nets
 from tfp_glow.flow_model import FlowModel
 from tfp_glow.models import NICE, Glow, RealNVP
+from tfp_glow.callbacks import SampleGrid
+from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
 
 __version__ = "0.1.0"
 
@@ -17,7 +19,12 @@ __all__ = [
     "Glow",
     "NICE",
     "RealNVP",
+    "SampleGrid",
     "bijectors",
     "data",
+    "image_grid",
     "nets",
+    "save_image_grid",
+    "save_png",
+    "to_uint8",
 ]

@@ -49,3 +49,26 @@ def validate_positive_int(value, arg_name):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`{arg_name}` must be a positive int; got {value!r}.")
     return value
+
+
+def call_with_one_batch_axis(layer, x, event_ndims):
+    """`layer(x)` for any batch shape of `x`, none included.
+
+    Keras layers want exactly one batch axis (Conv2D rank 4, Dense rank >= 2),
+    but a bijector must serve `dist.sample()` (no batch axis) and
+    `dist.sample([2, 3])` alike: fold the batch shape into one axis and back.
+    """
+    if x.shape.rank == event_ndims + 1:
+        return layer(x)
+    event = x.shape[-event_ndims:]
+    event = event.as_list() if event.is_fully_defined() else tf.shape(x)[-event_ndims:]
+    batch = tf.shape(x)[:-event_ndims]
+    out = layer(tf.reshape(x, tf.concat([[-1], event], 0)))
+
+    def unfold(t):
+        folded = tf.reshape(t, tf.concat([batch, tf.shape(t)[1:]], 0))
+        if x.shape.rank is not None:
+            folded.set_shape(x.shape[:-event_ndims].concatenate(t.shape[1:]))
+        return folded
+
+    return tf.nest.map_structure(unfold, out)

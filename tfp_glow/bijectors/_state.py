@@ -20,9 +20,14 @@ class ParameterLayer(keras.layers.Layer):
         self.built = True
 
     def add(self, name, shape, initializer="zeros", trainable=True):
-        return self.add_weight(
+        weight = self.add_weight(
             name=name, shape=tuple(shape), initializer=initializer,
             trainable=trainable, dtype=self.dtype)
+        # tf.train.Checkpoint and tf.saved_model find variables through
+        # attributes (as Dense's `self._kernel = ...`), not Keras's tracker;
+        # without this a checkpoint of the layer silently saves nothing.
+        setattr(self, name, weight)
+        return weight
 
     def call(self, inputs):  # Never used as a layer; variables only.
         return inputs

@@ -110,6 +110,9 @@ class CouplingBase(FlowBijector):
 
     def _check(self, x):
         _shapes.check_event_rank(x, self._event_ndims)
+        if self._event_shape is not None:
+            # Otherwise the mismatch surfaces as an opaque error inside the net.
+            _shapes.check_channels(x, self._event_shape[-1])
         self._validate_event_shape(tuple(x.shape[-self._event_ndims:]), "x")
 
     def _run_net(self, x_b, units):
@@ -118,7 +121,7 @@ class CouplingBase(FlowBijector):
         The network may compute in lower precision (mixed precision); the
         flow math and log-dets stay in the input dtype.
         """
-        h = self._net(x_b)
+        h = _shapes.call_with_one_batch_axis(self._net, x_b, self._event_ndims)
         if isinstance(h, (tuple, list)):
             h = tf.concat(h, axis=-1)
         h = tf.cast(h, x_b.dtype)

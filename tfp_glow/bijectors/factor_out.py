@@ -76,5 +76,6 @@ class FactorOut(StandardizeBase):
         return tf.concat([z, rest], axis=-1)
 
     def _mean_and_log_scale(self, rest):
-        h = tf.cast(self._prior_net(rest), rest.dtype)
+        h = _shapes.call_with_one_batch_axis(self._prior_net, rest, self._event_ndims)
+        h = tf.cast(h, rest.dtype)
         return tf.split(h, 2, axis=-1)

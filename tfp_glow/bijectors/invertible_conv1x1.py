@@ -123,6 +123,8 @@ class InvertibleConv1x1(FlowBijector):
     def _apply(self, x, matrix):
         _shapes.check_event_rank(x, self._event_ndims)
         _shapes.check_channels(x, self._channels)
+        if x.shape.rank == 1:  # one unbatched vector (dist.sample()): matmul needs rank 2
+            return tf.linalg.matvec(matrix, x)
         # x @ M^T on the last axis: one batched matmul over all pixels.
         return tf.linalg.matmul(x, matrix, transpose_b=True)
 

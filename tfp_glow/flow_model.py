@@ -298,6 +298,18 @@ class FlowModel(keras.Model):
         kwargs.pop("loss", None)
         super().compile(optimizer=optimizer, **kwargs)
 
+    def compile_from_config(self, config):
+        """Recompiles a model loaded from `.keras` (optimizer state included).
+
+        Keras skips this for models that override `compile` (with a warning),
+        so a reloaded model would come back without its optimizer and a
+        resumed `fit` would restart Adam from zero moments.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)  # so its state loads
+
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.fit`, initialising ActNorm on the first batch if needed."""
         if not self.is_initialized:

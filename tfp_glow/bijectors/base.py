@@ -30,6 +30,15 @@ __all__ = [
     "keras_layers_of",
 ]
 
+# `tfb.Chain(...)` and `tfb.Invert(...)` return instances of the private
+# `_Chain` / `_Invert` bases when a part is not a CompositeTensor (every
+# stateful tfp_glow bijector): `isinstance(b, tfb.Chain)` is then False. Match
+# the bases too, or the one-pass dispatch below silently falls back to TFP's
+# public methods (each coupling net run twice, kwargs such as
+# `conditional_input` dropped). Found by name in the MRO: no TFP internals.
+_CHAIN_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ in ("Chain", "_Chain"))
+_INVERT_TYPES = tuple(c for c in tfb.Invert.__mro__ if c.__name__ in ("Invert", "_Invert"))
+
 # The process-wide cache TFP binds to every bijector (a descriptor on the
 # class). Taken from the class dict so no TFP internals are imported.
 _TFP_SHARED_CACHE = tfb.Bijector.__dict__["_cache"]
@@ -180,10 +189,10 @@ def forward_and_log_det(bijector, x, event_ndims=None, **kwargs):
     if isinstance(bijector, FlowBijector):
         y, ldj = bijector._forward_and_log_det(x, **kwargs)
         return y, _reduce_extra(ldj, event_ndims - bijector.forward_min_event_ndims)
-    if isinstance(bijector, tfb.Invert):
+    if isinstance(bijector, _INVERT_TYPES):
         ndims = bijector.bijector.inverse_event_ndims(event_ndims)
         return inverse_and_log_det(bijector.bijector, x, ndims, **kwargs)
-    if isinstance(bijector, tfb.Chain):
+    if isinstance(bijector, _CHAIN_TYPES):
         total = tf.zeros([], dtype=x.dtype)
         for b in reversed(bijector.bijectors):
             x, ldj = forward_and_log_det(b, x, event_ndims, **kwargs)
@@ -201,10 +210,10 @@ def inverse_and_log_det(bijector, y, event_ndims=None, **kwargs):
     if isinstance(bijector, FlowBijector):
         x, ldj = bijector._inverse_and_log_det(y, **kwargs)
         return x, _reduce_extra(ldj, event_ndims - bijector.inverse_min_event_ndims)
-    if isinstance(bijector, tfb.Invert):
+    if isinstance(bijector, _INVERT_TYPES):
         ndims = bijector.bijector.forward_event_ndims(event_ndims)
         return forward_and_log_det(bijector.bijector, y, ndims, **kwargs)
-    if isinstance(bijector, tfb.Chain):
+    if isinstance(bijector, _CHAIN_TYPES):
         total = tf.zeros([], dtype=y.dtype)
         for b in bijector.bijectors:
             y, ldj = inverse_and_log_det(b, y, event_ndims, **kwargs)
@@ -217,7 +226,7 @@ def inverse_and_log_det(bijector, y, event_ndims=None, **kwargs):
 
 def sub_bijectors(bijector):
     """Direct children of a composite bijector (Chain, Invert, our composites)."""
-    if isinstance(bijector, tfb.Invert):
+    if isinstance(bijector, _INVERT_TYPES):
         return [bijector.bijector]
     children = getattr(bijector, "bijectors", None)
     return list(children) if children else []

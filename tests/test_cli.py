@@ -1,0 +1,248 @@
+"""The `tfp-glow` command end to end: train (digits and a mock tfds data set),
+resume, sample, evaluate, export, interpolate, and argument errors."""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tfp_glow import callbacks, cli, data
+
+# A tiny Glow: one short epoch must take seconds, not minutes.
+TINY = ["--levels", "2", "--steps", "2", "--width", "16", "--batch-size", "32",
+        "--steps-per-epoch", "3", "--warmup-steps", "2"]
+
+
+def _png(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size, np.asarray(im)
+
+
+def _grid_size(rows, cols, tile):
+    """`image_grid` size (width, height) with 1-pixel borders."""
+    return cols * (tile + 1) + 1, rows * (tile + 1) + 1
+
+
+def _run_cli(capsys, argv):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """Two epochs on digits, interrupted after the first and resumed by re-running."""
+    run = str(tmp_path_factory.mktemp("cli") / "digits-glow")
+    argv = ["train", *TINY, "--epochs", "2", "--sample-every", "1", "--output", run]
+    original = callbacks.SampleGrid.write
+    calls = []
+
+    def interrupt_first_epoch(self, epoch):
+        calls.append(epoch)
+        path = original(self, epoch)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as Ctrl-C would, after epoch 1 was saved
+        return path
+
+    callbacks.SampleGrid.write = interrupt_first_epoch
+    try:
+        first = cli.main(argv)
+        backup_after_interrupt = sorted(os.listdir(os.path.join(run, "backup")))
+        second = cli.main(argv)
+    finally:
+        callbacks.SampleGrid.write = original
+    return dict(run=run, codes=(first, second), calls=calls,
+                backup_after_interrupt=backup_after_interrupt)
+
+
+def test_train_interrupted_then_resumed_by_rerunning(digits_run):
+    assert digits_run["codes"] == (130, 0)
+    assert digits_run["backup_after_interrupt"]  # BackupAndRestore state was kept
+    # The re-run started at epoch 2: SampleGrid wrote epoch 1, then epoch 2 only.
+    assert digits_run["calls"] == [1, 2]
+    with open(os.path.join(digits_run["run"], "history.json")) as f:
+        history = json.load(f)
+    assert history["epoch"] == [0, 1]
+    for key in ("loss", "bits_per_dim", "val_loss", "val_bits_per_dim"):
+        assert len(history[key]) == 2 and all(math.isfinite(v) for v in history[key])
+    # The finished run removes its backup.
+    assert not os.path.exists(os.path.join(digits_run["run"], "backup"))
+
+
+def test_train_writes_images_metrics_model_and_savedmodel(digits_run):
+    run = digits_run["run"]
+    size, pixels = _png(os.path.join(run, "samples.png"))
+    assert size == _grid_size(8, 8, 32)  # 64 digits, 8x8 upscaled to 32x32
+    assert pixels.dtype == np.uint8 and pixels.std() > 10  # not a blank image
+    size, _ = _png(os.path.join(run, "temperature_sweep.png"))
+    assert size == _grid_size(len(cli.TEMPERATURES), 10, 32)
+    assert _png(os.path.join(run, "samples", "samples_epoch_002.png"))[0] == _grid_size(
+        8, 8, 32)
+
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    assert metrics["epochs"] == 2
+    for key in ("test_bits_per_dim", "test_nll", "train_bits_per_dim",
+                "best_test_bits_per_dim"):
+        assert math.isfinite(metrics[key])
+    # 17 levels on 64 pixels: a uniform model scores log2(17) = 4.09 bits/dim;
+    # the identity-at-init flow after init is near that, an untrained NaN is not.
+    assert 1.0 < metrics["test_bits_per_dim"] < 6.0
+    assert config["model_class"] == "Glow" and config["dataset"] == "digits"
+    assert config["model_config"]["steps_per_level"] == 2
+    assert config["model_config"]["num_bins"] == data.DIGITS_NUM_BINS
+
+    # model.keras and the last checkpoint hold the same trained weights.
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    os.rename(os.path.join(run, "model.keras"), os.path.join(run, "model.keras.bak"))
+    try:
+        from_checkpoint, _ = cli.load_run_model(run)
+    finally:
+        os.rename(os.path.join(run, "model.keras.bak"), os.path.join(run, "model.keras"))
+    x = next(iter(data.digits_dataset("test", 16, dequantize=False, shuffle=False)))
+    lp = model.log_prob(x).numpy()
+    np.testing.assert_allclose(from_checkpoint.log_prob(x).numpy(), lp, rtol=1e-5, atol=1e-4)
+    assert model.is_initialized
+
+    # The SavedModel scores like the Keras model.
+    version_dir = os.path.join(run, "export", "1")
+    assert os.path.exists(os.path.join(version_dir, "saved_model.pb"))
+    served = tf.saved_model.load(version_dir)
+    np.testing.assert_allclose(served.signatures["log_prob"](x=x)["log_prob"].numpy(), lp,
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_sample_is_seeded_and_writes_the_requested_grid(digits_run, tmp_path, capsys):
+    run = digits_run["run"]
+    a, b, c = (str(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
+    assert _run_cli(capsys, ["sample", "--run", run, "--num", "10", "--temperature", "0.5",
+                             "--seed", "3", "--output", a])[0] == 0
+    assert _run_cli(capsys, ["sample", "--model-file", os.path.join(run, "model.keras"),
+                             "--num", "10", "--temperature", "0.5", "--seed", "3",
+                             "--output", b])[0] == 0
+    assert _run_cli(capsys, ["sample", "--run", run, "--num", "10", "--temperature", "0.5",
+                             "--seed", "4", "--output", c])[0] == 0
+    size, pa = _png(a)
+    assert size == _grid_size(4, 3, 32)  # ceil(sqrt(10)) = 4 rows
+    np.testing.assert_array_equal(_png(b)[1], pa)  # same seed, same samples
+    assert np.any(_png(c)[1] != pa)
+
+
+def test_evaluate_prints_test_bits_per_dim(digits_run, capsys):
+    code, out, _ = _run_cli(capsys, ["evaluate", "--run", digits_run["run"], "--json"])
+    assert code == 0
+    report = json.loads(out)
+    with open(os.path.join(digits_run["run"], "metrics.json")) as f:
+        metrics = json.load(f)
+    assert report["split"] == "test" and report["model"] == "Glow"
+    # Same model and test images, fresh dequantization noise: equal to ~0.01.
+    assert report["bits_per_dim"] == pytest.approx(metrics["test_bits_per_dim"], abs=0.02)
+    code, out, _ = _run_cli(capsys, ["evaluate", "--run", digits_run["run"]])
+    assert code == 0 and out.startswith("test bits/dim: ")
+
+
+def test_export_writes_a_version_and_refuses_to_overwrite(digits_run, tmp_path, capsys):
+    base = str(tmp_path / "served")
+    code, out, _ = _run_cli(capsys, ["export", "--run", digits_run["run"], "--export-dir",
+                                     base, "--version", "7"])
+    assert code == 0 and out.strip() == os.path.join(base, "7")
+    assert os.path.exists(os.path.join(base, "7", "saved_model.pb"))
+    code, _, err = _run_cli(capsys, ["export", "--run", digits_run["run"], "--export-dir",
+                                     base, "--version", "7"])
+    assert code == 2 and "tfp-glow: error:" in err and "already exists" in err
+
+
+def test_interpolate_writes_pairs_by_steps(digits_run, tmp_path, capsys):
+    out_png = str(tmp_path / "interp.png")
+    code, _, _ = _run_cli(capsys, ["interpolate", "--run", digits_run["run"], "--output",
+                                   out_png, "--steps", "5", "--pairs", "3"])
+    assert code == 0
+    size, pixels = _png(out_png)
+    assert size == _grid_size(3, 5, 32)
+    # Columns 0 and 4 decode encoded test images: they are the (bin-centred)
+    # test digits themselves, so each matches one of the first 512 test images.
+    test = np.asarray(next(iter(data.digits_dataset("test", 512, dequantize=False,
+                                                    shuffle=False))))
+    from tfp_glow.images import to_uint8
+    test_u8 = to_uint8(test, data.DIGITS_NUM_BINS)[..., 0]
+    for row in range(3):
+        top = 1 + row * 33
+        tile = pixels[top:top + 32:4, 1:1 + 32:4]
+        assert np.any(np.all(np.abs(test_u8.astype(int) - tile) <= 16, axis=(1, 2)))
+
+
+def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
+    run = str(tmp_path / "mnist")
+    with tfds.testing.mock_data(num_examples=40):
+        code, out, err = _run_cli(capsys, [
+            "train", *TINY, "--dataset", "mnist", "--image-size", "8", "--n-bits", "5",
+            "--conditional", "--epochs", "1", "--sample-every", "0", "--no-export",
+            "--output", run])
+    assert code == 0, err
+    assert "test bits/dim" in out
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    assert config["dataset_info"] == {"image_shape": [8, 8, 1], "num_bins": 32,
+                                      "num_classes": 10}
+    assert config["model_config"]["num_classes"] == 10
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert math.isfinite(metrics["test_bits_per_dim"])
+    assert _png(os.path.join(run, "samples.png"))[0] == _grid_size(8, 8, 32)
+    assert _png(os.path.join(run, "temperature_sweep.png"))[0] == _grid_size(6, 10, 32)
+    assert not os.path.exists(os.path.join(run, "samples"))  # --sample-every 0
+    assert not os.path.exists(os.path.join(run, "export"))  # --no-export
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    assert model.num_classes == 10 and model.num_bins == 32
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["train", "--model", "flowpp"], "--model"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--n-bits", "9", "--dataset", "mnist"], "--n-bits"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--coupling", "spline"], "--coupling"),
+    (["train", "--dataset", "two_moons"], "--dataset"),
+    (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
+    (["train", "--model", "nice", "--levels", "3"], "--levels"),
+    (["train", "--n-bits", "5"], "--n-bits"),
+    (["train", "--dataset", "no_such_dataset_xyz"], "--dataset"),
+    (["train", "--dataset", "celeb_a", "--conditional"], "--conditional"),
+    (["sample", "--num", "4"], "--run"),
+    (["sample", "--run", "/nonexistent/run"], "--run"),
+    (["sample", "--model-file", "/nonexistent/model.keras"], "--model-file"),
+    (["sample", "--run", ".", "--temperature", "-0.5"], "--temperature"),
+    (["evaluate", "--run", "/nonexistent/run"], "--run"),
+    (["interpolate", "--run", "/nonexistent/run", "--steps", "0"], "--steps"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(argv, names, capsys):
+    code, out, err = _run_cli(capsys, argv)
+    assert code == 2
+    assert "error:" in err and names in err
+    assert "Traceback" not in err
+
+
+def test_unprepared_tfds_data_set_says_how_to_provide_data_dir(tmp_path, capsys):
+    code, _, err = _run_cli(capsys, ["train", "--dataset", "mnist", "--data-dir",
+                                     str(tmp_path / "empty"), "--output",
+                                     str(tmp_path / "run")])
+    assert code == 2
+    assert err.startswith("tfp-glow: error:") and "data_dir" in err
+    assert not os.path.exists(tmp_path / "run" / "model.keras")
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--warmup-steps" in out and "--strategy" in out

@@ -10,6 +10,7 @@ from tfp_glow import nets
 from tfp_glow.flow_model import FlowModel
 from tfp_glow.models import NICE, Glow, RealNVP
 from tfp_glow.callbacks import SampleGrid
+from tfp_glow.export import export_saved_model, load_exported
 from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
 
 __version__ = "0.1.0"
@@ -22,7 +23,9 @@ __all__ = [
     "SampleGrid",
     "bijectors",
     "data",
+    "export_saved_model",
     "image_grid",
+    "load_exported",
     "nets",
     "save_image_grid",
     "save_png",

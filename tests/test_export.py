@@ -75,6 +75,99 @@ def _expected(model, b, conditional):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+# TF Serving loads a SavedModel with C++ `tensorflow::LoadSavedModel`. The
+# TF C API wraps it as `TF_LoadSessionFromSavedModel`, exported by the
+# library TF's Python bindings already loaded; ctypes calls it, then
+# `TF_SessionRun` feeds and fetches the signature's tensors by name.
+CPP_LOADER = textwrap.dedent(r"""
+    import ctypes, glob, os
+    from tensorflow.python.client import pywrap_tf_session
+    from tensorflow.python.tools import saved_model_utils
+
+    (_so,) = glob.glob(os.path.join(os.path.dirname(pywrap_tf_session.__file__),
+                                    "_pywrap_tf_session*.so"))
+    _lib = ctypes.CDLL(_so)  # already loaded by `import tensorflow`: same handle
+    _P = ctypes.c_void_p
+
+    class _Output(ctypes.Structure):
+        _fields_ = [("oper", _P), ("index", ctypes.c_int)]
+
+    def _fn(name, restype, *argtypes):
+        f = getattr(_lib, name)
+        f.restype, f.argtypes = restype, list(argtypes)
+        return f
+
+    _new_graph = _fn("TF_NewGraph", _P)
+    _new_options = _fn("TF_NewSessionOptions", _P)
+    _new_status = _fn("TF_NewStatus", _P)
+    _code = _fn("TF_GetCode", ctypes.c_int, _P)
+    _message = _fn("TF_Message", ctypes.c_char_p, _P)
+    _load = _fn("TF_LoadSessionFromSavedModel", _P, _P, _P, ctypes.c_char_p,
+                ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, _P, _P, _P)
+    _op_by_name = _fn("TF_GraphOperationByName", _P, _P, ctypes.c_char_p)
+    _allocate = _fn("TF_AllocateTensor", _P, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                    ctypes.c_int, ctypes.c_size_t)
+    _data = _fn("TF_TensorData", _P, _P)
+    _nbytes = _fn("TF_TensorByteSize", ctypes.c_size_t, _P)
+    _ndims = _fn("TF_NumDims", ctypes.c_int, _P)
+    _dim = _fn("TF_Dim", ctypes.c_int64, _P, ctypes.c_int)
+    _dtype = _fn("TF_TensorType", ctypes.c_int, _P)
+    _delete = _fn("TF_DeleteTensor", None, _P)
+    _run = _fn("TF_SessionRun", None, _P, _P, ctypes.POINTER(_Output), ctypes.POINTER(_P),
+               ctypes.c_int, ctypes.POINTER(_Output), ctypes.POINTER(_P), ctypes.c_int, _P,
+               ctypes.c_int, _P, _P)
+
+    def _check(status):
+        if _code(status) != 0:
+            raise RuntimeError(_message(status).decode())
+
+    class CppSavedModel:
+        def __init__(self, path):
+            self.meta = saved_model_utils.get_meta_graph_def(path, "serve")
+            self.graph = _new_graph()
+            status = _new_status()
+            tags = (ctypes.c_char_p * 1)(b"serve")
+            self.session = _load(_new_options(), None, path.encode(), tags, 1, self.graph,
+                                 None, status)
+            _check(status)
+
+        def _output(self, tensor_name):
+            op, index = tensor_name.split(":")
+            oper = _op_by_name(self.graph, op.encode())
+            assert oper, tensor_name
+            return _Output(oper, int(index))
+
+        def run(self, signature, **inputs):
+            sig = self.meta.signature_def[signature]
+            keys, out_keys = sorted(inputs), sorted(sig.outputs)
+            feeds = (_Output * len(keys))(*[self._output(sig.inputs[k].name) for k in keys])
+            values = (_P * len(keys))()
+            for i, k in enumerate(keys):
+                dtype = sig.inputs[k].dtype
+                arr = np.array(inputs[k], order="C", dtype=tf.as_dtype(dtype).as_numpy_dtype)
+                dims = (ctypes.c_int64 * arr.ndim)(*arr.shape)
+                values[i] = _allocate(dtype, dims, arr.ndim, arr.nbytes)
+                ctypes.memmove(_data(values[i]), arr.ctypes.data, arr.nbytes)
+            fetches = (_Output * len(out_keys))(
+                *[self._output(sig.outputs[k].name) for k in out_keys])
+            results = (_P * len(out_keys))()
+            status = _new_status()
+            _run(self.session, None, feeds, values, len(keys), fetches, results,
+                 len(out_keys), None, 0, None, status)
+            for t in values:
+                _delete(t)
+            _check(status)
+            out = {}
+            for k, t in zip(out_keys, results):
+                shape = [_dim(t, d) for d in range(_ndims(t))]
+                raw = (ctypes.c_char * _nbytes(t)).from_address(_data(t))
+                out[k] = np.frombuffer(bytes(raw), tf.as_dtype(_dtype(t)).as_numpy_dtype
+                                       ).reshape(shape)
+                _delete(t)
+            return out
+""")
+
+
 # The fresh process. It gets a job file naming the exports and the .npy
 # inputs, and writes results.npz and cli.json.
 CHILD = textwrap.dedent(r'''
@@ -144,6 +237,21 @@ CHILD = textwrap.dedent(r'''
         except Exception as e:  # recorded; the test decides what is expected
             cli[run["name"]] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
+    # The C++ loader TF Serving uses: every signature at batch 7.
+    for tag, path, conditional in (("plain", job["plain"], False),
+                                   ("cond", job["cond"], True)):
+        cpp = CppSavedModel(path)
+        for sig in job["signatures"]:
+            inputs = {k: np.asarray(v) for k, v in sig_inputs(sig, 7, conditional).items()}
+            (value,) = cpp.run(sig, **inputs).values()
+            out[f"cpp/{tag}/{sig}"] = value
+    try:
+        cpp.run("log_prob", x=np.zeros((2, 4, 4, 1), np.float32),
+                label=np.zeros(2, np.int32))
+        cli["cpp_bad_shape"] = {"ok": True}
+    except RuntimeError as e:
+        cli["cpp_bad_shape"] = {"ok": False, "error": str(e)}
+
     np.savez(job["results"], **out)
     json.dump(cli, open(job["cli"], "w"))
 ''')
@@ -198,7 +306,7 @@ def child(exports):
                other_seed=OTHER_SEED, latent_dim=LATENT_DIM, cli_runs=cli_runs,
                results=str(root / "results.npz"), cli=str(root / "cli.json"))
     (root / "job.json").write_text(json.dumps(job))
-    (root / "child.py").write_text(CHILD)
+    (root / "child.py").write_text(CPP_LOADER + CHILD)
     # Three fresh processes at once (they are mostly TF start-up): the job,
     # and the real saved_model_cli executable for `show --all` and `run`.
     commands = {
@@ -347,6 +455,20 @@ def test_saved_model_cli_run_executes_every_signature(child, expected):
     # The session feed refuses a wrong shape, naming the expected one.
     assert not cli["bad_shape"]["ok"]
     assert "(None, 8, 8, 1)" in cli["bad_shape"]["error"]
+
+
+def test_cpp_loader_runs_every_signature(child, expected):
+    """TF Serving's own loader (C++ LoadSavedModel) gives the in-memory numbers."""
+    res = child["results"]
+    for tag in ("plain", "cond"):
+        for sig in SIGNATURE_NAMES:
+            got = res[f"cpp/{tag}/{sig}"]
+            assert _max_diff(got, expected[(tag, 7)][sig]) <= ATOL, (tag, sig)
+    # A wrong shape fed to the C++ session is stopped by the in-graph check,
+    # which names the expected shape (TF Serving returns this message).
+    bad = child["cli"]["cpp_bad_shape"]
+    assert not bad["ok"]
+    assert "[2,4,4,1] is not compatible with expected shape [?,8,8,1]" in bad["error"]
 
 
 def test_saved_model_cli_executable_runs_sample(child):

@@ -136,10 +136,13 @@ class CouplingBase(FlowBijector):
         return tf.reduce_sum(ldj, axis=list(range(-self._event_ndims, 0)))
 
     def _split(self, x):
+        # One Split op: its gradient is a concat, where two strided slices
+        # would each scatter into a zero tensor of the full size.
         half = x.shape[-1] // 2
+        first, second = tf.split(x, [half, x.shape[-1] - half], axis=-1)
         if self._parity == 0:
-            return x[..., half:], x[..., :half]  # (x_a, x_b)
-        return x[..., :half], x[..., half:]
+            return second, first  # (x_a, x_b)
+        return first, second
 
     def _recombine(self, y_a, x_b):
         return tf.concat([x_b, y_a] if self._parity == 0 else [y_a, x_b], axis=-1)

@@ -7,6 +7,7 @@ constructor arguments, so `.keras` files reload).
 
 import keras
 import numpy as np
+import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import nets
@@ -61,13 +62,13 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
     else:
         network = nets.GlowCouplingNet(hidden, units, dtype=dtype)
     cls = AffineCoupling if kind == "affine" else AdditiveCoupling
-    return cls(network, mask=mask, parity=parity, event_shape=shape)
+    return cls(network, mask=mask, parity=parity, event_shape=shape, dtype=dtype)
 
 
-def _permutation(kind, channels, seed, event_ndims=3):
+def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
     if kind in ("conv_lu", "conv"):
         return InvertibleConv1x1(channels, lu=(kind == "conv_lu"), seed=seed,
-                                 event_ndims=event_ndims)
+                                 event_ndims=event_ndims, dtype=dtype)
     return channel_permutation(kind, channels, seed=seed)
 
 
@@ -89,6 +90,9 @@ class Glow(FlowModel):
       split_fraction: fraction of channels factored out at each split.
       num_bins: data levels (256 for 8-bit, 17 for the built-in digits).
       seed: seeds the 1x1 conv rotations and shuffles.
+      **kwargs: `FlowModel` options: `nonfinite="raise"|"skip"` (the NaN/inf
+        guard of `fit`), `validate_args`, and `dtype="float32"|"float64"`
+        (every bijector and network is built in it).
 
     #### Examples
 
@@ -121,19 +125,22 @@ class Glow(FlowModel):
             num_bins=num_bins, seed=seed)
 
         def build():
+            # `dtype` (float32/float64) is keras.Model's dtype policy, already in
+            # its config; every bijector and network is built in it.
             return build_glow_flow(**{k: v for k, v in self._config.items()
-                                      if k != "num_bins"})
+                                      if k != "num_bins"},
+                                   dtype=self.dtype_policy.variable_dtype)
 
         super().__init__(flow=build, event_shape=image_shape, num_bins=num_bins,
                          num_classes=num_classes, **kwargs)
 
     def get_config(self):
-        return {**super(FlowModel, self).get_config(), **self._config}
+        return {**self._base_config(), **self._config}
 
 
 def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                     coupling="affine", permutation="conv_lu", learn_top_prior=True,
-                    num_classes=None, split_fraction=0.5, seed=0):
+                    num_classes=None, split_fraction=0.5, seed=0, dtype="float32"):
     """The normalizing bijector of `Glow` (see its docstring)."""
     shape = tuple(image_shape)
     stages = []
@@ -144,18 +151,18 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
         steps = [squeeze]
         for k in range(steps_per_level):
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
-            steps += [ActNorm(c, name=f"act_norm_{level}_{k}"),
-                      _permutation(permutation, c, step_seed),
-                      _coupling(coupling, shape, hidden_channels)]
+            steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
+                      _permutation(permutation, c, step_seed, dtype=dtype),
+                      _coupling(coupling, shape, hidden_channels, dtype=dtype)]
         fo = None
         if level < levels - 1:
-            fo = FactorOut(c, split_fraction, num_classes=num_classes,
+            fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,
                            name=f"factor_out_{level}")
             shape = shape[:-1] + (c - fo.num_factored,)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"level_{level}"), fo))
     top = None
     if learn_top_prior or num_classes is not None:
-        top = LearnedPrior(shape, num_classes=num_classes)
+        top = LearnedPrior(shape, num_classes=num_classes, dtype=dtype)
     return MultiScaleFlow(image_shape, stages, top_prior=top, name="glow")
 
 
@@ -196,30 +203,32 @@ class RealNVP(FlowModel):
             flow=lambda: build_realnvp_flow(
                 cfg["input_shape"], cfg["levels"], cfg["hidden_channels"],
                 cfg["num_blocks"], cfg["coupling_layers"], cfg["logit_alpha"],
-                cfg["num_classes"]),
+                cfg["num_classes"], dtype=self.dtype_policy.variable_dtype),
             event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
             **kwargs)
 
     def get_config(self):
-        return {**super(FlowModel, self).get_config(), **self._config}
+        return {**self._base_config(), **self._config}
 
 
-def _vector_steps(dim, coupling, layers, hidden, mask):
+def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32"):
     steps = []
     for i in range(layers):
-        steps += [_coupling(coupling, (dim,), hidden, mask=mask, parity=i % 2),
-                  ActNorm(dim, event_ndims=1)]
+        steps += [_coupling(coupling, (dim,), hidden, mask=mask, parity=i % 2,
+                            dtype=dtype),
+                  ActNorm(dim, event_ndims=1, dtype=dtype)]
     return steps
 
 
 def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
-                       coupling_layers=8, logit_alpha=0.05, num_classes=None):
+                       coupling_layers=8, logit_alpha=0.05, num_classes=None,
+                       dtype="float32"):
     """The normalizing bijector of `RealNVP` (see its docstring)."""
     if len(input_shape) == 1:
         steps = _vector_steps(input_shape[0], "affine", coupling_layers,
-                              hidden_channels, "channel")
+                              hidden_channels, "channel", dtype=dtype)
         return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
-                              top_prior=_maybe_prior(input_shape, num_classes),
+                              top_prior=_maybe_prior(input_shape, num_classes, dtype),
                               name="realnvp")
 
     def block(shape, mask, count, first_parity=0):
@@ -227,8 +236,8 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
         for i in range(count):
             out += [_coupling("affine", shape, hidden_channels, mask=mask,
                               parity=(first_parity + i) % 2, net="resnet",
-                              num_blocks=num_blocks),
-                    ActNorm(shape[-1])]
+                              num_blocks=num_blocks, dtype=dtype),
+                    ActNorm(shape[-1], dtype=dtype)]
         return out
 
     shape = tuple(input_shape)
@@ -236,7 +245,7 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
     for level in range(levels):
         steps = []
         if level == 0 and logit_alpha is not None:
-            steps += [tfb.Shift(0.5), LogitPreprocess(logit_alpha)]
+            steps += [tfb.Shift(tf.constant(0.5, dtype)), LogitPreprocess(logit_alpha)]
         if level == levels - 1:
             steps += block(shape, "checkerboard", 4)
             stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), None))
@@ -245,15 +254,17 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
         steps.append(Squeeze(event_shape=shape))
         shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
         steps += block(shape, "channel", 3)
-        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes)
+        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
         shape = shape[:-1] + (shape[-1] - fo.num_factored,)
     return MultiScaleFlow(input_shape, stages,
-                          top_prior=_maybe_prior(shape, num_classes), name="realnvp")
+                          top_prior=_maybe_prior(shape, num_classes, dtype), name="realnvp")
 
 
-def _maybe_prior(shape, num_classes):
-    return None if num_classes is None else LearnedPrior(shape, num_classes=num_classes)
+def _maybe_prior(shape, num_classes, dtype="float32"):
+    if num_classes is None:
+        return None
+    return LearnedPrior(shape, num_classes=num_classes, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
@@ -280,16 +291,17 @@ class NICE(FlowModel):
         super().__init__(
             flow=lambda: build_nice_flow(cfg["input_shape"], cfg["coupling_layers"],
                                          cfg["hidden_units"], cfg["num_hidden_layers"],
-                                         cfg["num_classes"]),
+                                         cfg["num_classes"],
+                                         dtype=self.dtype_policy.variable_dtype),
             event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
             **kwargs)
 
     def get_config(self):
-        return {**super(FlowModel, self).get_config(), **self._config}
+        return {**self._base_config(), **self._config}
 
 
 def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
-                    num_hidden_layers=3, num_classes=None):
+                    num_hidden_layers=3, num_classes=None, dtype="float32"):
     """The normalizing bijector of `NICE` (see its docstring)."""
     dim = int(np.prod(input_shape))
     steps = []
@@ -298,9 +310,10 @@ def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
     for i in range(coupling_layers):
         c = dim
         units = c  # checkerboard mask on vectors: every feature gets an output
-        net = nets.MLPCouplingNet(hidden_units, units, num_hidden_layers=num_hidden_layers)
+        net = nets.MLPCouplingNet(hidden_units, units, num_hidden_layers=num_hidden_layers,
+                                  dtype=dtype)
         steps.append(AdditiveCoupling(net, mask="checkerboard", parity=i % 2,
-                                      event_shape=(dim,)))
-    steps.append(ActNorm(dim, event_ndims=1, name="nice_scaling"))
+                                      event_shape=(dim,), dtype=dtype))
+    steps.append(ActNorm(dim, event_ndims=1, dtype=dtype, name="nice_scaling"))
     return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
-                          top_prior=_maybe_prior((dim,), num_classes), name="nice")
+                          top_prior=_maybe_prior((dim,), num_classes, dtype), name="nice")

@@ -99,8 +99,30 @@ def reduce_bits(images_uint8, n_bits):
         1 <= n_bits <= 8
     ):
         raise ValueError(f"`n_bits` must be an integer in 1..8, got {n_bits!r}.")
-    images = tf.cast(tf.convert_to_tensor(images_uint8), tf.int32)
+    images = tf.convert_to_tensor(images_uint8)
+    _check_levels("images_uint8", images, 256,
+                  "8-bit pixels (floats in [0, 1] would all floor to level 0)")
+    images = tf.cast(images, tf.int32)
     return tf.cast(images // (2 ** (8 - int(n_bits))), tf.uint8)
+
+
+def _check_levels(arg, images, num_bins, what):
+    """Eagerly: `images` holds integer values in ``0..num_bins - 1``.
+
+    Inside `tf.data` maps and `tf.function` (graph mode) nothing is checked:
+    the pipelines here produce valid levels by construction.
+    """
+    if not (images.dtype.is_integer or images.dtype.is_floating):
+        raise TypeError(f"`{arg}` must be integer levels; got dtype {images.dtype.name}.")
+    if not tf.executing_eagerly() or tf.size(images) == 0:
+        return
+    values = tf.cast(images, tf.float64)
+    lo, hi = float(tf.reduce_min(values)), float(tf.reduce_max(values))
+    integral = bool(tf.reduce_all(tf.equal(values, tf.floor(values))))
+    if not (integral and lo >= 0 and hi <= num_bins - 1):
+        raise ValueError(
+            f"`{arg}` must hold integer levels in 0..{num_bins - 1} ({what}); got values "
+            f"in [{lo:g}, {hi:g}]{'' if integral else ', not all integers'}.")
 
 
 def _as_stateless_seed(seed):
@@ -130,6 +152,9 @@ def preprocess(images, num_bins, dequantize=True, seed=None):
       float32 tensor shaped like `images`.
     """
     _check_positive_int("num_bins", num_bins)
+    images = tf.convert_to_tensor(images)
+    _check_levels("images", images, num_bins,
+                  "8-bit pixels need `reduce_bits` first unless num_bins=256")
     k = tf.cast(images, tf.float32)
     if not dequantize:
         u = 0.5

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import tfp_glow
 from tfp_glow.bijectors import ActNorm, keras_layers_of
@@ -168,31 +169,44 @@ def _autodiff_log_prob(model, x):
     return base + log_det
 
 
-@pytest.mark.parametrize("name, build", [
-    ("glow", lambda: tfp_glow.Glow(image_shape=(4, 4, 1), levels=2, steps_per_level=2,
-                                   hidden_channels=16, num_bins=17)),
-    ("glow_additive_shuffle", lambda: tfp_glow.Glow(
+_EXACTNESS_MODELS = {
+    "glow": lambda **kw: tfp_glow.Glow(image_shape=(4, 4, 1), levels=2, steps_per_level=2,
+                                       hidden_channels=16, num_bins=17, **kw),
+    "glow_additive_shuffle": lambda **kw: tfp_glow.Glow(
         image_shape=(4, 4, 1), levels=2, steps_per_level=2, hidden_channels=16,
-        coupling="additive", permutation="shuffle", split_fraction=0.25)),
-    ("realnvp", lambda: tfp_glow.RealNVP(input_shape=(4, 4, 1), levels=2,
-                                         hidden_channels=8, num_blocks=1)),
-    ("nice", lambda: tfp_glow.NICE(input_shape=(4, 4, 1), coupling_layers=4,
-                                   hidden_units=16, num_hidden_layers=2)),
+        coupling="additive", permutation="shuffle", split_fraction=0.25, **kw),
+    "realnvp": lambda **kw: tfp_glow.RealNVP(input_shape=(4, 4, 1), levels=2,
+                                             hidden_channels=8, num_blocks=1, **kw),
+    "nice": lambda **kw: tfp_glow.NICE(input_shape=(4, 4, 1), coupling_layers=4,
+                                       hidden_units=16, num_hidden_layers=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("glow", "float32"), ("glow", "float64"), ("glow_additive_shuffle", "float64"),
+    ("realnvp", "float64"), ("nice", "float64"),
 ])
-def test_log_prob_is_base_density_plus_autodiff_log_det(name, build):
-    model = build()
+def test_log_prob_is_base_density_plus_autodiff_log_det(name, dtype):
+    """End to end: the whole flow's log-det against an autodiff Jacobian.
+
+    float64 makes the comparison tight (rtol 1e-9); float32 is the default
+    users train in.
+    """
+    model = _EXACTNESS_MODELS[name](dtype=dtype)
     # RealNVP's logit needs x + 0.5 inside (0, 1): stay in the data range.
-    x = _random_images(3, (4, 4, 1), seed=1) * 0.9
+    x = (_random_images(3, (4, 4, 1), seed=1) * 0.9).astype(dtype)
     _ready(model, x, scale=0.1)
+    assert all(v.dtype == dtype for v in model.weights)
     log_prob = model.log_prob(x).numpy()
-    np.testing.assert_allclose(log_prob, _autodiff_log_prob(model, x), rtol=1e-4,
-                               atol=1e-3)
+    assert log_prob.dtype == dtype
+    rtol, atol = (1e-9, 1e-9) if dtype == "float64" else (1e-4, 1e-3)
+    np.testing.assert_allclose(log_prob, _autodiff_log_prob(model, x), rtol=rtol,
+                               atol=atol)
     np.testing.assert_allclose(model.distribution.log_prob(x).numpy(), log_prob,
-                               rtol=1e-5, atol=1e-4)
+                               rtol=rtol, atol=atol)
     x_back = model.decode(tf.identity(model.encode(x))).numpy()
-    np.testing.assert_allclose(x_back, x, atol=1e-4)
-    # The perturbation really made the flow non-trivial: not volume preserving
-    # on the data (or, for additive NICE, the couplings moved the latent).
+    np.testing.assert_allclose(x_back, x, atol=1e-10 if dtype == "float64" else 1e-4)
+    # The perturbation really made the flow non-trivial.
     assert np.max(np.abs(model.encode(x).numpy().reshape(3, -1) - x.reshape(3, -1))) > 0.1
 
 
@@ -256,7 +270,7 @@ def test_every_trainable_variable_gets_a_gradient_from_fit_loss():
 # ------------------------------------------------------- class conditioning
 
 
-def test_class_conditional_glow_trains_and_samples_a_chosen_class():
+def test_class_conditional_glow_trains_and_samples_a_chosen_class(tmp_path):
     keras.utils.set_random_seed(1)
     model = _small_glow(num_classes=10, steps_per_level=1)
     model.compile(keras.optimizers.Adam(3e-3))
@@ -286,6 +300,15 @@ def test_class_conditional_glow_trains_and_samples_a_chosen_class():
         samples, model.decode(0.7 * eps, labels=np.full(4, 3)).numpy(), atol=1e-5)
     other = model.sample(4, temperature=0.7, seed=5, labels=8).numpy()
     assert np.max(np.abs(other - samples)) > 1e-3
+    # SampleGrid draws every class in turn by default (labels = i % 10).
+    grid = tfp_glow.SampleGrid(tmp_path, num_samples=12, seed=4, rows=3, upscale=1)
+    grid.set_model(model)
+    grid.on_epoch_end(0)
+    labels = np.arange(12) % 10
+    expected = tfp_glow.image_grid(tfp_glow.to_uint8(
+        model.sample(12, temperature=0.7, seed=4, labels=labels), 17), rows=3)
+    with Image.open(tmp_path / "samples_epoch_001.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), expected[..., 0])
     # A class-conditional model refuses to score without labels.
     with pytest.raises(ValueError, match="labels"):
         model.log_prob(x_test[:2])

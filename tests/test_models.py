@@ -300,6 +300,11 @@ def test_class_conditional_glow_trains_and_samples_a_chosen_class(tmp_path):
         samples, model.decode(0.7 * eps, labels=np.full(4, 3)).numpy(), atol=1e-5)
     other = model.sample(4, temperature=0.7, seed=5, labels=8).numpy()
     assert np.max(np.abs(other - samples)) > 1e-3
+    # Interpolation under int and one-hot labels reconstructs its endpoints.
+    for labels in (y_test[:3], tf.one_hot(y_test[:3], 10)):
+        path = model.interpolate(x_test[:3], x_test[3:6], num_steps=3, labels=labels)
+        np.testing.assert_allclose(path[0].numpy(), x_test[:3].numpy(), atol=1e-5)
+        np.testing.assert_allclose(path[-1].numpy(), x_test[3:6].numpy(), atol=1e-5)
     # SampleGrid draws every class in turn by default (labels = i % 10).
     grid = tfp_glow.SampleGrid(tmp_path, num_samples=12, seed=4, rows=3, upscale=1)
     grid.set_model(model)

@@ -450,7 +450,8 @@ class FlowModel(keras.Model):
         flat = tf.reshape(z, (-1,) + self._latent_shape)
         flat_labels = None
         if labels is not None:
-            flat_labels = tf.tile(tf.convert_to_tensor(labels), [num_steps])
+            # Step-major like `flat`; works for int [batch] and one-hot [batch, K].
+            flat_labels = tf.concat([tf.convert_to_tensor(labels)] * num_steps, axis=0)
         x = self.decode(flat, flat_labels)
         return tf.reshape(x, (num_steps, -1) + self._event_shape)
 

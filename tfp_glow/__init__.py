@@ -7,6 +7,7 @@ Glow paper); complete models are Keras 3 `FlowModel`s trained with `fit`.
 from tfp_glow import bijectors
 from tfp_glow import data
 from tfp_glow import nets
+from tfp_glow import training
 from tfp_glow.flow_model import FlowModel
 from tfp_glow.models import NICE, Glow, RealNVP
 from tfp_glow.callbacks import SampleGrid
@@ -30,4 +31,5 @@ __all__ = [
     "save_image_grid",
     "save_png",
     "to_uint8",
+    "training",
 ]

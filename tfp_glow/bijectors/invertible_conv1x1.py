@@ -19,6 +19,16 @@ def random_rotation(channels, seed=None):
     return q * np.sign(np.diag(r))[None, :]
 
 
+def _log_abs_det(matrix):
+    """`log|det M|` = `sum_i log|R_ii|` from `M = QR` (`|det Q| = 1`).
+
+    Used instead of `tf.linalg.slogdet` because XLA cannot compile
+    `LogMatrixDeterminant`; QR and its gradient compile.
+    """
+    r = tf.linalg.qr(matrix, full_matrices=False)[1]
+    return tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(r))), axis=-1)
+
+
 class InvertibleConv1x1(FlowBijector):
     """A learned invertible linear map of the channels, shared by all pixels.
 
@@ -36,7 +46,7 @@ class InvertibleConv1x1(FlowBijector):
     matrix inverse.
 
     `lu=False` keeps a full `W` with `log|det J| = H * W * log|det W|` (by
-    `slogdet`) and inverts it with `tf.linalg.inv`.
+    a QR decomposition, which XLA compiles) and inverts it with `tf.linalg.inv`.
 
     Both start as a random rotation drawn from `seed`; `P` and `sign` are
     saved as non-trainable variables, so a reloaded model is exact even when
@@ -116,7 +126,7 @@ class InvertibleConv1x1(FlowBijector):
         """
         if not self._lu:
             kernel = tf.convert_to_tensor(self.kernel)
-            log_det = tf.linalg.slogdet(kernel)[1]
+            log_det = _log_abs_det(kernel)
             return (tf.linalg.inv(kernel) if inverse else kernel), log_det
         p, lower, upper, log_s = self._lu_factors()
         if inverse:

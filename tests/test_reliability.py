@@ -129,6 +129,18 @@ def test_poisoned_batch_raises_and_leaves_weights_and_checkpoint_clean(tmp_path)
     model.fit(tf.data.Dataset.from_tensor_slices(good).batch(BATCH), epochs=1, verbose=0)
     assert int(model.optimizer.iterations) == POISONED_BATCH + 8
 
+    # Several steps per call of the train function: the check after the call
+    # comes too late to stop the steps after the bad one, so the traced step
+    # stays frozen after a bad step; the result equals one step per call.
+    keras.utils.set_random_seed(0)
+    chunked = tfp_glow.Glow(**TINY)
+    chunked.compile(keras.optimizers.Adam(1e-3), steps_per_execution=4)
+    with pytest.raises(FloatingPointError, match="epoch 1, one of batches 4-7"):
+        chunked.fit(ds, epochs=1, verbose=0)
+    assert int(chunked.optimizer.iterations) == POISONED_BATCH
+    for w, b in zip(chunked.get_weights(), before):
+        np.testing.assert_array_equal(w, b)
+
 
 def test_skip_mode_skips_the_poisoned_step_and_keeps_training():
     ds, _ = _poisoned_dataset()
@@ -285,7 +297,9 @@ def test_lu_conv_stays_invertible_at_extreme_log_scales():
     # variables: slogdet agrees with sum(log_s), det W != 0. (slogdet of the
     # float32 W itself, condition number ~e^60, is off by ~0.02: the reason
     # the log-det is read off log_s.)
-    f64 = lambda v: v.numpy().astype(np.float64)
+    def f64(v):
+        return v.numpy().astype(np.float64)
+
     lower = np.tril(f64(conv.lower), -1) + np.eye(4)
     upper = np.triu(f64(conv.upper), 1) + np.diag(f64(conv.sign) * np.exp(f64(conv.log_s)))
     w64 = f64(conv.permutation) @ lower @ upper

@@ -548,9 +548,11 @@ class FlowModel(keras.Model):
         where = "a training batch"
         if self._train_position is not None:
             epoch, batch = self._train_position
-            where = f"epoch {epoch + 1}, batch {batch}"
-            if getattr(self, "steps_per_execution", 1) > 1:
-                where += f" (or one of the {self.steps_per_execution - 1} batches before it)"
+            spe = int(getattr(self, "steps_per_execution", 1) or 1)
+            if spe > 1:  # Keras reports the first batch of each execution
+                where = f"epoch {epoch + 1}, one of batches {batch}-{batch + spe - 1}"
+            else:
+                where = f"epoch {epoch + 1}, batch {batch}"
         if self._nonfinite == "raise":
             loss_bad = float(self._nonfinite_counter.loss_steps.numpy()) > 0
             self._nonfinite_counter.reset_state()

@@ -293,6 +293,7 @@ def test_lu_conv_stays_invertible_at_extreme_log_scales():
         assert np.isfinite(t.numpy()).all()
     assert float(ldj) == pytest.approx(15 * float(np.sum(log_s)), rel=1e-6)
     assert float(ildj) == -float(ldj)
+
     # The documented factorisation, rebuilt in float64 from the saved
     # variables: slogdet agrees with sum(log_s), det W != 0. (slogdet of the
     # float32 W itself, condition number ~e^60, is off by ~0.02: the reason

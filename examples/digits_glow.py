@@ -42,9 +42,9 @@ def main(argv=None):
     epochs = 1 if args.smoke else args.epochs
     steps = 3 if args.smoke else None
     total = epochs * (steps or int(train.cardinality()))
-    schedule = WarmupSchedule(1e-3, warmup_steps=min(200, total // 4),
-                              decay_steps=total - min(200, total // 4))
-    model.compile(keras.optimizers.Adam(schedule, global_clipnorm=50.0))
+    warmup = min(100, total // 4)
+    schedule = WarmupSchedule(3e-3, warmup_steps=warmup, decay_steps=total - warmup)
+    model.compile(keras.optimizers.Adam(schedule))
     # fit initialises every ActNorm from the first batch, then trains on -log p(x).
     model.fit(train.repeat() if steps else train, epochs=epochs, steps_per_epoch=steps,
               verbose=2)

@@ -27,7 +27,7 @@ EXTENT = 3.0  # the toy densities are standardised: most mass is in [-3, 3]^2
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="out/two_moons_realnvp")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny, seconds-long run")
     args = parser.parse_args(argv)

@@ -144,8 +144,8 @@ def _add_train_parser(sub):
                    help="class-conditional priors (needs a labelled data set)")
     p.add_argument("--epochs", type=_positive_int, default=40)
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=_nonnegative_int, default=200,
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=_nonnegative_int, default=100,
                    help="linear learning-rate warmup")
     p.add_argument("--lr-decay", choices=("cosine", "none"), default="cosine",
                    help="after the warmup: cosine decay to 0 at the last step, or constant")

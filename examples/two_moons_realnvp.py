@@ -41,10 +41,13 @@ def main(argv=None):
     train = data.make_dataset("two_moons", "train", batch_size=256, seed=args.seed)
     test = data.make_dataset("two_moons", "test", batch_size=1000, seed=args.seed,
                              shuffle=False)
-    schedule = WarmupSchedule(2e-3, warmup_steps=100)
+    epochs = 1 if args.smoke else args.epochs
+    steps = 5 if args.smoke else int(train.cardinality())
+    # Linear warmup, then cosine decay to 0 over the rest of the run.
+    schedule = WarmupSchedule(2e-3, warmup_steps=100,
+                              decay_steps=max(epochs * steps - 100, 1))
     model.compile(keras.optimizers.Adam(schedule))
-    model.fit(train, epochs=1 if args.smoke else args.epochs,
-              steps_per_epoch=5 if args.smoke else None, verbose=2)
+    model.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=2)
     nll = model.evaluate(test, verbose=0, return_dict=True)["loss"]
     print(f"test NLL: {nll:.3f} nats per point")
 

@@ -108,13 +108,25 @@ def _n_bits(text):
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" where a default says something (not None/flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        # `is`, not `in`: 0 == False would hide a default of 0.
+        if (not any(action.default is v for v in (None, True, False, argparse.SUPPRESS))
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_train_parser(sub):
     p = sub.add_parser(
         "train", help="train a flow with Keras fit",
         description="Train Glow, RealNVP or NICE with Keras fit. With no arguments: "
                     "Glow on the built-in 8x8 digits (a few minutes on a laptop CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="glow")
+        formatter_class=_HelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="glow", help="flow architecture")
     p.add_argument("--dataset", default="digits",
                    help="'digits' (built in), a tensorflow-datasets image data set "
                         "(mnist, fashion_mnist, cifar10, celeb_a, svhn_cropped, ...) or a "
@@ -142,8 +154,8 @@ def _add_train_parser(sub):
                    help="glow only (default conv_lu)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional priors (needs a labelled data set)")
-    p.add_argument("--epochs", type=_positive_int, default=40)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--epochs", type=_positive_int, default=40, help="passes over the data")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=_nonnegative_int, default=100,
                    help="linear learning-rate warmup")
@@ -159,9 +171,10 @@ def _add_train_parser(sub):
     jit = p.add_mutually_exclusive_group()
     jit.add_argument("--jit", dest="jit", action="store_true",
                      help="compile the train step with XLA (faster steps, slower start)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false")
+    jit.add_argument("--no-jit", dest="jit", action="store_false", help="(the default)")
     p.set_defaults(jit=False)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds weights, shuffling, dequantization noise and samples")
     p.add_argument("--sample-every", type=_nonnegative_int, default=5,
                    help="write samples/samples_epoch_NNN.png every N epochs (0: never)")
     p.add_argument("--output", default=None,
@@ -188,11 +201,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
 
-    p = sub.add_parser("sample", help="write a PNG of samples from a trained model")
+    p = sub.add_parser("sample", help="write a PNG of samples from a trained model",
+                       formatter_class=_HelpFormatter)
     _add_model_source(p)
-    p.add_argument("--num", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=_nonnegative_float, default=SAMPLE_TEMPERATURE)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=_positive_int, default=64, help="number of samples")
+    p.add_argument("--temperature", type=_nonnegative_float, default=SAMPLE_TEMPERATURE,
+                   help="scales the latent: 0 gives the mode, 1 the model itself")
+    p.add_argument("--seed", type=int, default=0, help="seed of the (stateless) draw")
     p.add_argument("--label", type=_nonnegative_int, default=None,
                    help="class of every sample (conditional models; default: all classes "
                         "in turn)")
@@ -202,15 +217,17 @@ def build_parser():
                    help="PNG path (default <run>/samples_T<temperature>.png)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="test bits/dim of a trained run")
+    p = sub.add_parser("evaluate", help="test bits/dim of a trained run",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
     p.add_argument("--split", default=None, help="split to evaluate (default: the test split)")
     p.add_argument("--data-dir", default=None, help="override the run's tfds data_dir")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="write a TF Serving SavedModel")
+    p = sub.add_parser("export", help="write a TF Serving SavedModel",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
     p.add_argument("--export-dir", default=None, help="model base path (default <run>/export)")
     p.add_argument("--version", type=_nonnegative_int, default=None,
@@ -219,7 +236,8 @@ def build_parser():
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("interpolate",
-                       help="PNG of latent interpolations between test images")
+                       help="PNG of latent interpolations between test images",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
     p.add_argument("--output", default=None, help="PNG path (default <run>/interpolation.png)")
     p.add_argument("--steps", type=_positive_int, default=8,

@@ -7,7 +7,7 @@ with XLA, with an unknown batch dimension, and compares them with the plain
 `tf.function` results (float32). Also compiles `Glow`, `RealNVP` and `NICE`
 training steps (forward, gradient, Adam) with XLA.
 
-    python benchmarks/xla_check.py
+    python benchmarks/xla_check.py [--out results/xla_check.json]
 """
 
 import json
@@ -99,4 +99,7 @@ def main():
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2))
+    results = main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--out":
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f, indent=2)

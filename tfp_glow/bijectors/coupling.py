@@ -24,19 +24,23 @@ __all__ = ["MASKS", "checkerboard_mask", "CouplingBase"]
 MASKS = ("channel", "checkerboard")
 
 
+def checkerboard_mask_np(event_shape, parity=0):
+    """`checkerboard_mask` as a float64 NumPy array."""
+    event_shape = tuple(event_shape)
+    if len(event_shape) == 3:
+        h, w = event_shape[0], event_shape[1]
+        grid = np.add.outer(np.arange(h), np.arange(w)) + parity
+        return (grid % 2 == 0).astype(np.float64)[..., None]
+    return ((np.arange(event_shape[0]) + parity) % 2 == 0).astype(np.float64)
+
+
 def checkerboard_mask(event_shape, parity=0, dtype=tf.float32):
     """Binary mask `b` (1 = conditioning, copied), shaped to broadcast.
 
     Images `[H, W, C]`: `b[h, w, 0] = (h + w + parity) % 2 == 0`, shape
     `[H, W, 1]`. Vectors `[D]`: `b[i] = (i + parity) % 2 == 0`.
     """
-    if len(event_shape) == 3:
-        h, w = event_shape[0], event_shape[1]
-        grid = np.add.outer(np.arange(h), np.arange(w)) + parity
-        mask = (grid % 2 == 0).astype(np.float64)[..., None]
-    else:
-        mask = ((np.arange(event_shape[0]) + parity) % 2 == 0).astype(np.float64)
-    return tf.constant(mask, dtype=dtype)
+    return tf.constant(checkerboard_mask_np(event_shape, parity), dtype=dtype)
 
 
 class CouplingBase(FlowBijector):
@@ -155,13 +159,14 @@ class CouplingBase(FlowBijector):
             h = self._run_net(x_b, self._outputs_per_channel * x_a.shape[-1])
             y_a, ldj = fn(x_a, h)
             return self._recombine(y_a, x_b), self._reduce_event(ldj)
-        b = checkerboard_mask(tuple(x.shape[-self._event_ndims:]), self._parity,
-                              x.dtype)
-        h = self._run_net(x * b, self._outputs_per_channel * x.shape[-1])
+        mask = checkerboard_mask_np(x.shape[-self._event_ndims:], self._parity)
+        h = self._run_net(x * tf.constant(mask, x.dtype),
+                          self._outputs_per_channel * x.shape[-1])
         y, ldj = fn(x, h)
         # Copy the conditioning positions; only b == 0 is transformed. `where`
-        # (not b * x + (1 - b) * y) so the unused values can never leak a NaN.
-        keep = tf.broadcast_to(b > 0.5, tf.shape(x))
+        # (not b * x + (1 - b) * y) so the unused values can never leak a NaN;
+        # the mask is a boolean constant that `where` broadcasts.
+        keep = tf.constant(mask > 0.5)
         return (tf.where(keep, x, y),
                 self._reduce_event(tf.where(keep, tf.zeros_like(ldj), ldj)))
 

@@ -70,7 +70,9 @@ class FactorOut(StandardizeBase):
     def _parts(self, x):
         _shapes.check_event_rank(x, self._event_ndims)
         _shapes.check_channels(x, self._channels)
-        return x[..., :self._num_factored], x[..., self._num_factored:]
+        # One Split op (its gradient is a concat, not two zero-filled scatters).
+        return tf.split(x, [self._num_factored, self._channels - self._num_factored],
+                        axis=-1)
 
     def _join(self, z, rest):
         return tf.concat([z, rest], axis=-1)

@@ -309,9 +309,12 @@ class Bench:
 
     `train_step(x)`: `-mean log p(x)`, its gradient and one Adam(1e-3) update
     (Keras 3 Adam for tfp_glow, tf_keras Adam for `tfb.Glow`).
+    `model_train_step(x)` (tfp_glow only): `FlowModel.train_step`, the step
+    `fit` runs (NaN/inf guard, metrics) on its own compiled Adam.
     `log_prob(x)`, `sample()` (a batch of `BATCH`), and `nets_step(x)`: the
     model's coupling networks alone, forward and backward, on inputs of the
-    shapes they see inside the flow (see `flow_overhead`).
+    shapes they see inside the flow (see `flow_overhead`); `nets_forward(x)`:
+    the same, forward only (the floor of sampling).
     """
 
     def __init__(self, lib, size, x, jit_compile=False, seed=0):
@@ -376,9 +379,26 @@ class Bench:
             # The inputs' gradient is computed too, as inside the flow.
             return tape.gradient(total, net_vars + net_inputs)
 
-        fn = lambda f: tf.function(f, jit_compile=jit_compile)
+        def nets_forward(x):
+            del x  # the same chain as nets_step, forward only (what sampling runs)
+            carry = tf.zeros([], tf.float32)
+            for net, h in zip(self.nets, net_inputs):
+                carry = 0.0 * tf.reduce_sum(tf.cast(net(h + carry), tf.float32))
+            return carry
+
+        def fn(f):
+            return tf.function(f, jit_compile=jit_compile)
+
         self.train_step, self.log_prob, self.sample = fn(train_step), fn(log_prob), fn(sample)
-        self.nets_step = fn(nets_step)
+        self.nets_step, self.nets_forward = fn(nets_step), fn(nets_forward)
+        self.model_train_step = None
+        if lib != "tfp":
+            # The step `fit` runs: FlowModel.train_step, with its NaN/inf
+            # guard and metrics, on a model compiled as a user would.
+            import keras
+            model.compile(keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+            model.optimizer.build(variables)
+            self.model_train_step = fn(model.train_step)
 
     def net_inputs(self, x):
         """One input per coupling network, shaped as inside the flow."""

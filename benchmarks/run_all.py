@@ -5,7 +5,8 @@
 
 Each part runs in its own process (so one library's memory and traced
 graphs never affect another part): `capabilities.py`, `xla_check.py`,
-`timing.py --size small`, `timing.py --size cifar`, `bits_per_dim.py`. The
+`timing.py --size small`, `timing.py --size cifar`, `breakdown.py --size
+small`, `bits_per_dim.py`. The
 tables between the `results:start` / `results:end` markers of BENCHMARKS.md
 are regenerated; the rest of the file is left as written.
 """
@@ -56,8 +57,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="few repeats, 1 epoch: checks that everything runs")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: "
-                        "capabilities,xla_check,small,cifar,bits_per_dim")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to run "
+                        "(their latest results/<part>.json, if any, is reused): "
+                        "capabilities,xla_check,small,cifar,breakdown,bits_per_dim")
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
@@ -71,20 +73,35 @@ def main():
                   "--profile"],
         "cifar": ["timing.py", "--size", "cifar", "--repeats", "2" if quick else "6",
                   "--warmup", "1", "--profile"],
+        "breakdown": ["breakdown.py", "--size", "small", "--repeats", "5" if quick else "20"],
         "bits_per_dim": ["bits_per_dim.py", "--epochs", str(epochs),
                          "--eval-every", "1" if quick else "5"],
     }
+    previous = {}
+    if os.path.exists(os.path.join(RESULTS, "results.json")):
+        with open(os.path.join(RESULTS, "results.json")) as f:
+            previous = json.load(f).get("parts", {})
     started = time.perf_counter()
     results = {"generated": datetime.datetime.now().isoformat(timespec="seconds"),
                "quick": quick, "machine": common.machine_info(), "parts": {}}
     for name, part in parts.items():
         if name in skip:
+            # Reuse the part's latest results, if any, in the tables.
+            old = os.path.join(RESULTS, f"{name}.json")
+            if os.path.exists(old):
+                with open(old) as f:
+                    reused = {**json.load(f), "reused": True}
+                for key in ("seconds", "load_average_after"):
+                    if key in previous.get(name, {}):
+                        reused[key] = previous[name][key]
+                results["parts"][name] = reused
             continue
         out = os.path.join(RESULTS, f"{name}.json")
         log = os.path.join(RESULTS, f"{name}.log")
         results["parts"][name] = _run_part(name, part, out, log)
         results["parts"][name]["load_average_after"] = list(os.getloadavg())
     results["total_seconds"] = time.perf_counter() - started
+    results["all_parts_seconds"] = sum(p.get("seconds", 0.0) for p in results["parts"].values())
     path = os.path.join(RESULTS, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -95,7 +112,7 @@ def main():
 
 # -- markdown -------------------------------------------------------------------
 VARIANT_LABELS = {"tfp_glow": "tfp_glow", "tfp_glow_xla": "tfp_glow (XLA)",
-                  "tfb.Glow": "tfb.Glow"}
+                  "tfp_glow_bf16": "tfp_glow (bf16 nets)", "tfb.Glow": "tfb.Glow"}
 
 
 def _fmt(value, digits=1):
@@ -131,26 +148,32 @@ def timing_table(part):
         ("train step, min (ms) ↓", ("train_step", "min_ms"), 1),
         ("train step, CPU time (ms) ↓", ("train_step", "cpu_median_ms"), 1),
         ("first train step: trace + compile (s) ↓", ("train_step", "first_call_s"), 1),
+        ("FlowModel.train_step as `fit` runs it (ms) ↓", ("model_train_step", "median_ms"), 1),
+        ("its first call: trace + compile (s) ↓", ("model_train_step", "first_call_s"), 1),
         ("log_prob (images/s) ↑", ("log_prob", "images_per_s"), 0),
         ("sampling (images/s) ↑", ("sample", "images_per_s"), 0),
         ("peak memory of a train step (MB) ↓", ("train_step", "peak_memory_mb"), 1),
         ("bare coupling nets fwd+bwd (ms)", ("nets_step", "median_ms"), 1),
         ("flow overhead (train step / bare nets) ↓", ("flow_overhead",), 2),
+        ("bare coupling nets forward only (ms)", ("nets_forward", "median_ms"), 1),
+        ("sampling overhead (sample / nets forward) ↓", ("sampling_overhead",), 2),
     ]
     names = [n for n in VARIANT_LABELS if n in v]
+    ours = [n for n in names if n != "tfb.Glow"]
     head = (f"**{h}x{w}x{c}, L={cfg['levels']}, K={cfg['steps']}, width {cfg['width']}, "
             f"batch {part['batch']}** ({_fmt(part['parameters'].get('tfp_glow'), 0)} "
             f"parameters in tfp_glow, {_fmt(part['parameters'].get('tfb.Glow'), 0)} in "
             f"tfb.Glow)\n\n")
     cols = [VARIANT_LABELS[n] for n in names]
-    lines = ["| | " + " | ".join(cols) + " | tfp_glow / tfb.Glow | tfp_glow (XLA) / tfb.Glow |",
-             "|---" * (len(cols) + 3) + "|"]
+    ratio_cols = [f"{VARIANT_LABELS[n]} / tfb.Glow" for n in ours] if "tfb.Glow" in v else []
+    lines = ["| | " + " | ".join(cols + ratio_cols) + " |",
+             "|---" * (len(cols) + len(ratio_cols) + 1) + "|"]
     for label, keys, digits in rows:
         vals = [_get(v[n], *keys) for n in names]
-        ours, xla, tfp = (_get(v.get(n, {}), *keys) for n in
-                          ("tfp_glow", "tfp_glow_xla", "tfb.Glow"))
-        lines.append(f"| {label} | " + " | ".join(_fmt(x, digits) for x in vals)
-                     + f" | {_ratio(ours, tfp)} | {_ratio(xla, tfp)} |")
+        tfp = _get(v.get("tfb.Glow", {}), *keys)
+        ratios = [_ratio(_get(v[n], *keys), tfp) for n in ours] if ratio_cols else []
+        lines.append(f"| {label} | " + " | ".join([_fmt(x, digits) for x in vals] + ratios)
+                     + " |")
     return head + "\n".join(lines)
 
 
@@ -173,41 +196,59 @@ def profile_table(part, name, top=6):
 
 
 def targets_table(parts):
-    def speedup(size, kind, key="median_ms"):
+    """Each target per size: float32 tfp_glow (plain, XLA) and bf16 nets."""
+    def factor(size, name, kind, invert):
         p = parts.get(size, {})
-        ours = _get(p, "variants", "tfp_glow", kind, key)
-        xla = _get(p, "variants", "tfp_glow_xla", kind, key)
-        tfp = _get(p, "variants", "tfb.Glow", kind, key)
-        best = min(x for x in (ours, xla) if x is not None) if (ours or xla) else None
-        return (tfp / ours if ours and tfp else None,
-                tfp / xla if xla and tfp else None,
-                tfp / best if best and tfp else None)
+        if kind == "flow_overhead":
+            return _get(p, "variants", name, "flow_overhead")
+        ours = _get(p, "variants", name, kind, "median_ms")
+        tfp = _get(p, "variants", "tfb.Glow", kind, "median_ms")
+        return tfp / ours if ours and tfp else None
 
-    lines = ["| target | small (8x8x1) | 32x32x3 | met? |", "|---|---|---|---|"]
-    for label, kind, goal in (("train step ≥ 1.5x faster than tfb.Glow", "train_step", 1.5),
-                              ("sampling ≥ 2x faster than tfb.Glow", "sample", 2.0)):
-        cells, met = [], True
+    def cell(size, kind):
+        vals = {n: factor(size, n, kind, True)
+                for n in ("tfp_glow", "tfp_glow_xla", "tfp_glow_bf16")}
+        if vals["tfp_glow"] is None:
+            return "–", None, None
+        suffix = "" if kind == "flow_overhead" else "x"
+        text = f"{vals['tfp_glow']:.2f}{suffix}"
+        extra = [f"{lab} {vals[n]:.2f}{suffix}" for n, lab in
+                 (("tfp_glow_xla", "XLA"), ("tfp_glow_bf16", "bf16 nets")) if vals[n]]
+        if extra:
+            text += " (" + ", ".join(extra) + ")"
+        fp32 = [vals[n] for n in ("tfp_glow", "tfp_glow_xla") if vals[n] is not None]
+        bf16 = vals["tfp_glow_bf16"]
+        return text, fp32, bf16
+
+    lines = ["| target | small (8x8x1) | 32x32x3 | met in float32? | met with bf16 nets? |",
+             "|---|---|---|---|---|"]
+    for label, kind, goal, lower in (
+            ("train step ≥ 1.5x faster than tfb.Glow", "train_step", 1.5, False),
+            ("sampling ≥ 2x faster than tfb.Glow", "sample", 2.0, False),
+            ("flow overhead over its bare nets < 1.3", "flow_overhead", 1.3, True)):
+        cells, met32, met16 = [], True, True
         for size in ("small", "cifar"):
-            plain, xla, best = speedup(size, kind)
-            if best is None:
-                cells.append("–")
-                met = False
-                continue
-            cells.append(f"{_fmt(plain, 2)}x (XLA {_fmt(xla, 2)}x)")
-            met = met and best >= goal
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'yes' if met else 'no'} |")
-    cells, met = [], True
-    for size in ("small", "cifar"):
-        ov = [_get(parts.get(size, {}), "variants", n, "flow_overhead")
-              for n in ("tfp_glow", "tfp_glow_xla")]
-        if ov[0] is None:
-            cells.append("–")
-            met = False
-            continue
-        cells.append(f"{_fmt(ov[0], 2)} (XLA {_fmt(ov[1], 2)})")
-        met = met and min(o for o in ov if o is not None) < 1.3
-    lines.append("| flow overhead over bare nets < 1.3 | " + " | ".join(cells)
-                 + f" | {'yes' if met else 'no'} |")
+            text, fp32, bf16 = cell(size, kind)
+            cells.append(text)
+            ok = (lambda x: x < goal) if lower else (lambda x: x >= goal)
+            met32 = met32 and bool(fp32) and any(ok(x) for x in fp32)
+            met16 = met16 and bool(fp32) and (any(ok(x) for x in fp32)
+                                              or (bf16 is not None and ok(bf16)))
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {'yes' if met32 else 'no'} | {'yes' if met16 else 'no'} |")
+    return "\n".join(lines)
+
+
+def breakdown_table(part):
+    modes = part.get("modes", {})
+    rows = ("nets", "forward", "forward+gradient", "adam", "train_step")
+    labels = {"nets": "bare coupling nets, fwd+bwd (sequential)",
+              "forward": "log_prob (forward)", "forward+gradient": "forward + gradient",
+              "adam": "Adam update alone", "train_step": "train step (all)"}
+    lines = ["| ms, median | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {labels[r]} | " + " | ".join(_fmt(modes[m].get(r)) for m in modes)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -250,9 +291,13 @@ def xla_line(part):
 def results_markdown(results):
     m = results["machine"]
     parts = results["parts"]
+    reused = [n for n, p in parts.items() if p.get("reused")]
+    total = results.get("all_parts_seconds", results["total_seconds"])
     out = [f"Generated {results['generated']} by `python benchmarks/run_all.py"
-           f"{' --quick' if results['quick'] else ''}` in "
-           f"{results['total_seconds'] / 60:.1f} min on {m['cpu']}, {m['cores']} cores; "
+           f"{' --quick' if results['quick'] else ''}`; all parts together take "
+           f"{total / 60:.1f} min"
+           + (f" ({', '.join(reused)} reused from the previous run)" if reused else "")
+           + f" on {m['cpu']}, {m['cores']} cores; "
            f"TensorFlow {m['tensorflow']}, TFP {m['tensorflow_probability']}, Keras "
            f"{m['keras']}, tf_keras {m['tf_keras']}, Python {m['python']}. Load average "
            f"(1 min) at the start: {m['load_average_at_start'][0]:.1f}.", ""]
@@ -266,6 +311,9 @@ def results_markdown(results):
             out += [f"### Speed and memory, {size}", "", timing_table(p), ""]
         elif p:
             out += [f"### {size}: failed ({p.get('error')})", ""]
+    if "breakdown" in parts and "modes" in parts["breakdown"]:
+        out += ["### Breakdown of tfp_glow's small train step", "",
+                breakdown_table(parts["breakdown"]), ""]
     if "bits_per_dim" in parts and "tfp_glow" in parts["bits_per_dim"]:
         out += ["### Test bits/dim on the built-in digits (8x8x1, 17 levels)", "",
                 bpd_table(parts["bits_per_dim"]), ""]

@@ -1,17 +1,21 @@
 """Step time, log_prob and sampling throughput, and flow overhead at one size.
 
 Builds tfp_glow's Glow (plain `tf.function`, XLA, and with bfloat16
-coupling networks) and `tfb.Glow` at the matched architecture of `common.SIZES[size]`, then times, interleaved round
-by round (so load on the machine hits every variant alike):
+coupling networks) and `tfb.Glow` at the matched architecture of
+`common.SIZES[size]`, then times, interleaved round by round (so load on the
+machine hits every variant alike):
 
 * `train_step`: forward, gradient and one Adam update, batch 64;
+* `model_train_step` (tfp_glow): `FlowModel.train_step`, the step `fit` runs;
 * `log_prob`: batch 64 -> images/s;
 * `sample`: 64 images -> images/s;
 * peak memory of a training step: RSS growth while one step runs, over the
   RSS just before it, after `malloc_trim` (`common.step_memory`);
 * `nets_step`: the same coupling networks alone (inputs of the shapes they
-  see in the flow), forward and backward -> flow overhead =
-  train_step / nets_step.
+  see in the flow, one after the other), forward and backward -> flow
+  overhead = train_step / nets_step;
+* `nets_forward`: the same networks forward only -> sampling overhead =
+  sample / nets_forward.
 
     python benchmarks/timing.py --size small --repeats 20 --out results/timing_small.json
 """
@@ -30,7 +34,8 @@ VARIANTS = {
     "tfp_glow_bf16": ("ours_bf16", False),
     "tfb.Glow": ("tfp", False),
 }
-KINDS = ("train_step", "log_prob", "sample", "nets_step")
+KINDS = ("train_step", "model_train_step", "log_prob", "sample", "nets_step",
+         "nets_forward")
 
 
 def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=False):
@@ -47,7 +52,8 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
         calls = {}
         for name, bench in benches.items():
             fn = getattr(bench, kind)
-            calls[name] = (fn, () if kind == "sample" else (x,))
+            if fn is not None:
+                calls[name] = (fn, () if kind == "sample" else (x,))
         print(f"[{size}] timing {kind} ...", flush=True)
         timed = common.time_interleaved(calls, repeats, warmup=warmup)
         for name, t in timed.items():
@@ -74,6 +80,9 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
         if "train_step" in res and "nets_step" in res:
             res["flow_overhead"] = (res["train_step"]["median_ms"]
                                     / res["nets_step"]["median_ms"])
+        if "sample" in res and "nets_forward" in res:
+            res["sampling_overhead"] = (res["sample"]["median_ms"]
+                                        / res["nets_forward"]["median_ms"])
     return out
 
 

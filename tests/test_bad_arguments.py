@@ -50,6 +50,10 @@ CASES = {
         ValueError, r"`mask` must be one of \('channel', 'checkerboard'\); got 'stripes'"),
     "parity_2": (
         lambda: affine(parity=2), ValueError, r"`parity` must be 0 or 1; got 2"),
+    "parity_true": (
+        lambda: affine(parity=True), TypeError, r"`parity` must be the int 0 or 1; got True"),
+    "parity_float": (
+        lambda: additive(parity=1.0, event_shape=IMAGE), TypeError, r"`parity` must be the int"),
     "parity_minus_1": (
         lambda: additive(parity=-1, event_shape=IMAGE), ValueError, r"`parity` must be 0 or 1"),
     "coupling_event_shape_rank_2": (
@@ -153,6 +157,8 @@ CASES = {
     # --- LogitPreprocess
     "logit_alpha_0_7": (
         lambda: B.LogitPreprocess(alpha=0.7), ValueError, r"`alpha` must be in \[0, 0\.5\); got 0\.7"),
+    "logit_alpha_string": (
+        lambda: B.LogitPreprocess(alpha="a"), TypeError, r"`alpha` must be a float in \[0, 0\.5\); got 'a'"),
     "logit_alpha_0_5": (
         lambda: B.LogitPreprocess(alpha=0.5), ValueError, r"`alpha` must be in \[0, 0\.5\)"),
     "logit_alpha_negative": (

@@ -62,8 +62,12 @@ class CouplingBase(FlowBijector):
                 f"The coupling network must be a callable Keras layer; got {net!r}.")
         if mask not in MASKS:
             raise ValueError(f"`mask` must be one of {MASKS}; got {mask!r}.")
+        # A bool or float would compare equal to 0/1 and silently pass.
+        if isinstance(parity, bool) or not isinstance(parity, (int, np.integer)):
+            raise TypeError(f"`parity` must be the int 0 or 1; got {parity!r}.")
         if parity not in (0, 1):
             raise ValueError(f"`parity` must be 0 or 1; got {parity!r}.")
+        parity = int(parity)
         if event_shape is not None:
             event_shape = tuple(int(d) for d in event_shape)
             event_ndims = len(event_shape)

@@ -1,5 +1,6 @@
 """RealNVP's logit pre-processing of data in [0, 1]."""
 
+import numpy as np
 import tensorflow as tf
 
 from tfp_glow.bijectors.base import FlowBijector
@@ -26,6 +27,8 @@ class LogitPreprocess(FlowBijector):
 
     def __init__(self, alpha=0.05, validate_args=False, name="logit_preprocess"):
         parameters = dict(locals())
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
+            raise TypeError(f"`alpha` must be a float in [0, 0.5); got {alpha!r}.")
         if not 0.0 <= float(alpha) < 0.5:
             raise ValueError(f"`alpha` must be in [0, 0.5); got {alpha!r}.")
         self._alpha = float(alpha)

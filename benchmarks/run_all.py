@@ -177,17 +177,18 @@ def timing_table(part):
     return head + "\n".join(lines)
 
 
-def profile_table(part, name, top=6):
-    prof = _get(part, "variants", name, "train_step_profile")
+def profile_table(part, name, kind="train_step", top=6):
+    prof = _get(part, "variants", name, f"{kind}_profile")
     if not prof:
         return ""
     total = sum(p["ms"] for p in prof.values()) or 1.0
     rows = sorted(prof.items(), key=lambda kv: -kv[1]["ms"])
     conv = sum(p["ms"] for k, p in prof.items() if "Conv2D" in k)
-    lines = [f"*{VARIANT_LABELS[name]}*: {_fmt(total)} ms of op time per step "
+    per = "step" if kind == "train_step" else "call"
+    lines = [f"*{VARIANT_LABELS[name]}*: {_fmt(total)} ms of op time per {per} "
              f"({sum(p['count'] for p in prof.values())} ops), convolutions "
              f"{100 * conv / total:.0f}%", "",
-             "| op type | ms/step | share | ops/step |", "|---|---|---|---|"]
+             f"| op type | ms/{per} | share | ops/{per} |", "|---|---|---|---|"]
     for op, p in rows[:top]:
         lines.append(f"| {op} | {p['ms']:.2f} | {100 * p['ms'] / total:.0f}% | {p['count']} |")
     rest = sum(p["ms"] for _, p in rows[top:])
@@ -321,15 +322,16 @@ def results_markdown(results):
         out += ["### Capabilities", "", capabilities_table(parts["capabilities"]), ""]
     if "xla_check" in parts and "bijectors" in parts["xla_check"]:
         out += [xla_line(parts["xla_check"]), ""]
-    profiles = []
-    for size in ("small", "cifar"):
-        for name in ("tfp_glow", "tfb.Glow"):
-            table = profile_table(parts.get(size, {}), name)
-            if table:
-                profiles += [f"**{size}**, " + table, ""]
-    if profiles:
-        out += ["### Where a train step spends its time (graph mode, by op type)", ""]
-        out += profiles
+    for kind, title in (("train_step", "a train step"), ("sample", "sampling 64 images")):
+        profiles = []
+        for size in ("small", "cifar"):
+            for name in ("tfp_glow", "tfb.Glow"):
+                table = profile_table(parts.get(size, {}), name, kind)
+                if table:
+                    profiles += [f"**{size}**, " + table, ""]
+        if profiles:
+            out += [f"### Where {title} spends its time (graph mode, by op type)", ""]
+            out += profiles
     return "\n".join(out).rstrip() + "\n"
 
 

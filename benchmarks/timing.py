@@ -66,16 +66,20 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
                   f"cpu {t['cpu_median_ms']:.1f}, first call {t['first_call_s']:.1f} s)"
                   + (f", peak +{t['peak_memory_mb']:.1f} MB" if "peak_memory_mb" in t else ""),
                   flush=True)
-    if profile and "train_step" in kinds:
+    if profile:
         import profile_ops
-        for name, bench in benches.items():
-            if bench.jit:
-                continue  # one XLA cluster: no per-op events to break down
-            print(f"[{size}] profiling {name} train_step ...", flush=True)
-            per_op = profile_ops.profile_step(bench.train_step, (x,), steps=3)
-            out["variants"][name]["train_step_profile"] = {
-                op: {"ms": us / 1000, "count": n} for op, (us, n) in per_op.items()}
-            print(profile_ops.format_breakdown(per_op, top=8), flush=True)
+        for kind in ("train_step", "sample"):
+            if kind not in kinds:
+                continue
+            for name, bench in benches.items():
+                if bench.jit or bench.lib == "ours_bf16":
+                    continue  # XLA: one cluster, no per-op events to break down
+                print(f"[{size}] profiling {name} {kind} ...", flush=True)
+                args = () if kind == "sample" else (x,)
+                per_op = profile_ops.profile_step(getattr(bench, kind), args, steps=3)
+                out["variants"][name][f"{kind}_profile"] = {
+                    op: {"ms": us / 1000, "count": n} for op, (us, n) in per_op.items()}
+                print(profile_ops.format_breakdown(per_op, top=8), flush=True)
     for name, res in out["variants"].items():
         if "train_step" in res and "nets_step" in res:
             res["flow_overhead"] = (res["train_step"]["median_ms"]
@@ -94,7 +98,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--profile", action="store_true",
-                        help="also break the graph-mode train steps down by op type")
+                        help="also break the graph-mode train step and sampling down "
+                             "by op type")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = run(args.size, args.repeats, tuple(args.variants.split(",")),

@@ -214,6 +214,8 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
     (["train", "--model", "nice", "--levels", "3"], "--levels"),
+    (["train", "--model", "nice", "--steps", "1"], "--steps"),
+    (["train", "--model", "realnvp", "--steps", "4"], "--steps"),
     (["train", "--n-bits", "5"], "--n-bits"),
     (["train", "--dataset", "no_such_dataset_xyz"], "--dataset"),
     (["train", "--dataset", "celeb_a", "--conditional"], "--conditional"),
@@ -225,11 +227,16 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     (["interpolate", "--run", "/nonexistent/run", "--steps", "0"], "--steps"),
     (["frobnicate"], "frobnicate"),
 ])
-def test_bad_arguments_exit_2_naming_the_argument(argv, names, capsys):
+def test_bad_arguments_exit_2_naming_the_argument(
+        argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refused run must not leave runs/ behind
     code, out, err = _run_cli(capsys, argv)
     assert code == 2
-    assert "error:" in err and names in err
-    assert "Traceback" not in err
+    assert "error:" in err and "Traceback" not in err
+    # Only the message counts: argparse's usage line above it lists every flag.
+    assert names in err[err.index("error:"):], err
+    if argv[0] == "train":
+        assert not os.path.exists(tmp_path / "runs")
 
 
 def test_unprepared_tfds_data_set_says_how_to_provide_data_dir(tmp_path, capsys):

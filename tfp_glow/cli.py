@@ -175,6 +175,7 @@ def _add_model_source(p):
 
 
 def build_parser():
+    """The `tfp-glow` argument parser: one sub-command per `cmd_*` function."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Glow, RealNVP and NICE normalizing flows for TensorFlow "
                                "Probability with Keras 3.")
@@ -319,6 +320,16 @@ def _resolve_architecture(args):
                 f"--{key} does not apply to --model {args.model} (it applies to "
                 f"{', '.join(_APPLIES_TO[key])}).")
         arch[key] = defaults.get(key) if value is None else value
+    if args.model == "realnvp" and args.steps is not None \
+            and _dataset_kind(args.dataset) != "toy":
+        raise UsageError(
+            "--steps does not apply to --model realnvp on images (each scale has the "
+            "paper's fixed checkerboard and channel couplings; use --levels); it sets "
+            "the number of couplings on 2-D toy data.")
+    if args.model == "nice" and arch["steps"] < 2:
+        raise UsageError(
+            f"--steps for --model nice must be >= 2 (NICE alternates which half is "
+            f"transformed); got {arch['steps']}.")
     return arch
 
 
@@ -340,7 +351,7 @@ def _build_model(args, info):
         return RealNVP(input_shape=shape, levels=arch["levels"],
                        hidden_channels=arch["width"], coupling_layers=arch["steps"],
                        num_classes=num_classes, num_bins=info["num_bins"])
-    return NICE(input_shape=shape, coupling_layers=max(arch["steps"], 2),
+    return NICE(input_shape=shape, coupling_layers=arch["steps"],
                 hidden_units=arch["width"], num_classes=num_classes,
                 num_bins=info["num_bins"])
 
@@ -510,7 +521,9 @@ def _evaluate(model, ds):
 
 
 def cmd_train(args):
-    """`tfp-glow train`: see `build_parser`."""
+    """`tfp-glow train`: fit a model, then write checkpoints, history, PNGs,
+    `model.keras`, metrics and a SavedModel to the run directory (module
+    docstring)."""
     kind = _dataset_kind(args.dataset)
     if kind != "tfds":
         for flag, value in (("--n-bits", args.n_bits), ("--image-size", args.image_size)):
@@ -522,6 +535,7 @@ def cmd_train(args):
         raise UsageError(
             f"--dataset {args.dataset} is a 2-D toy density: use --model realnvp or "
             f"--model nice (glow needs images).")
+    _resolve_architecture(args)  # refuse bad flags before the run directory exists
     output = args.output or os.path.join("runs", f"{args.dataset}-{args.model}")
     cfg = {key: value for key, value in vars(args).items() if key != "func"}
     cfg["output"] = output
@@ -627,6 +641,7 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
+    """`tfp-glow sample`: a PNG grid of samples from a run or a `.keras` file."""
     if args.run is not None:
         model, _ = load_run_model(args.run)
         output = args.output or os.path.join(args.run, f"samples_T{args.temperature:g}.png")
@@ -652,6 +667,7 @@ def cmd_sample(args):
 
 
 def cmd_evaluate(args):
+    """`tfp-glow evaluate`: bits/dim and NLL of a run's model on a data split."""
     model, cfg = load_run_model(args.run)
     split = args.split or cfg.get("test_split", "test")
     ds = _make_dataset(cfg, split, args.batch_size, training=False, data_dir=args.data_dir)
@@ -667,6 +683,7 @@ def cmd_evaluate(args):
 
 
 def cmd_export(args):
+    """`tfp-glow export`: a run's model as a versioned TF Serving SavedModel."""
     from tfp_glow.export import export_saved_model
     model, _ = load_run_model(args.run)
     export_dir = args.export_dir or _paths(args.run)["export"]
@@ -677,6 +694,7 @@ def cmd_export(args):
 
 
 def cmd_interpolate(args):
+    """`tfp-glow interpolate`: PNG rows decoding latent lines between test images."""
     import numpy as np
     import tensorflow as tf
     from tfp_glow.images import save_image_grid

@@ -7,7 +7,6 @@ returns a fresh bijector; a new bijector is tested by adding a line here.
 import dataclasses
 from typing import Callable, Optional
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 

@@ -145,7 +145,8 @@ CASES = {
         lambda: B.ActNorm(True), ValueError, r"`channels` must be a positive int"),
     "actnorm_event_ndims_2": (
         lambda: B.ActNorm(4, event_ndims=2),
-        ValueError, r"`event_ndims` must be 3 \(images \[H, W, C\]\) or 1 \(vectors \[D\]\); got 2"),
+        ValueError,
+        r"`event_ndims` must be 3 \(images \[H, W, C\]\) or 1 \(vectors \[D\]\); got 2"),
     "conv1x1_event_ndims_2": (
         lambda: B.InvertibleConv1x1(4, event_ndims=2), ValueError, r"`event_ndims` must be 3"),
     "conv1x1_channels_negative": (
@@ -156,9 +157,11 @@ CASES = {
         lambda: B.InvertibleConv1x1(4, lu=1), TypeError, r"`lu` must be a bool"),
     # --- LogitPreprocess
     "logit_alpha_0_7": (
-        lambda: B.LogitPreprocess(alpha=0.7), ValueError, r"`alpha` must be in \[0, 0\.5\); got 0\.7"),
+        lambda: B.LogitPreprocess(alpha=0.7),
+        ValueError, r"`alpha` must be in \[0, 0\.5\); got 0\.7"),
     "logit_alpha_string": (
-        lambda: B.LogitPreprocess(alpha="a"), TypeError, r"`alpha` must be a float in \[0, 0\.5\); got 'a'"),
+        lambda: B.LogitPreprocess(alpha="a"),
+        TypeError, r"`alpha` must be a float in \[0, 0\.5\); got 'a'"),
     "logit_alpha_0_5": (
         lambda: B.LogitPreprocess(alpha=0.5), ValueError, r"`alpha` must be in \[0, 0\.5\)"),
     "logit_alpha_negative": (
@@ -207,7 +210,8 @@ CASES = {
         lambda: B.channel_permutation("zigzag", 4),
         ValueError, r"`kind` must be one of \('reverse', 'shuffle'\); got 'zigzag'"),
     "channel_permutation_channels_0": (
-        lambda: B.channel_permutation("reverse", 0), ValueError, r"`channels` must be a positive int"),
+        lambda: B.channel_permutation("reverse", 0),
+        ValueError, r"`channels` must be a positive int"),
     # --- MultiScaleFlow
     "multi_scale_latent_too_small_to_inverse": (
         lambda: small_multi_scale(tf.float32).inverse(zeros(2, 31)),

@@ -49,7 +49,8 @@ class TestContract:
         nd = len(case.event_shape)
         y = b.forward(x, **kw)
         fldj = b.forward_log_det_jacobian(x, event_ndims=nd, **kw)
-        ildj = b.inverse_log_det_jacobian(tf.identity(y), event_ndims=b.forward_event_ndims(nd), **kw)
+        ildj = b.inverse_log_det_jacobian(
+            tf.identity(y), event_ndims=b.forward_event_ndims(nd), **kw)
         fldj = np.broadcast_to(fldj, [BATCH])
         np.testing.assert_allclose(fldj, -np.broadcast_to(ildj, [BATCH]),
                                    atol=LOG_DET_ATOL[dtype], rtol=1e-6)

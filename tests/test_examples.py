@@ -83,7 +83,9 @@ def test_serve_export_scores_like_keras_and_prints_request_bodies(smoke_runs):
     output, code, stdout, _ = smoke_runs["serve_export.py"]
     assert code == 0
     diff = float(stdout.split("max |difference|:")[1].split()[0])
-    assert diff < 1e-3
+    # Served graph vs eager Keras: float32 rounding of a re-associated log-det
+    # sum (measured 7.6e-6 to 1.5e-5 on log-densities of magnitude ~100).
+    assert diff < 1e-4
     assert '"signature_name": "sample"' in stdout and '"signature_name": "log_prob"' in stdout
     assert os.path.exists(output / "export" / "1" / "saved_model.pb")
 
@@ -95,3 +97,7 @@ def test_joint_distribution_trains_flow_and_sigma_through_trainable_variables(sm
     losses = [float(line.split("=")[1].split()[0]) for line in stdout.splitlines()
               if line.startswith("step")]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    # The GradientTape loop moved sigma (initial value 1.0) through the
+    # program's trainable variables: 5 Adam steps of 2e-3 move it by ~0.006.
+    learned = float(stdout.split("learned sigma")[1].split()[0])
+    assert abs(learned - 1.0) > 0.003, learned

@@ -31,8 +31,8 @@ signature's dtypes, so it does not meet that case. `load_exported` wraps a
 loaded export with Python-side checks that raise `ValueError`/`TypeError`
 naming the expected shape and dtype.
 
-Why a `tf.Module` holding `[v.value for v in model.variables]`: DESIGN.md
-records that `tf.saved_model.save` of Keras 3 objects can load in Python yet
+Why a `tf.Module` holding `[v.value for v in model.variables]`: the project's
+design notes record that `tf.saved_model.save` of Keras 3 objects can load in Python yet
 fail in the graph-mode loader that TF Serving and `saved_model_cli run` use
 unless the `tf.Variable`s under the Keras variables are tracked. (On TF 2.21
 / Keras 3.15 a quick check saving through the Keras model ran too.) The

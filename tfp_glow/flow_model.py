@@ -185,14 +185,17 @@ class FlowModel(keras.Model):
 
     @property
     def event_shape(self):
+        """Shape of one data point, e.g. `(8, 8, 1)`."""
         return self._event_shape
 
     @property
     def latent_shape(self):
+        """Shape of one latent `z = encode(x)` (the base distribution's event)."""
         return self._latent_shape
 
     @property
     def num_dims(self):
+        """Number of data dimensions `D` (the bits/dim denominator)."""
         return int(np.prod(self._event_shape))
 
     def build(self, input_shape=None):

@@ -179,7 +179,9 @@ class RealNVP(FlowModel):
 
     Vectors (`input_shape=(D,)`, e.g. 2-D toy densities):
     `coupling_layers` affine couplings with MLPs (alternating halves) and
-    ActNorm between them.
+    ActNorm between them. `coupling_layers` is used for vectors only (images
+    follow the fixed per-scale pattern above); `levels` and `num_blocks` for
+    images only.
     """
 
     def __init__(self, input_shape=(8, 8, 1), levels=2, hidden_channels=64,

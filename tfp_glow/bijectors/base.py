@@ -1,8 +1,9 @@
 """Shared machinery of the stateful tfp_glow bijectors.
 
 Every tfp_glow bijector is a `tfb.Bijector` whose trainable state lives in
-Keras 3 variables owned by a small Keras layer (see DESIGN.md, "Where state
-lives"). This module gives them four things TFP does not:
+Keras 3 variables owned by a small Keras layer (`_state.ParameterLayer`), so
+Keras models, checkpoints and `tf.Module` walks all see it. This module
+gives them four things TFP does not:
 
 * `forward_and_log_det` / `inverse_and_log_det`: one pass that returns the
   output *and* the log-det (reduced over the event), so a coupling network
@@ -127,6 +128,7 @@ class FlowBijector(tfb.Bijector):
 
     @property
     def variables(self):
+        """tf.Variables (trainable or not) of every Keras layer inside."""
         return tuple(v.value for layer in keras_layers_of(self) for v in layer.weights)
 
     # -- caching -----------------------------------------------------------

@@ -56,6 +56,7 @@ class FactorOut(StandardizeBase):
 
     @property
     def channels(self):
+        """Channels of the input, factored and kept together."""
         return self._channels
 
     @property
@@ -65,6 +66,8 @@ class FactorOut(StandardizeBase):
 
     @property
     def prior_net(self):
+        """Network from the kept channels to `(mu, log_sigma)` (default: a zero-initialised
+        3x3 conv, or Dense for vectors, so the prior starts as N(0, I))."""
         return self._prior_net
 
     def _parts(self, x):

@@ -51,7 +51,7 @@ class InvertibleConv1x1(FlowBijector):
     Both start as a random rotation drawn from `seed`; `P` and `sign` are
     saved as non-trainable variables, so a reloaded model is exact even when
     `seed=None`. For vectors (`event_ndims=1`) it is a learned invertible
-    linear map with `log|det J| = sum(log_s)`.
+    linear map with `log|det J| = sum(log_s)` (LU) or `log|det W|` (full).
 
     #### References
 
@@ -75,7 +75,10 @@ class InvertibleConv1x1(FlowBijector):
                          dtype=dtype, parameters=parameters, name=name)
         w = random_rotation(channels, seed)
         state = ParameterLayer(dtype=dtype.name, name=f"{self.name}_params")
-        const = lambda value: (lambda shape, dtype=None: tf.constant(value, dtype=dtype))
+
+        def const(value):  # a Keras initializer returning `value`
+            return lambda shape, dtype=None: tf.constant(value, dtype=dtype)
+
         if lu:
             p, lower, upper = scipy.linalg.lu(w)
             diag = np.diag(upper)

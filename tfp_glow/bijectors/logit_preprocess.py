@@ -1,4 +1,4 @@
-"""RealNVP's logit pre-processing of data in [0, 1]."""
+"""Logit pre-processing of data in [0, 1] (RealNVP, MAF)."""
 
 import numpy as np
 import tensorflow as tf
@@ -16,13 +16,17 @@ class LogitPreprocess(FlowBijector):
         log|det J| = log(1 - 2 alpha) - log p - log(1 - p)
         inverse:    x = (sigmoid(y) - alpha) / (1 - 2 alpha)
 
-    `alpha` keeps `p` away from 0 and 1 so the logit stays finite (RealNVP
-    uses 0.05 on CIFAR-10, 1e-6 on MNIST).
+    `alpha` keeps `p` in `[alpha, 1 - alpha]` so the logit stays finite.
+    RealNVP [1] writes the map as `logit(alpha + (1 - alpha) x)` with
+    alpha = 0.05; this symmetric form (the same margin at both ends) is the
+    one MAF [2] uses, with alpha = 1e-6 on MNIST.
 
     #### References
 
     [1] Dinh, Sohl-Dickstein & Bengio. Density estimation using Real NVP.
         ICLR 2017, section 4.1. https://arxiv.org/abs/1605.08803
+    [2] Papamakarios, Pavlakou & Murray. Masked Autoregressive Flow for
+        Density Estimation. NeurIPS 2017. https://arxiv.org/abs/1705.07057
     """
 
     def __init__(self, alpha=0.05, validate_args=False, name="logit_preprocess"):

@@ -83,10 +83,12 @@ class MultiScaleFlow(FlowBijector):
 
     @property
     def levels(self):
+        """`(Chain of flow steps, FactorOut or None)` per level, data side first."""
         return list(self._levels)
 
     @property
     def top_prior(self):
+        """The `LearnedPrior` on the last level's output, or None."""
         return self._top_prior
 
     @property
@@ -96,6 +98,7 @@ class MultiScaleFlow(FlowBijector):
 
     @property
     def latent_size(self):
+        """Length of the flat latent vector (= the number of data dimensions)."""
         return sum(self._latent_sizes)
 
     def _forward_event_shape(self, input_shape):

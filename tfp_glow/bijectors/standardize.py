@@ -49,9 +49,10 @@ class StandardizeBase(FlowBijector):
     """`z' = (z - mu) * exp(-log_sigma)` on some channels; subclasses say which
     channels and how `(mu, log_sigma)` are computed.
 
-    Subclasses implement `_mean_and_log_scale(x, conditional_input)` returning
-    tensors that broadcast against the standardised part, and `_parts(x)` /
-    `_join(z, rest)`.
+    Subclasses implement `_mean_and_log_scale(rest)` (the statistics from the
+    part that is not standardised; class offsets from `conditional_input` are
+    added by this base class) returning tensors that broadcast against the
+    standardised part, and `_parts(x)` / `_join(z, rest)`.
     """
 
     def __init__(self, num_classes, channels, event_ndims, dtype, parameters,

@@ -72,8 +72,10 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
             if kind not in kinds:
                 continue
             for name, bench in benches.items():
+                # XLA runs one cluster: no per-op events to break down. The
+                # bf16 variant's profile is not among BENCHMARKS.md's tables.
                 if bench.jit or bench.lib == "ours_bf16":
-                    continue  # XLA: one cluster, no per-op events to break down
+                    continue
                 print(f"[{size}] profiling {name} {kind} ...", flush=True)
                 args = () if kind == "sample" else (x,)
                 per_op = profile_ops.profile_step(getattr(bench, kind), args, steps=3)

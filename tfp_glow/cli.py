@@ -309,8 +309,9 @@ def _num_batches(ds):
 # ------------------------------------------------------------------- models
 
 
-def _resolve_architecture(args):
-    """Per-model defaults; refuses flags that do not apply to `--model`."""
+def _resolve_architecture(args, kind):
+    """Per-model defaults; refuses flags that do not apply to `--model` on
+    data of `kind` (`_dataset_kind`)."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
     for key in ("levels", "steps", "width", "coupling", "permutation"):
@@ -320,8 +321,7 @@ def _resolve_architecture(args):
                 f"--{key} does not apply to --model {args.model} (it applies to "
                 f"{', '.join(_APPLIES_TO[key])}).")
         arch[key] = defaults.get(key) if value is None else value
-    if args.model == "realnvp" and args.steps is not None \
-            and _dataset_kind(args.dataset) != "toy":
+    if args.model == "realnvp" and args.steps is not None and kind != "toy":
         raise UsageError(
             "--steps does not apply to --model realnvp on images (each scale has the "
             "paper's fixed checkerboard and channel couplings; use --levels); it sets "
@@ -333,9 +333,10 @@ def _resolve_architecture(args):
     return arch
 
 
-def _build_model(args, info):
+def _build_model(args, info, arch):
+    """The model `args` asks for on data described by `info`, with the
+    architecture `arch` from `_resolve_architecture`."""
     from tfp_glow import NICE, Glow, RealNVP
-    arch = _resolve_architecture(args)
     shape = tuple(info["image_shape"])
     num_classes = info["num_classes"] if args.conditional else None
     if args.model == "glow":
@@ -535,7 +536,7 @@ def cmd_train(args):
         raise UsageError(
             f"--dataset {args.dataset} is a 2-D toy density: use --model realnvp or "
             f"--model nice (glow needs images).")
-    _resolve_architecture(args)  # refuse bad flags before the run directory exists
+    arch = _resolve_architecture(args, kind)  # before the run directory exists
     output = args.output or os.path.join("runs", f"{args.dataset}-{args.model}")
     cfg = {key: value for key, value in vars(args).items() if key != "func"}
     cfg["output"] = output
@@ -568,7 +569,7 @@ def cmd_train(args):
 
     strategy = _strategy(args.strategy)
     with strategy.scope():
-        model = _build_model(args, info)
+        model = _build_model(args, info, arch)
         schedule = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps,
                                   decay_steps=decay_steps)
         model.compile(keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm),

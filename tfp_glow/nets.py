@@ -4,10 +4,23 @@ Every network ends in a zero-initialised layer, so a coupling layer starts
 as the identity (additive) or a fixed contraction `sigmoid(2)` (affine) and a
 deep flow is well conditioned at init (Glow section 3.3; distrax's examples).
 All are Keras-serialisable (`get_config` returns constructor arguments).
+
+The last argument of each is its output size, so a coupling can size it:
+`functools.partial(GlowCouplingNet, 64)` is a factory `fn(output_units)` for
+`AffineCoupling` / `AdditiveCoupling`.
+
+Mixed precision: every network takes Keras's `dtype` (a dtype policy name
+such as `"mixed_bfloat16"` or `"mixed_float16"`, or None for the global
+policy set by `keras.mixed_precision.set_global_policy`) and hands it to all
+of its sublayers: variables stay float32 and the arithmetic runs in the
+policy's compute dtype. The couplings cast the network's input to that
+compute dtype and its output back to the flow's dtype.
 """
 
 import keras
 from keras import layers
+
+from tfp_glow import checks
 
 __all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D"]
 
@@ -16,17 +29,19 @@ _PACKAGE = "tfp_glow"
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ZeroConv2D(layers.Layer):
-    """openai/glow's `conv2d_zeros`: `conv(x) * exp(3 * logs)`, all zero at init.
+    """openai/glow's `conv2d_zeros`: `conv(x) * exp(logscale_factor * logs)`,
+    all zero at init.
 
-    The learned per-channel `logs` (scaled by 3) lets the last layer of a
-    coupling network grow its output quickly once training starts.
+    The learned per-channel `logs` (scaled by `logscale_factor`, 3) lets the
+    last layer of a coupling network grow its output quickly once training
+    starts. `logs` is a float32 variable read in the compute dtype.
     """
 
     def __init__(self, filters, kernel_size=3, logscale_factor=3.0, **kwargs):
         super().__init__(**kwargs)
-        self.filters = filters
-        self.kernel_size = kernel_size
-        self.logscale_factor = logscale_factor
+        self.filters = checks.positive_int(filters, "filters")
+        self.kernel_size = checks.positive_int(kernel_size, "kernel_size")
+        self.logscale_factor = checks.number(logscale_factor, "logscale_factor")
         self.conv = layers.Conv2D(filters, kernel_size, padding="same",
                                   kernel_initializer="zeros", dtype=self.dtype_policy)
 
@@ -58,8 +73,8 @@ class GlowCouplingNet(layers.Layer):
 
     def __init__(self, hidden_channels, out_channels, **kwargs):
         super().__init__(**kwargs)
-        self.hidden_channels = hidden_channels
-        self.out_channels = out_channels
+        self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
+        self.out_channels = checks.positive_int(out_channels, "out_channels")
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
                                      activation="relu", dtype=policy)
@@ -94,9 +109,9 @@ class ResNetCouplingNet(layers.Layer):
 
     def __init__(self, hidden_channels, out_channels, num_blocks=2, **kwargs):
         super().__init__(**kwargs)
-        self.hidden_channels = hidden_channels
-        self.out_channels = out_channels
-        self.num_blocks = num_blocks
+        self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
+        self.out_channels = checks.positive_int(out_channels, "out_channels")
+        self.num_blocks = checks.positive_int(num_blocks, "num_blocks", minimum=0)
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy)
         self.blocks = [
@@ -137,9 +152,10 @@ class MLPCouplingNet(layers.Layer):
 
     def __init__(self, hidden_units, out_units, num_hidden_layers=2, **kwargs):
         super().__init__(**kwargs)
-        self.hidden_units = hidden_units
-        self.out_units = out_units
-        self.num_hidden_layers = num_hidden_layers
+        self.hidden_units = checks.positive_int(hidden_units, "hidden_units")
+        self.out_units = checks.positive_int(out_units, "out_units")
+        self.num_hidden_layers = checks.positive_int(num_hidden_layers, "num_hidden_layers",
+                                                     minimum=0)
         policy = self.dtype_policy
         self.hidden = [layers.Dense(hidden_units, activation="relu", dtype=policy)
                        for _ in range(num_hidden_layers)]

@@ -13,15 +13,19 @@ class AdditiveCoupling(CouplingBase):
         forward:  y_a = x_a + t(x_b)         log|det J| = 0
         inverse:  x_a = y_a - t(y_b)         log|det J| = 0
 
-    `shift_fn` is a Keras layer mapping the conditioning part to one output
-    channel per transformed channel (`C/2` for `mask="channel"`, `C` for
-    `mask="checkerboard"`). See `tfp_glow.bijectors.coupling` for the masks.
+    `shift_fn` is a factory `fn(output_units) -> keras.layers.Layer` (the
+    coupling calls it with the number of outputs it needs; `event_shape` is
+    then required) or a ready Keras layer returning one output channel per
+    transformed channel (`C/2` for `mask="channel"`, `C` for
+    `mask="checkerboard"`; `output_units_for` computes it). See
+    `tfp_glow.bijectors.coupling` for the masks and the rule.
 
     #### Examples
 
     ```python
-    net = tfp_glow.nets.GlowCouplingNet(hidden_channels=64, out_channels=2)
-    nice = tfp_glow.bijectors.AdditiveCoupling(net, event_shape=(8, 8, 4))
+    nice = tfp_glow.bijectors.AdditiveCoupling(
+        functools.partial(tfp_glow.nets.GlowCouplingNet, 64), event_shape=(8, 8, 4))
+    nice.output_units  # 2
     ```
 
     #### References
@@ -39,7 +43,7 @@ class AdditiveCoupling(CouplingBase):
         super().__init__(shift_fn, mask=mask, parity=parity,
                          event_shape=event_shape, event_ndims=event_ndims,
                          dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name)
+                         parameters=parameters, name=name, net_arg="shift_fn")
 
     def _transform(self, x_a, shift):
         return x_a + shift, tf.zeros_like(x_a)

@@ -10,13 +10,36 @@ network applied to `x_b`. Two masks (Dinh et al. 2017, section 3.4):
   (h + w + parity) % 2 == 0` (all channels); for vectors, the even (parity 0)
   or odd features. The network sees `b * x`, and the transform applies where
   `b == 0`.
+
+The network: a coupling knows its split, so it sizes its own network. Pass
+either
+
+* a factory `fn(output_units) -> keras.layers.Layer` (anything callable that
+  is not a Keras layer), called once at construction with the number of
+  output channels the coupling needs (`event_shape` is then required), e.g.
+  `functools.partial(tfp_glow.nets.GlowCouplingNet, 64)`; as TFP's `RealNVP`
+  hands `output_units` to its `shift_and_log_scale_fn`; or
+* a ready network: a `keras.layers.Layer` instance, whose output size is
+  checked at construction when it can tell its output shape, else on the
+  first call (a `ValueError` naming the expected count).
+
+`output_units_for(event_shape, mask)` (and the `output_units` property) give
+that count: `k * C_a`, with `k` outputs per transformed channel (1 for
+additive, 2 for affine) and `C_a = C / 2` (channel mask) or `C` (checkerboard).
+
+Mixed precision: the network computes in its own dtype policy (e.g.
+`"mixed_bfloat16"`); the conditioning part is cast to the network's compute
+dtype and its output back to the flow's dtype (clipped to the finite range
+first, see `_precision.to_flow_dtype`), so the flow math and log-dets keep the
+bijector's dtype.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_glow.bijectors import _shapes
+from tfp_glow import checks
+from tfp_glow.bijectors import _precision, _shapes
 from tfp_glow.bijectors.base import FlowBijector
 
 __all__ = ["MASKS", "checkerboard_mask", "CouplingBase"]
@@ -44,22 +67,25 @@ def checkerboard_mask(event_shape, parity=0, dtype=tf.float32):
 
 
 class CouplingBase(FlowBijector):
-    """Validates arguments, splits and recombines; subclasses give the math.
+    """Validates arguments, sizes the network, splits and recombines;
+    subclasses give the math.
 
     Subclasses implement `_transform(x_a, h)` and `_untransform(y_a, h)`
     returning `(out, elementwise_log_det)`, where `h` is the network output
     for the conditioning part, and set `_outputs_per_channel` (1 for NICE, 2
-    for affine).
+    for affine). `net_arg` is the subclass's name for the network argument,
+    used in error messages.
     """
 
     _outputs_per_channel = 1
 
     def __init__(self, net, mask="channel", parity=0, event_shape=None,
                  event_ndims=3, dtype=tf.float32, validate_args=False,
-                 parameters=None, name=None):
+                 parameters=None, name=None, net_arg="net"):
         if not callable(net):
             raise TypeError(
-                f"The coupling network must be a callable Keras layer; got {net!r}.")
+                f"The coupling network must be a callable: a Keras layer, or a factory "
+                f"`fn(output_units) -> keras.layers.Layer` (`{net_arg}`); got {net!r}.")
         if mask not in MASKS:
             raise ValueError(f"`mask` must be one of {MASKS}; got {mask!r}.")
         # A bool or float would compare equal to 0/1 and silently pass.
@@ -72,21 +98,86 @@ class CouplingBase(FlowBijector):
             event_shape = tuple(int(d) for d in event_shape)
             event_ndims = len(event_shape)
         _shapes.validate_event_ndims(event_ndims)
-        self._net = net
         self._mask = mask
         self._parity = parity
         self._event_ndims = event_ndims
         self._event_shape = event_shape
+        if event_shape is not None:
+            self._validate_event_shape(event_shape, "event_shape")
+        self._net = self._network_from(net, net_arg)
         dtype = tf.as_dtype(dtype)
         super().__init__(forward_min_event_ndims=event_ndims,
                          validate_args=validate_args, dtype=dtype,
                          parameters=parameters, name=name)
         if event_shape is not None:
-            self._validate_event_shape(event_shape, "event_shape")
-            if not getattr(net, "built", True):
-                net.build((None,) + self._conditioning_shape(event_shape))
+            if not getattr(self._net, "built", True):
+                self._net.build((None,) + self._conditioning_shape(event_shape))
+            self._check_static_output_units(net_arg)
+        if isinstance(self._net, keras.layers.Layer):
+            self._track_layers(self._net)
+
+    @classmethod
+    def output_units_for(cls, event_shape, mask="channel"):
+        """Output channels the network needs for inputs of `event_shape`:
+
+            output_units = k * C_a,   C_a = C // 2 (mask="channel") or C ("checkerboard")
+
+        with `k = 1` (additive: the shift) or `k = 2` (affine: shift and scale).
+        """
+        event_shape = checks.shape(event_shape, "event_shape", rank=(1, 3))
+        checks.choice(mask, MASKS, "mask")
+        channels = event_shape[-1]
+        if mask == "channel":
+            if channels % 2:
+                raise ValueError(
+                    f"mask='channel' needs an even number of channels (last axis of "
+                    f"`event_shape`); received {event_shape}.")
+            return cls._outputs_per_channel * (channels // 2)
+        return cls._outputs_per_channel * channels
+
+    @property
+    def output_units(self):
+        """Output channels the network must return (None without `event_shape`)."""
+        if self._event_shape is None:
+            return None
+        return self.output_units_for(self._event_shape, self._mask)
+
+    def _network_from(self, net, net_arg):
+        """The network: `net` itself if it is a Keras layer, else `net(output_units)`."""
         if isinstance(net, keras.layers.Layer):
-            self._track_layers(net)
+            return net
+        if self._event_shape is None:
+            raise ValueError(
+                f"`{net_arg}` is a network factory ({net!r}, not a keras.layers.Layer): "
+                f"pass `event_shape` so the coupling can tell it how many outputs "
+                f"it needs, or pass a ready Keras layer.")
+        units = self.output_units
+        layer = net(units)
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                f"The network factory `{net_arg}` must return a keras.layers.Layer; "
+                f"{net!r}({units}) returned {layer!r}.")
+        return layer
+
+    def _check_static_output_units(self, net_arg):
+        """Fails at construction when a ready network's output shape is known wrong."""
+        try:
+            shape = self._net.compute_output_shape(
+                (None,) + self._conditioning_shape(self._event_shape))
+        except NotImplementedError:  # checked on the first call instead
+            return
+        # A network returning several tensors has them concatenated on channels.
+        shapes = [tuple(s) for s in shape] if shape and isinstance(
+            shape[0], (tuple, list)) else [tuple(shape)]
+        if not all(s and s[-1] is not None for s in shapes):
+            return
+        channels = sum(s[-1] for s in shapes)
+        if channels != self.output_units:
+            raise ValueError(
+                f"The coupling network (`{net_arg}`) of {self.name} must return "
+                f"{self.output_units} channels ({self._outputs_per_channel} per "
+                f"transformed channel); its output shape is {shape}. Pass a "
+                f"factory `fn(output_units)` to have it sized for you.")
 
     @property
     def net(self):
@@ -126,13 +217,15 @@ class CouplingBase(FlowBijector):
     def _run_net(self, x_b, units):
         """Network output for the conditioning part, in the flow's dtype.
 
-        The network may compute in lower precision (mixed precision); the
-        flow math and log-dets stay in the input dtype.
+        The network may compute in lower precision (mixed precision): its
+        input is cast to its compute dtype, its output back (safely) to the
+        input's dtype, in which the flow math and log-dets stay.
         """
-        h = _shapes.call_with_one_batch_axis(self._net, x_b, self._event_ndims)
+        h = _shapes.call_with_one_batch_axis(
+            self._net, _precision.to_net_dtype(self._net, x_b), self._event_ndims)
         if isinstance(h, (tuple, list)):
             h = tf.concat(h, axis=-1)
-        h = tf.cast(h, x_b.dtype)
+        h = _precision.to_flow_dtype(h, x_b.dtype)
         if h.shape[-1] is not None and h.shape[-1] != units:
             raise ValueError(
                 f"The coupling network of {self.name} must return "

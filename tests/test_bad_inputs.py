@@ -110,26 +110,34 @@ ROWS = [
     ("decode-nan-latent",
      lambda m, t: m["glow"].decode(np.full((1, 64), np.nan, np.float32)),
      ValueError, r"`z` contains 64 non-finite values"),
-    ("log_prob-raw-pixels-0-255",
-     lambda m, t: m["glow"].log_prob(np.full((2, 8, 8, 1), 255.0, np.float32)),
+    # Raw pixels are refused where data enter training and evaluation (any
+    # finite input can be scored: see test_defects.py).
+    ("fit-raw-pixels-0-255",
+     lambda m, t: _compiled(m["fresh"]()).fit(np.full((2, 8, 8, 1), 255.0, np.float32),
+                                               epochs=1, verbose=0),
      ValueError, r"data range \[-0\.5, 0\.5\].*num_bins=17.*\[255, 255\]"),
-    ("bits_per_dim-unit-interval",
-     lambda m, t: m["glow"].bits_per_dim(np.random.default_rng(1).uniform(
+    ("initialize-unit-interval",
+     lambda m, t: m["fresh"]().initialize(np.random.default_rng(1).uniform(
          0, 1, (2, 8, 8, 1)).astype(np.float32)),
      ValueError, r"data range \[-0\.5, 0\.5\]"),
-    ("log_prob-just-outside-range", lambda m, t: m["glow"].log_prob(_with(-0.502)),
+    ("evaluate-just-outside-range",
+     lambda m, t: _compiled(m["fresh"]()).evaluate(_with(-0.502), verbose=0),
      ValueError, r"got values in \[-0\.502"),
+    ("fit-initialised-raw-pixels",
+     lambda m, t: _compiled(m["glow"]).fit(np.full((2, 8, 8, 1), 16.0, np.float32),
+                                           epochs=1, verbose=0),
+     ValueError, r"data range \[-0\.5, 0\.5\].*\[16, 16\]"),
     # ---------------------------------------------------- sample / interpolate
     ("sample-zero", lambda m, t: m["glow"].sample(0),
-     ValueError, r"`num_samples` must be >= 1; got 0"),
+     ValueError, r"`num_samples` must be an int >= 1; received 0"),
     ("sample-negative-tensor", lambda m, t: m["glow"].sample(tf.constant(-2)),
-     ValueError, r"`num_samples` must be >= 1"),
+     ValueError, r"`num_samples` must be an int >= 1"),
     ("sample-float", lambda m, t: m["glow"].sample(2.5),
      TypeError, r"`num_samples` must be an int"),
     ("sample-bool", lambda m, t: m["glow"].sample(True),
      TypeError, r"`num_samples` must be an int"),
     ("sample-nan-temperature", lambda m, t: m["glow"].sample(2, temperature=math.nan),
-     ValueError, r"`temperature` must be finite and >= 0"),
+     ValueError, r"`temperature` must be a finite number >= 0"),
     ("interpolate-one-step", lambda m, t: m["glow"].interpolate(_images(), _images(), 1),
      ValueError, r"`num_steps` must be an int >= 2"),
     # ---------------------------------------------------- labels
@@ -189,9 +197,9 @@ ROWS = [
      lambda m, t: data.reduce_bits(np.array([0, 300], np.int32), 5),
      ValueError, r"`images_uint8`.*\[0, 300\]"),
     ("digits-bool-batch-size", lambda m, t: data.digits_dataset(batch_size=True),
-     ValueError, r"`batch_size` must be a positive integer"),
+     TypeError, r"`batch_size` must be an int >= 1; received True"),
     ("toy-float-count", lambda m, t: data.toy_density("two_moons", 10.5),
-     ValueError, r"`num_samples`"),
+     TypeError, r"`num_samples` must be an int >= 1; received 10.5"),
     ("dataset_info-unknown", lambda m, t: data.dataset_info("no_such_dataset_xyz"),
      ValueError, r"`name`='no_such_dataset_xyz'"),
     # ---------------------------------------------------- export
@@ -296,8 +304,11 @@ def test_validate_args_checks_values_inside_tf_function(models):
     assert np.isfinite(log_prob(_images()).numpy()).all()
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
         log_prob(_with(np.nan))
+    # Any finite input can be scored; the data range is a rule of training data.
+    assert np.isfinite(log_prob(_with(3.0)).numpy()).all()
+    checked.compile("adam")
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"data range \[-0.5, 0.5\]"):
-        log_prob(_with(3.0))
+        tf.function(checked.test_step)(_with(3.0))
     decode = tf.function(checked.decode)
     with pytest.raises(tf.errors.InvalidArgumentError, match="`z` contains non-finite"):
         decode(np.full((1, 64), np.inf, np.float32))

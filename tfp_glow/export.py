@@ -93,12 +93,17 @@ class _ServingModule(tf.Module):
         self.model_variables = [v.value for v in model.variables]
         # A plain namespace is not trackable: the Keras objects stay out of
         # the SavedModel, only the variables above and the functions go in.
-        self._held = types.SimpleNamespace(model=model)
+        # The signatures call the model's density (`FlowDensity`), whose
+        # `InputSpec` gives their static shapes.
+        density = model.density
+        self._held = types.SimpleNamespace(model=density)
         self._input_dtype = tf.as_dtype(input_dtype)
-        self._model_dtype = tf.as_dtype(model.distribution.dtype or tf.float32)
-        self._num_classes = model.num_classes
-        self._x_spec = tf.TensorSpec([None, *model.event_shape], self._input_dtype, name="x")
-        self._z_spec = tf.TensorSpec([None, *model.latent_shape], self._input_dtype, name="z")
+        self._model_dtype = density.dtype
+        self._num_classes = density.num_classes
+        self._x_spec = tf.TensorSpec(density.spec.signature("data").shape, self._input_dtype,
+                                     name="x")
+        self._z_spec = tf.TensorSpec(density.spec.signature("latent").shape,
+                                     self._input_dtype, name="z")
         label_spec = tf.TensorSpec([None], tf.int32, name="label")
         sample_specs = [tf.TensorSpec([], tf.int32, name="num"),
                         tf.TensorSpec([], tf.float32, name="temperature"),

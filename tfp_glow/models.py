@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_glow import nets
+from tfp_glow import checks, nets
 from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling,
                                 FactorOut, InvertibleConv1x1, LearnedPrior,
                                 LogitPreprocess, MultiScaleFlow, Squeeze,
@@ -25,22 +25,22 @@ COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
 
 
-def _choice(value, allowed, arg_name):
-    if value not in allowed:
-        raise ValueError(f"`{arg_name}` must be one of {allowed}; got {value!r}.")
-    return value
+_choice = checks.choice
+_positive_int = checks.positive_int
 
 
-def _positive_int(value, arg_name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{arg_name}` must be an int >= {minimum}; got {value!r}.")
-    return int(value)
+def _net_dtype(policy):
+    """The networks' dtype: the model's policy name, so a mixed policy
+    (`"mixed_bfloat16"`) runs them in low precision while the flow stays float32."""
+    return policy.name
 
 
 def _image_shape(shape, levels, arg_name="image_shape"):
-    shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
-        raise ValueError(f"`{arg_name}` must be (height, width, channels); got {shape!r}.")
+    try:
+        shape = checks.shape(shape, arg_name, rank=3)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{arg_name}` must be (height, width, channels); got {shape!r}.") from None
     step = 2 ** levels
     if shape[0] % step or shape[1] % step:
         raise ValueError(
@@ -51,10 +51,12 @@ def _image_shape(shape, levels, arg_name="image_shape"):
 
 
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
-              num_blocks=2):
+              num_blocks=2, net_dtype=None):
     c = shape[-1]
     c_a = c - c // 2 if mask == "channel" else c
     units = (2 if kind == "affine" else 1) * c_a
+    flow_dtype = dtype
+    dtype = net_dtype or dtype
     if len(shape) == 1:
         network = nets.MLPCouplingNet(hidden, units, dtype=dtype)
     elif net == "resnet":
@@ -62,7 +64,7 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
     else:
         network = nets.GlowCouplingNet(hidden, units, dtype=dtype)
     cls = AffineCoupling if kind == "affine" else AdditiveCoupling
-    return cls(network, mask=mask, parity=parity, event_shape=shape, dtype=dtype)
+    return cls(network, mask=mask, parity=parity, event_shape=shape, dtype=flow_dtype)
 
 
 def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
@@ -125,11 +127,12 @@ class Glow(FlowModel):
             num_bins=num_bins, seed=seed)
 
         def build():
-            # `dtype` (float32/float64) is keras.Model's dtype policy, already in
-            # its config; every bijector and network is built in it.
+            # `dtype` is keras.Model's dtype policy, already in its config: every
+            # bijector is built in its variable dtype, every network in the policy.
             return build_glow_flow(**{k: v for k, v in self._config.items()
                                       if k != "num_bins"},
-                                   dtype=self.dtype_policy.variable_dtype)
+                                   dtype=self.dtype_policy.variable_dtype,
+                                   net_dtype=_net_dtype(self.dtype_policy))
 
         super().__init__(flow=build, event_shape=image_shape, num_bins=num_bins,
                          num_classes=num_classes, **kwargs)
@@ -140,8 +143,10 @@ class Glow(FlowModel):
 
 def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                     coupling="affine", permutation="conv_lu", learn_top_prior=True,
-                    num_classes=None, split_fraction=0.5, seed=0, dtype="float32"):
-    """The normalizing bijector of `Glow` (see its docstring)."""
+                    num_classes=None, split_fraction=0.5, seed=0, dtype="float32",
+                    net_dtype=None):
+    """The normalizing bijector of `Glow` (see its docstring); `net_dtype` (a Keras
+    dtype policy name, default `dtype`) is the coupling networks' dtype."""
     shape = tuple(image_shape)
     stages = []
     for level in range(levels):
@@ -153,7 +158,8 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
             steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
                       _permutation(permutation, c, step_seed, dtype=dtype),
-                      _coupling(coupling, shape, hidden_channels, dtype=dtype)]
+                      _coupling(coupling, shape, hidden_channels, dtype=dtype,
+                                net_dtype=net_dtype)]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,
@@ -205,7 +211,8 @@ class RealNVP(FlowModel):
             flow=lambda: build_realnvp_flow(
                 cfg["input_shape"], cfg["levels"], cfg["hidden_channels"],
                 cfg["num_blocks"], cfg["coupling_layers"], cfg["logit_alpha"],
-                cfg["num_classes"], dtype=self.dtype_policy.variable_dtype),
+                cfg["num_classes"], dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy)),
             event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
             **kwargs)
 
@@ -213,22 +220,23 @@ class RealNVP(FlowModel):
         return {**self._base_config(), **self._config}
 
 
-def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32"):
+def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32", net_dtype=None):
     steps = []
     for i in range(layers):
         steps += [_coupling(coupling, (dim,), hidden, mask=mask, parity=i % 2,
-                            dtype=dtype),
+                            dtype=dtype, net_dtype=net_dtype),
                   ActNorm(dim, event_ndims=1, dtype=dtype)]
     return steps
 
 
 def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
                        coupling_layers=8, logit_alpha=0.05, num_classes=None,
-                       dtype="float32"):
+                       dtype="float32", net_dtype=None):
     """The normalizing bijector of `RealNVP` (see its docstring)."""
     if len(input_shape) == 1:
         steps = _vector_steps(input_shape[0], "affine", coupling_layers,
-                              hidden_channels, "channel", dtype=dtype)
+                              hidden_channels, "channel", dtype=dtype,
+                              net_dtype=net_dtype)
         return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
                               top_prior=_maybe_prior(input_shape, num_classes, dtype),
                               name="realnvp")
@@ -238,7 +246,7 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
         for i in range(count):
             out += [_coupling("affine", shape, hidden_channels, mask=mask,
                               parity=(first_parity + i) % 2, net="resnet",
-                              num_blocks=num_blocks, dtype=dtype),
+                              num_blocks=num_blocks, dtype=dtype, net_dtype=net_dtype),
                     ActNorm(shape[-1], dtype=dtype)]
         return out
 
@@ -294,7 +302,8 @@ class NICE(FlowModel):
             flow=lambda: build_nice_flow(cfg["input_shape"], cfg["coupling_layers"],
                                          cfg["hidden_units"], cfg["num_hidden_layers"],
                                          cfg["num_classes"],
-                                         dtype=self.dtype_policy.variable_dtype),
+                                         dtype=self.dtype_policy.variable_dtype,
+                                         net_dtype=_net_dtype(self.dtype_policy)),
             event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
             **kwargs)
 
@@ -303,7 +312,7 @@ class NICE(FlowModel):
 
 
 def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
-                    num_hidden_layers=3, num_classes=None, dtype="float32"):
+                    num_hidden_layers=3, num_classes=None, dtype="float32", net_dtype=None):
     """The normalizing bijector of `NICE` (see its docstring)."""
     dim = int(np.prod(input_shape))
     steps = []
@@ -313,7 +322,7 @@ def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
         c = dim
         units = c  # checkerboard mask on vectors: every feature gets an output
         net = nets.MLPCouplingNet(hidden_units, units, num_hidden_layers=num_hidden_layers,
-                                  dtype=dtype)
+                                  dtype=net_dtype or dtype)
         steps.append(AdditiveCoupling(net, mask="checkerboard", parity=i % 2,
                                       event_shape=(dim,), dtype=dtype))
     steps.append(ActNorm(dim, event_ndims=1, dtype=dtype, name="nice_scaling"))

@@ -1,19 +1,14 @@
-"""Training stability: a guard against non-finite steps and a warmup schedule.
+"""Training helpers: a warmup schedule, and the NaN/inf guard re-exported.
 
 Flows blow up in two ways that cost users days: a step with a NaN/inf loss or
 gradient silently poisons every weight (and every checkpoint written after
 it), and a large learning rate at the start of training overshoots before
-ActNorm and the coupling scales have settled. This module holds the pieces
-`FlowModel` uses against both:
+ActNorm and the coupling scales have settled.
 
-* `all_finite(loss, grads)` and `apply_if(optimizer, ok, grads, variables)`:
-  the optimizer update (weights, moments *and* the step counter) is applied
-  only when `ok`, on one device and under `tf.distribute` strategies alike.
-* `NonfiniteCounter`: a metric counting the skipped steps, and
-  `nonfinite_error_message`, the message of the `FloatingPointError` raised
-  in `nonfinite="raise"` mode.
+* The guard against the first lives in `tfp_glow.guard` (`NonfiniteGuard`,
+  `NonfiniteCounter`, `all_finite`, `apply_if`, ...); it is re-exported here.
 * `WarmupSchedule`: linear warmup to a base learning rate, then constant or
-  cosine decay.
+  cosine decay, against the second.
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 `global_clipnorm=`, and `FlowModel` applies it like any other optimizer.
@@ -25,150 +20,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfp_glow.guard import (NONFINITE_MODES, NonfiniteCounter, NonfiniteGuard,
+                            TrainPosition, all_finite, any_replica, apply_if,
+                            check_nonfinite_mode, nonfinite_error_message)
+
 __all__ = [
     "NONFINITE_MODES",
     "NonfiniteCounter",
+    "NonfiniteGuard",
     "TrainPosition",
     "WarmupSchedule",
     "all_finite",
+    "any_replica",
     "apply_if",
     "check_nonfinite_mode",
     "nonfinite_error_message",
 ]
-
-NONFINITE_MODES = ("raise", "skip")
-
-
-def check_nonfinite_mode(mode):
-    """Validates the `nonfinite` option of `FlowModel`."""
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"`nonfinite` must be one of {NONFINITE_MODES}; got {mode!r}.")
-    return mode
-
-
-# ---------------------------------------------------------------- the guard
-
-
-def _values(g):
-    return g.values if isinstance(g, tf.IndexedSlices) else g
-
-
-def all_finite(tensors):
-    """Scalar bool: every element of every (non-None) tensor is finite."""
-    checks = [tf.reduce_all(tf.math.is_finite(_values(t))) for t in tensors
-              if t is not None]
-    if not checks:
-        return tf.constant(True)
-    return tf.reduce_all(tf.stack(checks))
-
-
-def any_replica(flag):
-    """`flag` OR-ed over the replicas of the current strategy (replica context).
-
-    A replica whose batch is poisoned must stop the update on *every* replica,
-    or the mirrored weights would drift apart.
-    """
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return flag
-    total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(flag, tf.float32))
-    return total > 0.0
-
-
-def apply_if(optimizer, ok, grads, variables):
-    """`optimizer.apply(grads, variables)` only when the scalar bool `ok` holds.
-
-    When `ok` is False nothing changes: not the weights, not Adam's moments,
-    not `optimizer.iterations` (so learning-rate schedules do not advance
-    either). Zeroing the gradients instead would still move Adam's moments
-    and step count.
-
-    `ok` must have the same value on every replica (see `any_replica`). On a
-    strategy that synchronises through `merge_call` (MirroredStrategy outside
-    XLA), a `tf.cond` in replica context whose branch calls `merge_call` (as
-    `optimizer.apply` does) is not supported, so the condition is taken in
-    cross-replica context and the update re-entered per replica; this is the
-    pattern of `keras.optimizers.LossScaleOptimizer`.
-    """
-    if tf.__internal__.distribute.strategy_supports_no_merge_call():
-        def apply_fn():
-            optimizer.apply(grads, variables)
-            return tf.constant(True)
-
-        return tf.cond(ok, apply_fn, lambda: tf.constant(False))
-
-    def cross_replica(strategy, ok, grads):
-        ok_first = strategy.experimental_local_results(ok)[0]
-
-        def apply_fn():
-            strategy.extended.call_for_each_replica(
-                lambda g: optimizer.apply(g, variables), args=(grads,))
-            return tf.constant(True)
-
-        return tf.cond(ok_first, apply_fn, lambda: tf.constant(False))
-
-    return tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, grads))
-
-
-@keras.saving.register_keras_serializable(package="tfp_glow")
-class NonfiniteCounter(keras.metrics.Metric):
-    """Counts training steps skipped for a non-finite loss or gradient.
-
-    `update_state(loss_finite, step_finite)` adds one skipped step when
-    `step_finite` is False, and one step with a non-finite *loss* when
-    `loss_finite` is False. `result()` is the number of skipped steps.
-
-    The flags are the same on every replica (they are reduced before the
-    update), so each replica adds the same amount and the variables read the
-    first replica's copy (`aggregation="only_first_replica"`) instead of
-    summing over replicas.
-    """
-
-    def __init__(self, name="nonfinite_steps", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.steps = self.add_variable(shape=(), initializer="zeros", dtype="float32",
-                                       aggregation="only_first_replica", name="steps")
-        self.loss_steps = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32",
-            aggregation="only_first_replica", name="loss_steps")
-
-    def update_state(self, loss_finite, step_finite):
-        self.steps.assign_add(1.0 - tf.cast(step_finite, tf.float32))
-        self.loss_steps.assign_add(1.0 - tf.cast(loss_finite, tf.float32))
-
-    def result(self):
-        return tf.convert_to_tensor(self.steps)
-
-    def reset_state(self):
-        self.steps.assign(0.0)
-        self.loss_steps.assign(0.0)
-
-
-class TrainPosition(keras.callbacks.Callback):
-    """Tells the model which epoch and batch it is training on, so the
-    non-finite guard's error can name the batch. `FlowModel.fit` adds it."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model._train_position = (epoch, 0)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        epoch = (self.model._train_position or (0, 0))[0]
-        self.model._train_position = (epoch, batch)
-
-
-def nonfinite_error_message(where, loss_nonfinite, mode="raise"):
-    """The text of the `FloatingPointError` of `nonfinite="raise"`."""
-    what = ("a non-finite loss (NaN or inf)" if loss_nonfinite
-            else "a finite loss but a non-finite gradient (NaN or inf)")
-    return (
-        f"Training stopped: {where} produced {what}. The update was not applied: "
-        "the weights and optimizer state are those from before this batch, so no "
-        "checkpoint written now holds NaN/inf. Try a lower learning rate or a "
-        "warmup (tfp_glow.training.WarmupSchedule), gradient clipping (the "
-        "optimizer's `clipnorm=` or `global_clipnorm=`), and check this batch for "
-        "NaN/inf or values outside the data range (`model.log_prob(batch)` "
-        "validates its input). Pass `nonfinite='skip'` to the model to skip such "
-        "steps and keep training.")
 
 
 # ----------------------------------------------------------------- warmup

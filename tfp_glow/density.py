@@ -1,0 +1,282 @@
+"""`FlowDensity`: a normalizing flow as a density, with no training plumbing.
+
+For a normalizing bijector `f` (data to latent) and a standard normal base,
+
+    log p(x) = log N(f(x); 0, I) + log|det df/dx|,
+    bits/dim = (-log p(x) + D log(num_bins)) / (D ln 2)      (openai/glow),
+
+`sample` draws `x = f^-1(T * eps)`, `eps ~ N(0, I)`, and `interpolate`
+decodes straight lines between latents. `f` may be any `tfb.Bijector` built
+from tfp_glow and TFP bijectors (a `MultiScaleFlow`, a plain `tfb.Chain`, a
+`tfb.Invert` ...): the one-pass walkers of `tfp_glow.bijectors` run it.
+
+Called eagerly, every public method checks its inputs (`InputSpec`) and then
+runs a compiled `tf.function` traced once per input signature with a dynamic
+batch, so a notebook call runs at graph speed and never retraces; called
+inside a `tf.function` (a user's graph, an export signature) it runs the
+flow ops directly.
+"""
+
+import math
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_glow import checks
+from tfp_glow.bijectors import forward_and_log_det, inverse_and_log_det
+from tfp_glow.input_spec import InputSpec
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+__all__ = ["FlowDensity", "BACKPROP_MODES"]
+
+BACKPROP_MODES = ("standard", "checkpoint", "reversible")
+
+
+def _no_autograph(fn, signature):
+    # The flow's Python branches only on static facts: nothing to convert.
+    return tf.function(fn, input_signature=signature, autograph=False)
+
+
+class FlowDensity:
+    """The density `p(x)` of a normalizing flow over a standard normal.
+
+    Args:
+      flow: the normalizing `tfb.Bijector` `f` (data to latent).
+      event_shape: shape of one data point.
+      num_bins: discrete levels of the data (bits/dim adds `D log(num_bins)`),
+        or None for continuous data.
+      num_classes: classes of a class-conditional flow (labels reach its
+        priors as `conditional_input`), or None.
+      dtype: float dtype of the base distribution and the inputs.
+      validate_args: assert input values inside graphs too.
+    """
+
+    def __init__(self, flow, event_shape, num_bins=None, num_classes=None,
+                 dtype=tf.float32, validate_args=False):
+        if not isinstance(flow, tfb.Bijector):
+            raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
+        event_shape = checks.shape(event_shape, "event_shape")
+        latent_shape = tf.TensorShape(flow.forward_event_shape(event_shape))
+        if not latent_shape.is_fully_defined():
+            raise ValueError(
+                f"`flow` must map event shape {event_shape} to a known latent shape; "
+                f"got {latent_shape}.")
+        self._flow = flow
+        self.spec = InputSpec(event_shape, latent_shape.as_list(), dtype, num_bins,
+                              num_classes, validate_args)
+        dtype = self.spec.dtype
+        self._base = tfd.Sample(tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)),
+                                self.spec.latent_shape)
+        self._distribution = tfd.TransformedDistribution(
+            self._base, tfb.Invert(flow), name="flow_distribution")
+        self._compiled = {}
+
+    # -- structure -------------------------------------------------------------
+    @property
+    def flow(self):
+        """The normalizing bijector `f` (data to latent)."""
+        return self._flow
+
+    @property
+    def base(self):
+        """The standard normal over the latent shape."""
+        return self._base
+
+    @property
+    def distribution(self):
+        """`tfd.TransformedDistribution(N(0, I), Invert(f))`."""
+        return self._distribution
+
+    @property
+    def event_shape(self):
+        return self.spec.event_shape
+
+    @property
+    def latent_shape(self):
+        return self.spec.latent_shape
+
+    @property
+    def num_bins(self):
+        return self.spec.num_bins
+
+    @property
+    def num_classes(self):
+        return self.spec.num_classes
+
+    @property
+    def dtype(self):
+        return self.spec.dtype
+
+    @property
+    def num_dims(self):
+        """`D`, the number of data dimensions."""
+        return self.spec.num_dims
+
+    # -- compiled dispatch -----------------------------------------------------
+    def _call(self, name, fn, signature, *args):
+        """`fn(*args)`: through a cached `tf.function` when eager, directly in a graph."""
+        if not tf.executing_eagerly():
+            return fn(*args)
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = _no_autograph(fn, signature)
+        return compiled(*args)
+
+    def _signature(self, *kinds):
+        specs = [self.spec.signature(k) for k in kinds]
+        labels = self.spec.label_signature()
+        return specs + ([labels] if labels is not None else [])
+
+    def _args(self, labels, *tensors):
+        return tensors + ((labels,) if self.num_classes is not None else ())
+
+    def _condition(self, labels):
+        return {} if self.num_classes is None else {"conditional_input": labels}
+
+    # -- math (already validated inputs; graph or eager) -------------------------
+    def forward_and_log_det(self, x, labels=None, backprop="standard"):
+        """`(z, log|det df/dx|)` of validated inputs, with the chosen backprop."""
+        if backprop == "standard":
+            z, ldj = forward_and_log_det(self._flow, x, **self._condition(labels))
+        else:
+            from tfp_glow import reversible  # only models that ask for it pay the import
+            z, ldj = reversible.forward_and_log_det(self._flow, x, backprop=backprop,
+                                                    **self._condition(labels))
+        z = tf.ensure_shape(z, [None, *self.latent_shape]) if z.shape.rank == 1 + len(
+            self.latent_shape) else z
+        return z, ldj
+
+    def log_prob_of(self, x, labels=None, backprop="standard"):
+        """`log p(x)` per example of validated inputs (the training hot path)."""
+        z, ldj = self.forward_and_log_det(x, labels, backprop)
+        return self._base.log_prob(z) + ldj
+
+    def bits_per_dim_of(self, log_prob):
+        """openai/glow's bits/dim from `log p(x)`: `(-log p + D log(bins)) / (D ln 2)`."""
+        d = float(self.num_dims)
+        discretisation = 0.0 if self.num_bins is None else d * math.log(self.num_bins)
+        return (-log_prob + tf.constant(discretisation, log_prob.dtype)) / (d * math.log(2.0))
+
+    def _encode(self, x, labels=None):
+        return self.forward_and_log_det(x, labels)[0]
+
+    def _decode(self, z, labels=None):
+        x = inverse_and_log_det(self._flow, z, **self._condition(labels))[0]
+        return tf.ensure_shape(x, [None, *self.event_shape])
+
+    def _log_prob(self, x, labels=None):
+        return self.log_prob_of(x, labels)
+
+    def _bits_per_dim(self, x, labels=None):
+        return self.bits_per_dim_of(self.log_prob_of(x, labels))
+
+    # -- public API --------------------------------------------------------------
+    def log_prob(self, x, labels=None):
+        """`log p(x)` per example, for any finite `x` of the event shape."""
+        x = self.spec.data(x)
+        labels = self.spec.labels(labels, x)
+        return self._call("log_prob", self._log_prob, self._signature("data"),
+                          *self._args(labels, x))
+
+    def bits_per_dim(self, x, labels=None):
+        """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""
+        x = self.spec.data(x)
+        labels = self.spec.labels(labels, x)
+        return self._call("bits_per_dim", self._bits_per_dim, self._signature("data"),
+                          *self._args(labels, x))
+
+    def encode(self, x, labels=None):
+        """`z = f(x)`, the standard-normal latent."""
+        x = self.spec.data(x)
+        labels = self.spec.labels(labels, x)
+        return self._call("encode", self._encode, self._signature("data"),
+                          *self._args(labels, x))
+
+    def decode(self, z, labels=None):
+        """`x = f^-1(z)`."""
+        z = self.spec.latent(z)
+        labels = self.spec.labels(labels, z)
+        return self._call("decode", self._decode, self._signature("latent"),
+                          *self._args(labels, z))
+
+    def _sample(self, num, temperature, seed, labels=None):
+        shape = tf.concat([[num], self.latent_shape], 0)
+        eps = tf.random.stateless_normal(shape, seed=seed, dtype=self.dtype)
+        return self._decode(eps * tf.cast(temperature, self.dtype), labels)
+
+    def _sample_unseeded(self, num, temperature, labels=None):
+        shape = tf.concat([[num], self.latent_shape], 0)
+        eps = tf.random.normal(shape, dtype=self.dtype)
+        return self._decode(eps * tf.cast(temperature, self.dtype), labels)
+
+    def sample(self, num_samples, temperature=1.0, seed=None, labels=None):
+        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)`.
+
+        Scaling the standard-normal latent by the temperature `T` scales the
+        standard deviation of the base *and of every learned prior* by `T`
+        (the priors are standardisations inside `f`): openai/glow's
+        temperature. `T = 0` gives the mode of every prior. With an int `seed`
+        the draw is stateless and reproducible. Class-conditional flows take
+        `labels`: one int class for every sample, or `[num_samples]` ids, or
+        `[num_samples, num_classes]` one-hot vectors.
+        """
+        num = self.spec.num_samples(num_samples)
+        temperature = self.spec.temperature(temperature)
+        if labels is not None and self.num_classes is not None:
+            labels = tf.convert_to_tensor(labels)
+            if labels.dtype.is_integer and labels.shape.rank == 0:
+                labels = tf.fill(tf.reshape(num, [1]), labels)
+        labels = self.spec.labels(labels)
+        if labels is not None and isinstance(num, int) and labels.shape[0] not in (None, num):
+            raise ValueError(
+                f"`labels` has {labels.shape[0]} entries but `num_samples` is {num}.")
+        num = tf.cast(num, tf.int32)
+        temperature = tf.cast(temperature, self.dtype)
+        scalar = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], self.dtype)]
+        labels_sig = [self.spec.label_signature()] if self.num_classes is not None else []
+        if seed is None:
+            return self._call("sample_unseeded", self._sample_unseeded, scalar + labels_sig,
+                              *self._args(labels, num, temperature))
+        if not isinstance(seed, (tf.Tensor, tf.Variable)) and not checks.is_int(seed):
+            raise TypeError(f"`seed` must be an int or None; received {seed!r}.")
+        seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
+        return self._call("sample", self._sample,
+                          scalar + [tf.TensorSpec([2], tf.int64)] + labels_sig,
+                          *self._args(labels, num, temperature, seed))
+
+    def _interpolate(self, z0, z1, num_steps, labels=None):
+        # t: [num_steps, 1 (batch), 1, ...] against z: [batch, *latent_shape].
+        t = tf.reshape(tf.linspace(0.0, 1.0, num_steps), [-1] + [1] * (1 + len(
+            self.latent_shape)))
+        t = tf.cast(t, z0.dtype)
+        z = (1.0 - t) * z0[None] + t * z1[None]
+        flat = tf.reshape(z, [-1, *self.latent_shape])
+        flat_labels = None
+        if labels is not None:
+            # Step-major like `flat`: labels repeat once per step.
+            flat_labels = tf.tile(labels, [num_steps, 1])
+        x = self._decode(flat, flat_labels)
+        return tf.reshape(x, [num_steps, -1, *self.event_shape])
+
+    def interpolate(self, x_start, x_end, num_steps=8, labels=None):
+        """Decodes `(1 - t) f(x_start) + t f(x_end)` for `t` in [0, 1].
+
+        Returns `[num_steps, batch, *event_shape]`; the first and last steps
+        reconstruct the inputs.
+        """
+        num_steps = checks.positive_int(num_steps, "num_steps", minimum=2)
+        z0 = self.encode(x_start, labels)
+        z1 = self.encode(x_end, labels)
+        if z0.shape[0] is not None and z1.shape[0] is not None and z0.shape[0] != z1.shape[0]:
+            raise ValueError(
+                f"`x_start` and `x_end` must have the same batch size; got "
+                f"{z0.shape[0]} and {z1.shape[0]}.")
+        labels = self.spec.labels(labels, z0)
+        latent = self.spec.signature("latent")
+        signature = [latent, latent, tf.TensorSpec([], tf.int32)]
+        if self.num_classes is not None:
+            signature.append(self.spec.label_signature())
+        return self._call("interpolate", self._interpolate, signature,
+                          *self._args(labels, z0, z1, tf.constant(num_steps, tf.int32)))

@@ -1,0 +1,101 @@
+"""`DensityMethods`: the density API of a model that holds a `FlowDensity`.
+
+`FlowModel` mixes this in: every method and property here forwards to the
+model's `FlowDensity` (`self._density`), so the Keras class itself holds only
+the Keras plumbing (training and evaluation steps, `fit`, `compile`, config).
+"""
+
+__all__ = ["DensityMethods"]
+
+
+class DensityMethods:
+    """Forwards the density API to `self._density` (a `FlowDensity`)."""
+
+    # -- structure (all from the density) --------------------------------------
+    @property
+    def density(self):
+        """The `FlowDensity` (flow, base, shapes, log_prob, sample ...)."""
+        return self._density
+
+    @property
+    def data_spec(self):
+        """The `InputSpec` that checks data, latents and labels."""
+        return self._density.spec
+
+    @property
+    def flow(self):
+        """The normalizing bijector `f` (data to latent)."""
+        return self._density.flow
+
+    @property
+    def bijector(self):
+        """The generative bijector `Invert(f)` (latent to data)."""
+        return self._density.distribution.bijector
+
+    @property
+    def distribution(self):
+        """`tfd.TransformedDistribution(N(0, I), Invert(f))`."""
+        return self._density.distribution
+
+    @property
+    def event_shape(self):
+        """Shape of one data point, e.g. `(8, 8, 1)`."""
+        return self._density.event_shape
+
+    @property
+    def latent_shape(self):
+        """Shape of one latent `z = encode(x)` (the base distribution's event)."""
+        return self._density.latent_shape
+
+    @property
+    def num_dims(self):
+        """Number of data dimensions `D` (the bits/dim denominator)."""
+        return self._density.num_dims
+
+    @property
+    def num_bins(self):
+        """Discrete levels of the data, or None for continuous data."""
+        return self._density.num_bins
+
+    @property
+    def num_classes(self):
+        """Classes of a class-conditional model, or None."""
+        return self._density.num_classes
+
+    @property
+    def data_range(self):
+        """`(-0.5, 0.5)` for discretised image models (`num_bins` set), else None.
+
+        Only training and evaluation data must lie in it; any finite input
+        can be scored."""
+        return self._density.spec.data_range
+
+    @property
+    def validate_args(self):
+        """Whether input values are also asserted inside graphs."""
+        return self._density.spec.validate_args
+
+    # -- the density API -------------------------------------------------------
+    def log_prob(self, x, labels=None):
+        """`log p(x)` per example, for any finite `x` of the event shape."""
+        return self._density.log_prob(x, labels)
+
+    def bits_per_dim(self, x, labels=None):
+        """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""
+        return self._density.bits_per_dim(x, labels)
+
+    def encode(self, x, labels=None):
+        """`z = f(x)`, the standard-normal latent."""
+        return self._density.encode(x, labels)
+
+    def decode(self, z, labels=None):
+        """`x = f^-1(z)`."""
+        return self._density.decode(z, labels)
+
+    def sample(self, num_samples, temperature=1.0, seed=None, labels=None):
+        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)` (see `FlowDensity.sample`)."""
+        return self._density.sample(num_samples, temperature, seed, labels)
+
+    def interpolate(self, x_start, x_end, num_steps=8, labels=None):
+        """Decodes `(1 - t) f(x_start) + t f(x_end)`: `[num_steps, batch, *event]`."""
+        return self._density.interpolate(x_start, x_end, num_steps, labels)

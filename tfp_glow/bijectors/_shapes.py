@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from tfp_glow import checks
+
 
 def event_size(x, axes):
     """Product of `x`'s sizes along `axes` (negative indices), as x's dtype.
@@ -38,17 +40,38 @@ def check_channels(x, channels, arg_name="x"):
 
 
 def validate_event_ndims(event_ndims):
-    if event_ndims not in (1, 3):
+    if not checks.is_int(event_ndims) or event_ndims not in (1, 3):
         raise ValueError(
             f"`event_ndims` must be 3 (images [H, W, C]) or 1 (vectors [D]); "
             f"got {event_ndims!r}.")
-    return event_ndims
+    return int(event_ndims)
 
 
 def validate_positive_int(value, arg_name):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """`value` as a Python int > 0, by `checks.is_int`'s rule (NumPy ints
+    accepted, bools and floats refused).
+
+    Always a ValueError: the bijectors' messages and error types predate
+    `checks.positive_int` (TypeError for a non-int) and tests pin them.
+    """
+    if not checks.is_int(value) or value <= 0:
         raise ValueError(f"`{arg_name}` must be a positive int; got {value!r}.")
-    return value
+    return int(value)
+
+
+def event_shape_parts(shape, event_ndims, arg_name):
+    """`(batch prefix, event)` of a static shape, or `None` for unknown rank.
+
+    TFP's shape-changing bijectors (`tfb.Reshape`, `tfb.Split`) keep whatever
+    batch prefix `forward_event_shape` is given; so do ours.
+    """
+    shape = tf.TensorShape(shape)
+    if shape.rank is None:
+        return None
+    if shape.rank < event_ndims:
+        raise ValueError(f"`{arg_name}` must have at least {event_ndims} dims (the event); "
+                         f"got {shape}.")
+    return shape[:shape.rank - event_ndims], shape[shape.rank - event_ndims:]
 
 
 def call_with_one_batch_axis(layer, x, event_ndims):

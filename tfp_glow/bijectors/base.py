@@ -3,11 +3,13 @@
 Every tfp_glow bijector is a `tfb.Bijector` whose trainable state lives in
 Keras 3 variables owned by a small Keras layer (`_state.ParameterLayer`), so
 Keras models, checkpoints and `tf.Module` walks all see it. This module
-gives them four things TFP does not:
+gives them what TFP does not:
 
 * `forward_and_log_det` / `inverse_and_log_det`: one pass that returns the
   output *and* the log-det (reduced over the event), so a coupling network
   runs once per step instead of once for `forward` and again for the log-det.
+  One walker (`_walk`) serves both directions for any composition of TFP
+  bijectors (`tfb.Chain`, `tfb.Invert`, tfp_glow bijectors, any other).
 * Identity equality: TFP's cache keys on `parameters`; two `ActNorm(8)`
   instances would otherwise compare equal and share cached outputs.
 * No eager caching: in eager mode a cached `forward(x)` would survive a
@@ -17,10 +19,19 @@ gives them four things TFP does not:
   `forward_log_det_jacobian` call costs nothing.
 * `trainable_variables` that include the Keras variables, so a plain
   `tf.GradientTape` loop over `dist.trainable_variables` trains them.
+* `copy()` that shares the state (TFP's rebuilds from `parameters`, which for
+  a stateful bijector means new variables and a different map).
+
+And it keeps TFP's own contract: scalar batch shape (`_parameter_properties`),
+`validate_args` checks (parameters and input domain), and a clear error for an
+input of unknown rank or channel count.
 """
 
+import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+from tfp_glow.bijectors import _shapes
 
 tfb = tfp.bijectors
 
@@ -51,6 +62,10 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 # class). Taken from the class dict so no TFP internals are imported.
 _TFP_SHARED_CACHE = tfb.Bijector.__dict__["_cache"]
 
+# What `copy()` of a stateful bijector may change: nothing that defines the
+# variables (their shapes, dtype, initial values or networks).
+_COPY_OVERRIDABLE = ("name", "validate_args")
+
 
 class _EagerNoCache:
     """Stands in for TFP's cache in eager mode: always recomputes."""
@@ -73,6 +88,13 @@ class _EagerNoCache:
         return {}
 
 
+def _same_value(a, b):
+    try:
+        return bool(a is b or a == b)
+    except (TypeError, ValueError):  # arrays, tensors: never "the same" here
+        return False
+
+
 class FlowBijector(tfb.Bijector):
     """Base class: subclasses implement the two one-pass methods.
 
@@ -86,7 +108,16 @@ class FlowBijector(tfb.Bijector):
     `_forward_log_det_jacobian` returns it. Keras layers holding the state are
     registered with `_track_layers` so their variables are visible to
     `tf.Module` walks and to `FlowModel`.
+
+    With `validate_args=True`, every call asserts that the variables are finite
+    (`_parameter_control_dependencies`) and that the input lies in the domain
+    (`_input_assertions`: finite by default; subclasses add their own), raising
+    `tf.errors.InvalidArgumentError`.
     """
+
+    # An input of unknown rank, or of unknown channel count (last axis), is
+    # refused with a ValueError; elementwise bijectors set this to False.
+    _needs_static_event = True
 
     def __init__(self, *, forward_min_event_ndims, inverse_min_event_ndims=None,
                  is_constant_jacobian=False, validate_args=False, dtype=None,
@@ -131,6 +162,106 @@ class FlowBijector(tfb.Bijector):
         """tf.Variables (trainable or not) of every Keras layer inside."""
         return tuple(v.value for layer in keras_layers_of(self) for v in layer.weights)
 
+    def copy(self, **override_parameters_kwargs):
+        """A bijector computing the same map, sharing this one's state.
+
+        TFP's `copy` rebuilds `type(self)(**parameters)`, which for a stateful
+        bijector creates *new* variables (a different map). Here the copy reads
+        the very same Keras layers and variables: training either trains both.
+        Only `name` and `validate_args` may be overridden; a parameter that
+        defines the variables (channels, dtype, seed, networks, ...) raises a
+        ValueError, since the shared variables could not follow it.
+        """
+        if not self._keras_layers:  # stateless: TFP's copy is the same map
+            return super().copy(**override_parameters_kwargs)
+        unknown = sorted(set(override_parameters_kwargs) - set(self.parameters))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.copy() got unknown parameters "
+                            f"{unknown}; its parameters are {sorted(self.parameters)}.")
+        fixed = sorted(k for k, v in override_parameters_kwargs.items()
+                       if k not in _COPY_OVERRIDABLE
+                       and not _same_value(v, self.parameters[k]))
+        if fixed:
+            raise ValueError(
+                f"{type(self).__name__}.copy() shares the variables of the original, so "
+                f"it cannot override {fixed}: they define those variables. Only "
+                f"{list(_COPY_OVERRIDABLE)} may change; build a new "
+                f"{type(self).__name__}(...) for a different map.")
+        parameters = dict(self.parameters, **override_parameters_kwargs)
+        twin = type(self)(**parameters)
+        twin._adopt_state(self)
+        twin._parameters = self._no_dependency(parameters)
+        return twin
+
+    def _adopt_state(self, other):
+        # Every attribute holding state (Keras layers and variables, e.g.
+        # `self.log_scale`, `self._prior_net`) now points at `other`'s; the
+        # variables built by the constructor are dropped.
+        for key, value in list(vars(other).items()):
+            if isinstance(value, (keras.layers.Layer, keras.Variable, tf.Variable)):
+                setattr(self, key, value)
+        self._keras_layers = list(other._keras_layers)
+        self._refresh_variable_refs()
+
+    # -- TFP contract: batch shape and validate_args -------------------------
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        # No parameter is a batched Tensor: the state is Keras variables of
+        # fixed shape and every other parameter is Python configuration, so
+        # the batch shape is [] (one map, broadcast over any sample shape).
+        return {}
+
+    def _parameter_control_dependencies(self, is_init):
+        """With `validate_args`, asserts every float variable is finite.
+
+        TFP calls this at construction (`is_init=True`, before our variables
+        exist: nothing to check) and in every public method; the one-pass
+        module functions call it too.
+        """
+        if not self.validate_args or is_init:
+            return []
+        return [tf.debugging.assert_all_finite(
+            tf.convert_to_tensor(v),
+            f"{self.name}: variable {v.path if hasattr(v, 'path') else v.name} is not finite.")
+            for layer in self._keras_layers for v in layer.weights
+            if tf.as_dtype(v.dtype).is_floating]
+
+    def _input_assertions(self, t, inverse, **kwargs):
+        """With `validate_args`, ops asserting `t` is in the domain of the call.
+
+        The default asks for finite values; subclasses extend the list.
+        """
+        arg = "y" if inverse else "x"
+        return [tf.debugging.assert_all_finite(
+            t, f"{self.name}: `{arg}` must be finite (validate_args=True).")]
+
+    def _check_static_input(self, t, inverse):
+        if not self._needs_static_event:
+            return
+        ndims = self.inverse_min_event_ndims if inverse else self.forward_min_event_ndims
+        if t.shape.rank is None or (ndims > 0 and t.shape.rank > 0 and t.shape[-1] is None):
+            arg = "y" if inverse else "x"
+            raise ValueError(
+                f"{type(self).__name__} ({self.name!r}) needs `{arg}` of known rank (at "
+                f"least {ndims} event dims, plus batch dims) and a known channel count "
+                f"(last axis); got shape {t.shape}. Inside tf.function give an "
+                f"input_signature such as tf.TensorSpec([None, H, W, C]).")
+
+    def _one_pass(self, t, inverse, kwargs, parameter_checks):
+        """`(output, log-det)` after the static and `validate_args` checks."""
+        if not tf.is_tensor(t):
+            t = tf.convert_to_tensor(t, dtype_hint=self.dtype)
+        self._check_static_input(t, inverse)
+        if self.validate_args:
+            deps = list(self._input_assertions(t, inverse, **kwargs))
+            if parameter_checks:
+                deps += list(self._parameter_control_dependencies(is_init=False))
+            with tf.control_dependencies([d for d in deps if d is not None]):
+                t = tf.identity(t)
+        if inverse:
+            return self._inverse_and_log_det(t, **kwargs)
+        return self._forward_and_log_det(t, **kwargs)
+
     # -- caching -----------------------------------------------------------
     def _get_parameterization(self):
         # Identity semantics: never share cache entries with another instance.
@@ -149,96 +280,121 @@ class FlowBijector(tfb.Bijector):
     def _inverse_and_log_det(self, y, **kwargs):
         raise NotImplementedError
 
-    @_no_autograph
-    def forward_and_log_det(self, x, **kwargs):
-        """Returns `(f(x), log|det J_f(x)|)` in one pass (no TFP cache)."""
-        return self._forward_and_log_det(x, **kwargs)
+    def forward_and_log_det(self, x, event_ndims=None, **kwargs):
+        """`forward_and_log_det(self, x, event_ndims, **kwargs)` (the module function)."""
+        return forward_and_log_det(self, x, event_ndims, **kwargs)
 
-    @_no_autograph
-    def inverse_and_log_det(self, y, **kwargs):
-        """Returns `(f^-1(y), log|det J_{f^-1}(y)|)` in one pass."""
-        return self._inverse_and_log_det(y, **kwargs)
+    def inverse_and_log_det(self, y, event_ndims=None, **kwargs):
+        """`inverse_and_log_det(self, y, event_ndims, **kwargs)` (the module function)."""
+        return inverse_and_log_det(self, y, event_ndims, **kwargs)
 
     # -- TFP subclass contract ---------------------------------------------
+    # TFP's public methods have already added the parameter checks (its name
+    # and control scope), so only the input is checked here.
     @_no_autograph
     def _forward(self, x, **kwargs):
-        y, ldj = self._forward_and_log_det(x, **kwargs)
+        y, ldj = self._one_pass(x, False, kwargs, parameter_checks=False)
         if not tf.executing_eagerly():
             self._cache.forward_attributes(x, **kwargs)["ildj"] = -ldj
         return y
 
     @_no_autograph
     def _inverse(self, y, **kwargs):
-        x, ildj = self._inverse_and_log_det(y, **kwargs)
+        x, ildj = self._one_pass(y, True, kwargs, parameter_checks=False)
         if not tf.executing_eagerly():
             self._cache.inverse_attributes(y, **kwargs)["ildj"] = ildj
         return x
 
     @_no_autograph
     def _forward_log_det_jacobian(self, x, **kwargs):
-        return self._forward_and_log_det(x, **kwargs)[1]
+        return self._one_pass(x, False, kwargs, parameter_checks=False)[1]
 
     @_no_autograph
     def _inverse_log_det_jacobian(self, y, **kwargs):
-        return self._inverse_and_log_det(y, **kwargs)[1]
+        return self._one_pass(y, True, kwargs, parameter_checks=False)[1]
 
 
-def _reduce_extra(ldj, extra_ndims):
-    if extra_ndims <= 0:
+def _reduce_extra(ldj, t, min_ndims, event_ndims):
+    """Sums `ldj` (over `min_ndims`) over the `event_ndims - min_ndims` dims
+    before them, as TFP does; a constant (scalar) log-det is multiplied by
+    their size instead of being broadcast."""
+    extra = event_ndims - min_ndims
+    if extra < 0:
+        raise ValueError(f"`event_ndims` must be >= {min_ndims}; got {event_ndims}.")
+    if extra == 0:
         return ldj
-    return tf.reduce_sum(ldj, axis=list(range(-extra_ndims, 0)))
+    if t.shape.rank < event_ndims:
+        raise ValueError(f"`event_ndims`={event_ndims} exceeds the rank of the input "
+                         f"shape {t.shape}.")
+    ldj = tf.convert_to_tensor(ldj)
+    if ldj.shape.rank == 0:
+        return ldj * _shapes.event_size(t, range(-event_ndims, -min_ndims))
+    batch = tf.shape(t)[:t.shape.rank - min_ndims]
+    return tf.reduce_sum(tf.broadcast_to(ldj, batch), axis=list(range(-extra, 0)))
 
 
-def _event_ndims_in(bijector, event_ndims):
-    return bijector.forward_min_event_ndims if event_ndims is None else event_ndims
+@_no_autograph
+def _walk(bijector, t, event_ndims, inverse, kwargs):
+    """One pass through `bijector` (`inverse` selects the direction).
+
+    tfp_glow bijectors run their one-pass method and receive `kwargs`;
+    `tfb.Invert` flips the direction; `tfb.Chain` runs its parts in order
+    (last first when forward) tracking the event rank; any other bijector
+    runs TFP's public method and log-det, without `kwargs`.
+    """
+    if isinstance(bijector, FlowBijector):
+        if not tf.is_tensor(t):
+            t = tf.convert_to_tensor(t, dtype_hint=bijector.dtype)
+        out, ldj = bijector._one_pass(t, inverse, kwargs, parameter_checks=True)
+        min_ndims = (bijector.inverse_min_event_ndims if inverse
+                     else bijector.forward_min_event_ndims)
+        # The log-det has the batch shape of this call's input `t`.
+        return out, _reduce_extra(ldj, t, min_ndims, event_ndims)
+    if isinstance(bijector, _INVERT_TYPES):
+        return _walk(bijector.bijector, t, event_ndims, not inverse, kwargs)
+    if isinstance(bijector, _CHAIN_TYPES):
+        parts = bijector.bijectors if inverse else list(reversed(bijector.bijectors))
+        total = None
+        for part in parts:
+            next_ndims = (part.inverse_event_ndims(event_ndims) if inverse
+                          else part.forward_event_ndims(event_ndims))
+            t, ldj = _walk(part, t, event_ndims, inverse, kwargs)
+            total = ldj if total is None else total + ldj
+            event_ndims = next_ndims
+        if total is None:  # an empty Chain is the identity
+            total = tf.zeros([], tf.convert_to_tensor(t).dtype)
+        return t, total
+    if inverse:
+        return (bijector.inverse(t),
+                bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims))
+    return bijector.forward(t), bijector.forward_log_det_jacobian(t, event_ndims=event_ndims)
+
+
+def _default_ndims(bijector, event_ndims, inverse):
+    if event_ndims is not None:
+        return event_ndims
+    return bijector.inverse_min_event_ndims if inverse else bijector.forward_min_event_ndims
 
 
 @_no_autograph
 def forward_and_log_det(bijector, x, event_ndims=None, **kwargs):
-    """One pass of `bijector` on `x`: `(y, fldj)` with fldj over `event_ndims`.
+    """One pass of `bijector.forward` on `x`: `(y, fldj)`, fldj over `event_ndims`.
 
-    Understands `FlowBijector`, `tfb.Chain` and `tfb.Invert` without touching
-    TFP's cache; any other TFP bijector falls back to its public methods.
-    `kwargs` (e.g. `conditional_input`) reach every `FlowBijector` inside.
+    `event_ndims` defaults to `bijector.forward_min_event_ndims`, which is
+    what `FlowBijector.forward_and_log_det(x)` means. Works on any TFP
+    bijector; `tfb.Chain` / `tfb.Invert` compositions of tfp_glow bijectors
+    never touch TFP's cache and run each coupling network once. `kwargs`
+    (e.g. `conditional_input`) reach every tfp_glow bijector inside, and no
+    other bijector.
     """
-    event_ndims = _event_ndims_in(bijector, event_ndims)
-    if isinstance(bijector, FlowBijector):
-        y, ldj = bijector._forward_and_log_det(x, **kwargs)
-        return y, _reduce_extra(ldj, event_ndims - bijector.forward_min_event_ndims)
-    if isinstance(bijector, _INVERT_TYPES):
-        ndims = bijector.bijector.inverse_event_ndims(event_ndims)
-        return inverse_and_log_det(bijector.bijector, x, ndims, **kwargs)
-    if isinstance(bijector, _CHAIN_TYPES):
-        total = tf.zeros([], dtype=x.dtype)
-        for b in reversed(bijector.bijectors):
-            x, ldj = forward_and_log_det(b, x, event_ndims, **kwargs)
-            total = total + ldj
-            event_ndims = b.forward_event_ndims(event_ndims)
-        return x, total
-    y = bijector.forward(x)
-    return y, bijector.forward_log_det_jacobian(x, event_ndims=event_ndims)
+    return _walk(bijector, x, _default_ndims(bijector, event_ndims, False), False, kwargs)
 
 
 @_no_autograph
 def inverse_and_log_det(bijector, y, event_ndims=None, **kwargs):
-    """One pass of `bijector.inverse` on `y`: `(x, ildj)` over `event_ndims`."""
-    if event_ndims is None:
-        event_ndims = bijector.inverse_min_event_ndims
-    if isinstance(bijector, FlowBijector):
-        x, ldj = bijector._inverse_and_log_det(y, **kwargs)
-        return x, _reduce_extra(ldj, event_ndims - bijector.inverse_min_event_ndims)
-    if isinstance(bijector, _INVERT_TYPES):
-        ndims = bijector.bijector.forward_event_ndims(event_ndims)
-        return forward_and_log_det(bijector.bijector, y, ndims, **kwargs)
-    if isinstance(bijector, _CHAIN_TYPES):
-        total = tf.zeros([], dtype=y.dtype)
-        for b in bijector.bijectors:
-            y, ldj = inverse_and_log_det(b, y, event_ndims, **kwargs)
-            total = total + ldj
-            event_ndims = b.inverse_event_ndims(event_ndims)
-        return y, total
-    x = bijector.inverse(y)
-    return x, bijector.inverse_log_det_jacobian(y, event_ndims=event_ndims)
+    """One pass of `bijector.inverse` on `y`: `(x, ildj)`, ildj over `event_ndims`
+    (default `bijector.inverse_min_event_ndims`); see `forward_and_log_det`."""
+    return _walk(bijector, y, _default_ndims(bijector, event_ndims, True), True, kwargs)
 
 
 def sub_bijectors(bijector):

@@ -48,6 +48,9 @@ class InvertibleConv1x1(FlowBijector):
     `lu=False` keeps a full `W` with `log|det J| = H * W * log|det W|` (by
     a QR decomposition, which XLA compiles) and inverts it with `tf.linalg.inv`.
 
+    With `validate_args=True`, a non-finite variable or a singular full `W`
+    raises `tf.errors.InvalidArgumentError` on the next call.
+
     Both start as a random rotation drawn from `seed`; `P` and `sign` are
     saved as non-trainable variables, so a reloaded model is exact even when
     `seed=None`. For vectors (`event_ndims=1`) it is a learned invertible
@@ -141,6 +144,16 @@ class InvertibleConv1x1(FlowBijector):
 
     def _log_abs_det_w(self):
         return self._matrix_and_log_det(inverse=False)[1]
+
+    def _parameter_control_dependencies(self, is_init):
+        # Finite variables (the base class); a full W must also be invertible
+        # (the LU form cannot be singular: its diagonal is sign * exp(log_s)).
+        deps = super()._parameter_control_dependencies(is_init)
+        if deps and not self._lu:
+            deps.append(tf.debugging.assert_all_finite(
+                _log_abs_det(tf.convert_to_tensor(self.kernel)),
+                f"{self.name}: the kernel W is singular (log|det W| is not finite)."))
+        return deps
 
     def _apply(self, x, matrix):
         _shapes.check_event_rank(x, self._event_ndims)

@@ -17,6 +17,9 @@ class LogitPreprocess(FlowBijector):
         inverse:    x = (sigmoid(y) - alpha) / (1 - 2 alpha)
 
     `alpha` keeps `p` in `[alpha, 1 - alpha]` so the logit stays finite.
+    The map is increasing (TFP's `cdf` / `quantile` of a transformed scalar
+    distribution work through it); with `validate_args=True` a forward input
+    outside [0, 1] raises `tf.errors.InvalidArgumentError`.
     RealNVP [1] writes the map as `logit(alpha + (1 - alpha) x)` with
     alpha = 0.05; this symmetric form (the same margin at both ends) is the
     one MAF [2] uses, with alpha = 1e-6 on MNIST.
@@ -39,9 +42,30 @@ class LogitPreprocess(FlowBijector):
         super().__init__(forward_min_event_ndims=0, validate_args=validate_args,
                          parameters=parameters, name=name)
 
+    # Elementwise: any rank works, even one unknown while tracing.
+    _needs_static_event = False
+
     @property
     def alpha(self):
         return self._alpha
+
+    @classmethod
+    def _is_increasing(cls, **kwargs):
+        # dy/dx = (1 - 2 alpha) / (p (1 - p)) > 0: TFP's scalar contract, used by
+        # TransformedDistribution's cdf, quantile and survival function.
+        return True
+
+    def _input_assertions(self, t, inverse, **kwargs):
+        checks = super()._input_assertions(t, inverse, **kwargs)
+        if not inverse:  # the logit is defined for x in [0, 1] only
+            checks += [
+                tf.debugging.assert_greater_equal(
+                    t, tf.zeros([], t.dtype),
+                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True)."),
+                tf.debugging.assert_less_equal(
+                    t, tf.ones([], t.dtype),
+                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True).")]
+        return checks
 
     def _forward_and_log_det(self, x, **kwargs):
         p = self._alpha + (1.0 - 2.0 * self._alpha) * x

@@ -4,6 +4,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_glow import checks
+from tfp_glow.bijectors import _shapes
 from tfp_glow.bijectors.base import (FlowBijector, forward_and_log_det,
                                      inverse_and_log_det)
 from tfp_glow.bijectors.factor_out import FactorOut
@@ -37,7 +39,7 @@ class MultiScaleFlow(FlowBijector):
     def __init__(self, event_shape, levels, top_prior=None, validate_args=False,
                  name="multi_scale_flow"):
         parameters = dict(locals())
-        event_shape = tuple(int(d) for d in event_shape)
+        event_shape = checks.shape(event_shape, "event_shape", rank=(1, 3))
         if not levels:
             raise ValueError("`levels` must contain at least one (steps, factor_out) pair.")
         self._event_shape_in = event_shape
@@ -101,17 +103,32 @@ class MultiScaleFlow(FlowBijector):
         """Length of the flat latent vector (= the number of data dimensions)."""
         return sum(self._latent_sizes)
 
+    # Event shapes keep any batch prefix, as tfb.Reshape and tfb.Split do:
+    # forward_event_shape([N, H, W, C]) == [N, D].
     def _forward_event_shape(self, input_shape):
-        return tf.TensorShape([self.latent_size])
-
-    def _forward_event_shape_tensor(self, input_shape):
-        return tf.constant([self.latent_size], dtype=tf.int32)
+        parts = _shapes.event_shape_parts(input_shape, self._event_ndims, "input_shape")
+        if parts is None:
+            return tf.TensorShape(None)
+        if not parts[1].is_compatible_with(self._event_shape_in):
+            raise ValueError(f"`input_shape` must end in the event shape "
+                             f"{self._event_shape_in}; got {tf.TensorShape(input_shape)}.")
+        return parts[0].concatenate([self.latent_size])
 
     def _inverse_event_shape(self, output_shape):
-        return tf.TensorShape(self._event_shape_in)
+        parts = _shapes.event_shape_parts(output_shape, 1, "output_shape")
+        if parts is None:
+            return tf.TensorShape(None)
+        if not parts[1].is_compatible_with([self.latent_size]):
+            raise ValueError(f"`output_shape` must end in the latent size "
+                             f"{self.latent_size}; got {tf.TensorShape(output_shape)}.")
+        return parts[0].concatenate(self._event_shape_in)
+
+    def _forward_event_shape_tensor(self, input_shape):
+        return tf.concat([input_shape[:tf.size(input_shape) - self._event_ndims],
+                          [self.latent_size]], 0)
 
     def _inverse_event_shape_tensor(self, output_shape):
-        return tf.constant(self._event_shape_in, dtype=tf.int32)
+        return tf.concat([output_shape[:-1], self._event_shape_in], 0)
 
     def _flatten(self, z, ndims):
         return tf.reshape(z, tf.concat([tf.shape(z)[:-ndims], [-1]], 0))
@@ -148,7 +165,11 @@ class MultiScaleFlow(FlowBijector):
             h, ldj = self._top_prior.forward_and_log_det(h, **kwargs)
             total += ldj
         latents.append(self._flatten(h, len(self._latent_shapes[-1])))
-        return tf.concat(latents, axis=-1), total
+        z = tf.concat(latents, axis=-1)
+        # The reshapes lose the static latent size; callers (and the next
+        # bijector's static checks) need it.
+        z.set_shape(x.shape[:x.shape.rank - self._event_ndims].concatenate([self.latent_size]))
+        return z, total
 
     def _inverse_and_log_det(self, y, **kwargs):
         if y.shape.rank is not None and y.shape[-1] not in (None, self.latent_size):
@@ -167,4 +188,5 @@ class MultiScaleFlow(FlowBijector):
                 total += ldj
             h, ldj = inverse_and_log_det(steps, h, self._level_out_ndims[i], **kwargs)
             total += ldj
+        h.set_shape(y.shape[:-1].concatenate(self._event_shape_in))
         return h, total

@@ -15,13 +15,15 @@ class Squeeze(FlowBijector):
         inverse = tf.nn.depth_to_space(y, f)
 
     `H` and `W` must be divisible by `factor`; with `event_shape` given this
-    is checked at construction, otherwise on the first call.
+    is checked at construction, otherwise on the first call (and, with
+    `validate_args=True`, at run time for sizes unknown while tracing).
+    `forward_event_shape` keeps any batch prefix, as `tfb.Reshape` does.
     """
 
     def __init__(self, factor=2, event_shape=None, validate_args=False,
                  name="squeeze"):
         parameters = dict(locals())
-        _shapes.validate_positive_int(factor, "factor")
+        factor = _shapes.validate_positive_int(factor, "factor")
         if factor < 2:
             raise ValueError(f"`factor` must be >= 2; got {factor}.")
         self._factor = factor
@@ -46,29 +48,62 @@ class Squeeze(FlowBijector):
                     f"Squeeze(factor={self._factor}) needs {axis} divisible by "
                     f"{self._factor}; `{arg_name}` has shape {tuple(shape)}.")
 
+    @property
+    def _is_permutation(self):
+        return True  # TFP's contract: a permutation of the elements, log-det 0
+
+    # Event shapes keep any batch prefix, as tfb.Reshape and tfb.Split do:
+    # forward_event_shape([N, H, W, C]) == [N, H/f, W/f, f*f*C].
     def _forward_event_shape(self, input_shape):
-        h, w, c = input_shape[-3:]
-        f = self._factor
-        return tf.TensorShape(
+        parts = _shapes.event_shape_parts(input_shape, 3, "input_shape")
+        if parts is None:
+            return tf.TensorShape(None)
+        self._check_shape(tuple(input_shape), "input_shape")
+        (h, w, c), f = parts[1], self._factor
+        return parts[0].concatenate(
             [None if h is None else h // f, None if w is None else w // f,
              None if c is None else c * f * f])
 
     def _inverse_event_shape(self, output_shape):
-        h, w, c = output_shape[-3:]
-        f = self._factor
-        return tf.TensorShape(
+        parts = _shapes.event_shape_parts(output_shape, 3, "output_shape")
+        if parts is None:
+            return tf.TensorShape(None)
+        (h, w, c), f = parts[1], self._factor
+        self._check_channels(c, "output_shape", output_shape)
+        return parts[0].concatenate(
             [None if h is None else h * f, None if w is None else w * f,
              None if c is None else c // (f * f)])
 
     def _forward_event_shape_tensor(self, input_shape):
         f = self._factor
-        return tf.stack([input_shape[-3] // f, input_shape[-2] // f,
-                         input_shape[-1] * f * f])
+        return tf.concat([input_shape[:-3], tf.stack(
+            [input_shape[-3] // f, input_shape[-2] // f, input_shape[-1] * f * f])], 0)
 
     def _inverse_event_shape_tensor(self, output_shape):
         f = self._factor
-        return tf.stack([output_shape[-3] * f, output_shape[-2] * f,
-                         output_shape[-1] // (f * f)])
+        return tf.concat([output_shape[:-3], tf.stack(
+            [output_shape[-3] * f, output_shape[-2] * f, output_shape[-1] // (f * f)])], 0)
+
+    def _check_channels(self, c, arg_name, shape):
+        if c is not None and c % (self._factor ** 2):
+            raise ValueError(
+                f"Squeeze inverse needs channels divisible by {self._factor ** 2}; "
+                f"`{arg_name}` has shape {tf.TensorShape(shape)}.")
+
+    def _input_assertions(self, t, inverse, **kwargs):
+        # With validate_args, a height or width known only at run time must
+        # divide by the factor too (the static check covers known sizes).
+        checks = super()._input_assertions(t, inverse, **kwargs)
+        if inverse:
+            return checks
+        shape = tf.shape(t)
+        for axis, size in (("height", -3), ("width", -2)):
+            if t.shape[size] is None:
+                checks.append(tf.debugging.assert_equal(
+                    shape[size] % self._factor, 0,
+                    message=f"Squeeze(factor={self._factor}) needs {axis} divisible "
+                            f"by {self._factor} (validate_args=True)."))
+        return checks
 
     @staticmethod
     def _batch_as_4d(x, fn):
@@ -88,10 +123,6 @@ class Squeeze(FlowBijector):
 
     def _inverse_and_log_det(self, y, **kwargs):
         _shapes.check_event_rank(y, 3)
-        c = y.shape[-1]
-        if c is not None and c % (self._factor ** 2):
-            raise ValueError(
-                f"Squeeze inverse needs channels divisible by {self._factor ** 2}; "
-                f"`y` has shape {y.shape}.")
+        self._check_channels(y.shape[-1], "y", y.shape)
         x = self._batch_as_4d(y, lambda t: tf.nn.depth_to_space(t, self._factor))
         return x, tf.zeros([], y.dtype)

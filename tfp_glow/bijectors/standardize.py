@@ -77,6 +77,22 @@ class StandardizeBase(FlowBijector):
     def num_classes(self):
         return self._num_classes
 
+    def _input_assertions(self, t, inverse, conditional_input=None, **kwargs):
+        # tf.one_hot maps an out-of-range label to all zeros (the offset of no
+        # class) without a word; with validate_args it is an error.
+        checks = super()._input_assertions(t, inverse, **kwargs)
+        if self._num_classes is not None and conditional_input is not None:
+            labels = tf.convert_to_tensor(conditional_input)
+            if labels.dtype.is_integer:
+                message = (f"{self.name}: `conditional_input` labels must lie in "
+                           f"[0, {self._num_classes}) (validate_args=True).")
+                checks += [
+                    tf.debugging.assert_non_negative(labels, message=message),
+                    tf.debugging.assert_less(
+                        labels, tf.constant(self._num_classes, labels.dtype),
+                        message=message)]
+        return checks
+
     def _class_offsets(self, x, conditional_input):
         """Per-example `(d_mu, d_log_sigma)` broadcastable to the event."""
         if self._num_classes is None:

@@ -46,6 +46,8 @@ def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):
     and the flow's outputs stay float32, so the flow is still exactly
     invertible (the same network output is used both ways).
     """
+    import functools
+
     import tensorflow_probability as tfp
     from tfp_glow import FlowModel, nets
     from tfp_glow.bijectors import (ActNorm, AffineCoupling, FactorOut,
@@ -56,8 +58,9 @@ def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):
         steps = [Squeeze(event_shape=shape)]
         shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
         c = shape[-1]
+        # A factory: the coupling tells the network how many outputs it needs.
+        net = functools.partial(nets.GlowCouplingNet, cfg["width"], dtype=policy)
         for k in range(cfg["steps"]):
-            net = nets.GlowCouplingNet(cfg["width"], 2 * (c - c // 2), dtype=policy)
             steps += [ActNorm(c), InvertibleConv1x1(c, seed=seed * 100003 + level * 1000 + k),
                       AffineCoupling(net, event_shape=shape)]
         factor_out = None

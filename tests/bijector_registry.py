@@ -5,6 +5,7 @@ returns a fresh bijector; a new bijector is tested by adding a line here.
 """
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -41,25 +42,23 @@ def _dt(dtype):
     return tf.as_dtype(dtype).name
 
 
+def coupling_net(shape, dtype):
+    """A network factory `fn(output_units)`: the coupling sizes its own net."""
+    cls = nets.GlowCouplingNet if len(shape) == 3 else nets.MLPCouplingNet
+    return functools.partial(cls, 8, dtype=_dt(dtype))
+
+
 def affine(mask, parity, shape=IMAGE):
     def make(dtype):
-        c = shape[-1]
-        c_a = c // 2 if mask == "channel" else c
-        net = (nets.GlowCouplingNet(8, 2 * c_a, dtype=_dt(dtype)) if len(shape) == 3
-               else nets.MLPCouplingNet(8, 2 * c_a, dtype=_dt(dtype)))
-        return B.AffineCoupling(net, mask=mask, parity=parity, event_shape=shape,
-                                dtype=dtype)
+        return B.AffineCoupling(coupling_net(shape, dtype), mask=mask, parity=parity,
+                                event_shape=shape, dtype=dtype)
     return Case(make, shape)
 
 
 def additive(mask, parity, shape=IMAGE):
     def make(dtype):
-        c = shape[-1]
-        c_a = c // 2 if mask == "channel" else c
-        net = (nets.GlowCouplingNet(8, c_a, dtype=_dt(dtype)) if len(shape) == 3
-               else nets.MLPCouplingNet(8, c_a, dtype=_dt(dtype)))
-        return B.AdditiveCoupling(net, mask=mask, parity=parity, event_shape=shape,
-                                  dtype=dtype)
+        return B.AdditiveCoupling(coupling_net(shape, dtype), mask=mask, parity=parity,
+                                  event_shape=shape, dtype=dtype)
     return Case(make, shape)
 
 
@@ -68,9 +67,9 @@ def small_multi_scale(dtype, num_classes=None):
     def level(shape, seed):
         c = shape[-1] * 4
         squeezed = (shape[0] // 2, shape[1] // 2, c)
-        net = nets.GlowCouplingNet(8, c, dtype=_dt(dtype))
         steps = tfb.Chain([
-            B.AffineCoupling(net, event_shape=squeezed, dtype=dtype),
+            B.AffineCoupling(coupling_net(squeezed, dtype), event_shape=squeezed,
+                             dtype=dtype),
             B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
             B.ActNorm(c, dtype=dtype),
             B.Squeeze(event_shape=shape)])

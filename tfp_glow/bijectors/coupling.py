@@ -124,23 +124,30 @@ class CouplingBase(FlowBijector):
 
         with `k = 1` (additive: the shift) or `k = 2` (affine: shift and scale).
         """
+        return cls._outputs_per_channel * cls._transformed_channels(event_shape, mask)
+
+    @staticmethod
+    def _transformed_channels(event_shape, mask):
+        """`C_a`: channels of the transformed part (all of them for checkerboard)."""
         event_shape = checks.shape(event_shape, "event_shape", rank=(1, 3))
         checks.choice(mask, MASKS, "mask")
         channels = event_shape[-1]
-        if mask == "channel":
-            if channels % 2:
-                raise ValueError(
-                    f"mask='channel' needs an even number of channels (last axis of "
-                    f"`event_shape`); received {event_shape}.")
-            return cls._outputs_per_channel * (channels // 2)
-        return cls._outputs_per_channel * channels
+        if mask == "checkerboard":
+            return channels
+        if channels % 2:
+            raise ValueError(
+                f"mask='channel' needs an even number of channels (last axis of "
+                f"`event_shape`); received {event_shape}.")
+        return channels // 2
 
     @property
     def output_units(self):
         """Output channels the network must return (None without `event_shape`)."""
         if self._event_shape is None:
             return None
-        return self.output_units_for(self._event_shape, self._mask)
+        # The instance's count: a subclass may set it per instance (e.g. from num_bins).
+        return self._outputs_per_channel * self._transformed_channels(
+            self._event_shape, self._mask)
 
     def _network_from(self, net, net_arg):
         """The network: `net` itself if it is a Keras layer, else `net(output_units)`."""

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tfp_glow.bijectors import _shapes
+from tfp_glow.bijectors import _precision, _shapes
 from tfp_glow.bijectors.standardize import StandardizeBase
 
 __all__ = ["FactorOut"]
@@ -25,11 +25,17 @@ class FactorOut(StandardizeBase):
 
     `split_fraction` picks `num_factored = round(channels * split_fraction)`
     (any value leaving at least one channel on each side).
+
+    `net_dtype` is the Keras dtype policy of the default `prior_net`: None
+    (the bijector's dtype) or e.g. `"mixed_bfloat16"` (float32 variables,
+    bfloat16 arithmetic). The prior net's input is cast to its compute dtype
+    and `(mu, log_sigma)` back to the bijector's dtype, where the
+    standardisation and its log-det are computed.
     """
 
     def __init__(self, channels, split_fraction=0.5, prior_net=None,
                  num_classes=None, event_ndims=3, dtype=tf.float32,
-                 validate_args=False, name="factor_out"):
+                 validate_args=False, name="factor_out", net_dtype=None):
         parameters = dict(locals())
         _shapes.validate_positive_int(channels, "channels")
         if not 0.0 < float(split_fraction) < 1.0:
@@ -44,11 +50,17 @@ class FactorOut(StandardizeBase):
         self._num_factored = k
         super().__init__(num_classes, k, event_ndims, dtype, parameters, name,
                          validate_args)
+        policy = _precision.net_policy(net_dtype, dtype)
+        if prior_net is not None and net_dtype is not None:
+            raise ValueError(
+                "`net_dtype` sets the dtype policy of the default prior net only; with "
+                "your own `prior_net`, give that layer its dtype instead.")
         if prior_net is None:
             layer_cls = keras.layers.Conv2D if event_ndims == 3 else keras.layers.Dense
             kwargs = dict(kernel_size=3, padding="same") if event_ndims == 3 else {}
             prior_net = layer_cls(2 * k, kernel_initializer="zeros",
-                                  bias_initializer="zeros", dtype=self.dtype.name,
+                                  bias_initializer="zeros",
+                                  dtype=policy,
                                   name=f"{self.name}_prior", **kwargs)
             prior_net.build((None,) + (None,) * (event_ndims - 1) + (channels - k,))
         self._prior_net = prior_net
@@ -81,6 +93,7 @@ class FactorOut(StandardizeBase):
         return tf.concat([z, rest], axis=-1)
 
     def _mean_and_log_scale(self, rest):
-        h = _shapes.call_with_one_batch_axis(self._prior_net, rest, self._event_ndims)
-        h = tf.cast(h, rest.dtype)
+        h = _shapes.call_with_one_batch_axis(
+            self._prior_net, _precision.to_net_dtype(self._prior_net, rest), self._event_ndims)
+        h = _precision.to_flow_dtype(h, rest.dtype)
         return tf.split(h, 2, axis=-1)

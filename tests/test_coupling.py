@@ -335,11 +335,18 @@ class LargeNet(keras.layers.Layer):
 
 
 def autodiff_log_det(fn, x):
-    """log|det J| of `fn` at each row of `x` [N, D], by a full Jacobian."""
-    with tf.GradientTape() as tape:
+    """log|det J| of `fn` at each row of `x` [N, D], by a full Jacobian.
+
+    One gradient per output coordinate (rows are independent, so the gradient
+    of `y[:, i]` holds row i of every example's Jacobian): ~10x faster than
+    `batch_jacobian`'s pfor for these tiny D.
+    """
+    with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         y = fn(x)
-    return np.linalg.slogdet(tape.batch_jacobian(y, x).numpy())[1]
+        outputs = [y[:, i] for i in range(y.shape[-1])]
+    jacobian = tf.stack([tape.gradient(y_i, x) for y_i in outputs], axis=1)
+    return np.linalg.slogdet(jacobian.numpy())[1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

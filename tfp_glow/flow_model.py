@@ -23,6 +23,7 @@ from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_de
 from tfp_glow.bijectors.base import sub_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
+from tfp_glow.distributed import first_step_batch, multi_worker_callbacks, step_logs
 from tfp_glow.guard import NonfiniteGuard
 
 tfb = tfp.bijectors
@@ -117,6 +118,9 @@ class FlowModel(DensityMethods, keras.Model):
             validate_args=validate_args)
         self._guard = guard
         self._backprop = backprop
+        # A trackable path to the flow's variables for tf.train.Checkpoint and
+        # SavedModel (the density is a plain object they do not walk).
+        self._flow = flow
         # Keras tracks layers assigned as a list attribute: every variable of
         # the flow becomes a model weight (fit, saving, checkpoints, strategies).
         self.flow_layers = keras_layers_of(flow)
@@ -181,8 +185,10 @@ class FlowModel(DensityMethods, keras.Model):
 
         Runs `x` through the normalizing direction with
         `data_dependent_init()`, so each ActNorm standardises the activations
-        that actually reach it. Runs eagerly in cross-replica context: under a
-        `tf.distribute` strategy every replica gets identical statistics.
+        that actually reach it. Runs eagerly in cross-replica context; under a
+        `tf.distribute` strategy each ActNorm uses the moments of the global
+        batch (`x` of every worker together: `tfp_glow.distributed`), so every
+        replica and worker gets the init of one process on all those batches.
         ActNorms already initialised (e.g. restored from a checkpoint) are
         left alone.
         """
@@ -239,11 +245,11 @@ class FlowModel(DensityMethods, keras.Model):
         applied = self._guard.apply(self.optimizer, loss, grads, self.trainable_variables)
         logs = self._update_metrics(log_prob, applied=applied)
         logs["nonfinite_steps"] = self._guard.counter.result()
-        return logs
+        return step_logs(logs)
 
     def test_step(self, data):
         x, labels = self._checked_batch(data)
-        return self._update_metrics(self._density.log_prob_of(x, labels))
+        return step_logs(self._update_metrics(self._density.log_prob_of(x, labels)))
 
     def make_train_function(self, force=False):
         """Keras' train function, followed by the NaN/inf guard's check.
@@ -313,7 +319,8 @@ class FlowModel(DensityMethods, keras.Model):
                 callbacks = []
             elif isinstance(callbacks, keras.callbacks.Callback):
                 callbacks = [callbacks]
-            kwargs["callbacks"] = [self._guard.callback()] + list(callbacks)
+            kwargs["callbacks"] = [self._guard.callback()] + multi_worker_callbacks(
+                callbacks, self.distribute_strategy)
         try:
             return super().fit(x, y, batch_size=batch_size, **kwargs)
         finally:
@@ -329,8 +336,8 @@ class FlowModel(DensityMethods, keras.Model):
 
     def _first_batch(self, x, y, batch_size):
         """`(x, labels)` of the first batch, or None for sources we cannot peek at."""
-        if isinstance(x, tf.data.Dataset):
-            return self._unpack(next(iter(x)))
+        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            return self._unpack(first_step_batch(x, self.distribute_strategy))
         if isinstance(x, (np.ndarray, tf.Tensor, tuple, list, dict)):
             x_all, labels = self._unpack(x if y is None else (x, y))
             n = batch_size or 256

@@ -5,6 +5,8 @@ Each builder returns the normalizing bijector `f` (data to latent) as a
 constructor arguments, so `.keras` files reload).
 """
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -52,19 +54,16 @@ def _image_shape(shape, levels, arg_name="image_shape"):
 
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
               num_blocks=2, net_dtype=None):
-    c = shape[-1]
-    c_a = c - c // 2 if mask == "channel" else c
-    units = (2 if kind == "affine" else 1) * c_a
-    flow_dtype = dtype
-    dtype = net_dtype or dtype
+    """A coupling whose network is built by a factory: the coupling sizes it."""
     if len(shape) == 1:
-        network = nets.MLPCouplingNet(hidden, units, dtype=dtype)
+        factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
     elif net == "resnet":
-        network = nets.ResNetCouplingNet(hidden, units, num_blocks=num_blocks, dtype=dtype)
+        factory = functools.partial(nets.ResNetCouplingNet, hidden, num_blocks=num_blocks,
+                                    dtype=net_dtype or dtype)
     else:
-        network = nets.GlowCouplingNet(hidden, units, dtype=dtype)
+        factory = functools.partial(nets.GlowCouplingNet, hidden, dtype=net_dtype or dtype)
     cls = AffineCoupling if kind == "affine" else AdditiveCoupling
-    return cls(network, mask=mask, parity=parity, event_shape=shape, dtype=flow_dtype)
+    return cls(factory, mask=mask, parity=parity, event_shape=shape, dtype=dtype)
 
 
 def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
@@ -319,10 +318,8 @@ def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
     if len(input_shape) > 1:
         steps.append(tfb.Reshape(event_shape_out=[dim], event_shape_in=list(input_shape)))
     for i in range(coupling_layers):
-        c = dim
-        units = c  # checkerboard mask on vectors: every feature gets an output
-        net = nets.MLPCouplingNet(hidden_units, units, num_hidden_layers=num_hidden_layers,
-                                  dtype=net_dtype or dtype)
+        net = functools.partial(nets.MLPCouplingNet, hidden_units,
+                                num_hidden_layers=num_hidden_layers, dtype=net_dtype or dtype)
         steps.append(AdditiveCoupling(net, mask="checkerboard", parity=i % 2,
                                       event_shape=(dim,), dtype=dtype))
     steps.append(ActNorm(dim, event_ndims=1, dtype=dtype, name="nice_scaling"))

@@ -99,8 +99,9 @@ class StandardizeBase(FlowBijector):
             return 0.0, 0.0
         onehot = one_hot_labels(conditional_input, self._num_classes, x.dtype)
         offsets = onehot @ tf.convert_to_tensor(self._class_table)
-        offsets = tf.reshape(offsets, tf.concat(
-            [tf.shape(offsets)[:1], [1] * (self._event_ndims - 1), [-1]], 0))
+        # A static channel count (2 * channels), so shapes stay known in graphs.
+        offsets = tf.reshape(
+            offsets, [-1] + [1] * (self._event_ndims - 1) + [self._class_table.shape[-1]])
         return tf.split(offsets, 2, axis=-1)
 
     def _stats(self, rest, x, conditional_input):

@@ -2,6 +2,7 @@
 resume, sample, evaluate, export, interpolate, and argument errors."""
 
 import json
+import logging
 import math
 import os
 
@@ -137,17 +138,32 @@ def test_sample_is_seeded_and_writes_the_requested_grid(digits_run, tmp_path, ca
     assert np.any(_png(c)[1] != pa)
 
 
-def test_evaluate_prints_test_bits_per_dim(digits_run, capsys):
-    code, out, _ = _run_cli(capsys, ["evaluate", "--run", digits_run["run"], "--json"])
-    assert code == 0
-    report = json.loads(out)
-    with open(os.path.join(digits_run["run"], "metrics.json")) as f:
+def test_evaluate_gives_metrics_json_figure_at_every_batch_size(digits_run, capsys):
+    run = digits_run["run"]
+    with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)
-    assert report["split"] == "test" and report["model"] == "Glow"
-    # Same model and test images, fresh dequantization noise: equal to ~0.01.
-    assert report["bits_per_dim"] == pytest.approx(metrics["test_bits_per_dim"], abs=0.02)
-    code, out, _ = _run_cli(capsys, ["evaluate", "--run", digits_run["run"]])
-    assert code == 0 and out.startswith("test bits/dim: ")
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    reports = {}
+    for batch in (1, 7, 64, 360):
+        code, out, err = _run_cli(capsys, ["evaluate", "--run", run, "--json",
+                                           "--batch-size", str(batch)])
+        assert code == 0, err
+        reports[batch] = json.loads(out)
+    assert {r["split"] for r in reports.values()} == {"test"}
+    assert {r["model"] for r in reports.values()} == {"Glow"}
+    # Every test example keeps its own dequantization noise (a stateless seed
+    # keyed by its index), so batching changes only the float32 rounding of
+    # the mean: 360 values near 2.3 bits/dim summed in float32 (< 5e-5).
+    for batch, report in reports.items():
+        assert report["bits_per_dim"] == pytest.approx(
+            metrics["test_bits_per_dim"], abs=5e-5), batch
+        assert report["nll"] == pytest.approx(metrics["test_nll"], abs=5e-5 * 64 * math.log(2))
+    # The last epoch's validation figure is the same evaluation of the same model.
+    assert history["val_bits_per_dim"][-1] == pytest.approx(
+        metrics["test_bits_per_dim"], abs=5e-5)
+    code, out, _ = _run_cli(capsys, ["evaluate", "--run", run])
+    assert code == 0 and out.startswith(f"test bits/dim: {metrics['test_bits_per_dim']:.4f}")
 
 
 def test_export_writes_a_version_and_refuses_to_overwrite(digits_run, tmp_path, capsys):
@@ -186,9 +202,14 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
         code, out, err = _run_cli(capsys, [
             "train", *TINY, "--dataset", "mnist", "--image-size", "8", "--n-bits", "5",
             "--conditional", "--epochs", "1", "--sample-every", "0", "--no-export",
-            "--output", run])
+            "--run", run])  # --run: the same flag as the other commands (--output)
     assert code == 0, err
     assert "test bits/dim" in out
+    # The start of training says what the progress bar's numbers mean, with
+    # this data's D = 8 x 8 x 1 and 2**5 bins.
+    assert ("loss = -log p(x) in nats per example (below 0 is fine" in out
+            and "bits_per_dim = (loss + 64 ln 32) / (64 ln 2)" in out
+            and "uniform = 5.00" in out and "nonfinite_steps = steps skipped" in out), out
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     assert config["dataset_info"] == {"image_shape": [8, 8, 1], "num_bins": 32,
@@ -205,12 +226,25 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     assert model.num_classes == 10 and model.num_bins == 32
 
 
-@pytest.mark.parametrize("argv, names", [
+# The one table of bad `tfp-glow` arguments: (argv, the flag the message
+# must name). Each exits 2 with an "error:" line and writes nothing.
+BAD_ARGUMENTS = [
+    # train: argparse types
     (["train", "--model", "flowpp"], "--model"),
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--n-bits", "9", "--dataset", "mnist"], "--n-bits"),
     (["train", "--lr", "-1"], "--lr"),
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--clipnorm", "0"], "--clipnorm"),
+    (["train", "--warmup-steps", "-1"], "--warmup-steps"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--image-size", "-4"], "--image-size"),
+    (["train", "--steps-per-epoch", "0"], "--steps-per-epoch"),
+    (["train", "--strategy", "tpu"], "--strategy"),
+    (["train", "--lr-decay", "linear"], "--lr-decay"),
     (["train", "--coupling", "spline"], "--coupling"),
+    # train: combinations (check_train_args)
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
     (["train", "--model", "nice", "--levels", "3"], "--levels"),
@@ -219,33 +253,58 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     (["train", "--n-bits", "5"], "--n-bits"),
     (["train", "--dataset", "no_such_dataset_xyz"], "--dataset"),
     (["train", "--dataset", "celeb_a", "--conditional"], "--conditional"),
+    # sample
     (["sample", "--num", "4"], "--run"),
     (["sample", "--run", "/nonexistent/run"], "--run"),
-    (["sample", "--model-file", "/nonexistent/model.keras"], "--model-file"),
+    (["sample", "--model-file", "/nonexistent/model.keras"], "--output"),
+    (["sample", "--model-file", "/nonexistent/model.keras", "--output", "s.png"],
+     "--model-file"),
     (["sample", "--run", ".", "--temperature", "-0.5"], "--temperature"),
+    (["sample", "--run", ".", "--num", "0"], "--num"),
+    (["sample", "--run", ".", "--label", "-1"], "--label"),
+    (["sample", "--run", ".", "--upscale", "0"], "--upscale"),
+    # evaluate, export, interpolate
     (["evaluate", "--run", "/nonexistent/run"], "--run"),
+    (["evaluate", "--run", ".", "--batch-size", "-3"], "--batch-size"),
+    (["export", "--run", ".", "--version", "-1"], "--version"),
+    (["export", "--run", "/nonexistent/run"], "--run"),
     (["interpolate", "--run", "/nonexistent/run", "--steps", "0"], "--steps"),
+    (["interpolate", "--run", ".", "--pairs", "0"], "--pairs"),
+    (["interpolate", "--run", "."], "--run"),
     (["frobnicate"], "frobnicate"),
-])
-def test_bad_arguments_exit_2_naming_the_argument(
-        argv, names, capsys, tmp_path, monkeypatch):
+]
+
+
+@pytest.mark.parametrize("argv, name", BAD_ARGUMENTS,
+                         ids=[" ".join(argv) for argv, _ in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_naming_the_flag(argv, name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a refused run must not leave runs/ behind
     code, out, err = _run_cli(capsys, argv)
     assert code == 2
     assert "error:" in err and "Traceback" not in err
     # Only the message counts: argparse's usage line above it lists every flag.
-    assert names in err[err.index("error:"):], err
-    if argv[0] == "train":
-        assert not os.path.exists(tmp_path / "runs")
+    assert name in err[err.index("error:"):], err
+    assert os.listdir(tmp_path) == []
 
 
-def test_unprepared_tfds_data_set_says_how_to_provide_data_dir(tmp_path, capsys):
-    code, _, err = _run_cli(capsys, ["train", "--dataset", "mnist", "--data-dir",
-                                     str(tmp_path / "empty"), "--output",
-                                     str(tmp_path / "run")])
+def test_unprepared_tfds_data_set_speaks_in_flags_without_absl_noise(
+        tmp_path, capsys, caplog):
+    empty = str(tmp_path / "empty")
+    with caplog.at_level(logging.DEBUG):
+        code, _, err = _run_cli(capsys, ["train", "--dataset", "fashion_mnist", "--data-dir",
+                                         empty, "--output", str(tmp_path / "run")])
     assert code == 2
-    assert err.startswith("tfp-glow: error:") and "data_dir" in err
-    assert not os.path.exists(tmp_path / "run" / "model.keras")
+    message = err[err.index("tfp-glow: error:"):]
+    assert message.startswith(f"tfp-glow: error: --dataset fashion_mnist is not prepared in "
+                              f"--data-dir {empty}: there is no {empty}/fashion_mnist/")
+    assert "tfds build fashion_mnist --data_dir DIR" in message
+    assert "pass --data-dir DIR" in message
+    # The library's wording (keyword arguments) is not what a CLI user types.
+    assert "data_dir=" not in err and "download=" not in err
+    # tensorflow-datasets' absl warning about the missing folder is not shown.
+    assert not [r for r in caplog.records if r.name == "absl"], caplog.records
+    assert "absl" not in err
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_help_exits_0(capsys):

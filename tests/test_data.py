@@ -82,6 +82,34 @@ def test_digits_dataset_seeded_noise_is_reproducible_and_fresh_each_epoch():
     assert [b.shape[0] for b in repeated.take(5)] == [100] * 5
 
 
+def test_evaluation_noise_is_per_example_whatever_the_batching():
+    """shuffle=False: example i always gets the noise of the stateless seed
+    [seed, i], at any batch size, at every pass and whatever the global seed."""
+    reference = _collect(data.digits_dataset("test", 360, shuffle=False, seed=3))
+    for batch in (1, 7, 64):
+        np.testing.assert_array_equal(
+            _collect(data.digits_dataset("test", batch, shuffle=False, seed=3)), reference)
+    ds = data.digits_dataset("test", 64, shuffle=False, seed=3)
+    np.testing.assert_array_equal(_collect(ds), _collect(ds))  # two passes
+    tf.random.set_seed(12345)  # what keras.utils.set_random_seed does in `train`
+    np.testing.assert_array_equal(
+        _collect(data.digits_dataset("test", 64, shuffle=False, seed=3)), reference)
+    levels = data.load_digits("test")[0]
+    for i in (0, 1, 359):
+        expected = data.preprocess(levels[i], 17, seed=tf.constant([3, i], tf.int64))
+        np.testing.assert_array_equal(reference[i], expected.numpy())
+    assert not np.array_equal(
+        reference, _collect(data.digits_dataset("test", 360, shuffle=False, seed=4)))
+    # Training noise (fresh_noise, the default with shuffle=True) changes every
+    # pass; asked for without shuffling it is still fresh, in the same order.
+    fresh = data.digits_dataset("test", 360, shuffle=False, fresh_noise=True, seed=3)
+    first, second = _collect(fresh), _collect(fresh)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(_bins(first, 17), _bins(second, 17))
+    unseeded = data.digits_dataset("test", 90, shuffle=False, seed=None)
+    np.testing.assert_array_equal(_collect(unseeded), _collect(unseeded))
+
+
 # ----------------------------------------------------- preprocess & bits
 
 
@@ -193,6 +221,9 @@ def test_tfds_not_available_error_names_dataset_and_data_dir(tmp_path):
         data.tfds_dataset("fashion_mnist", data_dir=str(tmp_path))
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
+    assert info.value.name == info.value.base_name == "fashion_mnist"
+    assert info.value.data_dir == str(tmp_path)
+    assert info.value.path.startswith(str(tmp_path / "fashion_mnist"))
     assert "fashion_mnist" in message and str(tmp_path) in message
     assert "tfds build fashion_mnist" in message and "data_dir=" in message
 
@@ -272,26 +303,39 @@ def test_toy_dataset_and_make_dataset():
 # ------------------------------------------------------------ bad arguments
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: data.load_digits("validation"), "split"),
-    (lambda: data.digits_dataset("val"), "split"),
-    (lambda: data.digits_dataset(batch_size=0), "batch_size"),
-    (lambda: data.digits_dataset(seed=1.5), "seed"),
-    (lambda: data.preprocess(tf.zeros([2]), 0), "num_bins"),
-    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 0), "n_bits"),
-    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 9), "n_bits"),
-    (lambda: data.tfds_dataset("mnist", n_bits=9), "n_bits"),
-    (lambda: data.tfds_dataset("mnist", image_size=-3), "image_size"),
-    (lambda: data.tfds_dataset("mnist", split=3), "split"),
-    (lambda: data.tfds_dataset("no_such_dataset_xyz"), "name"),
-    (lambda: data.tfds_dataset("imdb_reviews"), "name"),
-    (lambda: data.make_dataset("no_such_dataset_xyz"), "name"),
-    (lambda: data.dataset_info("mnist", n_bits=0), "n_bits"),
-    (lambda: data.toy_density("spiral", 10), "name"),
-    (lambda: data.toy_density("two_moons", 0), "num_samples"),
-    (lambda: data.toy_dataset("two_moons", 10, batch_size=-1), "batch_size"),
-    (lambda: data.make_dataset("two_moons", "validation"), "split"),
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: data.load_digits("validation"), ValueError,
+     r"`split` must be one of \('train', 'test', 'all'\); received 'validation'"),
+    (lambda: data.digits_dataset("val"), ValueError, r"`split` must be one of"),
+    (lambda: data.digits_dataset(batch_size=0), ValueError,
+     r"`batch_size` must be an int >= 1; received 0"),
+    (lambda: data.digits_dataset(batch_size=True), TypeError,
+     r"`batch_size` must be an int >= 1; received True"),
+    (lambda: data.digits_dataset(batch_size=np.int64(0)), ValueError, r"`batch_size`"),
+    (lambda: data.digits_dataset(seed=1.5), TypeError, r"`seed` must be an int or None"),
+    (lambda: data.digits_dataset(fresh_noise=1), TypeError, r"`fresh_noise` must be a bool"),
+    (lambda: data.digits_dataset(shuffle="yes"), TypeError, r"`shuffle` must be a bool"),
+    (lambda: data.preprocess(tf.zeros([2]), 0), ValueError, r"`num_bins` must be an int >= 1"),
+    (lambda: data.preprocess(tf.zeros([2], tf.int32), 17, seed=True), TypeError, r"`seed`"),
+    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 0), ValueError,
+     r"`n_bits` must be an int >= 1; received 0"),
+    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 9), ValueError,
+     r"`n_bits` must be an int in 1\.\.8; received 9"),
+    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 5.0), TypeError, r"`n_bits` must be an int"),
+    (lambda: data.tfds_dataset("mnist", n_bits=9), ValueError, r"`n_bits`"),
+    (lambda: data.tfds_dataset("mnist", image_size=-3), ValueError, r"`image_size`"),
+    (lambda: data.tfds_dataset("mnist", image_size=(8, True)), ValueError, r"`image_size`"),
+    (lambda: data.tfds_dataset("mnist", split=3), ValueError, r"`split`"),
+    (lambda: data.tfds_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
+    (lambda: data.tfds_dataset("imdb_reviews"), ValueError, r"`name`"),
+    (lambda: data.make_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
+    (lambda: data.dataset_info("mnist", n_bits=0), ValueError, r"`n_bits`"),
+    (lambda: data.toy_density("spiral", 10), ValueError, r"`name` must be one of"),
+    (lambda: data.toy_density("two_moons", 0), ValueError, r"`num_samples` must be an int >= 1"),
+    (lambda: data.toy_density("two_moons", 10.5), TypeError, r"`num_samples` must be an int"),
+    (lambda: data.toy_dataset("two_moons", 10, batch_size=-1), ValueError, r"`batch_size`"),
+    (lambda: data.make_dataset("two_moons", "validation"), ValueError, r"`split`"),
 ])
-def test_bad_arguments_raise_value_error_naming_the_argument(call, argument):
-    with pytest.raises(ValueError, match=f"`{argument}`"):
+def test_bad_arguments_raise_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
         call()

@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 
+from tfp_glow import checks
 from tfp_glow.images import save_image_grid
 
 __all__ = ["SampleGrid"]
@@ -45,17 +46,14 @@ class SampleGrid(keras.callbacks.Callback):
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise ValueError(f"`directory` must be a non-empty path; got {directory!r}.")
         self.directory = os.fspath(directory)
-        self.num_samples = _positive_int(num_samples, "num_samples")
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not temperature >= 0):
-            raise ValueError(f"`temperature` must be a number >= 0; got {temperature!r}.")
-        self.temperature = float(temperature)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int (grids are comparable); got {seed!r}.")
+        self.num_samples = checks.positive_int(num_samples, "num_samples")
+        self.temperature = checks.number(temperature, "temperature", minimum=0)
+        if not checks.is_int(seed):  # an int, so that successive grids are comparable
+            raise TypeError(f"`seed` must be an int; received {seed!r}.")
         self.seed = int(seed)
-        self.every_n_epochs = _positive_int(every_n_epochs, "every_n_epochs")
-        self.rows = None if rows is None else _positive_int(rows, "rows")
-        self.upscale = _positive_int(upscale, "upscale")
+        self.every_n_epochs = checks.positive_int(every_n_epochs, "every_n_epochs")
+        self.rows = checks.positive_int(rows, "rows", allow_none=True)
+        self.upscale = checks.positive_int(upscale, "upscale")
         self.labels = labels
         self.written = []  # paths written so far, in order
 
@@ -95,8 +93,3 @@ class SampleGrid(keras.callbacks.Callback):
         if epoch % self.every_n_epochs == 0:
             self.write(epoch)
 
-
-def _positive_int(value, arg_name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg_name}` must be a positive int; got {value!r}.")
-    return int(value)

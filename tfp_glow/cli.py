@@ -8,40 +8,34 @@
     tfp-glow export --run runs/digits-glow --export-dir /models/glow
     tfp-glow interpolate --run runs/digits-glow --output interp.png --steps 8
 
-A run directory (`--output` of `train`) holds:
-
-    config.json          model class + config, and the training arguments
-    checkpoints/         last.weights.h5 (every epoch), best.weights.h5 (lowest
-                         test bits/dim so far)
-    backup/              Keras BackupAndRestore state while training runs: re-run
-                         the same command after an interruption and it resumes
-    history.csv, history.json   per-epoch metrics (train and test)
-    samples/             SampleGrid PNGs every --sample-every epochs
-    samples.png          64 samples at temperature 0.7
-    temperature_sweep.png  one row per temperature 0, 0.25, 0.5, 0.7, 0.85, 1.0
-    model.keras          the trained model (`keras.saving.load_model`)
-    metrics.json         final test bits/dim and friends
-    export/<version>/    SavedModel with TF Serving signatures
+This module parses flags, checks them (all in `check_train_args` and the
+other `_check_*` functions, before anything is written), builds the data
+and the model, and prints; the training itself is `tfp_glow.recipe.train`,
+whose docstring describes the run directory (`--output` of `train`, `--run`
+of the other commands).
 
 `main(argv)` returns the exit code: 0 on success, 2 for bad arguments (argparse
 errors and the library's `ValueError`s, printed as `tfp-glow: error: ...`).
 """
 
-import argparse
-import csv
+import collections
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
-import time
 
-PROG = "tfp-glow"
-MODELS = ("glow", "realnvp", "nice")
-COUPLINGS = ("affine", "additive")
-PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
+from tfp_glow import recipe
+from tfp_glow.cli_args import COUPLINGS, MODELS, PERMUTATIONS, PROG, build_parser
+
+__all__ = ["COUPLINGS", "MODELS", "PERMUTATIONS", "PROG", "TrainPlan", "UsageError",
+           "build_parser", "check_train_args", "load_run_model", "main"]
+
 TOY_DATASETS = ("two_moons", "8gaussians", "checkerboard")
-TEMPERATURES = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
-SAMPLE_TEMPERATURE = 0.7
+TEMPERATURES = recipe.TEMPERATURES
+SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
+EVAL_BATCH = 256  # the test batch of `train`; any batch gives the same figure
 
 # Per-model defaults of the architecture flags (None on the command line means
 # "not given", so flags that do not apply to a model can be refused).
@@ -58,187 +52,6 @@ class UsageError(ValueError):
     """A bad combination of command-line arguments."""
 
 
-# ---------------------------------------------------------------- arguments
-
-
-def _number_type(parse, is_valid, expected):
-    """An argparse `type` parsing with `parse` and accepting `is_valid` values."""
-    def convert(text):
-        try:
-            value = parse(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return convert
-
-
-_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
-_nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number_type(
-    float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-_nonnegative_float = _number_type(
-    float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
-
-
-def _n_bits(text):
-    value = _positive_int(text)
-    if value > 8:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..8, got {text!r}")
-    return value
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" where a default says something (not None/flags)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        # `is`, not `in`: 0 == False would hide a default of 0.
-        if (not any(action.default is v for v in (None, True, False, argparse.SUPPRESS))
-                and "default" not in text):
-            text += " (default: %(default)s)"
-        return text
-
-
-def _add_train_parser(sub):
-    p = sub.add_parser(
-        "train", help="train a flow with Keras fit",
-        description="Train Glow, RealNVP or NICE with Keras fit. With no arguments: "
-                    "Glow on the built-in 8x8 digits (a few minutes on a laptop CPU).",
-        formatter_class=_HelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="glow", help="flow architecture")
-    p.add_argument("--dataset", default="digits",
-                   help="'digits' (built in), a tensorflow-datasets image data set "
-                        "(mnist, fashion_mnist, cifar10, celeb_a, svhn_cropped, ...) or a "
-                        "2-D toy density for realnvp/nice (two_moons, 8gaussians, "
-                        "checkerboard)")
-    p.add_argument("--data-dir", default=None,
-                   help="tensorflow-datasets data_dir holding the prepared data set")
-    p.add_argument("--n-bits", type=_n_bits, default=None,
-                   help="bits per channel kept from 8-bit tfds images (default 8); the "
-                        "digits have 17 native levels")
-    p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="resize tfds images to SIZE x SIZE (celeb_a defaults to 64)")
-    p.add_argument("--test-split", default="test", help="tfds split used for evaluation")
-    p.add_argument("--levels", type=_positive_int, default=None,
-                   help="scales L (glow: 2, realnvp: 2)")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="flow steps per level K (glow: 8); coupling layers for realnvp "
-                        "on vectors (8) and nice (4)")
-    p.add_argument("--width", type=_positive_int, default=None,
-                   help="hidden channels of the coupling networks (glow, realnvp: 64; "
-                        "nice: 256 hidden units)")
-    p.add_argument("--coupling", choices=COUPLINGS, default=None,
-                   help="glow only (default affine)")
-    p.add_argument("--permutation", choices=PERMUTATIONS, default=None,
-                   help="glow only (default conv_lu)")
-    p.add_argument("--conditional", action="store_true",
-                   help="class-conditional priors (needs a labelled data set)")
-    p.add_argument("--epochs", type=_positive_int, default=40, help="passes over the data")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=_nonnegative_int, default=100,
-                   help="linear learning-rate warmup")
-    p.add_argument("--lr-decay", choices=("cosine", "none"), default="cosine",
-                   help="after the warmup: cosine decay to 0 at the last step, or constant")
-    p.add_argument("--clipnorm", type=_positive_float, default=None,
-                   help="clip the global gradient norm (off by default: Adam's steps are "
-                        "already normalised; non-finite steps stop training either way)")
-    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
-                   help="cap the batches per epoch (smoke runs)")
-    p.add_argument("--strategy", choices=("default", "mirrored"), default="default",
-                   help="tf.distribute strategy ('mirrored': every local GPU)")
-    jit = p.add_mutually_exclusive_group()
-    jit.add_argument("--jit", dest="jit", action="store_true",
-                     help="compile the train step with XLA (faster steps, slower start)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false", help="(the default)")
-    p.set_defaults(jit=False)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds weights, shuffling, dequantization noise and samples")
-    p.add_argument("--sample-every", type=_nonnegative_int, default=5,
-                   help="write samples/samples_epoch_NNN.png every N epochs (0: never)")
-    p.add_argument("--output", default=None,
-                   help="run directory (default runs/<dataset>-<model>)")
-    p.add_argument("--no-export", dest="export", action="store_false",
-                   help="skip the SavedModel export at the end")
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
-                   help="Keras fit verbosity (default: progress bar on a terminal, "
-                        "one line per epoch otherwise)")
-    p.set_defaults(func=cmd_train)
-
-
-def _add_model_source(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory written by `tfp-glow train`")
-    src.add_argument("--model-file", help="a .keras file saved from a tfp_glow model")
-
-
-def build_parser():
-    """The `tfp-glow` argument parser: one sub-command per `cmd_*` function."""
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Glow, RealNVP and NICE normalizing flows for TensorFlow "
-                               "Probability with Keras 3.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(sub)
-
-    p = sub.add_parser("sample", help="write a PNG of samples from a trained model",
-                       formatter_class=_HelpFormatter)
-    _add_model_source(p)
-    p.add_argument("--num", type=_positive_int, default=64, help="number of samples")
-    p.add_argument("--temperature", type=_nonnegative_float, default=SAMPLE_TEMPERATURE,
-                   help="scales the latent: 0 gives the mode, 1 the model itself")
-    p.add_argument("--seed", type=int, default=0, help="seed of the (stateless) draw")
-    p.add_argument("--label", type=_nonnegative_int, default=None,
-                   help="class of every sample (conditional models; default: all classes "
-                        "in turn)")
-    p.add_argument("--upscale", type=_positive_int, default=None,
-                   help="enlarge each image (default: to about 32 pixels)")
-    p.add_argument("--output", default=None,
-                   help="PNG path (default <run>/samples_T<temperature>.png)")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("evaluate", help="test bits/dim of a trained run",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
-    p.add_argument("--split", default=None, help="split to evaluate (default: the test split)")
-    p.add_argument("--data-dir", default=None, help="override the run's tfds data_dir")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("export", help="write a TF Serving SavedModel",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
-    p.add_argument("--export-dir", default=None, help="model base path (default <run>/export)")
-    p.add_argument("--version", type=_nonnegative_int, default=None,
-                   help="version subdirectory (default: one more than the largest)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("interpolate",
-                       help="PNG of latent interpolations between test images",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
-    p.add_argument("--output", default=None, help="PNG path (default <run>/interpolation.png)")
-    p.add_argument("--steps", type=_positive_int, default=8,
-                   help="images per row, both ends included")
-    p.add_argument("--pairs", type=_positive_int, default=8, help="rows (pairs of images)")
-    p.add_argument("--seed", type=int, default=0, help="chooses the pairs")
-    p.add_argument("--data-dir", default=None, help="override the run's tfds data_dir")
-    p.set_defaults(func=cmd_interpolate)
-    return parser
-
-
-def _version():
-    try:
-        from importlib.metadata import version
-        return version("tfp-glow")
-    except Exception:  # not installed: running from a source tree
-        return "0.1.0"
-
-
 def main(argv=None):
     """Runs `tfp-glow` with `argv` (default `sys.argv[1:]`); returns the exit code."""
     parser = build_parser()
@@ -249,7 +62,7 @@ def main(argv=None):
     # TensorFlow's C++ start-up chatter is noise for a command-line user.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return args.func(args) or 0
+        return _COMMANDS[args.command](args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -259,7 +72,9 @@ def main(argv=None):
         return 130
 
 
-# --------------------------------------------------------------- data sets
+# -------------------------------------------------------------- flag checks
+
+TrainPlan = collections.namedtuple("TrainPlan", "kind arch info output")
 
 
 def _dataset_kind(name):
@@ -270,48 +85,37 @@ def _dataset_kind(name):
     return "tfds"
 
 
-def _dataset_info(cfg):
-    from tfp_glow import data
-    kind = _dataset_kind(cfg["dataset"])
+def check_train_args(args):
+    """Every check of `tfp-glow train`'s flags, before anything is written.
+
+    Returns a `TrainPlan`: the data kind ("digits", "toy", "tfds"), the
+    architecture (per-model defaults filled in), the data set's
+    `dataset_info` and the run directory.
+    """
+    kind = _dataset_kind(args.dataset)
     if kind != "tfds":
-        return data.dataset_info(cfg["dataset"])
-    try:
-        return data.dataset_info(cfg["dataset"], n_bits=cfg["n_bits"] or 8,
-                                 image_size=cfg["image_size"])
-    except ValueError as e:
-        raise UsageError(f"--dataset {cfg['dataset']!r}: {e}") from e
+        for flag, value in (("--n-bits", args.n_bits), ("--image-size", args.image_size)):
+            if value is not None:
+                raise UsageError(
+                    f"{flag} applies to tensorflow-datasets data sets, not --dataset "
+                    f"{args.dataset}" + (" (17 native levels)" if kind == "digits" else ""))
+    if kind == "toy" and args.model == "glow":
+        raise UsageError(
+            f"--dataset {args.dataset} is a 2-D toy density: use --model realnvp or "
+            f"--model nice (glow needs images).")
+    arch = _check_architecture(args, kind)
+    info = _dataset_info(vars(args))
+    if args.conditional and info["num_classes"] is None:
+        raise UsageError(
+            f"--conditional needs a labelled data set; --dataset {args.dataset} has no "
+            f"class labels.")
+    output = args.output or os.path.join("runs", f"{args.dataset}-{args.model}")
+    return TrainPlan(kind, arch, info, output)
 
 
-def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=None):
-    """`tf.data` pipeline for a run's data set (`cfg`: the training arguments)."""
-    from tfp_glow import data
-    name = cfg["dataset"]
-    kind = _dataset_kind(name)
-    common = dict(split=split, batch_size=batch_size, seed=cfg["seed"], shuffle=training)
-    labels = bool(cfg.get("conditional"))
-    if kind == "toy":
-        return data.make_dataset(name, **common)
-    if kind == "digits":
-        return data.digits_dataset(dequantize=dequantize, with_labels=labels, **common)
-    return data.tfds_dataset(
-        name, n_bits=cfg["n_bits"] or 8, image_size=cfg["image_size"],
-        data_dir=data_dir or cfg["data_dir"], dequantize=dequantize, with_labels=labels,
-        **common)
-
-
-def _num_batches(ds):
-    import tensorflow as tf
-    n = int(ds.cardinality())
-    return None if n in (int(tf.data.INFINITE_CARDINALITY),
-                         int(tf.data.UNKNOWN_CARDINALITY)) else n
-
-
-# ------------------------------------------------------------------- models
-
-
-def _resolve_architecture(args, kind):
+def _check_architecture(args, kind):
     """Per-model defaults; refuses flags that do not apply to `--model` on
-    data of `kind` (`_dataset_kind`)."""
+    data of `kind`."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
     for key in ("levels", "steps", "width", "coupling", "permutation"):
@@ -333,17 +137,89 @@ def _resolve_architecture(args, kind):
     return arch
 
 
+def _check_sample_labels(args, model):
+    """The labels `tfp-glow sample` draws: --label, every class in turn, or None."""
+    if model.num_classes is None:
+        if args.label is not None:
+            raise UsageError("--label applies to class-conditional models only.")
+        return None
+    if args.label is None:
+        return recipe.class_labels(model, args.num)
+    if args.label >= model.num_classes:
+        raise UsageError(f"--label must be < {model.num_classes} (the model's classes); "
+                         f"got {args.label}.")
+    return [args.label] * args.num
+
+
+# --------------------------------------------------------------- data sets
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """tensorflow-datasets logs through absl about folders it probes (e.g.
+    "Variant folder ... has no dataset_info.json" for a data set that is not
+    prepared): noise on a terminal, where the error message says what to do."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _dataset_info(cfg):
+    from tfp_glow import data
+    if _dataset_kind(cfg["dataset"]) != "tfds":
+        return data.dataset_info(cfg["dataset"])
+    try:
+        with _quiet_tfds():
+            return data.dataset_info(cfg["dataset"], n_bits=cfg["n_bits"] or 8,
+                                     image_size=cfg["image_size"])
+    except ValueError as e:
+        raise UsageError(f"--dataset {cfg['dataset']!r}: {e}") from e
+
+
+def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=None):
+    """`tf.data` pipeline for a run's data set (`cfg`: the training arguments).
+
+    Evaluation pipelines (`training=False`) keep every example's
+    dequantization noise fixed, so `train` and `evaluate` report one figure.
+    """
+    from tfp_glow import data
+    name = cfg["dataset"]
+    kind = _dataset_kind(name)
+    common = dict(split=split, batch_size=batch_size, seed=cfg["seed"], shuffle=training)
+    labels = bool(cfg.get("conditional"))
+    if kind == "toy":
+        return data.make_dataset(name, **common)
+    if kind == "digits":
+        return data.digits_dataset(dequantize=dequantize, with_labels=labels, **common)
+    try:
+        with _quiet_tfds():
+            return data.tfds_dataset(
+                name, n_bits=cfg["n_bits"] or 8, image_size=cfg["image_size"],
+                data_dir=data_dir or cfg["data_dir"], dequantize=dequantize,
+                with_labels=labels, **common)
+    except data.DatasetNotAvailableError as e:
+        where = (f"--data-dir {e.data_dir}" if data_dir or cfg["data_dir"] else
+                 f"{e.data_dir}, the tensorflow-datasets default (no --data-dir given)")
+        raise FileNotFoundError(
+            f"--dataset {name} is not prepared in {where}: there is no {e.path}. {PROG} "
+            f"never downloads data: run `tfds build {e.base_name} --data_dir DIR` on a "
+            f"machine with internet, copy DIR here and pass --data-dir DIR.") from None
+
+
+# ------------------------------------------------------------------- models
+
+
 def _build_model(args, info, arch):
     """The model `args` asks for on data described by `info`, with the
-    architecture `arch` from `_resolve_architecture`."""
+    architecture `arch` from `check_train_args`."""
     from tfp_glow import NICE, Glow, RealNVP
     shape = tuple(info["image_shape"])
     num_classes = info["num_classes"] if args.conditional else None
     if args.model == "glow":
-        if len(shape) != 3:
-            raise UsageError(
-                f"--model glow needs images; --dataset {args.dataset} is a 2-D toy "
-                f"density (use --model realnvp or nice).")
         return Glow(image_shape=shape, levels=arch["levels"], steps_per_level=arch["steps"],
                     hidden_channels=arch["width"], coupling=arch["coupling"],
                     permutation=arch["permutation"], num_classes=num_classes,
@@ -364,64 +240,13 @@ def _strategy(name):
     return tf.distribute.get_strategy()
 
 
-def _paths(run):
-    return dict(
-        config=os.path.join(run, "config.json"),
-        model=os.path.join(run, "model.keras"),
-        checkpoints=os.path.join(run, "checkpoints"),
-        last=os.path.join(run, "checkpoints", "last.weights.h5"),
-        best=os.path.join(run, "checkpoints", "best.weights.h5"),
-        backup=os.path.join(run, "backup"),
-        history_csv=os.path.join(run, "history.csv"),
-        history_json=os.path.join(run, "history.json"),
-        samples_dir=os.path.join(run, "samples"),
-        samples=os.path.join(run, "samples.png"),
-        sweep=os.path.join(run, "temperature_sweep.png"),
-        metrics=os.path.join(run, "metrics.json"),
-        export=os.path.join(run, "export"),
-    )
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_config(run):
-    if run is None or not os.path.isdir(run):
-        raise FileNotFoundError(f"--run {run!r} is not a directory.")
-    path = _paths(run)["config"]
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"--run {run!r} has no config.json: it is not a `tfp-glow train` run directory.")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _model_classes():
-    from tfp_glow import NICE, Glow, RealNVP
-    return {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE}
-
-
 def load_run_model(run):
-    """The trained model of a run: `model.keras`, else config + latest checkpoint."""
-    import keras
-    paths = _paths(run)
-    cfg = _read_config(run)
-    if os.path.exists(paths["model"]):
-        return keras.saving.load_model(paths["model"], compile=False), cfg
-    checkpoint = paths["last"]
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(
-            f"--run {run!r} has neither model.keras nor checkpoints/last.weights.h5: "
-            f"train it first (`{PROG} train --output {run}`).")
-    cls = _model_classes()[cfg["model_class"]]
-    model = cls.from_config(cfg["model_config"])
-    model.load_weights(checkpoint)
-    return model, cfg
+    """`(model, config)` of the run directory `run` (`recipe.load_run`), with
+    errors that name `--run`."""
+    try:
+        return recipe.load_run(run)
+    except recipe.RunNotFoundError as e:
+        raise FileNotFoundError(f"--run {e.run_dir!r} {e.problem}") from None
 
 
 def _load_model_file(path):
@@ -434,210 +259,53 @@ def _load_model_file(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def _default_labels(model, num):
-    import numpy as np
-    if model.num_classes is None:
-        return None
-    return np.arange(num, dtype=np.int64) % model.num_classes
-
-
-# ----------------------------------------------------------------- pictures
-
-
-def _upscale_for(model, upscale=None):
-    if upscale is not None:
-        return upscale
-    return max(1, 32 // max(model.event_shape[0], 1))
-
-
-def _points_picture(point_sets, path, extent=3.0, bins=128):
-    """One panel per point set: a 2-D histogram, dark where the points are dense."""
-    import numpy as np
-    from tfp_glow.images import image_grid, save_png
-    panels = []
-    for pts in point_sets:
-        pts = np.asarray(pts, np.float64)
-        pts = pts[np.all(np.isfinite(pts), axis=1)]
-        hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=bins,
-                                    range=[[-extent, extent], [-extent, extent]])
-        hist = hist[::-1]  # y up
-        level = np.log1p(hist) / max(np.log1p(hist).max(), 1e-12)
-        panels.append((255 * (1.0 - level)).astype(np.uint8)[..., None])
-    grid = image_grid(np.stack(panels), rows=1, border=2, border_value=0)
-    save_png(grid, path)
-    return grid
-
-
-def _write_samples(model, path, num, temperature, seed, labels=None, upscale=None):
-    """`num` samples at `temperature` as one PNG (image grid or 2-D histogram)."""
-    import numpy as np
-    from tfp_glow.images import save_image_grid
-    x = np.asarray(model.sample(num, temperature=temperature, seed=seed, labels=labels))
-    if len(model.event_shape) != 3:
-        return _points_picture([x], path)
-    rows = int(math.ceil(math.sqrt(num)))
-    return save_image_grid(x, path, num_bins=model.num_bins, rows=rows,
-                           upscale=_upscale_for(model, upscale))
-
-
-def _write_temperature_sweep(model, path, seed, columns=10):
-    """Rows = `TEMPERATURES`; every row decodes the same latents scaled by T."""
-    import numpy as np
-    from tfp_glow.images import save_image_grid
-    image_model = len(model.event_shape) == 3
-    num = columns if image_model else 5000
-    labels = _default_labels(model, num)
-    rows = [np.asarray(model.sample(num, temperature=t, seed=seed, labels=labels))
-            for t in TEMPERATURES]
-    if not image_model:
-        return _points_picture(rows, path)
-    return save_image_grid(np.concatenate(rows), path, num_bins=model.num_bins,
-                           rows=len(TEMPERATURES), upscale=_upscale_for(model))
+def _what_the_logs_mean(model):
+    """One line on the numbers Keras prints while a flow trains."""
+    d = model.num_dims
+    if model.num_bins is None:
+        bpd = f"loss / ({d} ln 2)"
+    else:
+        bpd = (f"(loss + {d} ln {model.num_bins}) / ({d} ln 2), the figure to compare; "
+               f"uniform = {math.log2(model.num_bins):.2f}")
+    return (f"{PROG}: loss = -log p(x) in nats per example (below 0 is fine: a density "
+            f"can exceed 1); bits_per_dim = {bpd}; nonfinite_steps = steps skipped for "
+            f"a NaN/inf (expect 0)")
 
 
 # ------------------------------------------------------------------ commands
 
 
-def _history_from_csv(path):
-    history = {}
-    if not os.path.exists(path):
-        return history
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    continue
-                history.setdefault(key, []).append(int(number) if key == "epoch" else number)
-    return history
-
-
-def _evaluate(model, ds):
-    """Mean NLL (nats) and bits/dim over a finite data set, via `Model.evaluate`."""
-    if getattr(model, "optimizer", None) is None:
-        model.compile(jit_compile=False)
-    result = model.evaluate(ds, verbose=0, return_dict=True)
-    return {"nll": float(result["loss"]), "bits_per_dim": float(result["bits_per_dim"])}
-
-
 def cmd_train(args):
-    """`tfp-glow train`: fit a model, then write checkpoints, history, PNGs,
-    `model.keras`, metrics and a SavedModel to the run directory (module
-    docstring)."""
-    kind = _dataset_kind(args.dataset)
-    if kind != "tfds":
-        for flag, value in (("--n-bits", args.n_bits), ("--image-size", args.image_size)):
-            if value is not None:
-                raise UsageError(
-                    f"{flag} applies to tensorflow-datasets data sets, not --dataset "
-                    f"{args.dataset}" + (" (17 native levels)" if kind == "digits" else ""))
-    if kind == "toy" and args.model == "glow":
-        raise UsageError(
-            f"--dataset {args.dataset} is a 2-D toy density: use --model realnvp or "
-            f"--model nice (glow needs images).")
-    arch = _resolve_architecture(args, kind)  # before the run directory exists
-    output = args.output or os.path.join("runs", f"{args.dataset}-{args.model}")
-    cfg = {key: value for key, value in vars(args).items() if key != "func"}
-    cfg["output"] = output
-    info = _dataset_info(cfg)
-    if args.conditional and info["num_classes"] is None:
-        raise UsageError(
-            f"--conditional needs a labelled data set; --dataset {args.dataset} has no "
-            f"class labels.")
-
+    """`tfp-glow train`: check the flags, build data and model, run
+    `recipe.train` (checkpoints, history, PNGs, metrics, model.keras and a
+    SavedModel in the run directory), print the outcome."""
+    plan = check_train_args(args)  # before the run directory exists
     import keras
-    from tfp_glow.callbacks import SampleGrid
-    from tfp_glow.export import export_saved_model
-    from tfp_glow.training import WarmupSchedule
-
     keras.utils.set_random_seed(args.seed)
+    cfg = {**vars(args), "output": plan.output}
     train_ds = _make_dataset(cfg, "train", args.batch_size, training=True)
-    test_ds = _make_dataset(cfg, args.test_split, max(args.batch_size, 256), training=False)
-    paths = _paths(output)
-    os.makedirs(paths["checkpoints"], exist_ok=True)
-    batches = _num_batches(train_ds)
-    steps_per_epoch = args.steps_per_epoch
-    if steps_per_epoch is not None:
-        if batches is not None:
-            steps_per_epoch = min(steps_per_epoch, batches)
-        train_ds = train_ds.repeat()  # a capped epoch must not exhaust the iterator
-    per_epoch = steps_per_epoch or batches
-    decay_steps = None
-    if args.lr_decay == "cosine" and per_epoch is not None:
-        decay_steps = max(per_epoch * args.epochs - args.warmup_steps, 1)
-
-    strategy = _strategy(args.strategy)
-    with strategy.scope():
-        model = _build_model(args, info, arch)
-        schedule = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps,
-                                  decay_steps=decay_steps)
-        model.compile(keras.optimizers.Adam(schedule, global_clipnorm=args.clipnorm),
-                      jit_compile=args.jit)
-    cfg["model_class"] = type(model).__name__
-    cfg["model_config"] = model.get_config()
-    cfg["num_parameters"] = int(model.count_params())
-    cfg["dataset_info"] = info
-    _write_json(paths["config"], cfg)
-
-    resuming = os.path.isdir(paths["backup"]) and bool(os.listdir(paths["backup"]))
-    if not resuming and os.path.exists(paths["history_csv"]):
-        os.remove(paths["history_csv"])  # a fresh run: don't append to an old one
-    callbacks = [
-        keras.callbacks.BackupAndRestore(paths["backup"]),
-        keras.callbacks.ModelCheckpoint(paths["last"], save_weights_only=True),
-        keras.callbacks.ModelCheckpoint(paths["best"], save_weights_only=True,
-                                        monitor="val_bits_per_dim", mode="min",
-                                        save_best_only=True),
-        keras.callbacks.CSVLogger(paths["history_csv"], append=True),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-    if args.sample_every and len(info["image_shape"]) == 3:
-        callbacks.append(SampleGrid(paths["samples_dir"], num_samples=64,
-                                    temperature=SAMPLE_TEMPERATURE, seed=args.seed,
-                                    every_n_epochs=args.sample_every, rows=8,
-                                    upscale=_upscale_for(model)))
-    verbose = args.verbose
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
-    what = f"{cfg['model_class']} ({cfg['num_parameters']:,} parameters)"
-    print(f"{PROG}: training {what} on {args.dataset} {tuple(info['image_shape'])} "
-          f"for {args.epochs} epochs -> {output}" + (" (resuming)" if resuming else ""),
-          flush=True)
-
-    start = time.time()
-    # shuffle=False: the pipelines shuffle themselves (Keras would only warn).
-    model.fit(train_ds, epochs=args.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              validation_data=test_ds, callbacks=callbacks, verbose=verbose)
-    train_seconds = time.time() - start
-
-    history = _history_from_csv(paths["history_csv"])
-    _write_json(paths["history_json"], history)
-    test = _evaluate(model, test_ds)
-    metrics = {
-        "test_bits_per_dim": test["bits_per_dim"],
-        "test_nll": test["nll"],
-        "train_bits_per_dim": history.get("bits_per_dim", [float("nan")])[-1],
-        "best_test_bits_per_dim": min(history.get("val_bits_per_dim", [test["bits_per_dim"]])),
-        "epochs": len(history.get("epoch", [])),
-        "train_seconds": round(train_seconds, 1),
-        "num_parameters": cfg["num_parameters"],
-        "test_split": args.test_split,
-    }
-    _write_json(paths["metrics"], metrics)
-
-    labels = _default_labels(model, 64)
-    _write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, args.seed, labels)
-    _write_temperature_sweep(model, paths["sweep"], args.seed)
-    model.save(paths["model"])
-    exported = None
-    if args.export:
-        exported = export_saved_model(model, paths["export"])
-    print(f"{PROG}: test bits/dim {metrics['test_bits_per_dim']:.4f} "
-          f"(train {metrics['train_bits_per_dim']:.4f}) after {metrics['epochs']} epochs, "
-          f"{train_seconds:.0f} s of training")
+    test_ds = _make_dataset(cfg, args.test_split, max(args.batch_size, EVAL_BATCH),
+                            training=False)
+    with _strategy(args.strategy).scope():
+        model = _build_model(args, plan.info, plan.arch)
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    resuming = " (resuming)" if recipe.has_backup(plan.output) else ""
+    print(f"{PROG}: training {type(model).__name__} ({model.count_params():,} parameters) "
+          f"on {args.dataset} {tuple(plan.info['image_shape'])} for {args.epochs} epochs "
+          f"-> {plan.output}{resuming}\n{_what_the_logs_mean(model)}", flush=True)
+    result = recipe.train(
+        model, train_ds, test_ds, run_dir=plan.output, epochs=args.epochs,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay,
+        clipnorm=args.clipnorm, steps_per_epoch=args.steps_per_epoch, jit_compile=args.jit,
+        seed=args.seed, sample_every=args.sample_every, export=args.export, verbose=verbose,
+        config={**cfg, "dataset_info": plan.info},
+        extra_metrics={"test_split": args.test_split})
+    m, paths = result.metrics, result.paths
+    print(f"{PROG}: test bits/dim {m['test_bits_per_dim']:.4f} (train "
+          f"{m['train_bits_per_dim']:.4f}) after {m['epochs']} epochs, "
+          f"{m['train_seconds']:.0f} s of training")
     print(f"{PROG}: wrote {paths['samples']}, {paths['sweep']}, {paths['model']}"
-          + (f", SavedModel {exported}" if exported else ""))
+          + (f", SavedModel {result.export_path}" if result.export_path else ""))
     return 0
 
 
@@ -647,32 +315,25 @@ def cmd_sample(args):
         model, _ = load_run_model(args.run)
         output = args.output or os.path.join(args.run, f"samples_T{args.temperature:g}.png")
     else:
-        model = _load_model_file(args.model_file)
         if args.output is None:
             raise UsageError("--output is required with --model-file.")
+        model = _load_model_file(args.model_file)
         output = args.output
-    labels = None
-    if model.num_classes is not None:
-        if args.label is not None and args.label >= model.num_classes:
-            raise UsageError(
-                f"--label must be < {model.num_classes} (the model's classes); "
-                f"got {args.label}.")
-        labels = (_default_labels(model, args.num) if args.label is None
-                  else [args.label] * args.num)
-    elif args.label is not None:
-        raise UsageError("--label applies to class-conditional models only.")
-    _write_samples(model, output, args.num, args.temperature, args.seed, labels,
-                   upscale=args.upscale)
+    labels = _check_sample_labels(args, model)
+    recipe.write_samples(model, output, args.num, args.temperature, args.seed, labels,
+                         upscale=args.upscale)
     print(output)
     return 0
 
 
 def cmd_evaluate(args):
-    """`tfp-glow evaluate`: bits/dim and NLL of a run's model on a data split."""
+    """`tfp-glow evaluate`: bits/dim and NLL of a run's model on a data split
+    (the same figure as the run's metrics.json on its test split, at any
+    --batch-size)."""
     model, cfg = load_run_model(args.run)
     split = args.split or cfg.get("test_split", "test")
     ds = _make_dataset(cfg, split, args.batch_size, training=False, data_dir=args.data_dir)
-    result = _evaluate(model, ds)
+    result = recipe.evaluate(model, ds)
     report = {"split": split, "bits_per_dim": result["bits_per_dim"], "nll": result["nll"],
               "dataset": cfg["dataset"], "model": cfg["model_class"]}
     if args.json:
@@ -687,7 +348,7 @@ def cmd_export(args):
     """`tfp-glow export`: a run's model as a versioned TF Serving SavedModel."""
     from tfp_glow.export import export_saved_model
     model, _ = load_run_model(args.run)
-    export_dir = args.export_dir or _paths(args.run)["export"]
+    export_dir = args.export_dir or recipe.run_paths(args.run)["export"]
     path = export_saved_model(model, export_dir, version=args.version,
                               overwrite=args.overwrite)
     print(path)
@@ -724,9 +385,13 @@ def cmd_interpolate(args):
                           num_steps=args.steps, labels=pair_labels)
     x = np.transpose(np.asarray(x), (1, 0, 2, 3, 4)).reshape((-1,) + model.event_shape)
     save_image_grid(x, output, num_bins=model.num_bins, rows=args.pairs,
-                    upscale=_upscale_for(model))
+                    upscale=recipe.default_upscale(model))
     print(output)
     return 0
+
+
+_COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
+             "export": cmd_export, "interpolate": cmd_interpolate}
 
 
 if __name__ == "__main__":

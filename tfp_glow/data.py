@@ -12,6 +12,10 @@ so ``x`` lies in ``[-0.5, 0.5]`` and ``floor((x + 0.5) * n_bins) == k``. A
 continuous density ``p`` on ``x`` then bounds the discrete likelihood,
 ``log P(k) >= E_u[log p(x)] - D log(n_bins)`` (D = pixels x channels).
 
+The noise of an evaluation pipeline (``shuffle=False``) is fixed per example,
+so a test figure does not depend on the batch size; training pipelines draw
+fresh noise every epoch (`tfp_glow.dequantization.finish_pipeline`).
+
 Machines here are offline, so besides tensorflow-datasets pipelines this
 module provides the scikit-learn 8x8 digits (bundled, 1,797 real images) and
 2-D toy densities generated on the fly.
@@ -35,6 +39,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfp_glow import checks
+from tfp_glow.dequantization import (SHUFFLE_BUFFER, check_n_bits, check_pipeline_args,
+                                     finish_pipeline, preprocess, reduce_bits)
+
 __all__ = [
     "DATASETS",
     "DIGITS_NUM_BINS",
@@ -55,149 +63,22 @@ __all__ = [
 
 DIGITS_NUM_BINS = 17  # scikit-learn digits hold integer levels 0..16
 DIGITS_NUM_TRAIN = 1437  # of 1,797: a fixed 80/20 split
-SHUFFLE_BUFFER = 10_000
 TFDS_IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped", "celeb_a")
 TOY_DENSITIES = ("two_moons", "8gaussians", "checkerboard")
 CELEB_A_CROP = 148  # openai/glow & RealNVP: central 148x148 crop, then resize
 
-# Fraction of a bin kept clear at each edge by the dequantization noise:
-# float32 rounding of (k + u) / n_bins - 0.5 is below 1e-5 of a bin for
-# n_bins <= 256, so this margin guarantees floor((x + 0.5) * n_bins) == k.
-# It narrows U(0, 1) to U(eps, 1 - eps), costing < 3e-4 bits/dim in the bound.
-_DEQUANT_EPS = 1e-4
-
 
 class DatasetNotAvailableError(FileNotFoundError):
-    """A tensorflow-datasets data set is not prepared and may not be downloaded."""
+    """A tensorflow-datasets data set is not prepared and may not be downloaded.
 
-
-def _check_choice(arg, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{arg}` must be one of {sorted(allowed)}, got {value!r}.")
-
-
-def _check_positive_int(arg, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
-
-
-# --------------------------------------------------------------------------
-# Quantization and dequantization.
-
-
-def reduce_bits(images_uint8, n_bits):
-    """Reduces 8-bit pixels to ``n_bits``: ``k = floor(pixel / 2**(8 - n_bits))``.
-
-    Args:
-      images_uint8: integer tensor or array with values in ``0..255``.
-      n_bits: int in ``1..8``; the result has ``2**n_bits`` levels.
-
-    Returns:
-      A `tf.uint8` tensor of levels in ``0..2**n_bits - 1``, same shape.
+    Attributes: `name` (as given), `base_name` (without version or config),
+    `data_dir` (the folder searched) and `path` (the folder that was missing).
     """
-    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not (
-        1 <= n_bits <= 8
-    ):
-        raise ValueError(f"`n_bits` must be an integer in 1..8, got {n_bits!r}.")
-    images = tf.convert_to_tensor(images_uint8)
-    _check_levels("images_uint8", images, 256,
-                  "8-bit pixels (floats in [0, 1] would all floor to level 0)")
-    images = tf.cast(images, tf.int32)
-    return tf.cast(images // (2 ** (8 - int(n_bits))), tf.uint8)
 
-
-def _check_levels(arg, images, num_bins, what):
-    """Eagerly: `images` holds integer values in ``0..num_bins - 1``.
-
-    Inside `tf.data` maps and `tf.function` (graph mode) nothing is checked:
-    the pipelines here produce valid levels by construction.
-    """
-    if not (images.dtype.is_integer or images.dtype.is_floating):
-        raise TypeError(f"`{arg}` must be integer levels; got dtype {images.dtype.name}.")
-    if not tf.executing_eagerly() or tf.size(images) == 0:
-        return
-    values = tf.cast(images, tf.float64)
-    lo, hi = float(tf.reduce_min(values)), float(tf.reduce_max(values))
-    integral = bool(tf.reduce_all(tf.equal(values, tf.floor(values))))
-    if not (integral and lo >= 0 and hi <= num_bins - 1):
-        raise ValueError(
-            f"`{arg}` must hold integer levels in 0..{num_bins - 1} ({what}); got values "
-            f"in [{lo:g}, {hi:g}]{'' if integral else ', not all integers'}.")
-
-
-def _as_stateless_seed(seed):
-    """Python int -> [seed, 0]; a length-2 tensor passes through (tf.data seeds)."""
-    if isinstance(seed, (int, np.integer)):
-        return tf.constant([int(seed), 0], tf.int64)
-    return tf.cast(seed, tf.int64)
-
-
-def preprocess(images, num_bins, dequantize=True, seed=None):
-    """Maps integer levels ``k`` to float32 model inputs in ``[-0.5, 0.5]``.
-
-        dequantize=True:   x = (k + u) / num_bins - 0.5,  u ~ U(eps, 1 - eps)
-        dequantize=False:  x = (k + 0.5) / num_bins - 0.5
-
-    with ``eps = 1e-4`` keeping every ``x`` strictly inside its bin despite
-    float32 rounding, so ``floor((x + 0.5) * num_bins) == k`` always holds.
-
-    Args:
-      images: integer (or integer-valued) tensor of levels ``0..num_bins - 1``.
-      num_bins: number of levels, e.g. ``2**n_bits`` or `DIGITS_NUM_BINS`.
-      dequantize: add uniform noise (training) or take the bin centre.
-      seed: `None` (stateful RNG), a Python int, or a shape-[2] integer tensor;
-        a seed makes the noise reproducible (stateless RNG), also in `tf.data`.
-
-    Returns:
-      float32 tensor shaped like `images`.
-    """
-    _check_positive_int("num_bins", num_bins)
-    images = tf.convert_to_tensor(images)
-    _check_levels("images", images, num_bins,
-                  "8-bit pixels need `reduce_bits` first unless num_bins=256")
-    k = tf.cast(images, tf.float32)
-    if not dequantize:
-        u = 0.5
-    else:
-        shape = tf.shape(k)
-        if seed is None:
-            u = tf.random.uniform(shape, _DEQUANT_EPS, 1.0 - _DEQUANT_EPS)
-        else:
-            u = tf.random.stateless_uniform(
-                shape, _as_stateless_seed(seed), _DEQUANT_EPS, 1.0 - _DEQUANT_EPS
-            )
-    # k / n - 0.5 first, then u / n: rounding stays at the scale of x, not of k.
-    return (k / num_bins - 0.5) + u / num_bins
-
-
-def _finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
-                     seed, repeat, drop_remainder, shuffle_buffer):
-    """(levels, label) elements -> shuffled, batched, dequantized, prefetched."""
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if dequantize:
-        # One stateless seed per batch, drawn from a seeded stream that is
-        # re-randomised each epoch: reproducible runs, fresh noise every epoch.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (preprocess(xy[0], num_bins, True, s), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    else:
-        ds = ds.map(lambda x, y: (preprocess(x, num_bins, False), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-    if not with_labels:
-        ds = ds.map(lambda x, y: x)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _check_pipeline_args(batch_size, seed):
-    _check_positive_int("batch_size", batch_size)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"`seed` must be an int or None, got {seed!r}.")
+    def __init__(self, message, name=None, data_dir=None, path=None):
+        super().__init__(message)
+        self.name, self.data_dir, self.path = name, data_dir, path
+        self.base_name = None if name is None else _base_name(name)
 
 
 # --------------------------------------------------------------------------
@@ -225,7 +106,7 @@ def load_digits(split="train"):
       ``(images, labels)``: uint8 ``[N, 8, 8, 1]`` with levels ``0..16``
       (`DIGITS_NUM_BINS` = 17) and int64 ``[N]`` classes ``0..9``.
     """
-    _check_choice("split", split, ("train", "test", "all"))
+    checks.choice(split, ("train", "test", "all"), "split")
     images, labels = _digits_arrays()
     part = {"train": slice(0, DIGITS_NUM_TRAIN), "test": slice(DIGITS_NUM_TRAIN, None),
             "all": slice(None)}[split]
@@ -233,18 +114,24 @@ def load_digits(split="train"):
 
 
 def digits_dataset(split="train", batch_size=64, dequantize=True, shuffle=True,
-                   with_labels=False, seed=0, repeat=False, drop_remainder=False):
+                   with_labels=False, seed=0, repeat=False, drop_remainder=False,
+                   fresh_noise=None):
     """`tf.data` pipeline over `load_digits`: float32 ``[B, 8, 8, 1]`` batches.
 
     Values are ``preprocess(k, 17, dequantize)``, i.e. ``(k + u)/17 - 0.5``;
     with `with_labels` the elements are ``(image, label)`` with int64 labels.
+    `fresh_noise` (default: the value of `shuffle`) draws new dequantization
+    noise at every pass (training); otherwise every example keeps the noise
+    of its stateless seed ``[seed, index]`` (evaluation: the same figure at
+    any batch size). A training pipeline shuffles itself (Keras `fit` never
+    reorders a `tf.data.Dataset`).
     """
-    _check_pipeline_args(batch_size, seed)
+    fresh_noise = check_pipeline_args(batch_size, seed, fresh_noise, shuffle)
     images, labels = load_digits(split)
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    return _finish_pipeline(ds, DIGITS_NUM_BINS, batch_size, dequantize, shuffle,
+    return finish_pipeline(ds, DIGITS_NUM_BINS, batch_size, dequantize, shuffle,
                             with_labels, seed, repeat, drop_remainder,
-                            shuffle_buffer=len(images))
+                            shuffle_buffer=len(images), fresh_noise=fresh_noise)
 
 
 # --------------------------------------------------------------------------
@@ -254,18 +141,16 @@ def digits_dataset(split="train", batch_size=64, dequantize=True, shuffle=True,
 def _image_size_pair(image_size):
     if image_size is None:
         return None
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        pair = (int(image_size), int(image_size))
+    if checks.is_int(image_size):
+        pair = (image_size, image_size)
     elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
         pair = tuple(image_size)
     else:
         pair = None
-    if pair is None or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair
-    ):
+    if pair is None or not all(checks.is_int(v) and v > 0 for v in pair):
         raise ValueError(
-            f"`image_size` must be None, a positive int or a (height, width) pair, "
-            f"got {image_size!r}.")
+            f"`image_size` must be None, a positive int or a (height, width) pair; "
+            f"received {image_size!r}.")
     return tuple(int(v) for v in pair)
 
 
@@ -304,14 +189,15 @@ def _base_name(name):
 
 
 def _not_available(name, builder, data_dir):
-    root = data_dir if data_dir is not None else os.environ.get(
-        "TFDS_DATA_DIR", tfds.core.constants.DATA_DIR)
+    root = str(data_dir if data_dir is not None else os.environ.get(
+        "TFDS_DATA_DIR", tfds.core.constants.DATA_DIR))
     return DatasetNotAvailableError(
-        f"Data set {name!r} is not prepared in data_dir={str(root)!r} "
+        f"Data set {name!r} is not prepared in data_dir={root!r} "
         f"(looked for {builder.data_dir}) and download=False. This machine is "
         f"offline: run `tfds build {_base_name(name)} --data_dir {root}` on a machine "
         f"with internet and copy that folder here, or pass `data_dir=` pointing at a "
-        f"prepared copy (download=True only works with internet).")
+        f"prepared copy (download=True only works with internet).",
+        name=name, data_dir=root, path=str(builder.data_dir))
 
 
 def dataset_info(name, n_bits=8, image_size=None):
@@ -327,14 +213,15 @@ def dataset_info(name, n_bits=8, image_size=None):
         return dict(image_shape=(8, 8, 1), num_bins=DIGITS_NUM_BINS, num_classes=10)
     if name in TOY_DENSITIES:
         return dict(image_shape=(2,), num_bins=None, num_classes=None)
-    reduce_bits(np.zeros([1], np.uint8), n_bits)  # validates n_bits
+    check_n_bits(n_bits)
     shape, num_classes, _ = _image_spec(_tfds_builder(name), name, image_size)
     return dict(image_shape=shape, num_bins=2 ** int(n_bits), num_classes=num_classes)
 
 
 def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
                  data_dir=None, dequantize=True, shuffle=True, with_labels=False,
-                 seed=0, repeat=False, drop_remainder=False, download=False):
+                 seed=0, repeat=False, drop_remainder=False, download=False,
+                 fresh_noise=None):
     """`tf.data` pipeline over a tensorflow-datasets image data set.
 
     Per image: (celeb_a only) central 148x148 crop; optional area resize to
@@ -349,16 +236,19 @@ def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
       with_labels: yield ``(image, label)``; needs a "label" feature.
       data_dir: where prepared tfds data lives (tfds default if None).
       download: call ``download_and_prepare`` first (needs internet).
+      fresh_noise: new dequantization noise at every pass (default: the value
+        of `shuffle`); if False, example ``i`` of the split always gets the
+        noise of the stateless seed ``[seed, i]``, at any batch size.
 
     Raises:
       DatasetNotAvailableError: the data set is not prepared in `data_dir`
         and `download` is False.
       ValueError: an argument value is not allowed (the message names it).
     """
-    _check_pipeline_args(batch_size, seed)
+    fresh_noise = check_pipeline_args(batch_size, seed, fresh_noise, shuffle)
     if not isinstance(split, str) or not split:
         raise ValueError(f"`split` must be a tfds split string such as 'train', got {split!r}.")
-    reduce_bits(np.zeros([1], np.uint8), n_bits)  # validates n_bits
+    check_n_bits(n_bits)
     num_bins = 2 ** int(n_bits)
     builder = _tfds_builder(name, data_dir)
     _, num_classes, size = _image_spec(builder, name, image_size)
@@ -392,8 +282,9 @@ def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
         return reduce_bits(image, n_bits), label
 
     ds = ds.map(to_levels, num_parallel_calls=tf.data.AUTOTUNE)
-    return _finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
-                            seed, repeat, drop_remainder, shuffle_buffer=SHUFFLE_BUFFER)
+    return finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
+                            seed, repeat, drop_remainder, shuffle_buffer=SHUFFLE_BUFFER,
+                            fresh_noise=fresh_noise)
 
 
 # --------------------------------------------------------------------------
@@ -421,8 +312,8 @@ def toy_density(name, num_samples, seed=0):
       num_samples: positive int.
       seed: anything `np.random.default_rng` accepts (int or int sequence).
     """
-    _check_choice("name", name, TOY_DENSITIES)
-    _check_positive_int("num_samples", num_samples)
+    checks.choice(name, TOY_DENSITIES, "name")
+    num_samples = checks.positive_int(num_samples, "num_samples")
     rng = np.random.default_rng(seed)
     n = int(num_samples)
     if name == "two_moons":
@@ -451,7 +342,7 @@ def toy_density(name, num_samples, seed=0):
 
 def toy_dataset(name, num_samples, batch_size, seed=0, shuffle=True):
     """`tf.data` pipeline of float32 ``[B, 2]`` batches of `toy_density` points."""
-    _check_pipeline_args(batch_size, seed)
+    check_pipeline_args(batch_size, seed, None, shuffle)
     return _points_dataset(toy_density(name, num_samples, seed), batch_size, seed, shuffle)
 
 
@@ -465,8 +356,8 @@ def _points_dataset(points, batch_size, seed, shuffle):
 def _toy_split_dataset(name, split="train", batch_size=64, num_samples=None, seed=0,
                        shuffle=True):
     """Train/test draws of a toy density from independent seeds ``(seed, split)``."""
-    _check_choice("split", split, ("train", "test"))
-    _check_pipeline_args(batch_size, seed)
+    checks.choice(split, ("train", "test"), "split")
+    check_pipeline_args(batch_size, seed, None, shuffle)
     if num_samples is None:
         num_samples = 10_000 if split == "train" else 2_000
     index = 0 if split == "train" else 1

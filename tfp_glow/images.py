@@ -9,7 +9,8 @@ Models see images in `[-0.5, 0.5]`: level `k` of `num_bins` sits at
 
 `image_grid` tiles a batch into one picture and `save_png` writes it with
 Pillow; `save_image_grid` does all three (plus a nearest-neighbour upscale,
-so an 8x8 digit is visible).
+so an 8x8 digit is visible). `save_points_picture` shows 2-D points (toy
+densities) as histograms.
 
 #### Examples
 
@@ -24,20 +25,9 @@ import os
 
 import numpy as np
 
-__all__ = ["to_uint8", "image_grid", "save_png", "save_image_grid"]
+from tfp_glow import checks
 
-
-def _check_num_bins(num_bins):
-    if (isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer))
-            or num_bins < 2):
-        raise ValueError(f"`num_bins` must be an int >= 2; got {num_bins!r}.")
-    return int(num_bins)
-
-
-def _check_positive_int(value, arg_name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{arg_name}` must be a positive int; got {value!r}.")
-    return int(value)
+__all__ = ["to_uint8", "image_grid", "save_png", "save_image_grid", "save_points_picture"]
 
 
 def to_uint8(x, num_bins=256):
@@ -47,7 +37,7 @@ def to_uint8(x, num_bins=256):
     `round(k * 255 / (num_bins - 1))`. Accepts NumPy arrays and tensors of any
     shape; values outside the range (e.g. samples at high temperature) clip.
     """
-    num_bins = _check_num_bins(num_bins)
+    num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
     x = np.asarray(x, dtype=np.float64)
     # NaN would turn into an arbitrary integer; show it as black instead.
     x = np.nan_to_num(x, nan=-0.5, posinf=0.5, neginf=-0.5)
@@ -76,12 +66,10 @@ def image_grid(images, rows=None, border=1, border_value=255):
         raise ValueError("`images` is empty.")
     if rows is None:
         rows = int(math.ceil(math.sqrt(n)))
-    rows = _check_positive_int(rows, "rows")
+    rows = checks.positive_int(rows, "rows")
     rows = min(rows, n)
     cols = int(math.ceil(n / rows))
-    if isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0:
-        raise ValueError(f"`border` must be an int >= 0; got {border!r}.")
-    b = int(border)
+    b = checks.positive_int(border, "border", minimum=0)
     grid = np.full((rows * (h + b) + b, cols * (w + b) + b, c), border_value, np.uint8)
     for i in range(n):
         r, col = divmod(i, cols)
@@ -117,12 +105,41 @@ def save_image_grid(x, path, num_bins=256, rows=None, upscale=1):
     nearest-neighbour repetition, then `image_grid(..., rows)` and
     `save_png`. Returns the grid array that was written.
     """
-    upscale = _check_positive_int(upscale, "upscale")
+    upscale = checks.positive_int(upscale, "upscale")
     images = to_uint8(x, num_bins)
     if images.ndim != 4:
         raise ValueError(f"`x` must have shape [N, H, W, C]; got {images.shape}.")
     if upscale > 1:
         images = np.repeat(np.repeat(images, upscale, axis=1), upscale, axis=2)
     grid = image_grid(images, rows=rows)
+    save_png(grid, path)
+    return grid
+
+
+def save_points_picture(point_sets, path, extent=3.0, bins=128):
+    """Writes one panel per set of 2-D points as a PNG: a 2-D histogram.
+
+    Each panel bins the finite points of one `[N, 2]` array on a `bins` x
+    `bins` grid over `[-extent, extent]^2` (y up) and shows
+    `255 * (1 - log1p(count) / max log1p(count))`: dark where points are
+    dense, white where there are none. Panels sit side by side, 2-pixel black
+    borders. Returns the grid array that was written.
+    """
+    bins = checks.positive_int(bins, "bins")
+    extent = checks.number(extent, "extent", minimum=0, exclusive_minimum=True)
+    panels = []
+    for pts in point_sets:
+        pts = np.asarray(pts, np.float64)
+        if pts.ndim != 2 or pts.shape[-1] != 2:
+            raise ValueError(f"`point_sets` must hold [N, 2] arrays; got shape {pts.shape}.")
+        pts = pts[np.all(np.isfinite(pts), axis=1)]
+        hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=bins,
+                                    range=[[-extent, extent], [-extent, extent]])
+        hist = hist[::-1]  # y up
+        level = np.log1p(hist) / max(np.log1p(hist).max(), 1e-12)
+        panels.append((255 * (1.0 - level)).astype(np.uint8)[..., None])
+    if not panels:
+        raise ValueError("`point_sets` is empty.")
+    grid = image_grid(np.stack(panels), rows=1, border=2, border_value=0)
     save_png(grid, path)
     return grid

@@ -1,0 +1,393 @@
+"""The training recipe of `tfp-glow train`, as one library function.
+
+`train` takes a built model and `tf.data` pipelines and does what the
+command does with them: Adam with a warmup (then cosine or constant)
+schedule, checkpoints, resumable training, per-epoch history, a final test
+evaluation, sample PNGs, `model.keras` and a SavedModel, all in one run
+directory. The command only parses flags, builds the data and the model,
+and prints.
+
+#### Examples
+
+```python
+import tfp_glow
+from tfp_glow import data, recipe
+
+model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
+                      hidden_channels=64, num_bins=data.DIGITS_NUM_BINS)
+result = recipe.train(
+    model, data.digits_dataset("train", 64), data.digits_dataset("test", 256, shuffle=False),
+    run_dir="runs/my-digits", epochs=40, learning_rate=3e-3, warmup_steps=100)
+result.metrics["test_bits_per_dim"]         # also in runs/my-digits/metrics.json
+model, config = recipe.load_run("runs/my-digits")
+```
+
+A run directory (`run_paths`) holds:
+
+    config.json          model class + config, and the training arguments
+    checkpoints/         last.weights.h5 (every epoch), best.weights.h5 (lowest
+                         test bits/dim so far)
+    backup/              Keras BackupAndRestore state while training runs: call
+                         `train` again with the same run_dir and it resumes
+    history.csv, history.json   per-epoch metrics (train and test)
+    samples/             SampleGrid PNGs every `sample_every` epochs
+    samples.png          64 samples at temperature 0.7
+    temperature_sweep.png  one row per temperature 0, 0.25, 0.5, 0.7, 0.85, 1.0
+    model.keras          the trained model (`keras.saving.load_model`)
+    metrics.json         final test bits/dim and friends
+    export/<version>/    SavedModel with TF Serving signatures
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+
+from tfp_glow import checks
+
+__all__ = [
+    "LR_DECAYS",
+    "RunNotFoundError",
+    "SAMPLE_TEMPERATURE",
+    "TEMPERATURES",
+    "TrainResult",
+    "class_labels",
+    "default_upscale",
+    "evaluate",
+    "has_backup",
+    "load_run",
+    "read_config",
+    "run_paths",
+    "train",
+    "write_samples",
+    "write_temperature_sweep",
+]
+
+TEMPERATURES = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
+SAMPLE_TEMPERATURE = 0.7  # openai/glow's temperature for pictures
+LR_DECAYS = ("cosine", "none")
+
+_LAYOUT = dict(
+    config="config.json", model="model.keras", checkpoints="checkpoints",
+    last=os.path.join("checkpoints", "last.weights.h5"),
+    best=os.path.join("checkpoints", "best.weights.h5"),
+    backup="backup", history_csv="history.csv", history_json="history.json",
+    samples_dir="samples", samples="samples.png", sweep="temperature_sweep.png",
+    metrics="metrics.json", export="export",
+)
+
+
+class RunNotFoundError(FileNotFoundError):
+    """`run_dir` is not a run directory (`problem` says what is missing)."""
+
+    def __init__(self, run_dir, problem):
+        self.run_dir, self.problem = run_dir, problem
+        super().__init__(f"`run_dir` {run_dir!r} {problem}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+      metrics: the dict written to metrics.json (`test_bits_per_dim`,
+        `test_nll`, `train_bits_per_dim`, `best_test_bits_per_dim`, `epochs`,
+        `train_seconds`, `num_parameters`, ...).
+      history: per-epoch lists, as in history.json (`epoch`, `loss`,
+        `bits_per_dim`, `val_loss`, `val_bits_per_dim`, ...).
+      paths: `run_paths(run_dir)`.
+      export_path: the SavedModel version directory, or None.
+      resumed: True if training resumed from a backup in `run_dir`.
+    """
+
+    metrics: dict
+    history: dict
+    paths: dict
+    export_path: str = None
+    resumed: bool = False
+
+
+def run_paths(run_dir):
+    """Path of every file and folder of a run directory (module docstring)."""
+    return {key: os.path.join(run_dir, rel) for key, rel in _LAYOUT.items()}
+
+
+def has_backup(run_dir):
+    """True if `run_dir` holds BackupAndRestore state: `train` will resume."""
+    backup = run_paths(run_dir)["backup"]
+    return os.path.isdir(backup) and bool(os.listdir(backup))
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"  # written whole, then renamed: never a half-written file
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _history_from_csv(path):
+    history = {}
+    if not os.path.exists(path):
+        return history
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                history.setdefault(key, []).append(int(number) if key == "epoch" else number)
+    return history
+
+
+def _num_batches(ds):
+    import tensorflow as tf
+    n = int(ds.cardinality())
+    return None if n in (int(tf.data.INFINITE_CARDINALITY),
+                         int(tf.data.UNKNOWN_CARDINALITY)) else n
+
+
+def class_labels(model, num):
+    """`arange(num) % num_classes` (every class in turn) for a class-conditional
+    model, else None."""
+    import numpy as np
+    if model.num_classes is None:
+        return None
+    return np.arange(num, dtype=np.int64) % model.num_classes
+
+
+def default_upscale(model):
+    """Nearest-neighbour enlargement that makes an image about 32 pixels wide."""
+    return max(1, 32 // max(model.event_shape[0], 1))
+
+
+# ------------------------------------------------------------------ pictures
+
+
+def write_samples(model, path, num=64, temperature=SAMPLE_TEMPERATURE, seed=0, labels=None,
+                  upscale=None):
+    """`num` samples at `temperature` as one PNG: an image grid with about
+    `sqrt(num)` rows, or for 2-D models a histogram of the points."""
+    import numpy as np
+    from tfp_glow.images import save_image_grid, save_points_picture
+    x = np.asarray(model.sample(num, temperature=temperature, seed=seed, labels=labels))
+    if len(model.event_shape) != 3:
+        return save_points_picture([x], path)
+    return save_image_grid(x, path, num_bins=model.num_bins, rows=int(math.ceil(math.sqrt(num))),
+                           upscale=default_upscale(model) if upscale is None else upscale)
+
+
+def write_temperature_sweep(model, path, seed=0, columns=10):
+    """One row per temperature in `TEMPERATURES`, every row decoding the same
+    latents scaled by T (`columns` images, or 5,000 points for 2-D models)."""
+    import numpy as np
+    from tfp_glow.images import save_image_grid, save_points_picture
+    image_model = len(model.event_shape) == 3
+    num = columns if image_model else 5000
+    labels = class_labels(model, num)
+    rows = [np.asarray(model.sample(num, temperature=t, seed=seed, labels=labels))
+            for t in TEMPERATURES]
+    if not image_model:
+        return save_points_picture(rows, path)
+    return save_image_grid(np.concatenate(rows), path, num_bins=model.num_bins,
+                           rows=len(TEMPERATURES), upscale=default_upscale(model))
+
+
+# ------------------------------------------------------------------- training
+
+
+def evaluate(model, ds):
+    """Mean NLL (nats per example) and bits/dim over a finite data set.
+
+    With `tfp_glow.data` pipelines built with ``shuffle=False`` the
+    dequantization noise of each example is fixed, so the figure does not
+    depend on the batch size (up to float32 rounding of the mean).
+    """
+    if getattr(model, "optimizer", None) is None:
+        model.compile(jit_compile=False)
+    result = model.evaluate(ds, verbose=0, return_dict=True)
+    return {"nll": float(result["loss"]), "bits_per_dim": float(result["bits_per_dim"])}
+
+
+def _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
+                      steps_per_epoch, sample_every, verbose):
+    checks.positive_int(epochs, "epochs")
+    checks.number(learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
+    checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
+    checks.choice(lr_decay, LR_DECAYS, "lr_decay")
+    checks.number(clipnorm, "clipnorm", minimum=0, exclusive_minimum=True, allow_none=True)
+    checks.positive_int(steps_per_epoch, "steps_per_epoch", allow_none=True)
+    checks.positive_int(sample_every, "sample_every", minimum=0)
+    checks.choice(verbose, (0, 1, 2), "verbose")
+
+
+def _callbacks(model, paths, sample_every, seed):
+    import keras
+    from tfp_glow.callbacks import SampleGrid
+    callbacks = [
+        keras.callbacks.BackupAndRestore(paths["backup"]),
+        keras.callbacks.ModelCheckpoint(paths["last"], save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(paths["best"], save_weights_only=True,
+                                        monitor="val_bits_per_dim", mode="min",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(paths["history_csv"], append=True),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if sample_every and len(model.event_shape) == 3:
+        callbacks.append(SampleGrid(paths["samples_dir"], num_samples=64,
+                                    temperature=SAMPLE_TEMPERATURE, seed=seed,
+                                    every_n_epochs=sample_every, rows=8,
+                                    upscale=default_upscale(model)))
+    return callbacks
+
+
+def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
+          warmup_steps=100, lr_decay="cosine", clipnorm=None, steps_per_epoch=None,
+          jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
+          extra_metrics=None):
+    """Trains `model` on `train_ds` and writes the run directory `run_dir`.
+
+    The recipe: Adam with `WarmupSchedule(learning_rate, warmup_steps,
+    decay_steps)`, i.e. a linear warmup to `learning_rate`, then (with
+    ``lr_decay="cosine"``) a cosine decay to 0 at the last step,
+    ``decay_steps = epochs * batches_per_epoch - warmup_steps``, or a
+    constant rate (``"none"``); optional global-norm clipping; Keras `fit`
+    on ``-log p(x)`` with `test_ds` as validation data, checkpoints
+    (last and best `val_bits_per_dim`), BackupAndRestore (call again with the
+    same `run_dir` after an interruption and it resumes from the last
+    completed epoch) and a CSV history. Then `evaluate(model, test_ds)`
+    gives metrics.json, and `write_samples`, `write_temperature_sweep`,
+    `model.save` and (if `export`) `export_saved_model` write the rest.
+
+    The optimizer is created under `model.distribute_strategy`: build the
+    model inside a strategy's scope to train with it.
+
+    Args:
+      model: a `FlowModel` (Glow, RealNVP, NICE), not necessarily initialised
+        (`fit` initialises ActNorm on the first batch).
+      train_ds: `tf.data` pipeline of training batches (it shuffles itself).
+      test_ds: finite `tf.data` pipeline of test batches (best built with
+        ``shuffle=False``: fixed dequantization noise, one test figure).
+      run_dir: the run directory (created if missing).
+      epochs: passes over `train_ds` (or of `steps_per_epoch` batches).
+      learning_rate, warmup_steps, lr_decay, clipnorm: the schedule above.
+      steps_per_epoch: cap on the batches per epoch (`train_ds` is then
+        repeated so that a capped epoch never exhausts it).
+      jit_compile: compile the train step with XLA.
+      seed: seed of the sample pictures.
+      sample_every: write samples/samples_epoch_NNN.png every so many epochs
+        (0: never; image models only).
+      export: write a SavedModel under run_dir/export/.
+      verbose: Keras `fit` verbosity (0, 1 or 2).
+      config: JSON-able dict stored in config.json beside the model's class
+        and config (the command stores every flag); default: this call's
+        arguments.
+      extra_metrics: JSON-able dict merged into metrics.json.
+
+    Returns:
+      A `TrainResult` (metrics, history, paths, export_path, resumed).
+    """
+    import keras
+    from tfp_glow.training import WarmupSchedule
+    _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
+                      steps_per_epoch, sample_every, verbose)
+    paths = run_paths(run_dir)
+    os.makedirs(paths["checkpoints"], exist_ok=True)
+    batches = _num_batches(train_ds)
+    if steps_per_epoch is not None:
+        if batches is not None:
+            steps_per_epoch = min(steps_per_epoch, batches)
+        train_ds = train_ds.repeat()  # a capped epoch must not exhaust the iterator
+    per_epoch = steps_per_epoch or batches
+    decay_steps = None
+    if lr_decay == "cosine" and per_epoch is not None:
+        decay_steps = max(per_epoch * epochs - warmup_steps, 1)
+    with model.distribute_strategy.scope():
+        schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
+                                  decay_steps=decay_steps)
+        model.compile(keras.optimizers.Adam(schedule, global_clipnorm=clipnorm),
+                      jit_compile=jit_compile)
+    if config is None:
+        config = dict(epochs=epochs, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                      lr_decay=lr_decay, clipnorm=clipnorm, steps_per_epoch=steps_per_epoch,
+                      jit_compile=jit_compile, seed=seed, sample_every=sample_every)
+    num_parameters = int(model.count_params())
+    _write_json(paths["config"], {**config, "model_class": type(model).__name__,
+                                  "model_config": model.get_config(),
+                                  "num_parameters": num_parameters})
+
+    resumed = has_backup(run_dir)
+    if not resumed and os.path.exists(paths["history_csv"]):
+        os.remove(paths["history_csv"])  # a fresh run: don't append to an old one
+    start = time.time()
+    # shuffle=False: the pipelines shuffle themselves (Keras would only warn).
+    model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              validation_data=test_ds, callbacks=_callbacks(model, paths, sample_every, seed),
+              verbose=verbose)
+    train_seconds = time.time() - start
+
+    history = _history_from_csv(paths["history_csv"])
+    _write_json(paths["history_json"], history)
+    test = evaluate(model, test_ds)
+    metrics = {
+        "test_bits_per_dim": test["bits_per_dim"],
+        "test_nll": test["nll"],
+        "train_bits_per_dim": history.get("bits_per_dim", [float("nan")])[-1],
+        "best_test_bits_per_dim": min(history.get("val_bits_per_dim", [test["bits_per_dim"]])),
+        "epochs": len(history.get("epoch", [])),
+        "train_seconds": round(train_seconds, 1),
+        "num_parameters": num_parameters,
+        **(extra_metrics or {}),
+    }
+    _write_json(paths["metrics"], metrics)
+
+    write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, seed,
+                  class_labels(model, 64))
+    write_temperature_sweep(model, paths["sweep"], seed)
+    model.save(paths["model"])
+    export_path = None
+    if export:
+        from tfp_glow.export import export_saved_model
+        export_path = export_saved_model(model, paths["export"])
+    return TrainResult(metrics=metrics, history=history, paths=paths,
+                       export_path=export_path, resumed=resumed)
+
+
+# ------------------------------------------------------------------ reloading
+
+
+def _model_classes():
+    from tfp_glow import NICE, Glow, RealNVP
+    return {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE}
+
+
+def read_config(run_dir):
+    """The config.json of a run directory, as a dict."""
+    if run_dir is None or not os.path.isdir(run_dir):
+        raise RunNotFoundError(run_dir, "is not a directory.")
+    path = run_paths(run_dir)["config"]
+    if not os.path.exists(path):
+        raise RunNotFoundError(
+            run_dir, "has no config.json: it is not a run directory written by "
+                     "`tfp_glow.recipe.train` (`tfp-glow train`).")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(run_dir):
+    """`(model, config)` of a run: `model.keras`, else config + last checkpoint."""
+    import keras
+    paths = run_paths(run_dir)
+    config = read_config(run_dir)
+    if os.path.exists(paths["model"]):
+        return keras.saving.load_model(paths["model"], compile=False), config
+    if not os.path.exists(paths["last"]):
+        raise RunNotFoundError(
+            run_dir, "has neither model.keras nor checkpoints/last.weights.h5: train it "
+                     "first (`tfp-glow train --output RUN_DIR`).")
+    model = _model_classes()[config["model_class"]].from_config(config["model_config"])
+    model.load_weights(paths["last"])
+    return model, config

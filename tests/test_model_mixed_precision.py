@@ -66,6 +66,10 @@ def _check_policy(model, compute):
 def test_networks_follow_the_global_policy_flow_stays_float32(kind, policy, compute):
     reference = SMALL[kind]()
     reference.initialize(_digits())
+    # Off the zero-initialised last layers, or every network outputs exact zeros.
+    rng = np.random.default_rng(0)
+    for v in reference.trainable_variables:
+        v.assign(v + 0.05 * rng.standard_normal(v.shape).astype(np.float32))
     with global_policy(policy):
         model = SMALL[kind]()
     model.set_weights(reference.get_weights())

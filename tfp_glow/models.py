@@ -162,6 +162,7 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,
+                           net_dtype=net_dtype,
                            name=f"factor_out_{level}")
             shape = shape[:-1] + (c - fo.num_factored,)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"level_{level}"), fo))
@@ -263,7 +264,8 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
         steps.append(Squeeze(event_shape=shape))
         shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
         steps += block(shape, "channel", 3)
-        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype)
+        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype,
+                       net_dtype=net_dtype)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
         shape = shape[:-1] + (shape[-1] - fo.num_factored,)
     return MultiScaleFlow(input_shape, stages,

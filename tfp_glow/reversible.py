@@ -146,18 +146,17 @@ class MultiScale:
 def flow_units(bijector, event_ndims, inverse=False):
     """The flow as a flat list of `Step`s and `MultiScale`s, in order of application.
 
-    Mirrors the recursion of `tfp_glow.bijectors.forward_and_log_det` (and of
-    `inverse_and_log_det` when `inverse`), event ranks included.
+    Mirrors the walk of `tfp_glow.bijectors.forward_and_log_det` (of
+    `inverse_and_log_det` when `inverse`): `tfb.Invert` flips the direction,
+    `tfb.Chain` runs its parts last first (first first when inverse) tracking
+    the event rank; every other bijector is one step.
     """
     if isinstance(bijector, MultiScaleFlow) and not inverse:
         return [MultiScale(bijector, event_ndims)]
     if isinstance(bijector, _base.FlowBijector):
         return [Step(bijector, inverse, event_ndims)]
     if isinstance(bijector, _INVERT_TYPES):
-        inner = bijector.bijector
-        ndims = (inner.forward_event_ndims(event_ndims) if inverse
-                 else inner.inverse_event_ndims(event_ndims))
-        return flow_units(inner, ndims, not inverse)
+        return flow_units(bijector.bijector, event_ndims, not inverse)
     if isinstance(bijector, _CHAIN_TYPES):
         units = []
         for part in (bijector.bijectors if inverse else reversed(bijector.bijectors)):
@@ -203,9 +202,8 @@ def _flatten(z, ndims):
 def _check_multi_scale_input(flow, x):
     event_shape = tuple(flow.inverse_event_shape([flow.latent_size]))
     nd = len(event_shape)
-    got = tuple(x.shape[-nd:]) if x.shape.rank is not None else None
-    if got is not None and (x.shape.rank < nd or not all(
-            a is None or a == b for a, b in zip(got, event_shape))):
+    if x.shape.rank is None or x.shape.rank < nd or not all(
+            a is None or a == b for a, b in zip(x.shape[-nd:], event_shape)):
         raise ValueError(f"`x` must have shape [batch, {', '.join(map(str, event_shape))}]; "
                          f"got {x.shape}.")
 
@@ -218,7 +216,7 @@ def _multi_scale(unit, x, kwargs, backprop, block):
     """
     flow = unit.bijector
     _check_multi_scale_input(flow, x)
-    nd = flow.forward_min_event_ndims
+    nd = nd_in = flow.forward_min_event_ndims
     h, total, latents = x, tf.zeros([], x.dtype), []
     for steps, factor_out in flow.levels:
         h, ldj = _run(flow_units(steps, nd), h, kwargs, backprop, block)
@@ -234,10 +232,19 @@ def _multi_scale(unit, x, kwargs, backprop, block):
         h, ldj = _run([Step(flow.top_prior, False, nd)], h, kwargs, backprop, block)
         total += ldj
     latents.append(_flatten(h, len(flow.latent_shapes[-1])))
-    extra = unit.event_ndims - flow.forward_min_event_ndims
-    if extra > 0:
-        total = tf.reduce_sum(total, axis=list(range(-extra, 0)))
-    return tf.concat(latents, axis=-1), total
+    z = tf.concat(latents, axis=-1)
+    z.set_shape(x.shape[:x.shape.rank - nd_in].concatenate([flow.latent_size]))
+    return z, _reduce_extra_event_dims(total, x, nd_in, unit.event_ndims)
+
+
+def _reduce_extra_event_dims(ldj, x, min_ndims, event_ndims):
+    """Sums the log-det over event dims beyond the flow's own, as TFP does (a
+    constant log-det counts once per position)."""
+    extra = event_ndims - min_ndims
+    if extra <= 0:
+        return ldj
+    batch = tf.shape(x)[:x.shape.rank - min_ndims]
+    return tf.reduce_sum(tf.broadcast_to(ldj, batch), axis=list(range(-extra, 0)))
 
 
 def _start(flow, x, event_ndims):

@@ -1,0 +1,308 @@
+"""Training memory and step time against depth: standard / checkpoint /
+reversible backprop (`tfp_glow.reversible`) and TFP's `tfb.Glow`.
+
+Glow on 32x32x3 noise images (uniform levels, dequantized), 2 levels of K
+steps (ActNorm, LU 1x1 conv, affine coupling; networks of width 64), batch
+32, split priors, no learned top prior (as `tfb.Glow` has none); the
+architecture of `common.py`. One training step = `-mean log p(x)` and its
+gradient w.r.t. every trainable variable, in one `tf.function` (no
+optimizer update, the same for every variant). For K = 2, 4, 8, 16, 32:
+
+* peak memory: each (variant, K) in a fresh subprocess with TensorFlow's BFC
+  allocator on the CPU (`TF_CPU_ALLOCATOR_USE_BFC=true`), so
+  `tf.config.experimental.get_memory_info("CPU:0")` reports tensor bytes:
+  the step's peak minus what is live just before it (variables included in
+  neither). Exact, and the same meter for every variant;
+* peak RSS growth of a step (`common.step_memory`: RSS sampled every ms
+  after `malloc_trim`), and the step time, every variant of one K in one
+  subprocess, timed interleaved round by round (`common.time_interleaved`)
+  so load on the machine hits them alike;
+* the largest K each variant trains within `--budget-mb` (measured, and
+  from a straight-line fit of memory against K).
+
+`--reconstruction` instead measures how exactly "reversible" rebuilds each
+block's input in float32 on a deeper Glow (3 levels x 32 steps), and the
+gradient error of each mode in float32 against float64 standard backprop on
+the same weights, at several perturbation sizes of the weights.
+
+    nice -n 10 python benchmarks/memory_depth.py --out benchmarks/results/memory_depth.json
+    nice -n 10 python benchmarks/memory_depth.py --reconstruction \\
+        --out benchmarks/results/reconstruction_depth.json
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VARIANTS = ("standard", "checkpoint", "reversible", "tfb.Glow")
+DEPTHS = (2, 4, 8, 16, 32)
+CONFIG = dict(image_shape=(32, 32, 3), levels=2, width=64, num_bins=256, batch=32)
+
+
+# -- one point (runs in a subprocess) ------------------------------------------
+def _size(steps):
+    """Registers this depth in `common.SIZES` (for `TFPGlow` and `batch_of`)."""
+    import common
+    name = f"depth_{steps}"
+    common.SIZES[name] = dict(image_shape=CONFIG["image_shape"], levels=CONFIG["levels"],
+                              steps=steps, width=CONFIG["width"],
+                              num_bins=CONFIG["num_bins"])
+    return name
+
+
+def build_step(variant, steps, x, jit_compile=False):
+    """`(step, parameter count)`: `step(x)` returns the loss and the gradients."""
+    import tensorflow as tf
+    import common
+    if variant == "tfb.Glow":
+        model = common.TFPGlow(_size(steps)).initialize(x)
+        variables = list(model.trainable_variables)
+
+        def loss_fn(x):
+            return -tf.reduce_mean(model.log_prob(x))
+    else:
+        import numpy as np
+        from tfp_glow import models, reversible
+        from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
+        flow = models.build_glow_flow(
+            image_shape=CONFIG["image_shape"], levels=CONFIG["levels"],
+            steps_per_level=steps, hidden_channels=CONFIG["width"], coupling="affine",
+            permutation="conv_lu", learn_top_prior=False, seed=0)
+        with data_dependent_init():
+            forward_and_log_det(flow, x)
+        variables = list(flow.trainable_variables)
+        half_log_2pi = 0.5 * np.log(2.0 * np.pi)
+
+        def loss_fn(x):
+            z, ldj = reversible.forward_and_log_det(flow, x, backprop=variant)
+            log_prior = tf.reduce_sum(-0.5 * tf.square(z) - half_log_2pi, axis=-1)
+            return -tf.reduce_mean(log_prior + ldj)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(x)
+        return loss, tape.gradient(loss, variables)
+
+    params = int(sum(v.shape.num_elements() for v in variables))
+    return tf.function(step, jit_compile=jit_compile), params
+
+
+def memory_point(variant, steps, jit_compile, calls=2):
+    """Peak tensor bytes of one step above those live before it (BFC stats)."""
+    import gc
+    import tensorflow as tf
+    import common
+    x = common.batch_of(_size(steps), batch=CONFIG["batch"])
+    step, params = build_step(variant, steps, x, jit_compile)
+    t0 = time.perf_counter()
+    common._block(step(x))
+    first = time.perf_counter() - t0
+    peaks = []
+    for _ in range(calls):
+        gc.collect()
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        live = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        out = step(x)
+        common._block(out)
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - live)
+        del out
+    return {"peak_bytes": max(peaks), "parameters": params, "first_call_s": first}
+
+
+def timing_point(steps, variants, jit_compile, repeats):
+    """Every variant at one depth in this process: RSS growth, then interleaved timing."""
+    import common
+    x = common.batch_of(_size(steps), batch=CONFIG["batch"])
+    calls, out = {}, {}
+    for variant in variants:
+        step, _ = build_step(variant, steps, x, jit_compile)
+        t0 = time.perf_counter()
+        common._block(step(x))
+        out[variant] = {"first_call_s": time.perf_counter() - t0}
+        calls[variant] = (step, (x,))
+    for variant in variants:
+        out[variant]["rss_peak_bytes"] = common.step_memory(calls[variant][0], (x,))
+    timed = common.time_interleaved(calls, repeats, warmup=1)
+    for variant in variants:
+        out[variant].update({k: timed[variant][k] for k in
+                             ("median_ms", "min_ms", "cpu_median_ms", "repeats")})
+    return out
+
+
+# -- float32 reconstruction at depth ---------------------------------------------
+def reconstruction(levels=3, steps=32, width=64, batch=4, scales=(0.01, 0.03, 0.1)):
+    """Rebuild error of "reversible" in float32, and each mode's float32 gradient
+    error against float64 standard backprop, per weight-perturbation scale."""
+    import numpy as np
+    import tensorflow as tf
+    from tfp_glow import models, reversible
+    from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
+
+    def build(dtype):
+        return models.build_glow_flow(image_shape=(32, 32, 3), levels=levels,
+                                      steps_per_level=steps, hidden_channels=width,
+                                      learn_top_prior=True, seed=1, dtype=dtype)
+
+    def grads(flow, x, mode):
+        variables = list(flow.trainable_variables)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z, ldj = reversible.forward_and_log_det(flow, x, backprop=mode)
+            loss = -tf.reduce_mean(tf.reduce_sum(-0.5 * tf.square(z), -1) + ldj)
+        return [g.numpy().astype(np.float64) for g in tape.gradient(loss, [x] + variables)]
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+    results = []
+    for scale in scales:
+        rng = np.random.default_rng(7)
+        f32, f64 = build("float32"), build("float64")
+        x64 = rng.uniform(-0.5, 0.5, (batch, 32, 32, 3))
+        with data_dependent_init():
+            forward_and_log_det(f32, tf.constant(x64, tf.float32))
+        for v in f32.trainable_variables:
+            v.assign(v.numpy() + scale * rng.standard_normal(v.shape).astype(np.float32))
+        assert [v.shape for v in f64.variables] == [v.shape for v in f32.variables]
+        for v64, v32 in zip(f64.variables, f32.variables):
+            v64.assign(v32.numpy().astype(np.float64))
+        x32, x64 = tf.constant(x64, tf.float32), tf.constant(x64, tf.float64)
+        blocks = reversible.reconstruction_errors(f32, x32)
+        truth = grads(f64, x64, "standard")
+        row = {"scale": scale, "blocks": blocks,
+               "rebuild_rel_max": max(b["rel_max"] for b in blocks)}
+        z32, ldj32 = forward_and_log_det(f32, x32)
+        row["ldj_float32_float64_rel"] = float(
+            np.max(np.abs(ldj32.numpy() - forward_and_log_det(f64, x64)[1].numpy()))
+            / np.max(np.abs(forward_and_log_det(f64, x64)[1].numpy())))
+        for mode in ("standard", "checkpoint", "reversible"):
+            g = grads(f32, x32, mode)
+            errs = [rel(a, b) for a, b in zip(g, truth)]
+            whole = rel(np.concatenate([a.ravel() for a in g]),
+                        np.concatenate([b.ravel() for b in truth]))
+            row[mode] = {"worst_tensor_rel": max(errs), "median_tensor_rel":
+                         float(np.median(errs)), "all_params_rel": whole,
+                         "input_grad_rel": errs[0]}
+        print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
+        results.append(row)
+    return {"levels": levels, "steps_per_level": steps, "width": width, "batch": batch,
+            "results": results}
+
+
+# -- driver ---------------------------------------------------------------------
+def _subprocess(args, env_extra=None, timeout=3600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["rc != 0"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def largest_within(points, budget_bytes):
+    """Largest measured K within the budget, and the straight-line estimate."""
+    import numpy as np
+    ok = [k for k, b in points.items() if b is not None and b <= budget_bytes]
+    ks = sorted(k for k, b in points.items() if b is not None)
+    estimate = None
+    if len(ks) >= 2:
+        slope, intercept = np.polyfit(ks, [points[k] for k in ks], 1)
+        estimate = (float("inf") if slope <= 0
+                    else max(0.0, float((budget_bytes - intercept) / slope)))
+    return (max(ok) if ok else None), estimate
+
+
+def table(result, budget_mb):
+    mb = 2.0 ** 20
+    variants, depths = result["variants"], result["depths"]
+    lines = ["| K (steps/level) | " + " | ".join(
+        f"{v} peak MB (RSS MB)" for v in variants) + " | " + " | ".join(
+        f"{v} step ms" for v in variants) + " |",
+        "|---" * (1 + 2 * len(variants)) + "|"]
+    for k in depths:
+        mem, tim = result["memory"][str(k)], result["timing"][str(k)]
+        cells = []
+        for v in variants:
+            peak = mem[v].get("peak_bytes")
+            rss = tim.get(v, {}).get("rss_peak_bytes")
+            cells.append("error" if peak is None else
+                         f"{peak / mb:.1f} ({rss / mb:.1f})" if rss is not None
+                         else f"{peak / mb:.1f}")
+        for v in variants:
+            t = tim.get(v, {}).get("median_ms")
+            cells.append("error" if t is None else f"{t:.0f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"| largest K within {budget_mb:g} MB | " + " | ".join(
+        f"{v}: {result['largest_k'][v]['measured']} (fit {result['largest_k'][v]['fit']})"
+        for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--budget-mb", type=float, default=64.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--reconstruction", action="store_true")
+    parser.add_argument("--recon-steps", type=int, default=32)
+    parser.add_argument("--recon-width", type=int, default=64)
+    parser.add_argument("--worker", choices=("memory", "timing"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker == "memory":
+        print(json.dumps(memory_point(args.variant, args.depths[0], args.jit)))
+        return
+    if args.worker == "timing":
+        print(json.dumps(timing_point(args.depths[0], args.variants, args.jit, args.repeats)))
+        return
+    import common
+    if args.reconstruction:
+        result = {"machine": common.machine_info(),
+                  **reconstruction(steps=args.recon_steps, width=args.recon_width)}
+    else:
+        result = {"machine": common.machine_info(), "config": CONFIG, "jit": args.jit,
+                  "variants": args.variants, "depths": args.depths,
+                  "budget_mb": args.budget_mb, "memory": {}, "timing": {}}
+        jit = ["--jit"] if args.jit else []
+        for k in args.depths:
+            mem = {}
+            for v in args.variants:
+                t0 = time.time()
+                mem[v] = _subprocess(["--worker", "memory", "--variant", v, "--depths", str(k)]
+                                     + jit, {"TF_CPU_ALLOCATOR_USE_BFC": "true"})
+                print(f"[memory] K={k} {v}: {mem[v]} ({time.time() - t0:.0f} s)", flush=True)
+            result["memory"][str(k)] = mem
+            t0 = time.time()
+            result["timing"][str(k)] = _subprocess(
+                ["--worker", "timing", "--depths", str(k), "--repeats", str(args.repeats),
+                 "--variants"] + args.variants + jit)
+            print(f"[timing] K={k}: {result['timing'][str(k)]} ({time.time() - t0:.0f} s)",
+                  flush=True)
+        budget = args.budget_mb * 2 ** 20
+        result["largest_k"] = {}
+        for v in args.variants:
+            points = {k: result["memory"][str(k)][v].get("peak_bytes") for k in args.depths}
+            measured, fit = largest_within(points, budget)
+            result["largest_k"][v] = {"measured": measured,
+                                      "fit": None if fit is None else round(fit, 1)}
+        result["load_average_at_end"] = list(os.getloadavg())
+        print(table(result, args.budget_mb))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

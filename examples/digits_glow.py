@@ -6,7 +6,9 @@
 The same model as `tfp-glow train`, written against the library API:
 `tfp_glow.Glow` trained with Keras `fit`, `sample(temperature=...)`,
 `interpolate` in latent space, `bits_per_dim` on the test split, and
-`save_image_grid` for the PNGs.
+`save_image_grid` for the PNGs. (`tfp_glow.recipe.train` is the whole
+recipe of `tfp-glow train` - checkpoints, resuming, history, metrics.json,
+export - as one call.)
 """
 
 import argparse

@@ -54,8 +54,8 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
 
     if args.run:
-        from tfp_glow.cli import load_run_model
-        model, _ = load_run_model(args.run)
+        from tfp_glow import recipe
+        model, _ = recipe.load_run(args.run)  # model.keras, else the last checkpoint
     else:
         model = train_small_glow(args.smoke, args.seed)
     if model.num_classes is not None or model.num_bins is None or len(model.event_shape) != 3:

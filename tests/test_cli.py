@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tfp_glow import callbacks, cli, data
+from tfp_glow import callbacks, cli, data, recipe
 
 # A tiny Glow: one short epoch must take seconds, not minutes.
 TINY = ["--levels", "2", "--steps", "2", "--width", "16", "--batch-size", "32",
@@ -224,6 +224,60 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     assert not os.path.exists(os.path.join(run, "export"))  # --no-export
     model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
     assert model.num_classes == 10 and model.num_bins == 32
+
+
+def test_recipe_train_is_the_command_without_flags(tmp_path):
+    """`recipe.train` called from Python (a 2-D NICE, two steps): it writes the
+    run directory and returns what it wrote; its arguments go to config.json."""
+    import tfp_glow
+    keras.utils.set_random_seed(0)
+    model = tfp_glow.NICE(input_shape=(2,), coupling_layers=2, hidden_units=8,
+                          num_hidden_layers=1, num_bins=None)
+    train = data.make_dataset("two_moons", "train", 64, num_samples=256)
+    test = data.make_dataset("two_moons", "test", 64, num_samples=128, shuffle=False)
+    run = str(tmp_path / "toy")
+    result = recipe.train(model, train, test, run_dir=run, epochs=1, steps_per_epoch=2,
+                          warmup_steps=1, export=False, verbose=0,
+                          extra_metrics={"note": "library call"})
+    assert not result.resumed and result.export_path is None
+    assert result.paths == recipe.run_paths(run)
+    with open(os.path.join(run, "metrics.json")) as f:
+        assert json.load(f) == result.metrics
+    assert result.metrics["epochs"] == 1 and result.metrics["note"] == "library call"
+    assert result.history["epoch"] == [0] and len(result.history["val_loss"]) == 1
+    # Points have no bins: bits/dim is the NLL in bits per coordinate.
+    assert result.metrics["test_bits_per_dim"] == pytest.approx(
+        result.metrics["test_nll"] / (2 * math.log(2)), rel=1e-5)
+    assert result.metrics["test_bits_per_dim"] == pytest.approx(
+        recipe.evaluate(model, test)["bits_per_dim"], abs=1e-6)
+    loaded, config = recipe.load_run(run)
+    assert config["epochs"] == 1 and config["steps_per_epoch"] == 2
+    assert config["model_class"] == "NICE" and config["lr_decay"] == "cosine"
+    assert type(loaded).__name__ == "NICE"
+    # 2-D points are drawn as 128 x 128 histograms with 2-pixel borders: one
+    # panel of samples, one per temperature in the sweep.
+    assert _png(result.paths["samples"])[0] == (132, 132)
+    assert _png(result.paths["sweep"])[0] == (len(recipe.TEMPERATURES) * 130 + 2, 132)
+    assert not os.path.exists(result.paths["export"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(epochs=0), ValueError, r"`epochs` must be an int >= 1; received 0"),
+    (dict(epochs=2.0), TypeError, r"`epochs` must be an int"),
+    (dict(learning_rate=0.0), ValueError, r"`learning_rate` must be a finite number > 0"),
+    (dict(warmup_steps=-1), ValueError, r"`warmup_steps` must be an int >= 0"),
+    (dict(lr_decay="linear"), ValueError, r"`lr_decay` must be one of \('cosine', 'none'\)"),
+    (dict(clipnorm=0), ValueError, r"`clipnorm` must be a finite number > 0"),
+    (dict(steps_per_epoch=0), ValueError, r"`steps_per_epoch` must be an int >= 1"),
+    (dict(sample_every=-1), ValueError, r"`sample_every` must be an int >= 0"),
+    (dict(verbose=3), ValueError, r"`verbose` must be one of \(0, 1, 2\)"),
+])
+def test_recipe_train_checks_its_arguments_before_writing(kwargs, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        recipe.train(None, None, None, run_dir=str(tmp_path / "run"), **kwargs)
+    assert not os.path.exists(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"`run_dir` .* is not a directory"):
+        recipe.load_run(str(tmp_path / "run"))
 
 
 # The one table of bad `tfp-glow` arguments: (argv, the flag the message

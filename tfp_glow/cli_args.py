@@ -161,7 +161,9 @@ def build_parser():
     p.add_argument("--run", required=True, help="run directory written by `tfp-glow train`")
     p.add_argument("--split", default=None, help="split to evaluate (default: the test split)")
     p.add_argument("--data-dir", default=None, help="override the run's tfds data_dir")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="evaluation batch (any size gives the same figure: each test "
+                        "example has its own fixed dequantization noise)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = sub.add_parser("export", help="write a TF Serving SavedModel",

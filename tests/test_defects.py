@@ -138,3 +138,10 @@ def test_float64_model_methods_are_float64():
     assert samples.dtype == tf.float64
     assert model.log_prob(samples).dtype == tf.float64
     np.testing.assert_allclose(model.decode(model.encode(samples)), samples, atol=1e-10)
+
+
+def test_fit_on_a_digits_pipeline_does_not_warn_about_shuffle(recwarn):
+    model = tfp_glow.Glow(**TINY)
+    model.compile("adam")
+    model.fit(tfp_glow.data.digits_dataset("train", batch_size=256), epochs=1, verbose=0)
+    assert not [w for w in recwarn if "shuffle" in str(w.message)]

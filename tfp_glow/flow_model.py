@@ -321,6 +321,9 @@ class FlowModel(DensityMethods, keras.Model):
                 callbacks = [callbacks]
             kwargs["callbacks"] = [self._guard.callback()] + multi_worker_callbacks(
                 callbacks, self.distribute_strategy)
+        if isinstance(x, tf.data.Dataset):
+            # `shuffle` does not apply to a Dataset; Keras's default True only warns.
+            kwargs.setdefault("shuffle", False)
         try:
             return super().fit(x, y, batch_size=batch_size, **kwargs)
         finally:

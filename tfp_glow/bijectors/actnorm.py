@@ -102,7 +102,10 @@ class ActNorm(FlowBijector):
         x = tf.convert_to_tensor(x, dtype=self.dtype)
         self._check(x)
         axes = list(range(x.shape.rank - 1))
-        mean, variance = tf.nn.moments(x, axes=axes)
+        # Moments of the global batch under tf.distribute (every replica's and
+        # worker's part together), so all replicas and workers get one init.
+        from tfp_glow.distributed import global_moments
+        mean, variance = global_moments(x, axes)
         log_scale = -tf.math.log(tf.sqrt(variance) + self._epsilon)
         self.log_scale.assign(log_scale)
         self.bias.assign(-mean * tf.exp(log_scale))

@@ -2,17 +2,22 @@
 
 One line per configuration: `name: Case(make, event_shape, ...)`. `make(dtype)`
 returns a fresh bijector; a new bijector is tested by adding a line here.
+Flags on `Case` say what the tests may expect of it (`volume_preserving`: the
+log-det is 0 whatever the parameters) instead of tests matching names.
 """
 
 import dataclasses
 import functools
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import bijectors as B
 from tfp_glow import nets
+
+from helpers import perturb  # noqa: F401  (re-exported: tests and benchmarks import it here)
 
 tfb = tfp.bijectors
 IMAGE = (4, 4, 4)
@@ -25,11 +30,20 @@ class Case:
     event_shape: tuple
     sample: Optional[Callable] = None  # (rng, shape) -> x in the domain
     conditional: Optional[int] = None  # num_classes when class-conditional
+    codomain: Optional[Callable] = None  # (rng, shape) -> y in the range of forward
+    volume_preserving: bool = False  # log|det J| == 0 for any parameters
+    elementwise: bool = False  # maps each element alone: any rank works, even unknown
 
     def draw(self, rng, batch, dtype):
         shape = (batch,) + self.event_shape
         x = self.sample(rng, shape) if self.sample else rng.standard_normal(shape)
         return tf.constant(x, dtype=dtype)
+
+    def draw_codomain(self, rng, batch, dtype, bijector):
+        """A `y` in the domain of `bijector.inverse` (default: standard normal)."""
+        shape = (batch,) + tuple(bijector.forward_event_shape(self.event_shape))
+        y = self.codomain(rng, shape) if self.codomain else rng.standard_normal(shape)
+        return tf.constant(y, dtype=dtype)
 
     def kwargs(self, rng, batch):
         if self.conditional is None:
@@ -59,7 +73,7 @@ def additive(mask, parity, shape=IMAGE):
     def make(dtype):
         return B.AdditiveCoupling(coupling_net(shape, dtype), mask=mask, parity=parity,
                                   event_shape=shape, dtype=dtype)
-    return Case(make, shape)
+    return Case(make, shape, volume_preserving=True)
 
 
 def small_multi_scale(dtype, num_classes=None):
@@ -83,7 +97,21 @@ def small_multi_scale(dtype, num_classes=None):
 
 
 def _unit_interval(rng, shape):
-    return rng.uniform(0.01, 0.99, size=shape)
+    """Uniform on [0, 1], with both edges of the domain included."""
+    x = rng.uniform(0.0, 1.0, size=shape)
+    x.flat[:2] = [0.0, 1.0]
+    return x
+
+
+def _logit_range(alpha):
+    """Uniform on the range of LogitPreprocess(alpha), edges included."""
+    edge = float(np.log((1.0 - alpha) / alpha))
+
+    def sample(rng, shape):
+        y = rng.uniform(-edge, edge, size=shape)
+        y.flat[:2] = [-edge, edge]
+        return y
+    return sample
 
 
 REGISTRY = {
@@ -106,8 +134,9 @@ REGISTRY = {
     "additive_checkerboard_p0": additive("checkerboard", 0),
     "additive_checkerboard_p1": additive("checkerboard", 1),
     "additive_vector_channel": additive("channel", 0, VECTOR),
-    "squeeze": Case(lambda d: B.Squeeze(event_shape=IMAGE), IMAGE),
-    "logit_preprocess": Case(lambda d: B.LogitPreprocess(0.05), IMAGE, _unit_interval),
+    "squeeze": Case(lambda d: B.Squeeze(event_shape=IMAGE), IMAGE, volume_preserving=True),
+    "logit_preprocess": Case(lambda d: B.LogitPreprocess(0.05), IMAGE, _unit_interval,
+                             codomain=_logit_range(0.05), elementwise=True),
     "factor_out_half": Case(lambda d: B.FactorOut(4, dtype=d), IMAGE),
     "factor_out_quarter": Case(lambda d: B.FactorOut(4, 0.25, dtype=d), IMAGE),
     "factor_out_vector": Case(lambda d: B.FactorOut(6, event_ndims=1, dtype=d), VECTOR),
@@ -121,8 +150,3 @@ REGISTRY = {
         lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3),
 }
 
-
-def perturb(bijector, rng, scale=0.1):
-    """Moves every trainable variable off its (often identity) init value."""
-    for v in bijector.trainable_variables:
-        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))

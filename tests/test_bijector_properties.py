@@ -1,4 +1,5 @@
-"""Property-based checks (hypothesis) over shapes, masks, parities, dtypes, lu.
+"""Property-based checks (hypothesis) over shapes, masks, parities, dtypes, lu,
+and over every registry entry with any sample shape.
 
 For every drawn configuration: the inverse undoes the forward map (through
 `tf.identity`, so TFP's cache cannot answer), and the log-det equals the
@@ -8,11 +9,14 @@ slogdet of the autodiff Jacobian, on perturbed (non-identity) parameters.
 import keras
 import numpy as np
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tfp_glow import bijectors as B
 from tfp_glow import nets
+
+from bijector_registry import REGISTRY
+from helpers import perturb
 
 SETTINGS = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -25,12 +29,9 @@ dtypes = st.sampled_from([tf.float32, tf.float64])
 masks = st.sampled_from(["channel", "checkerboard"])
 parities = st.sampled_from([0, 1])
 seeds = st.integers(0, 2 ** 16)
-
-
-def perturb(bijector, seed, scale=0.1):
-    rng = np.random.default_rng(seed)
-    for v in bijector.trainable_variables:
-        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))
+# Fed from the registry: a bijector added there is drawn here too.
+registry_names = st.sampled_from(sorted(REGISTRY))
+sample_shapes = st.sampled_from([(), (1,), (3,), (2, 2)])
 
 
 def draw(shape, dtype, seed):
@@ -116,3 +117,31 @@ def test_vector_coupling_round_trip_and_log_det(d, dtype, mask, parity, affine, 
     coupling = cls(net, mask=mask, parity=parity, event_shape=(d,), dtype=dtype)
     perturb(coupling, seed)
     check_round_trip_and_log_det(coupling, draw((d,), dtype, seed), dtype)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=registry_names, dtype=dtypes, sample_shape=sample_shapes, seed=seeds)
+def test_registry_bijector_maps_any_sample_shape_like_one_flat_batch(
+        name, dtype, sample_shape, seed):
+    """No sample axis, one or two: the same points as a flat batch, and back."""
+    case = REGISTRY[name]
+    assume(case.conditional is None or len(sample_shape) == 1)  # labels are [batch]
+    bijector = perturb(case.make(dtype), seed)
+    rng = np.random.default_rng(seed)
+    n, nd = int(np.prod(sample_shape)), len(case.event_shape)
+    x_flat = case.draw(rng, n, dtype)
+    kw = case.kwargs(rng, n)
+    x = tf.reshape(x_flat, sample_shape + case.event_shape)
+    y, ldj = B.forward_and_log_det(bijector, x, nd, **kw)
+    y_flat, ldj_flat = B.forward_and_log_det(bijector, x_flat, nd, **kw)
+    assert y.shape == bijector.forward_event_shape(x.shape)
+    assert y.shape == sample_shape + tuple(bijector.forward_event_shape(case.event_shape))
+    np.testing.assert_allclose(tf.reshape(y, y_flat.shape), y_flat,
+                               atol=ROUND_TRIP_ATOL[dtype], rtol=0)
+    np.testing.assert_allclose(np.broadcast_to(ldj, sample_shape).reshape(-1),
+                               np.broadcast_to(ldj_flat, [n]), atol=LOG_DET_ATOL[dtype])
+    x_back, ildj = B.inverse_and_log_det(
+        bijector, tf.identity(y), bijector.forward_event_ndims(nd), **kw)
+    np.testing.assert_allclose(x_back, x, atol=ROUND_TRIP_ATOL[dtype], rtol=0)
+    np.testing.assert_allclose(np.broadcast_to(ildj, sample_shape),
+                               -np.broadcast_to(ldj, sample_shape), atol=LOG_DET_ATOL[dtype])

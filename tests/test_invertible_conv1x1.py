@@ -8,15 +8,14 @@ import tensorflow as tf
 
 from tfp_glow import bijectors as B
 
+from helpers import perturb
+
 DTYPES = [tf.float32, tf.float64]
 DTYPE_IDS = ["f32", "f64"]
 ATOL = {tf.float32: 1e-5, tf.float64: 1e-12}
 
 
-def perturb(conv, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for v in conv.trainable_variables:
-        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))
+SCALE = 0.3  # far enough from a rotation that W W^T != I shows
 
 
 def lu_product_by_hand(conv):
@@ -39,7 +38,7 @@ def test_lu_weight_equals_p_l_u_product(dtype, perturbed):
     conv = B.InvertibleConv1x1(6, seed=3, dtype=dtype)
     if perturbed:
         # Also moves the masked-out halves of `lower` / `upper`, which must be ignored.
-        perturb(conv)
+        perturb(conv, 0, SCALE)
     np.testing.assert_allclose(conv.weight(), lu_product_by_hand(conv),
                                atol=10 * ATOL[dtype], rtol=0)
     assert conv.weight().dtype == dtype
@@ -92,7 +91,7 @@ def test_lu_and_full_agree_for_the_same_seed():
 @pytest.mark.parametrize("lu", [True, False], ids=["lu", "full"])
 def test_inverse_weight_times_weight_is_identity_after_perturbation(lu, dtype):
     conv = B.InvertibleConv1x1(6, lu=lu, seed=0, dtype=dtype)
-    perturb(conv, seed=4)
+    perturb(conv, 4, SCALE)
     w, w_inv = conv.weight().numpy(), conv.inverse_weight().numpy()
     assert np.abs(w @ w.T - np.eye(6)).max() > 1e-2  # no longer a rotation
     tol = 1e-5 if dtype == tf.float32 else 1e-12
@@ -157,7 +156,7 @@ def test_frozen_factors_are_non_trainable_but_saved(lu):
 @pytest.mark.parametrize("lu", [True, False], ids=["lu", "full"])
 def test_checkpoint_restores_weight_into_a_differently_seeded_conv(tmp_path, lu, dtype):
     saved = B.InvertibleConv1x1(6, lu=lu, seed=1, dtype=dtype)
-    perturb(saved, seed=2, scale=0.1)
+    perturb(saved, 2, scale=0.1)
     path = tf.train.Checkpoint(layers=list(saved.keras_layers)).save(
         os.path.join(tmp_path, "conv"))
     names = " ".join(name for name, _ in tf.train.list_variables(path))
@@ -189,7 +188,7 @@ def test_keras_save_weights_restores_weight_into_a_differently_seeded_conv(tmp_p
             return x
 
     saved = B.InvertibleConv1x1(6, seed=1)
-    perturb(saved, seed=2, scale=0.1)
+    perturb(saved, 2, scale=0.1)
     path = os.path.join(tmp_path, "conv.weights.h5")
     Holder(saved.keras_layers).save_weights(path)
     fresh = B.InvertibleConv1x1(6, seed=123)
@@ -200,12 +199,12 @@ def test_keras_save_weights_restores_weight_into_a_differently_seeded_conv(tmp_p
 @pytest.mark.parametrize("lu", [True, False], ids=["lu", "full"])
 def test_forward_is_the_same_matrix_at_every_pixel(lu):
     conv = B.InvertibleConv1x1(4, lu=lu, seed=0, dtype=tf.float64)
-    perturb(conv)
+    perturb(conv, 0, SCALE)
     x = images((2, 3, 3, 4), dtype=tf.float64)
     y = conv.forward(x).numpy()
     np.testing.assert_allclose(y, x.numpy() @ conv.weight().numpy().T, atol=1e-12)
     vec = B.InvertibleConv1x1(4, lu=lu, event_ndims=1, seed=0, dtype=tf.float64)
-    perturb(vec)
+    perturb(vec, 0, SCALE)
     v = x.numpy()[:, 0, 0, :]
     np.testing.assert_allclose(vec.forward(tf.constant(v)), v @ vec.weight().numpy().T,
                                atol=1e-12)

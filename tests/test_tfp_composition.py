@@ -10,6 +10,8 @@ import tensorflow_probability as tfp
 from tfp_glow import bijectors as B
 from tfp_glow import nets
 
+from helpers import perturb
+
 tfb = tfp.bijectors
 tfd = tfp.distributions
 IMAGE = (4, 4, 4)
@@ -19,12 +21,6 @@ VECTOR = (2,)
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(7)  # the nets' Glorot init
-
-
-def perturb(bijector, seed=0, scale=0.1):
-    rng = np.random.default_rng(seed)
-    for v in bijector.trainable_variables:
-        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))
 
 
 def image_flow(dtype=tf.float32):
@@ -207,6 +203,77 @@ def test_gradient_tape_adam_lowers_nll_of_correlated_gaussian():
     assert start > 6.0, start
     assert end < start - 2.0, (start, end)
     assert np.isfinite(end)
+
+
+# ------------------------------------------------------------------ the one-pass walker
+
+
+def mixed_chain():
+    """Stock TFP bijectors around tfp_glow ones (one class-conditional, one
+    inverted); the event changes rank at the Reshape: [2, 2] -> [4]."""
+    prior = B.LearnedPrior((4,), num_classes=3, name="prior")
+    chain = tfb.Chain([
+        B.ActNorm(4, event_ndims=1),
+        tfb.Scale(1.5),
+        tfb.Invert(B.InvertibleConv1x1(4, event_ndims=1, seed=2)),
+        tfb.Shift(0.3),
+        prior,
+        tfb.Reshape([4], event_shape_in=[2, 2]),
+    ])
+    return perturb(chain, 4), prior
+
+
+def test_one_pass_walker_equals_tfp_on_any_composition_both_ways():
+    chain, prior = mixed_chain()
+    x = draw((2, 2), batch=3)
+    labels = tf.constant([0, 2, 1])
+    by_name = {prior.name: {"conditional_input": labels}}  # TFP's Chain kwargs
+    # `conditional_input` reaches tfp_glow bijectors only: tfb.Scale would raise.
+    y, fldj = B.forward_and_log_det(chain, x, 2, conditional_input=labels)
+    np.testing.assert_allclose(y, chain.forward(x, **by_name), atol=1e-5)
+    np.testing.assert_allclose(fldj, chain.forward_log_det_jacobian(x, 2, **by_name), atol=1e-5)
+    assert fldj.shape == (3,)
+    x_back, ildj = B.inverse_and_log_det(chain, tf.identity(y), 1, conditional_input=labels)
+    np.testing.assert_allclose(x_back, x, atol=1e-5)
+    np.testing.assert_allclose(ildj, chain.inverse_log_det_jacobian(y, 1, **by_name), atol=1e-5)
+    np.testing.assert_allclose(ildj, -fldj, atol=1e-5)
+    # One walker: the inverse of a flow is the forward of its Invert, and back.
+    z, ldj = B.forward_and_log_det(tfb.Invert(chain), y, 1, conditional_input=labels)
+    np.testing.assert_array_equal(z, x_back)
+    np.testing.assert_array_equal(ldj, ildj)
+    # Default event_ndims: forward_min_event_ndims (FlowBijector's method semantics).
+    act = chain.bijectors[0]
+    v = draw((4,), batch=3)
+    for got, want in zip(act.forward_and_log_det(v), B.forward_and_log_det(act, v)):
+        np.testing.assert_array_equal(got, want)
+    scale, ldj = B.forward_and_log_det(tfb.Scale(2.0), v)  # any bijector, event_ndims 0
+    np.testing.assert_array_equal(scale, 2 * v)
+    np.testing.assert_allclose(ldj, np.log(2.0), rtol=1e-6)
+
+
+def test_one_pass_walker_invert_of_a_rank_changing_flow():
+    from bijector_registry import small_multi_scale
+    flow = perturb(small_multi_scale(tf.float32), 1)
+    generative = tfb.Invert(flow)  # latent [32] -> image [4, 4, 2]
+    z = draw((32,), batch=3)
+    x, ldj = B.forward_and_log_det(generative, z)
+    np.testing.assert_allclose(x, generative.forward(z), atol=1e-5)
+    np.testing.assert_allclose(ldj, generative.forward_log_det_jacobian(z, 1), atol=1e-4)
+    back, ildj = B.inverse_and_log_det(generative, tf.identity(x))
+    np.testing.assert_allclose(back, z, atol=1e-5)
+    np.testing.assert_allclose(ildj, -ldj, atol=1e-4)
+
+
+def test_one_pass_constant_log_det_over_extra_event_dims():
+    act = perturb(B.ActNorm(3, event_ndims=1), 0)
+    x = draw((5, 3), batch=2)
+    _, ldj = B.forward_and_log_det(act, x, event_ndims=2)
+    expected = 5 * float(tf.reduce_sum(act.log_scale))
+    np.testing.assert_allclose(np.broadcast_to(ldj, [2]), expected, rtol=1e-6)
+    np.testing.assert_allclose(act.forward_log_det_jacobian(x, event_ndims=2), expected,
+                               rtol=1e-6)
+    _, ildj = B.inverse_and_log_det(tfb.Chain([act]), x, event_ndims=2)
+    np.testing.assert_allclose(np.broadcast_to(ildj, [2]), -expected, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ joint distributions

@@ -323,13 +323,17 @@ def _reduce_extra(ldj, t, min_ndims, event_ndims):
         raise ValueError(f"`event_ndims` must be >= {min_ndims}; got {event_ndims}.")
     if extra == 0:
         return ldj
-    if t.shape.rank < event_ndims:
+    ldj = tf.convert_to_tensor(ldj)
+    rank = t.shape.rank
+    if rank is None:  # elementwise bijectors accept it: reduce by the dynamic rank
+        batch = tf.shape(t)[:tf.rank(t) - min_ndims]
+        return tf.reduce_sum(tf.broadcast_to(ldj, batch), axis=tf.range(-extra, 0))
+    if rank < event_ndims:
         raise ValueError(f"`event_ndims`={event_ndims} exceeds the rank of the input "
                          f"shape {t.shape}.")
-    ldj = tf.convert_to_tensor(ldj)
     if ldj.shape.rank == 0:
         return ldj * _shapes.event_size(t, range(-event_ndims, -min_ndims))
-    batch = tf.shape(t)[:t.shape.rank - min_ndims]
+    batch = tf.shape(t)[:rank - min_ndims]
     return tf.reduce_sum(tf.broadcast_to(ldj, batch), axis=list(range(-extra, 0)))
 
 

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from tfp_glow import checks
 from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.bijectors.standardize import StandardizeBase
 
@@ -22,7 +23,7 @@ class LearnedPrior(StandardizeBase):
     def __init__(self, event_shape, num_classes=None, dtype=tf.float32,
                  validate_args=False, name="learned_prior"):
         parameters = dict(locals())
-        event_shape = tuple(int(d) for d in event_shape)
+        event_shape = checks.shape(event_shape, "event_shape")
         self._event_shape_in = event_shape
         super().__init__(num_classes, event_shape[-1], len(event_shape), dtype,
                          parameters, name, validate_args)

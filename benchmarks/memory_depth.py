@@ -21,9 +21,10 @@ optimizer update, the same for every variant). For K = 2, 4, 8, 16, 32:
   from a straight-line fit of memory against K).
 
 `--reconstruction` instead measures how exactly "reversible" rebuilds each
-block's input in float32 on a deeper Glow (3 levels x 32 steps), and the
-gradient error of each mode in float32 against float64 standard backprop on
-the same weights, at several perturbation sizes of the weights.
+block's input in float32 on a deeper Glow (3 levels x 32 steps, width 64,
+batch 4), and the gradient error of each mode in float32 against float64
+standard backprop on the same weights, for weights moved off their init by
+several sizes (see `reconstruction`).
 
     nice -n 10 python benchmarks/memory_depth.py --out benchmarks/results/memory_depth.json
     nice -n 10 python benchmarks/memory_depth.py --reconstruction \\
@@ -136,9 +137,32 @@ def timing_point(steps, variants, jit_compile, repeats):
 
 
 # -- float32 reconstruction at depth ---------------------------------------------
-def reconstruction(levels=3, steps=32, width=64, batch=4, scales=(0.01, 0.03, 0.1)):
+def _actnorms(flow):
+    from tfp_glow.bijectors import ActNorm
+    from tfp_glow.bijectors.base import sub_bijectors
+    found = []
+
+    def visit(b):
+        if isinstance(b, ActNorm):
+            found.append(b)
+        for child in sub_bijectors(b):
+            visit(child)
+    visit(flow)
+    return found
+
+
+def reconstruction(levels=3, steps=32, width=64, batch=4,
+                   settings=(("normalized", 0.01), ("normalized", 0.03), ("normalized", 0.1),
+                             ("normalized", 0.3), ("raw", 0.01), ("raw", 0.03))):
     """Rebuild error of "reversible" in float32, and each mode's float32 gradient
-    error against float64 standard backprop, per weight-perturbation scale."""
+    error against float64 standard backprop on the same weights.
+
+    Weights: every trainable variable moved by `scale * N(0, 1)` from its
+    init, then either ActNorm is initialised on the batch ("normalized":
+    every step's input standardised, as training keeps it roughly) or ActNorm
+    was initialised first and is moved too ("raw", as
+    tests/test_exactness_at_depth.py; activations drift in scale with depth).
+    """
     import numpy as np
     import tensorflow as tf
     from tfp_glow import models, reversible
@@ -161,34 +185,41 @@ def reconstruction(levels=3, steps=32, width=64, batch=4, scales=(0.01, 0.03, 0.
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
     results = []
-    for scale in scales:
+    for protocol, scale in settings:
         rng = np.random.default_rng(7)
         f32, f64 = build("float32"), build("float64")
         x64 = rng.uniform(-0.5, 0.5, (batch, 32, 32, 3))
-        with data_dependent_init():
-            forward_and_log_det(f32, tf.constant(x64, tf.float32))
+        x32 = tf.constant(x64, tf.float32)
+        if protocol == "raw":
+            with data_dependent_init():
+                forward_and_log_det(f32, x32)
         for v in f32.trainable_variables:
             v.assign(v.numpy() + scale * rng.standard_normal(v.shape).astype(np.float32))
+        if protocol == "normalized":
+            for act in _actnorms(f32):
+                act.initialized.assign(0.0)
+            with data_dependent_init():
+                forward_and_log_det(f32, x32)
         assert [v.shape for v in f64.variables] == [v.shape for v in f32.variables]
         for v64, v32 in zip(f64.variables, f32.variables):
             v64.assign(v32.numpy().astype(np.float64))
-        x32, x64 = tf.constant(x64, tf.float32), tf.constant(x64, tf.float64)
+        x64 = tf.constant(x64, tf.float64)
         blocks = reversible.reconstruction_errors(f32, x32)
+        ldj64 = forward_and_log_det(f64, x64)[1].numpy()
+        row = {"protocol": protocol, "scale": scale, "blocks": blocks,
+               "rebuild_rel_max": max(b["rel_max"] for b in blocks),
+               "ldj_float32_vs_float64_rel": float(
+                   np.max(np.abs(forward_and_log_det(f32, x32)[1].numpy() - ldj64))
+                   / np.max(np.abs(ldj64)))}
         truth = grads(f64, x64, "standard")
-        row = {"scale": scale, "blocks": blocks,
-               "rebuild_rel_max": max(b["rel_max"] for b in blocks)}
-        z32, ldj32 = forward_and_log_det(f32, x32)
-        row["ldj_float32_float64_rel"] = float(
-            np.max(np.abs(ldj32.numpy() - forward_and_log_det(f64, x64)[1].numpy()))
-            / np.max(np.abs(forward_and_log_det(f64, x64)[1].numpy())))
         for mode in ("standard", "checkpoint", "reversible"):
             g = grads(f32, x32, mode)
             errs = [rel(a, b) for a, b in zip(g, truth)]
             whole = rel(np.concatenate([a.ravel() for a in g]),
                         np.concatenate([b.ravel() for b in truth]))
-            row[mode] = {"worst_tensor_rel": max(errs), "median_tensor_rel":
-                         float(np.median(errs)), "all_params_rel": whole,
-                         "input_grad_rel": errs[0]}
+            row[mode] = {"worst_tensor_rel": max(errs),
+                         "median_tensor_rel": float(np.median(errs)),
+                         "all_params_rel": whole, "input_grad_rel": errs[0]}
         print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
         results.append(row)
     return {"levels": levels, "steps_per_level": steps, "width": width, "batch": batch,

@@ -6,13 +6,16 @@ What is checked, on small flows perturbed off their (identity) init:
 * the gradients of `-mean(log N(z; 0, I) + ldj)` w.r.t. the input and every
   trainable variable equal `"standard"`'s (worst relative error <= 1e-9 in
   float64, <= 2e-4 in float32): Glow (affine and additive / shuffle), a
-  class-conditional Glow, RealNVP, NICE and a plain `tfb.Chain` holding TFP
-  bijectors and one without an inverse;
+  class-conditional Glow, RealNVP, NICE, a plain `tfb.Chain` holding TFP
+  bijectors and one without an inverse, spline and mixture-of-logistics
+  couplings, a class-conditional multi-scale flow on vectors;
 * the same inside `tf.function` (unknown batch; XLA), with bfloat16
   coupling networks, and under `MirroredStrategy` on 2 logical CPUs (in a
   subprocess: this file run as a script) against one device;
 * a few SGD and Adam steps give the same weights in every mode, and so does
   `tfp_glow.Glow(backprop=...).fit` on the built-in digits;
+* a flow that is not numerically invertible gives NaN gradients in
+  "reversible" (its rebuild check), never silently wrong ones;
 * what the backward pass keeps (weak references to a probe's tensors):
   "standard" keeps every step's input and activations, "checkpoint" the
   step inputs only, "reversible" none;
@@ -79,6 +82,22 @@ def _vector_chain(dtype):
     return tfb.Chain(list(reversed(parts)))
 
 
+def _spline_and_mixture_chain(dtype):
+    """The couplings whose inverse is a spline root or a bisection + Newton step."""
+    from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
+    from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
+    spline_units = RationalQuadraticSplineCoupling.outputs_per_channel(4) * 2
+    mixture_units = LogisticMixtureCoupling.outputs_per_channel(3) * 2
+    parts = [ActNorm(4, event_ndims=1, dtype=dtype),
+             RationalQuadraticSplineCoupling(
+                 nets.MLPCouplingNet(8, spline_units, dtype=dtype), num_bins=4,
+                 event_shape=(4,), dtype=dtype),
+             LogisticMixtureCoupling(
+                 nets.MLPCouplingNet(8, mixture_units, dtype=dtype), num_components=3,
+                 event_shape=(4,), parity=1, dtype=dtype)]
+    return tfb.Chain(list(reversed(parts)))
+
+
 def _vector_multi_scale(dtype):
     """A class-conditional two-level `MultiScaleFlow` on R^4 (split prior, top
     prior): every stage of a Glow at the cost of a few dense layers."""
@@ -135,13 +154,15 @@ FLOWS = {
     "nice": lambda dtype: models.build_nice_flow(
         (8, 8, 1), coupling_layers=4, hidden_units=16, num_hidden_layers=1, dtype=dtype),
     "chain": _vector_chain,
+    "spline_and_mixture_chain": _spline_and_mixture_chain,
     "vector_multi_scale_conditional": _vector_multi_scale,
     "glow_mixed_bf16": lambda dtype: _mixed_glow(),
 }
 
 
 def _event_shape(name):
-    return {"chain": (4,), "vector_multi_scale_conditional": (4,),
+    return {"chain": (4,), "spline_and_mixture_chain": (4,),
+            "vector_multi_scale_conditional": (4,),
             "tiny_glow_conditional": (4, 4, 1)}.get(name, (8, 8, 1))
 
 
@@ -210,7 +231,8 @@ def test_standard_is_the_bijectors_forward_and_log_det():
 
 # The plain affine Glow is the conditional one without its class table.
 @pytest.mark.parametrize("name", ["glow_additive_shuffle", "glow_conditional", "realnvp",
-                                  "nice", "chain", "vector_multi_scale_conditional"])
+                                  "nice", "chain", "spline_and_mixture_chain",
+                                  "vector_multi_scale_conditional"])
 def test_gradients_equal_standard_float64(name):
     flow, x, kwargs = perturbed(name, "float64")
     (z_ref, ldj_ref, _), reference = gradients(flow, x, kwargs, "standard")
@@ -225,6 +247,23 @@ def test_gradients_equal_standard_float64(name):
         err = worst_relative_error(grads, reference)
         print(f"\n[reversible] {name} float64 {mode}: worst relative gradient error {err:.2e}")
         assert err <= TOLERANCE["float64"]
+
+
+def test_a_lost_input_gives_nan_gradients_not_wrong_ones():
+    # x + 1e8 - 1e8 in float32 rounds x away: the map is the identity on paper
+    # (gradient 1) but cannot be inverted numerically.
+    act = ActNorm(4, event_ndims=1)
+    act.bias.assign([1.0, 2.0, 3.0, 4.0])
+    act.initialized.assign(1.0)
+    flow = tfb.Chain([act, tfb.Shift(-1e8), tfb.Shift(1e8)])
+    x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (BATCH, 4)), tf.float32)
+    rebuilt = reversible.reconstruction_errors(flow, x)
+    assert len(rebuilt) == 1 and rebuilt[0]["rel_max"] > 0.5
+    _, reference = gradients(flow, x, {}, "standard")
+    assert all(np.all(np.isfinite(g)) for g in reference)
+    assert worst_relative_error(gradients(flow, x, {}, "checkpoint")[1], reference) == 0.0
+    grads = gradients(flow, x, {}, "reversible")[1]
+    assert all(np.all(np.isnan(g)) for g in grads)
 
 
 def test_no_inverse_bijector_keeps_its_input():

@@ -62,11 +62,6 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 # class). Taken from the class dict so no TFP internals are imported.
 _TFP_SHARED_CACHE = tfb.Bijector.__dict__["_cache"]
 
-# What `copy()` of a stateful bijector may change: nothing that defines the
-# variables (their shapes, dtype, initial values or networks).
-_COPY_OVERRIDABLE = ("name", "validate_args")
-
-
 class _EagerNoCache:
     """Stands in for TFP's cache in eager mode: always recomputes."""
 
@@ -118,6 +113,9 @@ class FlowBijector(tfb.Bijector):
     # An input of unknown rank, or of unknown channel count (last axis), is
     # refused with a ValueError; elementwise bijectors set this to False.
     _needs_static_event = True
+    # What `copy()` of a stateful bijector may change: nothing that defines the
+    # variables (their shapes, dtype, initial values or networks).
+    _copy_overridable = ("name", "validate_args")
 
     def __init__(self, *, forward_min_event_ndims, inverse_min_event_ndims=None,
                  is_constant_jacobian=False, validate_args=False, dtype=None,
@@ -168,8 +166,8 @@ class FlowBijector(tfb.Bijector):
         TFP's `copy` rebuilds `type(self)(**parameters)`, which for a stateful
         bijector creates *new* variables (a different map). Here the copy reads
         the very same Keras layers and variables: training either trains both.
-        Only `name` and `validate_args` may be overridden; a parameter that
-        defines the variables (channels, dtype, seed, networks, ...) raises a
+        Only `name` and `validate_args` may be overridden (a subclass may add to
+        `_copy_overridable`); a parameter that defines the variables (channels, dtype, seed, networks, ...) raises a
         ValueError, since the shared variables could not follow it.
         """
         if not self._keras_layers:  # stateless: TFP's copy is the same map
@@ -179,13 +177,13 @@ class FlowBijector(tfb.Bijector):
             raise TypeError(f"{type(self).__name__}.copy() got unknown parameters "
                             f"{unknown}; its parameters are {sorted(self.parameters)}.")
         fixed = sorted(k for k, v in override_parameters_kwargs.items()
-                       if k not in _COPY_OVERRIDABLE
+                       if k not in self._copy_overridable
                        and not _same_value(v, self.parameters[k]))
         if fixed:
             raise ValueError(
                 f"{type(self).__name__}.copy() shares the variables of the original, so "
                 f"it cannot override {fixed}: they define those variables. Only "
-                f"{list(_COPY_OVERRIDABLE)} may change; build a new "
+                f"{list(self._copy_overridable)} may change; build a new "
                 f"{type(self).__name__}(...) for a different map.")
         parameters = dict(self.parameters, **override_parameters_kwargs)
         twin = type(self)(**parameters)

@@ -167,8 +167,9 @@ class FlowBijector(tfb.Bijector):
         bijector creates *new* variables (a different map). Here the copy reads
         the very same Keras layers and variables: training either trains both.
         Only `name` and `validate_args` may be overridden (a subclass may add to
-        `_copy_overridable`); a parameter that defines the variables (channels, dtype, seed, networks, ...) raises a
-        ValueError, since the shared variables could not follow it.
+        `_copy_overridable`); a parameter that defines the variables (channels,
+        dtype, seed, networks, ...) raises a ValueError, since the shared
+        variables could not follow it.
         """
         if not self._keras_layers:  # stateless: TFP's copy is the same map
             return super().copy(**override_parameters_kwargs)

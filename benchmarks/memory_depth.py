@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -68,7 +70,6 @@ def build_step(variant, steps, x, jit_compile=False):
         def loss_fn(x):
             return -tf.reduce_mean(model.log_prob(x))
     else:
-        import numpy as np
         from tfp_glow import models, reversible
         from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
         flow = models.build_glow_flow(
@@ -151,27 +152,12 @@ def _actnorms(flow):
     return found
 
 
-def reconstruction(levels=3, steps=32, width=64, batch=4,
-                   settings=(("normalized", 0.01), ("normalized", 0.03), ("normalized", 0.1),
-                             ("normalized", 0.3), ("raw", 0.01), ("raw", 0.03))):
-    """Rebuild error of "reversible" in float32, and each mode's float32 gradient
-    error against float64 standard backprop on the same weights.
-
-    Weights: every trainable variable moved by `scale * N(0, 1)` from its
-    init, then either ActNorm is initialised on the batch ("normalized":
-    every step's input standardised, as training keeps it roughly) or ActNorm
-    was initialised first and is moved too ("raw", as
-    tests/test_exactness_at_depth.py; activations drift in scale with depth).
-    """
-    import numpy as np
+def _evaluate(f32, f64, x32, x64, **row):
+    """Rebuild errors of `f32` on `x32`, and each mode's float32 gradient error
+    against float64 standard backprop of `f64` (the same weights)."""
     import tensorflow as tf
-    from tfp_glow import models, reversible
-    from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
-
-    def build(dtype):
-        return models.build_glow_flow(image_shape=(32, 32, 3), levels=levels,
-                                      steps_per_level=steps, hidden_channels=width,
-                                      learn_top_prior=True, seed=1, dtype=dtype)
+    from tfp_glow import reversible
+    from tfp_glow.bijectors import forward_and_log_det
 
     def grads(flow, x, mode):
         variables = list(flow.trainable_variables)
@@ -184,12 +170,62 @@ def reconstruction(levels=3, steps=32, width=64, batch=4,
     def rel(a, b):
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
+    blocks = reversible.reconstruction_errors(f32, x32)
+    ldj64 = forward_and_log_det(f64, x64)[1].numpy()
+    row.update({"blocks": blocks, "rebuild_rel_max": max(b["rel_max"] for b in blocks),
+                "ldj_float32_vs_float64_rel": float(
+                    np.max(np.abs(forward_and_log_det(f32, x32)[1].numpy() - ldj64))
+                    / np.max(np.abs(ldj64)))})
+    truth = grads(f64, x64, "standard")
+    for mode in ("standard", "checkpoint", "reversible"):
+        g = grads(f32, x32, mode)
+        errs = [rel(a, b) for a, b in zip(g, truth)]
+        whole = rel(np.concatenate([a.ravel() for a in g]),
+                    np.concatenate([b.ravel() for b in truth]))
+        row[mode] = {"worst_tensor_rel": max(errs), "median_tensor_rel": float(np.median(errs)),
+                     "all_params_rel": whole, "input_grad_rel": errs[0],
+                     "finite": bool(all(np.all(np.isfinite(a)) for a in g))}
+    print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
+    return row
+
+
+def _float64_twin(build, f32):
+    f64 = build("float64")
+    # Same builder, same order: only auto-generated layer names differ.
+    assert [v.shape for v in f64.variables] == [v.shape for v in f32.variables]
+    for v64, v32 in zip(f64.variables, f32.variables):
+        v64.assign(v32.numpy().astype(np.float64))
+    return f64
+
+
+def reconstruction(levels=3, steps=32, width=64, batch=4,
+                   settings=(("normalized", 0.01), ("normalized", 0.03), ("normalized", 0.1),
+                             ("normalized", 0.3), ("raw", 0.01), ("raw", 0.03))):
+    """Float32 rebuild and gradient errors on a deep Glow with moved weights.
+
+    Weights: every trainable variable moved by `scale * N(0, 1)` from its
+    init, then either ActNorm is initialised on the batch ("normalized":
+    every step's input standardised, as training keeps it roughly) or ActNorm
+    was initialised first and is moved too ("raw", as
+    tests/test_exactness_at_depth.py; activations drift in scale with depth).
+    """
+    import keras
+    import tensorflow as tf
+    from tfp_glow import models
+    from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
+
+    def build(dtype):
+        return models.build_glow_flow(image_shape=(32, 32, 3), levels=levels,
+                                      steps_per_level=steps, hidden_channels=width,
+                                      learn_top_prior=True, seed=1, dtype=dtype)
+
     results = []
     for protocol, scale in settings:
+        keras.utils.set_random_seed(7)
         rng = np.random.default_rng(7)
-        f32, f64 = build("float32"), build("float64")
-        x64 = rng.uniform(-0.5, 0.5, (batch, 32, 32, 3))
-        x32 = tf.constant(x64, tf.float32)
+        f32 = build("float32")
+        x = rng.uniform(-0.5, 0.5, (batch, 32, 32, 3))
+        x32 = tf.constant(x, tf.float32)
         if protocol == "raw":
             with data_dependent_init():
                 forward_and_log_det(f32, x32)
@@ -200,30 +236,54 @@ def reconstruction(levels=3, steps=32, width=64, batch=4,
                 act.initialized.assign(0.0)
             with data_dependent_init():
                 forward_and_log_det(f32, x32)
-        assert [v.shape for v in f64.variables] == [v.shape for v in f32.variables]
-        for v64, v32 in zip(f64.variables, f32.variables):
-            v64.assign(v32.numpy().astype(np.float64))
-        x64 = tf.constant(x64, tf.float64)
-        blocks = reversible.reconstruction_errors(f32, x32)
-        ldj64 = forward_and_log_det(f64, x64)[1].numpy()
-        row = {"protocol": protocol, "scale": scale, "blocks": blocks,
-               "rebuild_rel_max": max(b["rel_max"] for b in blocks),
-               "ldj_float32_vs_float64_rel": float(
-                   np.max(np.abs(forward_and_log_det(f32, x32)[1].numpy() - ldj64))
-                   / np.max(np.abs(ldj64)))}
-        truth = grads(f64, x64, "standard")
-        for mode in ("standard", "checkpoint", "reversible"):
-            g = grads(f32, x32, mode)
-            errs = [rel(a, b) for a, b in zip(g, truth)]
-            whole = rel(np.concatenate([a.ravel() for a in g]),
-                        np.concatenate([b.ravel() for b in truth]))
-            row[mode] = {"worst_tensor_rel": max(errs),
-                         "median_tensor_rel": float(np.median(errs)),
-                         "all_params_rel": whole, "input_grad_rel": errs[0]}
-        print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
-        results.append(row)
+        results.append(_evaluate(f32, _float64_twin(build, f32), x32,
+                                 tf.constant(x, tf.float64), protocol=protocol, scale=scale))
     return {"levels": levels, "steps_per_level": steps, "width": width, "batch": batch,
             "results": results}
+
+
+def trained_reconstruction(train_steps=(0, 300, 1000), levels=2, steps=8, width=64,
+                           batch=64):
+    """The same errors on the digits Glow (8x8x1) trained with Adam(1e-3), batch 64."""
+    import keras
+    import tensorflow as tf
+    from tfp_glow import models, reversible
+    from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
+    from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
+    def build(dtype):
+        return models.build_glow_flow(image_shape=(8, 8, 1), levels=levels,
+                                      steps_per_level=steps, hidden_channels=width,
+                                      learn_top_prior=True, seed=1, dtype=dtype)
+
+    keras.utils.set_random_seed(3)
+    images = load_digits("train")[0]
+    flow = build("float32")
+    variables = list(flow.trainable_variables)
+    opt = keras.optimizers.Adam(1e-3)
+    data = preprocess(tf.constant(images[:batch]), DIGITS_NUM_BINS, True, 0)
+    with data_dependent_init():
+        forward_and_log_det(flow, data)
+
+    @tf.function
+    def train(x):
+        with tf.GradientTape() as tape:
+            z, ldj = reversible.forward_and_log_det(flow, x)
+            loss = -tf.reduce_mean(tf.reduce_sum(-0.5 * tf.square(z), -1) + ldj)
+        opt.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    results, done, rng = [], 0, np.random.default_rng(0)
+    for target in train_steps:
+        while done < target:
+            idx = rng.integers(0, len(images), batch)
+            train(preprocess(tf.constant(images[idx]), DIGITS_NUM_BINS, True, done))
+            done += 1
+        x = preprocess(tf.constant(images[-8:]), DIGITS_NUM_BINS, True, 1)
+        results.append(_evaluate(flow, _float64_twin(build, flow), tf.cast(x, tf.float32),
+                                 tf.cast(x, tf.float64), protocol="digits_trained",
+                                 train_steps=target))
+    return {"levels": levels, "steps_per_level": steps, "width": width, "results": results}
 
 
 # -- driver ---------------------------------------------------------------------
@@ -238,7 +298,6 @@ def _subprocess(args, env_extra=None, timeout=3600):
 
 def largest_within(points, budget_bytes):
     """Largest measured K within the budget, and the straight-line estimate."""
-    import numpy as np
     ok = [k for k, b in points.items() if b is not None and b <= budget_bytes]
     ks = sorted(k for k, b in points.items() if b is not None)
     estimate = None
@@ -300,7 +359,8 @@ def main(argv=None):
     import common
     if args.reconstruction:
         result = {"machine": common.machine_info(),
-                  **reconstruction(steps=args.recon_steps, width=args.recon_width)}
+                  "deep_glow": reconstruction(steps=args.recon_steps, width=args.recon_width),
+                  "trained_digits_glow": trained_reconstruction()}
     else:
         result = {"machine": common.machine_info(), "config": CONFIG, "jit": args.jit,
                   "variants": args.variants, "depths": args.depths,

@@ -13,20 +13,12 @@ import scipy.stats
 import tensorflow as tf
 from PIL import Image
 
+from helpers import perturb
 import tfp_glow
 from tfp_glow.bijectors import ActNorm, keras_layers_of
 from tfp_glow.data import DIGITS_NUM_BINS, digits_dataset, load_digits, preprocess
 
 UNIFORM_BPD = math.log2(DIGITS_NUM_BINS)  # 4.09: every level equally likely
-
-
-def _perturb(model, scale=0.1, seed=0):
-    """Moves every trainable variable off its (often identity) initial value."""
-    rng = np.random.default_rng(seed)
-    for v in model.trainable_variables:
-        noise = rng.standard_normal(tuple(v.shape)).astype(v.dtype)
-        v.assign(v + scale * noise)
-    return model
 
 
 def _random_images(n, shape, seed=0):
@@ -44,7 +36,7 @@ def _small_glow(**kwargs):
 def _ready(model, x, scale=0.1, seed=0, labels=None):
     """ActNorm initialised on `x`, then every parameter perturbed."""
     model.initialize(x, labels)
-    return _perturb(model, scale, seed)
+    return perturb(model, seed, scale)
 
 
 def _test_images(n=None):

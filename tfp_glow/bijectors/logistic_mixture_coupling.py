@@ -97,14 +97,6 @@ class LogisticMixtureCoupling(CouplingBase):
         return 3 * checks.positive_int(num_components, "num_components") + 2
 
     @property
-    def output_units(self):
-        """Output channels the network must return (None without `event_shape`)."""
-        if self._event_shape is None:
-            return None
-        c = self._event_shape[-1]
-        return self._outputs_per_channel * (c - c // 2 if self._mask == "channel" else c)
-
-    @property
     def num_components(self):
         return self._num_components
 

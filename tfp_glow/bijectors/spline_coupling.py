@@ -176,14 +176,6 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         return 3 * checks.positive_int(num_bins, "num_bins", minimum=2) - 1
 
     @property
-    def output_units(self):
-        """Output channels the network must return (None without `event_shape`)."""
-        if self._event_shape is None:
-            return None
-        c = self._event_shape[-1]
-        return self._outputs_per_channel * (c - c // 2 if self._mask == "channel" else c)
-
-    @property
     def num_bins(self):
         return self._num_bins
 

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -150,7 +151,7 @@ def train(model, batches, strategy=None, **callback_args):
 def main(out_dir, backup_dir, sleep):
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    from tfp_glow.distributed import multi_worker_strategy
+    from tfp_glow.distributed import first_step_batch, multi_worker_strategy
     strategy = multi_worker_strategy()  # from TF_CONFIG, before any other TF work
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     with strategy.scope():
@@ -159,6 +160,14 @@ def main(out_dir, backup_dir, sleep):
                 log_path=os.path.join(out_dir, f"worker_{task}.log"), sleep=sleep,
                 backup_dir=backup_dir)
     out["num_replicas"] = np.asarray(strategy.num_replicas_in_sync)
+    # A plain pipeline with autosharding off: fit's first-batch peek warns
+    # (each epoch would see 1/num_workers of the data).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first_step_batch(dataset(worker_batches(task)).with_options(options), strategy)
+    out["off_warnings"] = np.asarray(sum("autosharding off" in str(w.message) for w in caught))
     np.savez(os.path.join(out_dir, f"worker_{task}.npz"), **out)
     with open(os.path.join(out_dir, f"worker_{task}.log"), "a") as f:
         f.write("done\n")

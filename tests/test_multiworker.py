@@ -172,6 +172,8 @@ def test_fit_trains_like_one_process_on_the_global_batches(uninterrupted):
     assert ref["losses"][-1] < ref["losses"][0] - 1.0  # it learned something
     # The chief removed the shared backup when training ended.
     assert not (uninterrupted[3] / "backup").exists()
+    # A plain pipeline with autosharding off makes fit warn on every worker.
+    assert int(w0["off_warnings"]) == int(w1["off_warnings"]) == 1
 
 
 def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterrupted,
@@ -229,3 +231,46 @@ def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterr
     # The resumed fit initialised ActNorm again (then restored it) just the same.
     assert _max_diff(r0, u0, "init/") == 0.0
     assert not backup.exists()
+
+
+# -- in this process: the pieces that need no cluster -------------------------
+
+
+def test_multi_worker_strategy_needs_a_cluster(monkeypatch):
+    from tfp_glow.distributed import multi_worker_strategy
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ValueError, match="set TF_CONFIG"):
+        multi_worker_strategy()
+    with pytest.raises(ValueError, match="`communication` must be one of"):
+        multi_worker_strategy(communication="mpi")
+
+
+def test_outside_multi_worker_mode_nothing_changes():
+    import keras
+    import tensorflow as tf
+    from tfp_glow import distributed
+    backup = keras.callbacks.BackupAndRestore("unused_dir")
+    assert distributed.fit_callbacks(None) == []
+    assert distributed.fit_callbacks(backup) == [backup]
+    assert distributed.fit_callbacks((backup,))[0] is backup
+    assert not distributed.in_multi_worker_mode() and distributed.is_chief()
+    logs = {"loss": tf.constant(1.5)}
+    assert distributed.step_logs(logs) is logs
+    x = tf.random.stateless_normal([5, 3, 2], seed=[1, 2])
+    mean, variance = distributed.global_moments(x, [0, 1])
+    np.testing.assert_array_equal(mean, tf.nn.moments(x, [0, 1])[0])
+    np.testing.assert_array_equal(variance, tf.nn.moments(x, [0, 1])[1])
+    np.testing.assert_array_equal(distributed.global_sum(x), x)
+
+
+def test_cli_multiworker_without_a_cluster_names_tf_config(monkeypatch, tmp_path, capsys):
+    from tfp_glow import cli
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    code = cli.main(["train", "--strategy", "multiworker", "--epochs", "1", "--output", str(run)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tfp-glow: error: Multi-worker training needs the cluster: set TF_CONFIG" in err
+    assert not run.exists()  # refused before anything was written

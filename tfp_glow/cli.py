@@ -237,6 +237,9 @@ def _strategy(name):
     import tensorflow as tf
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multiworker":  # the cluster from TF_CONFIG, or Slurm's environment
+        from tfp_glow.distributed import multi_worker_strategy
+        return multi_worker_strategy()
     return tf.distribute.get_strategy()
 
 
@@ -280,13 +283,16 @@ def cmd_train(args):
     `recipe.train` (checkpoints, history, PNGs, metrics, model.keras and a
     SavedModel in the run directory), print the outcome."""
     plan = check_train_args(args)  # before the run directory exists
+    # Before any other TensorFlow work: MultiWorkerMirroredStrategy must
+    # configure the collective ops at program startup.
+    strategy = _strategy(args.strategy)
     import keras
     keras.utils.set_random_seed(args.seed)
     cfg = {**vars(args), "output": plan.output}
     train_ds = _make_dataset(cfg, "train", args.batch_size, training=True)
     test_ds = _make_dataset(cfg, args.test_split, max(args.batch_size, EVAL_BATCH),
                             training=False)
-    with _strategy(args.strategy).scope():
+    with strategy.scope():
         model = _build_model(args, plan.info, plan.arch)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     resuming = " (resuming)" if recipe.has_backup(plan.output) else ""

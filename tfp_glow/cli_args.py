@@ -105,8 +105,10 @@ def _add_train_parser(sub):
                         "already normalised; non-finite steps stop training either way)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap the batches per epoch (smoke runs)")
-    p.add_argument("--strategy", choices=("default", "mirrored"), default="default",
-                   help="tf.distribute strategy ('mirrored': every local GPU)")
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),
+                   default="default",
+                   help="tf.distribute strategy ('mirrored': every local GPU; 'multiworker': "
+                        "every worker of the cluster in TF_CONFIG or the Slurm job)")
     jit = p.add_mutually_exclusive_group()
     jit.add_argument("--jit", dest="jit", action="store_true",
                      help="compile the train step with XLA (faster steps, slower start)")

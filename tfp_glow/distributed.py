@@ -18,11 +18,14 @@ What the stock pieces do not do on their own is here:
 * `step_logs`: the logs of a train / test step in the shape Keras can reduce
   across workers (Keras 3 reduces them along axis 0, which a scalar lacks:
   tensorflow/tensorflow#72388).
-* `BackupAndRestore`, `multi_worker_callbacks`: `keras.callbacks.BackupAndRestore`
+* `BackupAndRestore`, `fit_callbacks`: `keras.callbacks.BackupAndRestore`
   with a shared backup directory, written by the chief only and atomically
-  (Keras 3's callback has every worker write the same file).
+  (Keras 3's callback has every worker write the same file); checkpoints,
+  CSV and TensorBoard logs written by the chief only.
 * `first_step_batch`: this worker's part of the first global batch (the
   batch `fit` initialises ActNorm on).
+* `symbolic_build_iterator`: keeps Keras from spending a pass over the data
+  before training under a strategy.
 * `is_chief`, `in_multi_worker_mode`, `multi_worker_strategy` (from TF_CONFIG
   or a cluster manager's environment).
 """
@@ -39,13 +42,14 @@ import tensorflow as tf
 __all__ = [
     "BackupAndRestore",
     "first_step_batch",
+    "fit_callbacks",
     "global_moments",
     "global_sum",
     "in_multi_worker_mode",
     "is_chief",
-    "multi_worker_callbacks",
     "multi_worker_strategy",
     "step_logs",
+    "symbolic_build_iterator",
 ]
 
 
@@ -199,6 +203,25 @@ def first_step_batch(data, strategy=None):
         lambda v: tf.concat(strategy.experimental_local_results(v), axis=0), element)
 
 
+def symbolic_build_iterator(model, iterator):
+    """The data iterator Keras' `_maybe_symbolic_build` may draw from, or None.
+
+    Keras' TensorFlow trainer, for a model made under a strategy, builds it
+    symbolically before `fit` / `evaluate` / `predict` from a batch it draws
+    from a *fresh pass* over the data. A `FlowModel` creates every variable
+    in its constructor, so nothing needs that batch; the extra pass, though,
+    advances a reshuffling pipeline (`shuffle(reshuffle_each_iteration=True)`,
+    fresh dequantization noise), and the same `fit` then trained on other
+    batches under `MirroredStrategy` than on one device (measured: the first
+    SGD step already 1e-3 apart). None (no draw) when the model and its
+    compiled metrics and loss are built; else `iterator`.
+    """
+    needs_data = (not all(layer.built for layer in model._flatten_layers())
+                  or getattr(model, "_compile_metrics", None) is not None
+                  or getattr(model, "_compile_loss", None) is not None)
+    return iterator if needs_data else None
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` for a backup directory shared by all workers.
 
@@ -207,7 +230,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     the job restarts (the directory must be on storage every worker sees).
     The weights file and the epoch file are written under temporary names and
     then renamed, so a worker killed while saving leaves the previous backup
-    intact. At the end of training only the chief deletes the directory.
+    intact. When training starts, the workers check that they all restored
+    the same epoch (a `RuntimeError` on every worker if not: the directory is
+    not shared). At the end of training only the chief deletes the directory.
     Outside a multi-worker strategy it behaves like Keras' callback, with the
     atomic writes.
     """
@@ -221,8 +246,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         if not is_chief(self.model.distribute_strategy):
-            # Every worker saves (reading some distributed variables is a
-            # collective operation), but only the chief's file is kept.
+            # Every worker saves, as tf.keras did: reading a distributed
+            # variable may be a collective operation (a sync-on-read variable
+            # summed over replicas) that every worker must join. Only the
+            # chief's file is kept.
             scratch = tempfile.mkdtemp(prefix="backup_worker_")
             try:
                 self.model.save_weights(os.path.join(scratch, "latest.weights.h5"))
@@ -246,19 +273,65 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
         tf.io.gfile.rename(metadata_tmp, self._training_metadata_path, overwrite=True)
 
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        strategy = self.model.distribute_strategy
+        if not in_multi_worker_mode(strategy):
+            return
+        epoch = 0.0
+        if tf.io.gfile.exists(self._training_metadata_path):
+            with tf.io.gfile.GFile(self._training_metadata_path) as f:
+                epoch = float(json.loads(f.read())["epoch"])
+        # All workers restored the same epoch iff (sum e)^2 = K sum e^2 over
+        # the K workers. A worker that cannot see the chief's backup would
+        # otherwise train on from other weights and another epoch.
+        with strategy.scope():
+            total, squares = global_sum(tf.constant([epoch, epoch * epoch], tf.float64)).numpy()
+        workers = strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+        if total * total != workers * squares:
+            raise RuntimeError(
+                f"BackupAndRestore: the workers restored different epochs from "
+                f"{self.backup_dir!r} (this worker: {int(epoch)}). Only the chief writes "
+                "the backup, so the directory must be on storage every worker sees (a "
+                "shared file system, gs://, s3://).")
+
     def on_train_end(self, logs=None):
         if is_chief(self.model.distribute_strategy):
             super().on_train_end(logs)
 
 
-def multi_worker_callbacks(callbacks, strategy=None):
-    """`callbacks` with each stock `keras.callbacks.BackupAndRestore` replaced
-    by this module's `BackupAndRestore` (same settings) under a multi-worker
-    strategy; unchanged otherwise. `FlowModel.fit` applies it."""
+# Keras callbacks that write files named by the user: across workers they
+# would all write the same files (an h5 written twice at once fails with
+# "unable to lock file"); the chief's copy is the one to keep.
+_CHIEF_ONLY = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger,
+               keras.callbacks.TensorBoard)
+
+
+def fit_callbacks(callbacks, strategy=None):
+    """The callbacks given to `fit` (None, one callback or a list) as a list,
+    ready for `strategy`. `FlowModel.fit` applies it.
+
+    Under a multi-worker strategy each stock `keras.callbacks.BackupAndRestore`
+    becomes this module's `BackupAndRestore` (same settings), and workers
+    other than the chief leave out `ModelCheckpoint`, `CSVLogger` and
+    `TensorBoard` (their logs are the chief's: the strategy reduces them).
+    Elsewhere the list is unchanged.
+    """
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, keras.callbacks.Callback):
+        callbacks = [callbacks]
     if not in_multi_worker_mode(strategy):
         return list(callbacks)
-    return [BackupAndRestore.from_keras(c) if type(c) is keras.callbacks.BackupAndRestore
-            else c for c in callbacks]
+    chief = is_chief(strategy)
+    ready = []
+    for callback in callbacks:
+        if type(callback) is keras.callbacks.BackupAndRestore:
+            callback = BackupAndRestore.from_keras(callback)
+        elif not chief and isinstance(callback, _CHIEF_ONLY):
+            continue
+        ready.append(callback)
+    return ready
 
 
 def multi_worker_strategy(cluster_resolver=None, communication="auto"):

@@ -23,7 +23,8 @@ from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_de
 from tfp_glow.bijectors.base import sub_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
-from tfp_glow.distributed import first_step_batch, multi_worker_callbacks, step_logs
+from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
+                                  symbolic_build_iterator)
 from tfp_glow.guard import NonfiniteGuard
 
 tfb = tfp.bijectors
@@ -185,10 +186,8 @@ class FlowModel(DensityMethods, keras.Model):
 
         Runs `x` through the normalizing direction with
         `data_dependent_init()`, so each ActNorm standardises the activations
-        that actually reach it. Runs eagerly in cross-replica context; under a
-        `tf.distribute` strategy each ActNorm uses the moments of the global
-        batch (`x` of every worker together: `tfp_glow.distributed`), so every
-        replica and worker gets the init of one process on all those batches.
+        that actually reach it. Runs eagerly; under a `tf.distribute` strategy
+        each ActNorm uses the moments of the global batch (all workers' `x`).
         ActNorms already initialised (e.g. restored from a checkpoint) are
         left alone.
         """
@@ -271,6 +270,9 @@ class FlowModel(DensityMethods, keras.Model):
             self.train_function = guarded
         return self.train_function
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):  # see the helper
+        super()._maybe_symbolic_build(symbolic_build_iterator(self, iterator), data_batch)
+
     def compile(self, optimizer="adam", **kwargs):
         """`compile` with Adam by default; the loss is always `-log p(x)`."""
         if kwargs.get("loss") is not None:
@@ -315,11 +317,7 @@ class FlowModel(DensityMethods, keras.Model):
         self._guard.reset()
         callbacks = kwargs.get("callbacks")
         if not isinstance(callbacks, keras.callbacks.CallbackList):
-            if callbacks is None:
-                callbacks = []
-            elif isinstance(callbacks, keras.callbacks.Callback):
-                callbacks = [callbacks]
-            kwargs["callbacks"] = [self._guard.callback()] + multi_worker_callbacks(
+            kwargs["callbacks"] = [self._guard.callback()] + fit_callbacks(
                 callbacks, self.distribute_strategy)
         if isinstance(x, tf.data.Dataset):
             # `shuffle` does not apply to a Dataset; Keras's default True only warns.

@@ -366,3 +366,16 @@ def test_help_exits_0(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--warmup-steps" in out and "--strategy" in out
+
+
+@pytest.mark.parametrize("model", ["glow", "nice"])
+def test_backprop_flag_reaches_the_model_config(model):
+    from tfp_glow import cli
+    from tfp_glow.cli_args import build_parser
+    args = build_parser().parse_args(["train", "--model", model, "--backprop", "reversible"])
+    plan = cli.check_train_args(args)
+    built = cli._build_model(args, plan.info, plan.arch)
+    assert built.backprop == "reversible"
+    assert built.get_config()["backprop"] == "reversible"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--backprop", "fast"])

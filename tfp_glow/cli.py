@@ -223,14 +223,15 @@ def _build_model(args, info, arch):
         return Glow(image_shape=shape, levels=arch["levels"], steps_per_level=arch["steps"],
                     hidden_channels=arch["width"], coupling=arch["coupling"],
                     permutation=arch["permutation"], num_classes=num_classes,
-                    num_bins=info["num_bins"], seed=args.seed)
+                    num_bins=info["num_bins"], seed=args.seed, backprop=args.backprop)
     if args.model == "realnvp":
         return RealNVP(input_shape=shape, levels=arch["levels"],
                        hidden_channels=arch["width"], coupling_layers=arch["steps"],
-                       num_classes=num_classes, num_bins=info["num_bins"])
+                       num_classes=num_classes, num_bins=info["num_bins"],
+                       backprop=args.backprop)
     return NICE(input_shape=shape, coupling_layers=arch["steps"],
                 hidden_units=arch["width"], num_classes=num_classes,
-                num_bins=info["num_bins"])
+                num_bins=info["num_bins"], backprop=args.backprop)
 
 
 def _strategy(name):

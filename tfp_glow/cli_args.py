@@ -109,6 +109,11 @@ def _add_train_parser(sub):
                    default="default",
                    help="tf.distribute strategy ('mirrored': every local GPU; 'multiworker': "
                         "every worker of the cluster in TF_CONFIG or the Slurm job)")
+    p.add_argument("--backprop", choices=("standard", "checkpoint", "reversible"),
+                   default="standard",
+                   help="how gradients are computed: keep every activation, recompute each "
+                        "flow step from its input, or rebuild inputs with the inverse "
+                        "(training memory independent of depth; same gradients)")
     jit = p.add_mutually_exclusive_group()
     jit.add_argument("--jit", dest="jit", action="store_true",
                      help="compile the train step with XLA (faster steps, slower start)")

@@ -342,16 +342,19 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
         "num_parameters": num_parameters,
         **(extra_metrics or {}),
     }
-    _write_json(paths["metrics"], metrics)
-
-    write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, seed,
-                  class_labels(model, 64))
-    write_temperature_sweep(model, paths["sweep"], seed)
-    model.save(paths["model"])
     export_path = None
-    if export:
-        from tfp_glow.export import export_saved_model
-        export_path = export_saved_model(model, paths["export"])
+    # Under a multi-worker strategy every worker trains and evaluates, but only
+    # the chief writes the run directory they share (no racing writers).
+    from tfp_glow.distributed import is_chief
+    if is_chief(model.distribute_strategy):
+        _write_json(paths["metrics"], metrics)
+        write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, seed,
+                      class_labels(model, 64))
+        write_temperature_sweep(model, paths["sweep"], seed)
+        model.save(paths["model"])
+        if export:
+            from tfp_glow.export import export_saved_model
+            export_path = export_saved_model(model, paths["export"])
     return TrainResult(metrics=metrics, history=history, paths=paths,
                        export_path=export_path, resumed=resumed)
 

@@ -192,7 +192,8 @@ def check_builder(args):
     return out
 
 
-def run(args):
+def run(args, partial_path=None):
+    """Trains and evaluates; writes the result so far to `partial_path` at each curve point."""
     import tensorflow as tf
     import tfp_glow
     import digits_variants as variants
@@ -235,6 +236,37 @@ def run(args):
     curve_epochs = [e for e in stream.CURVE_EPOCHS if e <= args.epochs]
     if args.epochs not in curve_epochs:
         curve_epochs.append(args.epochs)
+
+    def summary(train_final, complete):
+        steps = np.array(timer.times[stream.STEPS_PER_EPOCH:]) * 1e3
+        finite = [c for c in curve if math.isfinite(c["test_bpd"])]
+        best = min(finite, key=lambda c: c["test_bpd"]) if finite else None
+        result = {
+            "protocol": "digits-protocol.md", "split_seed": args.split_seed,
+            "seed": args.seed, "epochs": args.epochs, "steps": len(timer.times),
+            "complete": complete,
+            "config": {k: v for k, v in vars(args).items() if k not in ("out", "check_builder")},
+            "training": "FlowModel.fit, one call per epoch on that epoch's 23 batches in order",
+            "params": params,
+            "library": {"file": tfp_glow.__file__,
+                        "snapshot": os.environ.get("DIGITS_LIBRARY_SNAPSHOT")},
+            "test_bpd": curve[-1]["test_bpd"],
+            "test_bpd_draws": draws,
+            "best_test_bpd": best["test_bpd"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "train_bpd": train_final,
+            "train_step_ms_mean": float(steps.mean()) if steps.size else None,
+            "train_step_ms_median": float(np.median(steps)) if steps.size else None,
+            "curve": curve,
+            "fit_train_bpd_per_epoch": fit_bpd,
+            "nonfinite_steps": model.nonfinite_steps,
+            "wall_s": time.perf_counter() - t_start,
+            "loadavg_start": load_start, "loadavg_end": _loadavg(),
+        }
+        if args.ema:
+            result["test_bpd_raw_weights"] = curve[-1]["test_bpd_raw_weights"]
+        return result
+
     for epoch in range(args.epochs):
         x_epoch = stream.epoch_batches(train, epoch)
         if switch is not None and args.dropout:
@@ -254,35 +286,19 @@ def run(args):
             print(f"epoch {epoch + 1}: test {bpd:.4f}"
                   + (f" (raw {raw:.4f})" if args.ema else "")
                   + f" fit-train {fit_bpd[-1]:.4f}", flush=True)
+            if partial_path and epoch + 1 < args.epochs:
+                _write(partial_path, summary(None, complete=False))
     with variants.EMASwap(opt):
         train_final = train_bpd()
-    steps = np.array(timer.times[stream.STEPS_PER_EPOCH:]) * 1e3
-    finite = [c for c in curve if math.isfinite(c["test_bpd"])]
-    best = min(finite, key=lambda c: c["test_bpd"]) if finite else None
-    result = {
-        "protocol": "digits-protocol.md", "split_seed": args.split_seed, "seed": args.seed,
-        "epochs": args.epochs, "steps": len(timer.times),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "check_builder")},
-        "training": "FlowModel.fit, one call per epoch on that epoch's 23 batches in order",
-        "params": params,
-        "library": {"file": tfp_glow.__file__,
-                    "snapshot": os.environ.get("DIGITS_LIBRARY_SNAPSHOT")},
-        "test_bpd": curve[-1]["test_bpd"],
-        "test_bpd_draws": draws,
-        "best_test_bpd": best["test_bpd"] if best else None,
-        "best_epoch": best["epoch"] if best else None,
-        "train_bpd": train_final,
-        "train_step_ms_mean": float(steps.mean()) if steps.size else None,
-        "train_step_ms_median": float(np.median(steps)) if steps.size else None,
-        "curve": curve,
-        "fit_train_bpd_per_epoch": fit_bpd,
-        "nonfinite_steps": model.nonfinite_steps,
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_start": load_start, "loadavg_end": _loadavg(),
-    }
-    if args.ema:
-        result["test_bpd_raw_weights"] = curve[-1]["test_bpd_raw_weights"]
-    return result
+    if partial_path and os.path.exists(partial_path):
+        os.remove(partial_path)
+    return summary(train_final, complete=True)
+
+
+def _write(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv=None):
@@ -291,12 +307,10 @@ def main(argv=None):
     if args.check_builder:
         check_builder(args)
         return
-    result = run(args)
-    text = json.dumps(result, indent=1)
+    partial = None if not args.out else os.path.splitext(args.out)[0] + ".partial.json"
+    result = run(args, partial)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        _write(args.out, result)
     print(json.dumps({k: result[k] for k in (
         "params", "test_bpd", "best_test_bpd", "best_epoch", "train_bpd",
         "train_step_ms_mean", "wall_s")}))

@@ -32,10 +32,6 @@ def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_
     return (knots(raw_w, min_width), knots(raw_h, min_height), derivatives)
 
 
-def _select(values, onehot):
-    return tf.reduce_sum(values * onehot, axis=-1)
-
-
 def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=False,
                               min_width=1e-3, min_height=1e-3, min_derivative=1e-3):
     """Elementwise monotone RQ spline on `[-B, B]`, identity outside.
@@ -57,10 +53,12 @@ def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=Fa
     num_bins = raw_w.shape[-1]
     k = tf.reduce_sum(tf.cast(v[..., None] >= knots_in[..., 1:-1], tf.int32), axis=-1)
     onehot = tf.one_hot(k, num_bins, dtype=x.dtype)
-    x_k, y_k = _select(xs[..., :-1], onehot), _select(ys[..., :-1], onehot)
-    w_k = _select(xs[..., 1:] - xs[..., :-1], onehot)
-    h_k = _select(ys[..., 1:] - ys[..., :-1], onehot)
-    d_k, d_k1 = _select(ds[..., :-1], onehot), _select(ds[..., 1:], onehot)
+    # The six per-bin quantities of bin k selected with one product and one sum
+    # (fewer ops than six gathers: on CPU the step time is mostly per-op cost).
+    table = tf.stack([xs[..., :-1], ys[..., :-1], xs[..., 1:] - xs[..., :-1],
+                      ys[..., 1:] - ys[..., :-1], ds[..., :-1], ds[..., 1:]], axis=-2)
+    x_k, y_k, w_k, h_k, d_k, d_k1 = tf.unstack(
+        tf.reduce_sum(table * onehot[..., None, :], axis=-1), axis=-1)
     s = h_k / w_k
     curvature = d_k1 + d_k - 2.0 * s
     if inverse:

@@ -16,7 +16,9 @@ optimizer update, the same for every variant). For K = 2, 4, 8, 16, 32:
 * peak RSS growth of a step (`common.step_memory`: RSS sampled every ms
   after `malloc_trim`), and the step time, every variant of one K in one
   subprocess, timed interleaved round by round (`common.time_interleaved`)
-  so load on the machine hits them alike;
+  so load on the machine hits them alike. The table shows the median CPU
+  time of the process per step (all threads; steadier than wall time on a
+  shared machine) and the fastest wall time;
 * the largest K each variant trains within `--budget-mb` (measured, and
   from a straight-line fit of memory against K).
 
@@ -313,7 +315,7 @@ def table(result, budget_mb):
     variants, depths = result["variants"], result["depths"]
     lines = ["| K (steps/level) | " + " | ".join(
         f"{v} peak MB (RSS MB)" for v in variants) + " | " + " | ".join(
-        f"{v} step ms" for v in variants) + " |",
+        f"{v} step CPU ms (wall min)" for v in variants) + " |",
         "|---" * (1 + 2 * len(variants)) + "|"]
     for k in depths:
         mem, tim = result["memory"][str(k)], result["timing"][str(k)]
@@ -325,8 +327,9 @@ def table(result, budget_mb):
                          f"{peak / mb:.1f} ({rss / mb:.1f})" if rss is not None
                          else f"{peak / mb:.1f}")
         for v in variants:
-            t = tim.get(v, {}).get("median_ms")
-            cells.append("error" if t is None else f"{t:.0f}")
+            t = tim.get(v, {})
+            cells.append("error" if "cpu_median_ms" not in t else
+                         f"{t['cpu_median_ms']:.0f} ({t['min_ms']:.0f})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"| largest K within {budget_mb:g} MB | " + " | ".join(

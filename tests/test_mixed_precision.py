@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import perturb
 from tfp_glow import bijectors as B
 from tfp_glow import nets
 from tfp_glow.bijectors import _precision
@@ -40,12 +41,6 @@ def _seeded():
 
 def draw(shape, batch=3, seed=1, dtype=tf.float32):
     return tf.constant(np.random.default_rng(seed).standard_normal((batch,) + shape), dtype)
-
-
-def perturb(bijector, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    for v in bijector.trainable_variables:
-        v.assign(v + tf.constant(scale * rng.standard_normal(v.shape), v.dtype))
 
 
 def sublayers(net):
@@ -111,7 +106,7 @@ def test_coupling_net_is_mixed_while_the_flow_stays_float32(global_policy, kind,
     b = coupling(kind, mask, shape)  # the factory's net follows the global policy
     assert b.net.compute_dtype == POLICIES[global_policy].name
     assert b.dtype == tf.float32
-    perturb(b)
+    perturb(b, scale=0.3)
     x = draw(shape)
     y, fldj = b.forward_and_log_det(x)
     x_back, ildj = b.inverse_and_log_det(tf.identity(y))
@@ -136,7 +131,7 @@ def test_coupling_net_is_mixed_while_the_flow_stays_float32(global_policy, kind,
 
 def test_gradients_reach_float32_variables_through_a_mixed_net(global_policy):
     b = coupling("affine", "channel", IMAGE)
-    perturb(b)
+    perturb(b, scale=0.3)
     x = draw(IMAGE)
     with tf.GradientTape() as tape:
         y, ldj = b.forward_and_log_det(x)
@@ -151,7 +146,7 @@ def test_gradients_reach_float32_variables_through_a_mixed_net(global_policy):
 
 def test_mixed_coupling_in_tf_function_with_unknown_batch(global_policy):
     b = coupling("affine", "checkerboard", IMAGE)
-    perturb(b)
+    perturb(b, scale=0.3)
     fn = tf.function(lambda x: b.forward_and_log_det(x),
                      input_signature=[tf.TensorSpec((None,) + IMAGE, tf.float32)])
     x = draw(IMAGE, batch=5)
@@ -230,7 +225,7 @@ def test_factor_out_prior_net_takes_net_dtype(global_policy, event_ndims, shape)
     fo = B.FactorOut(shape[-1], event_ndims=event_ndims, net_dtype=global_policy)
     assert fo.prior_net.compute_dtype == POLICIES[global_policy].name
     assert all(w.dtype == "float32" for w in fo.prior_net.weights)
-    perturb(fo)
+    perturb(fo, scale=0.3)
     x = draw(shape)
     z, fldj = fo.forward_and_log_det(x)
     x_back, ildj = fo.inverse_and_log_det(tf.identity(z))

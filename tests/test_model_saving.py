@@ -316,12 +316,15 @@ def test_image_grid_layout_and_png_round_trip(tmp_path):
 def test_sample_grid_validates_its_arguments(tmp_path):
     for kwargs, arg in [(dict(num_samples=0), "num_samples"),
                         (dict(temperature=-1.0), "temperature"),
-                        (dict(seed=None), "seed"),
                         (dict(every_n_epochs=0), "every_n_epochs"),
                         (dict(rows=0), "rows"),
                         (dict(upscale=0), "upscale")]:
         with pytest.raises(ValueError, match=arg):
             tfp_glow.SampleGrid(tmp_path, **kwargs)
+    # A seed of the wrong type is a TypeError (successive grids must be comparable).
+    for seed in (None, 1.5, "0"):
+        with pytest.raises(TypeError, match="seed"):
+            tfp_glow.SampleGrid(tmp_path, seed=seed)
     with pytest.raises(ValueError, match="directory"):
         tfp_glow.SampleGrid("")
     # A vector model has no pictures to draw.

@@ -57,6 +57,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+# The architecture's size flags of `train`.
+_SIZE_FLAGS = (
+    ("--levels", "scales L (glow: 2, realnvp: 2)"),
+    ("--steps", "flow steps per level K (glow: 8); coupling layers for realnvp on "
+                "vectors (8) and nice (4)"),
+    ("--width", "hidden channels of the coupling networks (glow, realnvp: 64; nice: "
+                "256 hidden units)"),
+)
+
+
 def _add_train_parser(sub):
     p = sub.add_parser(
         "train", help="train a flow with Keras fit",
@@ -79,14 +89,8 @@ def _add_train_parser(sub):
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="resize tfds images to SIZE x SIZE (celeb_a defaults to 64)")
     p.add_argument("--test-split", default="test", help="tfds split used for evaluation")
-    p.add_argument("--levels", type=_positive_int, default=None,
-                   help="scales L (glow: 2, realnvp: 2)")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="flow steps per level K (glow: 8); coupling layers for realnvp "
-                        "on vectors (8) and nice (4)")
-    p.add_argument("--width", type=_positive_int, default=None,
-                   help="hidden channels of the coupling networks (glow, realnvp: 64; "
-                        "nice: 256 hidden units)")
+    for flag, text in _SIZE_FLAGS:  # each a positive int; None = the model's default
+        p.add_argument(flag, type=_positive_int, default=None, help=text)
     p.add_argument("--coupling", choices=COUPLINGS, default=None,
                    help="glow only (default affine)")
     p.add_argument("--permutation", choices=PERMUTATIONS, default=None,

@@ -174,7 +174,7 @@ def _static_shapes(model):
     return constrain, shapes
 
 
-def flow_surrogate_posterior(event_shape_or_model, num_layers=4, hidden_units=32,
+def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32,
                              coupling="affine", dtype=None, seed=None, name=None):
     """A normalizing-flow surrogate posterior for `tfp.vi.fit_surrogate_posterior`.
 
@@ -197,8 +197,14 @@ def flow_surrogate_posterior(event_shape_or_model, num_layers=4, hidden_units=32
     `(min_scale, 1)` on the sampling path, so neither `g` nor its inverse
     can overflow from one step.
 
-    Defaults (4 layers of width 32, affine, Adam 1e-3) were chosen on a 10-D
-    Neal funnel and the centred Eight Schools; see the README section on VI.
+    Defaults (6 layers of width 32, affine; train with Adam 1e-3) were chosen
+    by measurement on a 10-D Neal funnel and the centred Eight Schools (2,000
+    steps of 16 draws, 2 seeds): depth helps most (funnel ELBO -1.29 / -0.95 /
+    -0.70 / -0.69 at 2 / 4 / 6 / 8 layers; Eight Schools -33.07 / -32.43 /
+    -32.27 / -32.08), width little (64 units: -0.93 and -32.25 at 4 layers),
+    additive couplings are worse (-1.56, -32.77 at 4 layers). Adam 3e-3 gains
+    on Eight Schools (-31.98 at 6 layers) but not on the funnel (-0.77); 3e-4
+    is too slow for 2,000 steps.
 
     Args:
       event_shape_or_model: an event shape such as `[10]` (a flow on R^10), or

@@ -59,6 +59,11 @@ def validate_positive_int(value, arg_name):
     return int(value)
 
 
+def channels_and_event_ndims(channels, event_ndims):
+    """The checked `(channels, event_ndims)` of a channel-wise bijector."""
+    return validate_positive_int(channels, "channels"), validate_event_ndims(event_ndims)
+
+
 def event_shape_parts(shape, event_ndims, arg_name):
     """`(batch prefix, event)` of a static shape, or `None` for unknown rank.
 

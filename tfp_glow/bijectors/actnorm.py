@@ -69,10 +69,8 @@ class ActNorm(FlowBijector):
     def __init__(self, channels, event_ndims=3, epsilon=1e-6, dtype=tf.float32,
                  validate_args=False, name="act_norm"):
         parameters = dict(locals())
-        _shapes.validate_positive_int(channels, "channels")
-        _shapes.validate_event_ndims(event_ndims)
-        self._channels = channels
-        self._event_ndims = event_ndims
+        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
+            channels, event_ndims)
         self._epsilon = epsilon
         dtype = tf.as_dtype(dtype)
         super().__init__(forward_min_event_ndims=event_ndims,

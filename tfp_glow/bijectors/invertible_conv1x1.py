@@ -65,13 +65,11 @@ class InvertibleConv1x1(FlowBijector):
     def __init__(self, channels, lu=True, event_ndims=3, seed=None,
                  dtype=tf.float32, validate_args=False, name="invertible_conv1x1"):
         parameters = dict(locals())
-        _shapes.validate_positive_int(channels, "channels")
-        _shapes.validate_event_ndims(event_ndims)
+        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
+            channels, event_ndims)
         if not isinstance(lu, bool):
             raise TypeError(f"`lu` must be a bool; got {lu!r}.")
-        self._channels = channels
         self._lu = lu
-        self._event_ndims = event_ndims
         dtype = tf.as_dtype(dtype)
         super().__init__(forward_min_event_ndims=event_ndims,
                          is_constant_jacobian=True, validate_args=validate_args,

@@ -57,9 +57,9 @@ class LogisticMixtureCoupling(CouplingBase):
     recovered `x`.
 
     Args:
-      net: a Keras layer mapping the conditioning part to
-        `outputs_per_channel(num_components) * C_a` channels; zero-initialise
-        its last layer.
+      net: a factory `fn(output_units) -> keras.layers.Layer`, or a Keras
+        layer mapping the conditioning part to `outputs_per_channel(K) * C_a`
+        channels; zero-initialise its last layer.
       num_components: `K >= 1`.
       bisection_steps: iterations of the inverse's bisection (>= 1).
       mask, parity, event_shape, event_ndims, dtype: as `AffineCoupling`.
@@ -67,9 +67,9 @@ class LogisticMixtureCoupling(CouplingBase):
     #### Examples
 
     ```python
-    units = LogisticMixtureCoupling.outputs_per_channel(4) * 2
-    coupling = LogisticMixtureCoupling(
-        tfp_glow.nets.GlowCouplingNet(64, units), num_components=4, event_shape=(4, 4, 4))
+    # The coupling calls the factory with its output size, (3K + 2) C_a.
+    net = functools.partial(tfp_glow.nets.GlowCouplingNet, 64)
+    coupling = LogisticMixtureCoupling(net, num_components=4, event_shape=(4, 4, 4))
     ```
 
     #### References

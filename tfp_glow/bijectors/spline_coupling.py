@@ -118,7 +118,8 @@ class RationalQuadraticSplineCoupling(CouplingBase):
     bins are equal and every `d_k = 1`: the coupling starts as the identity.
 
     Args:
-      net: a Keras layer mapping the conditioning part to
+      net: a factory `fn(output_units) -> keras.layers.Layer`, or a Keras
+        layer mapping the conditioning part to
         `outputs_per_channel(num_bins) * C_a` channels (`C_a = C/2` for
         `mask="channel"`, `C` for `"checkerboard"`); zero-initialise its
         last layer.
@@ -131,9 +132,9 @@ class RationalQuadraticSplineCoupling(CouplingBase):
     #### Examples
 
     ```python
-    units = RationalQuadraticSplineCoupling.outputs_per_channel(8) * 2
     coupling = RationalQuadraticSplineCoupling(
-        tfp_glow.nets.GlowCouplingNet(64, units), num_bins=8, event_shape=(4, 4, 4))
+        lambda output_units: tfp_glow.nets.GlowCouplingNet(64, output_units),
+        num_bins=8, event_shape=(4, 4, 4))  # the factory gets (3K - 1) C_a
     ```
 
     #### References

@@ -43,6 +43,15 @@ PRESETS = {
 TARGET_PARAMS = 150_000
 
 
+def _per_level(kind, allowed=None):
+    def parse(text):
+        values = tuple(kind(v) for v in text.split(","))
+        if allowed is not None and any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"each entry must be one of {allowed}")
+        return values
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split-seed", type=int, default=0)
@@ -61,12 +70,15 @@ def parse_args(argv=None):
                    help="dropout rate in the coupling networks (0 = off)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay on the coupling networks (0 = off)")
-    p.add_argument("--coupling", choices=("affine", "spline", "mol"), default="affine")
+    p.add_argument("--coupling", type=_per_level(str, ("affine", "spline", "mol")),
+                   default=("affine",),
+                   help="affine | spline | mol, or one per level: spline,affine")
     p.add_argument("--spline-bins", type=int, default=4)
     p.add_argument("--tail-bound", type=float, default=4.0)
     p.add_argument("--mol-components", type=int, default=4)
-    p.add_argument("--last-kernel", type=int, default=3,
-                   help="kernel of the zero-initialised last conv of each coupling net")
+    p.add_argument("--last-kernel", type=_per_level(int), default=(3,),
+                   help="kernel of the zero-initialised last conv of each coupling net "
+                        "(or one per level: 1,3)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--builder", choices=("library", "bench"), default=None,
                    help="library: tfp_glow.Glow; bench: digits_variants.build_glow "
@@ -79,6 +91,9 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("coupling", "last_kernel"):  # one value: every level
+        value = getattr(args, key)
+        setattr(args, key, value[0] if len(value) == 1 else value)
     needs_bench = (args.coupling != "affine" or args.dropout > 0 or args.last_kernel != 3)
     if args.builder is None:
         args.builder = "bench" if needs_bench else "library"

@@ -4,7 +4,7 @@ On a shared machine the load drifts over minutes, so comparing the step
 times of separate 100-epoch runs mixes the variant with the load. Here each
 variant (a `digits_protocol.py` argument string) is built, initialised and
 compiled once; then `--rounds` rounds each fit one protocol epoch (23
-steps) of every variant in turn. Round 0 (tracing) is dropped; the median
+steps) of every variant in turn. Round 0 (tracing, XLA compilation) is dropped (its wall time is reported); the median
 step time (Keras batch begin to batch end, as in `digits_protocol.py`) per
 variant and its ratio to the first variant are reported.
 
@@ -52,6 +52,7 @@ def main(argv=None):
             timer.times = []
             kwargs = dict(batch_size=stream.BATCH, shuffle=False, epochs=1, verbose=0,
                           callbacks=[timer])
+            t_fit = time.perf_counter()
             if run["switch"] is not None and run["cfg"].dropout:
                 with run["switch"].on():
                     run["model"].fit(x_epoch, **kwargs)
@@ -59,6 +60,8 @@ def main(argv=None):
                 run["model"].fit(x_epoch, **kwargs)
             if r > 0:
                 run["times"] += timer.times
+            else:  # tracing (and XLA compilation with --jit) happens here
+                run["first_epoch_s"] = time.perf_counter() - t_fit
     base = float(np.median(runs[0]["times"])) * 1e3
     result = {"rounds": args.rounds, "steps_per_variant": len(runs[0]["times"]),
               "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
@@ -68,7 +71,8 @@ def main(argv=None):
         result["variants"].append({
             "args": run["text"], "median_ms": float(np.median(ms)),
             "mean_ms": float(ms.mean()), "p10_ms": float(np.percentile(ms, 10)),
-            "ratio_to_first": float(np.median(ms)) / base})
+            "ratio_to_first": float(np.median(ms)) / base,
+            "first_epoch_s": run["first_epoch_s"]})
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -134,7 +134,17 @@ def build_glow_flow(coupling="affine", width=64, levels=2, steps=8, seed=0,
                     dropout=0.0, switch=None, spline_bins=4, mol_components=4,
                     last_kernel=3, tail_bound=4.0, image_shape=(8, 8, 1),
                     dtype="float32"):
-    """The normalizing bijector (see the module docstring)."""
+    """The normalizing bijector (see the module docstring).
+
+    `coupling` and `last_kernel` may also be sequences with one entry per
+    level (e.g. `("spline", "affine")`).
+    """
+    per_level = {}
+    for name, value in (("coupling", coupling), ("last_kernel", last_kernel)):
+        values = (value,) * levels if isinstance(value, (str, int)) else tuple(value)
+        if len(values) != levels:
+            raise ValueError(f"`{name}` needs one entry per level ({levels}); got {value!r}.")
+        per_level[name] = values
     shape = tuple(image_shape)
     stages = []
     for level in range(levels):
@@ -147,8 +157,9 @@ def build_glow_flow(coupling="affine", width=64, levels=2, steps=8, seed=0,
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
             chain += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
                       InvertibleConv1x1(c, lu=True, seed=step_seed, dtype=dtype),
-                      _coupling(coupling, shape, width, dtype, dropout, switch,
-                                spline_bins, mol_components, last_kernel, tail_bound)]
+                      _coupling(per_level["coupling"][level], shape, width, dtype, dropout,
+                                switch, spline_bins, mol_components,
+                                per_level["last_kernel"][level], tail_bound)]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, 0.5, dtype=dtype, name=f"factor_out_{level}")

@@ -298,7 +298,7 @@ def _latent_bijector(surrogate):
 
 
 def neutra_kernel(target_log_prob_fn, surrogate, kernel="hmc", step_size=0.5,
-                  num_leapfrog_steps=8, num_adaptation_steps=0, target_accept_prob=None):
+                  num_leapfrog_steps=2, num_adaptation_steps=0, target_accept_prob=None):
     """HMC or NUTS in the latent space of a fitted flow surrogate (NeuTra).
 
     With `x = g(z)` the surrogate's bijector, the sampler runs on
@@ -317,7 +317,13 @@ def neutra_kernel(target_log_prob_fn, surrogate, kernel="hmc", step_size=0.5,
         `flow_surrogate_posterior` (structured surrogates keep the structure).
       kernel: `"hmc"` (fixed `num_leapfrog_steps`) or `"nuts"`.
       step_size: float > 0, the initial leapfrog step in latent space.
-      num_leapfrog_steps: int >= 1 (HMC only).
+      num_leapfrog_steps: int >= 1 (HMC only). In a well-fitted latent (close
+        to N(0, I)) the adapted step is about 0.65, and short trajectories give
+        the most effective samples per gradient: on the 10-D funnel (32 chains)
+        the ESS of `v` per 1000 gradients was 9.1 / 2.5 / 3.5 / 4.5 / 1.4 / 0.7
+        at 3 / 4 / 5 / 6 / 8 / 12 steps (long fixed trajectories near half a
+        period of the Gaussian are wasted), and 3.3-5.3 at 2 steps over 4
+        chain seeds of 128 chains: hence the default 2.
       num_adaptation_steps: int >= 0; if > 0, the step size is tuned by dual
         averaging during the first `num_adaptation_steps` steps (keep them
         inside `sample_chain`'s `num_burnin_steps`).

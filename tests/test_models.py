@@ -417,3 +417,27 @@ def test_bad_call_arguments_raise_naming_them():
         model.sample(2, temperature=-1.0)
     with pytest.raises(ValueError, match="loss"):
         model.compile("adam", loss="mse")
+
+
+def test_xla_fit_on_arrays_warns_about_a_partial_last_batch():
+    """XLA compiles the step again for a smaller last batch: `fit` says so."""
+    x = tfp_glow.data.toy_density("two_moons", 40, seed=0)
+    model = tfp_glow.NICE(input_shape=(2,), coupling_layers=2, hidden_units=8,
+                          num_hidden_layers=1, num_bins=None)
+    model.compile(keras.optimizers.Adam(1e-3), jit_compile=True)
+    with pytest.warns(UserWarning, match=r"last batch of each epoch has 8 examples.*x\[:32\]"):
+        model.fit(x, batch_size=16, epochs=1, verbose=0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        history = model.fit(x[:32], batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_cli_jit_training_pipeline_has_only_full_batches():
+    from tfp_glow import cli
+    cfg = {"dataset": "digits", "seed": 0, "conditional": False}
+    batches = [b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True,
+                                                     drop_remainder=True)]
+    assert batches == [64] * (1437 // 64)
+    assert [b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True)][-1] == 29

@@ -180,11 +180,14 @@ def _dataset_info(cfg):
         raise UsageError(f"--dataset {cfg['dataset']!r}: {e}") from e
 
 
-def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=None):
+def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=None,
+                  drop_remainder=False):
     """`tf.data` pipeline for a run's data set (`cfg`: the training arguments).
 
     Evaluation pipelines (`training=False`) keep every example's
     dequantization noise fixed, so `train` and `evaluate` report one figure.
+    `drop_remainder` (image data sets) drops a partial last batch, which
+    XLA would compile the training step for again.
     """
     from tfp_glow import data
     name = cfg["dataset"]
@@ -194,13 +197,14 @@ def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=No
     if kind == "toy":
         return data.make_dataset(name, **common)
     if kind == "digits":
-        return data.digits_dataset(dequantize=dequantize, with_labels=labels, **common)
+        return data.digits_dataset(dequantize=dequantize, with_labels=labels,
+                                   drop_remainder=drop_remainder, **common)
     try:
         with _quiet_tfds():
             return data.tfds_dataset(
                 name, n_bits=cfg["n_bits"] or 8, image_size=cfg["image_size"],
                 data_dir=data_dir or cfg["data_dir"], dequantize=dequantize,
-                with_labels=labels, **common)
+                with_labels=labels, drop_remainder=drop_remainder, **common)
     except data.DatasetNotAvailableError as e:
         where = (f"--data-dir {e.data_dir}" if data_dir or cfg["data_dir"] else
                  f"{e.data_dir}, the tensorflow-datasets default (no --data-dir given)")
@@ -290,7 +294,8 @@ def cmd_train(args):
     import keras
     keras.utils.set_random_seed(args.seed)
     cfg = {**vars(args), "output": plan.output}
-    train_ds = _make_dataset(cfg, "train", args.batch_size, training=True)
+    train_ds = _make_dataset(cfg, "train", args.batch_size, training=True,
+                             drop_remainder=args.jit)  # no second XLA compile
     test_ds = _make_dataset(cfg, args.test_split, max(args.batch_size, EVAL_BATCH),
                             training=False)
     with strategy.scope():

@@ -26,6 +26,7 @@ from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
 from tfp_glow.guard import NonfiniteGuard
+from tfp_glow.xla import warn_if_partial_last_batch
 
 tfb = tfp.bijectors
 
@@ -314,6 +315,7 @@ class FlowModel(DensityMethods, keras.Model):
             # its new variables make tf.function trace the whole step twice.
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
+        warn_if_partial_last_batch(self, x, batch_size)
         self._guard.reset()
         callbacks = kwargs.get("callbacks")
         if not isinstance(callbacks, keras.callbacks.CallbackList):

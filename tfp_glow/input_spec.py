@@ -143,11 +143,7 @@ class InputSpec:
         if tf.executing_eagerly():
             if tf.size(x) == 0:
                 return x
-            finite = tf.math.is_finite(x)
-            safe = tf.where(finite, x, tf.zeros_like(x))
-            num_bad, lo, hi = tf.stack([
-                tf.reduce_sum(tf.cast(tf.logical_not(finite), x.dtype)),
-                tf.reduce_min(safe), tf.reduce_max(safe)]).numpy().tolist()
+            num_bad, lo, hi = _bad_count_and_range(x)
             if num_bad:
                 raise ValueError(
                     f"`{arg_name}` contains {int(num_bad)} non-finite values (NaN or "
@@ -251,3 +247,24 @@ class InputSpec:
                 return temperature
             temperature = float(temperature.numpy())
         return checks.number(temperature, "temperature", minimum=0.0)
+
+
+def _bad_count_and_range(x):
+    """(number of non-finite values, min, max of the finite ones) of an eager tensor.
+
+    On the CPU in NumPy, on the tensor's own buffer (a dozen TF op dispatches
+    cost about 1 ms, a third of a small model's whole eager call); elsewhere
+    in TF ops with one host read of three scalars.
+    """
+    if x.device.endswith("CPU:0") or not x.device:
+        v = x.numpy()
+        finite = np.isfinite(v)
+        if finite.all():
+            return 0, float(v.min()), float(v.max())
+        safe = v[finite]
+        lo, hi = (float(safe.min()), float(safe.max())) if safe.size else (0.0, 0.0)
+        return int(v.size - np.count_nonzero(finite)), lo, hi
+    finite = tf.math.is_finite(x)
+    safe = tf.where(finite, x, tf.zeros_like(x))
+    return tuple(tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(finite), x.dtype)),
+                           tf.reduce_min(safe), tf.reduce_max(safe)]).numpy().tolist())

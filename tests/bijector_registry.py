@@ -76,6 +76,22 @@ def additive(mask, parity, shape=IMAGE):
     return Case(make, shape, volume_preserving=True)
 
 
+def spline(mask, parity, shape=IMAGE):
+    def make(dtype):
+        return B.RationalQuadraticSplineCoupling(
+            coupling_net(shape, dtype), num_bins=5, tail_bound=3.0, mask=mask, parity=parity,
+            event_shape=shape, dtype=dtype)
+    return Case(make, shape)
+
+
+def mol(mask, parity, shape=IMAGE):
+    def make(dtype):
+        return B.LogisticMixtureCoupling(coupling_net(shape, dtype), num_components=3,
+                                         mask=mask, parity=parity, event_shape=shape,
+                                         dtype=dtype)
+    return Case(make, shape)
+
+
 def small_multi_scale(dtype, num_classes=None):
     """Two levels of squeeze + (ActNorm, LU conv, affine coupling), a split."""
     def level(shape, seed):
@@ -134,6 +150,11 @@ REGISTRY = {
     "additive_checkerboard_p0": additive("checkerboard", 0),
     "additive_checkerboard_p1": additive("checkerboard", 1),
     "additive_vector_channel": additive("channel", 0, VECTOR),
+    "spline_channel_p0": spline("channel", 0),
+    "spline_checkerboard_p1": spline("checkerboard", 1),
+    "spline_vector_channel": spline("channel", 1, VECTOR),
+    "mol_channel_p1": mol("channel", 1),
+    "mol_vector_checkerboard": mol("checkerboard", 0, VECTOR),
     "squeeze": Case(lambda d: B.Squeeze(event_shape=IMAGE), IMAGE, volume_preserving=True),
     "logit_preprocess": Case(lambda d: B.LogitPreprocess(0.05), IMAGE, _unit_interval,
                              codomain=_logit_range(0.05), elementwise=True),

@@ -297,7 +297,7 @@ BAD_ARGUMENTS = [
     (["train", "--steps-per-epoch", "0"], "--steps-per-epoch"),
     (["train", "--strategy", "tpu"], "--strategy"),
     (["train", "--lr-decay", "linear"], "--lr-decay"),
-    (["train", "--coupling", "spline"], "--coupling"),
+    (["train", "--coupling", "rqs"], "--coupling"),
     # train: combinations (check_train_args)
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
@@ -379,3 +379,14 @@ def test_backprop_flag_reaches_the_model_config(model):
     assert built.get_config()["backprop"] == "reversible"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--backprop", "fast"])
+
+
+@pytest.mark.parametrize("coupling", ["spline", "mol"])
+def test_coupling_flag_builds_the_named_coupling(coupling):
+    from tfp_glow import cli, models
+    from tfp_glow.cli_args import COUPLINGS, build_parser
+    assert COUPLINGS == models.COUPLINGS
+    args = build_parser().parse_args(["train", "--coupling", coupling])
+    plan = cli.check_train_args(args)
+    built = cli._build_model(args, plan.info, plan.arch)
+    assert built.get_config()["coupling"] == coupling

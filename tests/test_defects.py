@@ -10,6 +10,7 @@
   signature, whatever the batch size.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -31,6 +32,7 @@ def _digits(n=128, seed=0):
 
 @pytest.fixture(scope="module")
 def trained_glow():
+    keras.utils.set_random_seed(0)  # independent of the tests run before in this process
     model = tfp_glow.Glow(**TINY)
     model.compile("adam")
     model.fit(_digits(256), batch_size=64, epochs=2, verbose=0)

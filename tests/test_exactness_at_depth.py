@@ -12,6 +12,7 @@ be compared with the float64 one of the same function: an autodiff Jacobian
 of a D = 3072 map is too expensive to take here.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -30,6 +31,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def deep_models():
+    keras.utils.set_random_seed(7)  # independent of the tests run before in this process
     rng = np.random.default_rng(7)
     m32 = tfp_glow.Glow(**CONFIG)
     for v in m32.trainable_variables:

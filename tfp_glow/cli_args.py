@@ -12,7 +12,7 @@ from tfp_glow import recipe
 
 PROG = "tfp-glow"
 MODELS = ("glow", "realnvp", "nice")
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline", "mol")  # = tfp_glow.models.COUPLINGS (tested)
 PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
 SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
 

@@ -15,7 +15,8 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling,
                                 FactorOut, InvertibleConv1x1, LearnedPrior,
-                                LogitPreprocess, MultiScaleFlow, Squeeze,
+                                LogisticMixtureCoupling, LogitPreprocess, MultiScaleFlow,
+                                RationalQuadraticSplineCoupling, Squeeze,
                                 channel_permutation)
 from tfp_glow.flow_model import FlowModel
 
@@ -23,9 +24,14 @@ tfb = tfp.bijectors
 
 __all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS"]
 
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline", "mol")
 PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
 
+
+# Each coupling with its own defaults (spline: 8 bins on [-4, 4]; mol: 4 logistics).
+COUPLING_CLASSES = {"affine": AffineCoupling, "additive": AdditiveCoupling,
+                    "spline": RationalQuadraticSplineCoupling,
+                    "mol": LogisticMixtureCoupling}
 
 _choice = checks.choice
 _positive_int = checks.positive_int
@@ -62,8 +68,8 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
                                     dtype=net_dtype or dtype)
     else:
         factory = functools.partial(nets.GlowCouplingNet, hidden, dtype=net_dtype or dtype)
-    cls = AffineCoupling if kind == "affine" else AdditiveCoupling
-    return cls(factory, mask=mask, parity=parity, event_shape=shape, dtype=dtype)
+    return COUPLING_CLASSES[kind](factory, mask=mask, parity=parity, event_shape=shape,
+                                  dtype=dtype)
 
 
 def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
@@ -83,7 +89,9 @@ class Glow(FlowModel):
       levels: number of scales `L`.
       steps_per_level: flow steps `K` per scale.
       hidden_channels: width of every coupling network.
-      coupling: `"affine"` (bounded scale, Glow) or `"additive"` (NICE-style).
+      coupling: `"affine"` (bounded scale, Glow), `"additive"` (NICE-style),
+        `"spline"` (rational-quadratic spline, Durkan et al. 2019) or `"mol"`
+        (mixture-of-logistics CDF, Flow++).
       permutation: `"conv_lu"` (LU 1x1 conv), `"conv"` (full 1x1 conv),
         `"reverse"` or `"shuffle"` (fixed permutations).
       learn_top_prior: learn the top prior's mean and scale.
@@ -187,12 +195,12 @@ class RealNVP(FlowModel):
     `coupling_layers` affine couplings with MLPs (alternating halves) and
     ActNorm between them. `coupling_layers` is used for vectors only (images
     follow the fixed per-scale pattern above); `levels` and `num_blocks` for
-    images only.
+    images only. `coupling` is `"affine"` (the paper's) or one of `COUPLINGS`.
     """
 
     def __init__(self, input_shape=(8, 8, 1), levels=2, hidden_channels=64,
                  num_blocks=2, coupling_layers=8, logit_alpha=0.05,
-                 num_classes=None, num_bins=256, **kwargs):
+                 num_classes=None, num_bins=256, coupling="affine", **kwargs):
         input_shape = tuple(int(d) for d in input_shape)
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:
@@ -205,14 +213,15 @@ class RealNVP(FlowModel):
             hidden_channels=_positive_int(hidden_channels, "hidden_channels"),
             num_blocks=_positive_int(num_blocks, "num_blocks"),
             coupling_layers=_positive_int(coupling_layers, "coupling_layers", 2),
-            logit_alpha=logit_alpha, num_classes=num_classes, num_bins=num_bins)
+            logit_alpha=logit_alpha, num_classes=num_classes, num_bins=num_bins,
+            coupling=_choice(coupling, COUPLINGS, "coupling"))
         cfg = self._config
         super().__init__(
             flow=lambda: build_realnvp_flow(
                 cfg["input_shape"], cfg["levels"], cfg["hidden_channels"],
                 cfg["num_blocks"], cfg["coupling_layers"], cfg["logit_alpha"],
                 cfg["num_classes"], dtype=self.dtype_policy.variable_dtype,
-                net_dtype=_net_dtype(self.dtype_policy)),
+                net_dtype=_net_dtype(self.dtype_policy), coupling=cfg["coupling"]),
             event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
             **kwargs)
 
@@ -231,10 +240,10 @@ def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32", net_dtyp
 
 def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
                        coupling_layers=8, logit_alpha=0.05, num_classes=None,
-                       dtype="float32", net_dtype=None):
+                       dtype="float32", net_dtype=None, coupling="affine"):
     """The normalizing bijector of `RealNVP` (see its docstring)."""
     if len(input_shape) == 1:
-        steps = _vector_steps(input_shape[0], "affine", coupling_layers,
+        steps = _vector_steps(input_shape[0], coupling, coupling_layers,
                               hidden_channels, "channel", dtype=dtype,
                               net_dtype=net_dtype)
         return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
@@ -244,7 +253,7 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
     def block(shape, mask, count, first_parity=0):
         out = []
         for i in range(count):
-            out += [_coupling("affine", shape, hidden_channels, mask=mask,
+            out += [_coupling(coupling, shape, hidden_channels, mask=mask,
                               parity=(first_parity + i) % 2, net="resnet",
                               num_blocks=num_blocks, dtype=dtype, net_dtype=net_dtype),
                     ActNorm(shape[-1], dtype=dtype)]

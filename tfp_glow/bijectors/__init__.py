@@ -13,9 +13,11 @@ from tfp_glow.bijectors.coupling import MASKS, checkerboard_mask
 from tfp_glow.bijectors.factor_out import FactorOut
 from tfp_glow.bijectors.invertible_conv1x1 import InvertibleConv1x1
 from tfp_glow.bijectors.learned_prior import LearnedPrior
+from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
 from tfp_glow.bijectors.logit_preprocess import LogitPreprocess
 from tfp_glow.bijectors.multi_scale import MultiScaleFlow
 from tfp_glow.bijectors.permutation import channel_permutation
+from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
 from tfp_glow.bijectors.squeeze import Squeeze
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "FlowBijector",
     "InvertibleConv1x1",
     "LearnedPrior",
+    "LogisticMixtureCoupling",
     "LogitPreprocess",
     "MASKS",
     "MultiScaleFlow",
+    "RationalQuadraticSplineCoupling",
     "Squeeze",
     "channel_permutation",
     "checkerboard_mask",

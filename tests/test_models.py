@@ -441,3 +441,36 @@ def test_cli_jit_training_pipeline_has_only_full_batches():
                                                      drop_remainder=True)]
     assert batches == [64] * (1437 // 64)
     assert [b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True)][-1] == 29
+
+
+def test_keras_ema_averages_the_weights_fit_ends_with_and_saves(tmp_path):
+    """Polyak averaging through Keras' own `use_ema`: under the NaN guard every
+    applied step updates the average, `fit` ends with the averaged weights,
+    and the `.keras` file keeps the average with the optimizer state."""
+    keras.utils.set_random_seed(0)
+    images, _ = load_digits("train")
+    x = np.asarray(preprocess(images[:96], DIGITS_NUM_BINS, seed=0), np.float32)
+    model = _small_glow(steps_per_level=1)
+    momentum = 0.8
+    model.compile(keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=momentum))
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([v.numpy().copy() for v in model.trainable_variables])
+    seen = []
+    model.fit(x, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[Record()])
+    assert len(seen) == 6
+    # Keras' rule: the first step copies the weights, then a <- m a + (1 - m) w.
+    average = seen[0]
+    for weights in seen[1:]:
+        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)]
+    final = [v.numpy() for v in model.trainable_variables]
+    assert max(np.max(np.abs(f - a)) for f, a in zip(final, average)) < 1e-5
+    assert max(np.max(np.abs(f - w)) for f, w in zip(final, seen[-1])) > 1e-3  # not raw
+    path = str(tmp_path / "ema.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.use_ema
+    for a, b in zip(loaded.optimizer._model_variables_moving_average,
+                    model.optimizer._model_variables_moving_average):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -319,11 +319,11 @@ def neutra_kernel(target_log_prob_fn, surrogate, kernel="hmc", step_size=0.5,
       step_size: float > 0, the initial leapfrog step in latent space.
       num_leapfrog_steps: int >= 1 (HMC only). In a well-fitted latent (close
         to N(0, I)) the adapted step is about 0.65, and short trajectories give
-        the most effective samples per gradient: on the 10-D funnel (32 chains)
-        the ESS of `v` per 1000 gradients was 9.1 / 2.5 / 3.5 / 4.5 / 1.4 / 0.7
-        at 3 / 4 / 5 / 6 / 8 / 12 steps (long fixed trajectories near half a
-        period of the Gaussian are wasted), and 3.3-5.3 at 2 steps over 4
-        chain seeds of 128 chains: hence the default 2.
+        the most effective samples per gradient: on the 10-D funnel (128
+        chains, 3 chain seeds; `python benchmarks/vi_defaults.py leapfrog`)
+        the ESS of `v` per 1000 gradients was 3.7-4.6 at 2 steps, 2.7-3.3 at
+        3, 2.3-5.0 at 4, 2.0-3.3 at 6, 1.6-2.8 at 8 and 0.7-2.4 at 12 (plain
+        HMC: 1.1-1.2 at 2 steps, less with more): hence the default 2.
       num_adaptation_steps: int >= 0; if > 0, the step size is tuned by dual
         averaging during the first `num_adaptation_steps` steps (keep them
         inside `sample_chain`'s `num_burnin_steps`).

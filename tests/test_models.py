@@ -16,6 +16,7 @@ from PIL import Image
 from helpers import perturb
 import tfp_glow
 from tfp_glow.bijectors import ActNorm, keras_layers_of
+from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.data import DIGITS_NUM_BINS, digits_dataset, load_digits, preprocess
 
 UNIFORM_BPD = math.log2(DIGITS_NUM_BINS)  # 4.09: every level equally likely
@@ -359,16 +360,8 @@ def test_fit_on_numpy_arrays_initialises_actnorm_on_the_first_batch(conditional)
     assert model.is_initialized
     for got, want in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(got, want)
-    scaling = next(b for b in _walk(model.flow) if isinstance(b, ActNorm))
+    scaling = next(b for b in walk_bijectors(model.flow) if isinstance(b, ActNorm))
     assert np.max(np.abs(scaling.log_scale.numpy())) > 0.01  # the init ran
-
-
-def _walk(bijector):
-    from tfp_glow.bijectors.base import sub_bijectors
-
-    yield bijector
-    for child in sub_bijectors(bijector):
-        yield from _walk(child)
 
 
 # ------------------------------------------------------------ bad arguments

@@ -15,6 +15,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import FlowModel, nets
 from tfp_glow.bijectors import ActNorm, InvertibleConv1x1, MultiScaleFlow
+from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
 from tfp_glow.bijectors.spline_coupling import (RationalQuadraticSplineCoupling,
                                                 rational_quadratic_spline)
@@ -291,7 +292,7 @@ def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
     glow = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
                          hidden_channels=8, num_bins=DIGITS_NUM_BINS, coupling=kind)
     expected = {"spline": RationalQuadraticSplineCoupling, "mol": LogisticMixtureCoupling}[kind]
-    found = [b for layer in [glow.bijector] for b in _all_bijectors(layer)
+    found = [b for b in walk_bijectors(glow.bijector)
              if isinstance(b, expected)]
     assert len(found) == 2  # one per level
     glow.initialize(x[:64])
@@ -307,17 +308,10 @@ def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
     np.testing.assert_allclose(loaded.log_prob(x[:8]), glow.log_prob(x[:8]), rtol=1e-5)
     realnvp = tfp_glow.RealNVP(input_shape=(2,), coupling_layers=2, hidden_channels=8,
                                num_bins=None, coupling=kind)
-    assert any(isinstance(b, expected) for b in _all_bijectors(realnvp.bijector))
+    assert any(isinstance(b, expected) for b in walk_bijectors(realnvp.bijector))
     points = tfp_glow.data.toy_density("two_moons", 64, seed=0)
     realnvp.initialize(points)
     assert np.all(np.isfinite(realnvp.log_prob(points).numpy()))
-
-
-def _all_bijectors(bijector):
-    from tfp_glow.bijectors.base import sub_bijectors
-    yield bijector
-    for child in sub_bijectors(bijector):
-        yield from _all_bijectors(child)
 
 
 def test_unknown_coupling_names_the_choices():

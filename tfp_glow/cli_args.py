@@ -9,11 +9,10 @@ import argparse
 import math
 
 from tfp_glow import recipe
+from tfp_glow.models import COUPLINGS, PERMUTATIONS
 
 PROG = "tfp-glow"
 MODELS = ("glow", "realnvp", "nice")
-COUPLINGS = ("affine", "additive", "spline", "mol")  # = tfp_glow.models.COUPLINGS (tested)
-PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
 SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
 
 

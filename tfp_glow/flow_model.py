@@ -20,7 +20,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks
 from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_det,
                                 keras_layers_of)
-from tfp_glow.bijectors.base import sub_bijectors
+from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
@@ -31,12 +31,6 @@ from tfp_glow.xla import warn_if_partial_last_batch
 tfb = tfp.bijectors
 
 __all__ = ["FlowModel"]
-
-
-def _walk(bijector):
-    yield bijector
-    for child in sub_bijectors(bijector):
-        yield from _walk(child)
 
 
 def _flow_dtype(flow, policy, explicit_dtype):
@@ -126,7 +120,7 @@ class FlowModel(DensityMethods, keras.Model):
         # Keras tracks layers assigned as a list attribute: every variable of
         # the flow becomes a model weight (fit, saving, checkpoints, strategies).
         self.flow_layers = keras_layers_of(flow)
-        self._actnorms = [b for b in _walk(flow) if isinstance(b, ActNorm)]
+        self._actnorms = [b for b in walk_bijectors(flow) if isinstance(b, ActNorm)]
         self._nll_tracker = keras.metrics.Mean(name="loss")
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
         self._nonfinite_counter = guard.counter  # tracked, so strategies mirror it

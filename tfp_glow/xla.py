@@ -11,19 +11,16 @@ adapter has no `drop_remainder`, so `FlowModel.fit` warns; `tfp-glow train
 
 import warnings
 
-import numpy as np
-
 __all__ = ["warn_if_partial_last_batch"]
 
 
 def warn_if_partial_last_batch(model, x, batch_size):
     """Warns when an XLA-compiled `fit` on arrays will meet a smaller last batch."""
-    if not getattr(model, "jit_compile", False) or x is None or not hasattr(x, "shape"):
-        return
-    if not hasattr(x, "__len__") or len(x.shape) == 0:
+    shape = getattr(x, "shape", None)  # arrays and tensors; a Dataset has none
+    if not getattr(model, "jit_compile", False) or not shape or shape[0] is None:
         return
     batch = 32 if batch_size is None else int(batch_size)  # Keras' default
-    n = int(np.shape(x)[0])
+    n = int(shape[0])
     if n % batch:
         warnings.warn(
             f"fit(jit_compile=True) on {n} examples with batch_size={batch}: the last "

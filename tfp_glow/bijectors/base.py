@@ -408,6 +408,13 @@ def sub_bijectors(bijector):
     return list(children) if children else []
 
 
+def walk_bijectors(bijector):
+    """`bijector` and every bijector inside it, depth first."""
+    yield bijector
+    for child in sub_bijectors(bijector):
+        yield from walk_bijectors(child)
+
+
 def keras_layers_of(bijector):
     """Every Keras layer held by `bijector` or its sub-bijectors, in order."""
     seen, layers = set(), []

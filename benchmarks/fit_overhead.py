@@ -21,7 +21,9 @@ other callback), one configuration after the other:
 * `+ BackupAndRestore`, `+ ModelCheckpoint (last)`, and `CLI epoch`: the
   recipe's callbacks in full (BackupAndRestore, two ModelCheckpoints,
   CSVLogger, TerminateOnNaN; no sample grid, which the CLI writes every 5
-  epochs): what `tfp-glow train` does per epoch.
+  epochs): what `tfp-glow train` does per epoch;
+* `..., steps_per_execution=4`: the same `fit` compiled with Keras'
+  `steps_per_execution=4` (four steps per call of the train function).
 
 `--jit` adds the XLA compile times: the first call of the bare step with
 `jit_compile=True` against the first `fit(jit_compile=True)` epoch minus one
@@ -47,14 +49,15 @@ STEPS_PER_EPOCH = 23
 BATCH = 64
 
 
-def _model(jit=False):
+def _model(jit=False, steps_per_execution=1):
     import keras
     import tfp_glow
     from tfp_glow.data import DIGITS_NUM_BINS
     keras.utils.set_random_seed(0)
     model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
                           hidden_channels=64, num_bins=DIGITS_NUM_BINS)
-    model.compile(keras.optimizers.Adam(1e-4), jit_compile=jit)
+    model.compile(keras.optimizers.Adam(1e-4), jit_compile=jit,
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -116,13 +119,18 @@ def _epoch_configs(x, workdir):
     def last(m):
         return backup(m) + [keras.callbacks.ModelCheckpoint(paths["last"],
                                                             save_weights_only=True)]
+    def cli(m):
+        return recipe._callbacks(m, paths, 0, 0)
     arrays = dict(batch_size=BATCH, shuffle=True)
-    return {"fit, arrays": (x, None, lambda m: [], arrays),
-            "fit, digits_dataset": (train, None, lambda m: [], {}),
-            "+ validation": (train, test, lambda m: [], {}),
-            "+ BackupAndRestore": (train, test, backup, {}),
-            "+ ModelCheckpoint (last)": (train, test, last, {}),
-            "CLI epoch": (train, test, lambda m: recipe._callbacks(m, paths, 0, 0), {})}
+    # name: (data, validation, callbacks, fit kwargs, steps_per_execution)
+    return {"fit, arrays": (x, None, lambda m: [], arrays, 1),
+            "fit, arrays, steps_per_execution=4": (x, None, lambda m: [], arrays, 4),
+            "fit, digits_dataset": (train, None, lambda m: [], {}, 1),
+            "+ validation": (train, test, lambda m: [], {}, 1),
+            "+ BackupAndRestore": (train, test, backup, {}, 1),
+            "+ ModelCheckpoint (last)": (train, test, last, {}, 1),
+            "CLI epoch": (train, test, cli, {}, 1),
+            "CLI epoch, steps_per_execution=4": (train, test, cli, {}, 4)}
 
 
 def _epoch_clock():
@@ -160,8 +168,8 @@ def run_timing(rounds):
                      "over_bare": float(np.median(t)) / bare, "first_call_s": first[name]}
               for name, t in times.items()}
     with tempfile.TemporaryDirectory() as workdir:
-        for name, (data, val, callbacks, kwargs) in _epoch_configs(x, workdir).items():
-            model, clock = _model(), _epoch_clock()
+        for name, (data, val, callbacks, kwargs, spe) in _epoch_configs(x, workdir).items():
+            model, clock = _model(steps_per_execution=spe), _epoch_clock()
             model.fit(data, validation_data=val, epochs=rounds + 1, verbose=0,
                       callbacks=callbacks(model) + [clock], **kwargs)
             epoch_ms = np.diff(clock.times) * 1e3

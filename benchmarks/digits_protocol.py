@@ -94,11 +94,11 @@ def parse_args(argv=None):
     for key in ("coupling", "last_kernel"):  # one value: every level
         value = getattr(args, key)
         setattr(args, key, value[0] if len(value) == 1 else value)
-    needs_bench = (args.coupling != "affine" or args.dropout > 0 or args.last_kernel != 3)
+    needs_bench = (args.coupling != "affine" or args.last_kernel != 3)
     if args.builder is None:
         args.builder = "bench" if needs_bench else "library"
     if args.builder == "library" and needs_bench:
-        p.error("--coupling/--dropout/--last-kernel need --builder bench")
+        p.error("--coupling/--last-kernel need --builder bench")
     if args.builder == "library" and args.width != 64:
         p.error("--width needs --builder bench")
     return args
@@ -112,7 +112,8 @@ def build(args):
     keras.utils.set_random_seed(args.seed)
     if args.builder == "library":
         model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                              hidden_channels=64, num_bins=stream.NUM_BINS, seed=args.seed)
+                              hidden_channels=64, num_bins=stream.NUM_BINS, seed=args.seed,
+                              dropout=args.dropout)
         return model, None
     return variants.build_model(
         num_bins=stream.NUM_BINS, coupling=args.coupling, width=args.width, seed=args.seed,
@@ -132,6 +133,10 @@ def make_optimizer(args, model, total_steps):
     if args.warmup_steps or decay_steps:
         lr = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps,
                             decay_steps=decay_steps, alpha=args.decay_alpha)
+    if args.weight_decay and not args.ema and args.builder == "library":
+        # The library's option: AdamW decaying every network, no bijector parameter.
+        from tfp_glow.training import adamw
+        return adamw(model, lr, args.weight_decay)
     ema = dict(use_ema=True, ema_momentum=args.ema) if args.ema else {}
     cls = keras.optimizers.AdamW if args.weight_decay else keras.optimizers.Adam
     if args.ema:

@@ -298,7 +298,12 @@ BAD_ARGUMENTS = [
     (["train", "--strategy", "tpu"], "--strategy"),
     (["train", "--lr-decay", "linear"], "--lr-decay"),
     (["train", "--coupling", "rqs"], "--coupling"),
+    (["train", "--dropout", "1"], "--dropout"),
+    (["train", "--dropout", "-0.1"], "--dropout"),
+    (["train", "--weight-decay", "-1"], "--weight-decay"),
     # train: combinations (check_train_args)
+    (["train", "--model", "nice", "--dropout", "0.1"], "--dropout"),
+    (["train", "--dropout", "0.1", "--backprop", "reversible"], "--dropout"),
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
     (["train", "--model", "nice", "--levels", "3"], "--levels"),
@@ -379,6 +384,21 @@ def test_backprop_flag_reaches_the_model_config(model):
     assert built.get_config()["backprop"] == "reversible"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--backprop", "fast"])
+
+
+def test_dropout_flag_builds_glow_with_that_rate():
+    from tfp_glow import cli, nets
+    from tfp_glow.bijectors import keras_layers_of
+    from tfp_glow.cli_args import build_parser
+    rates = {}
+    for argv in (["train"], ["train", "--dropout", "0.2"]):
+        args = build_parser().parse_args(argv)
+        plan = cli.check_train_args(args)
+        model = cli._build_model(args, plan.info, plan.arch)
+        rates[len(argv)] = (model.get_config()["dropout"],
+                            {layer.dropout for layer in keras_layers_of(model.flow)
+                             if isinstance(layer, nets.GlowCouplingNet)})
+    assert rates == {1: (0.0, {0.0}), 3: (0.2, {0.2})}
 
 
 @pytest.mark.parametrize("coupling", ["spline", "mol"])

@@ -40,12 +40,13 @@ EVAL_BATCH = 256  # the test batch of `train`; any batch gives the same figure
 # Per-model defaults of the architecture flags (None on the command line means
 # "not given", so flags that do not apply to a model can be refused).
 MODEL_DEFAULTS = {
-    "glow": dict(levels=2, steps=8, width=64, coupling="affine", permutation="conv_lu"),
+    "glow": dict(levels=2, steps=8, width=64, coupling="affine", permutation="conv_lu",
+                 dropout=0.0),
     "realnvp": dict(levels=2, steps=8, width=64),
     "nice": dict(steps=4, width=256),
 }
 _APPLIES_TO = {"levels": ("glow", "realnvp"), "coupling": ("glow",),
-               "permutation": ("glow",)}
+               "permutation": ("glow",), "dropout": ("glow",)}
 
 
 class UsageError(ValueError):
@@ -118,7 +119,7 @@ def _check_architecture(args, kind):
     data of `kind`."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
-    for key in ("levels", "steps", "width", "coupling", "permutation"):
+    for key in ("levels", "steps", "width", "coupling", "permutation", "dropout"):
         value = getattr(args, key)
         if value is not None and args.model not in _APPLIES_TO.get(key, MODELS):
             raise UsageError(
@@ -130,6 +131,10 @@ def _check_architecture(args, kind):
             "--steps does not apply to --model realnvp on images (each scale has the "
             "paper's fixed checkerboard and channel couplings; use --levels); it sets "
             "the number of couplings on 2-D toy data.")
+    if arch.get("dropout") and args.backprop != "standard":
+        raise UsageError(
+            f"--dropout needs --backprop standard (--backprop {args.backprop} recomputes "
+            f"the networks and would draw other dropout masks).")
     if args.model == "nice" and arch["steps"] < 2:
         raise UsageError(
             f"--steps for --model nice must be >= 2 (NICE alternates which half is "
@@ -227,7 +232,8 @@ def _build_model(args, info, arch):
         return Glow(image_shape=shape, levels=arch["levels"], steps_per_level=arch["steps"],
                     hidden_channels=arch["width"], coupling=arch["coupling"],
                     permutation=arch["permutation"], num_classes=num_classes,
-                    num_bins=info["num_bins"], seed=args.seed, backprop=args.backprop)
+                    num_bins=info["num_bins"], seed=args.seed, dropout=arch["dropout"],
+                    backprop=args.backprop)
     if args.model == "realnvp":
         return RealNVP(input_shape=shape, levels=arch["levels"],
                        hidden_channels=arch["width"], coupling_layers=arch["steps"],
@@ -308,7 +314,8 @@ def cmd_train(args):
     result = recipe.train(
         model, train_ds, test_ds, run_dir=plan.output, epochs=args.epochs,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay,
-        clipnorm=args.clipnorm, steps_per_epoch=args.steps_per_epoch, jit_compile=args.jit,
+        clipnorm=args.clipnorm, weight_decay=args.weight_decay,
+        steps_per_epoch=args.steps_per_epoch, jit_compile=args.jit,
         seed=args.seed, sample_every=args.sample_every, export=args.export, verbose=verbose,
         config={**cfg, "dataset_info": plan.info},
         extra_metrics={"test_split": args.test_split})

@@ -35,6 +35,7 @@ _positive_float = _number_type(
     float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _nonnegative_float = _number_type(
     float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+_rate = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _n_bits(text):
@@ -94,6 +95,9 @@ def _add_train_parser(sub):
                    help="glow only (default affine)")
     p.add_argument("--permutation", choices=PERMUTATIONS, default=None,
                    help="glow only (default conv_lu)")
+    p.add_argument("--dropout", type=_rate, default=None,
+                   help="glow only: dropout rate in the coupling networks while training "
+                        "(default 0; needs --backprop standard)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional priors (needs a labelled data set)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="passes over the data")
@@ -106,6 +110,9 @@ def _add_train_parser(sub):
     p.add_argument("--clipnorm", type=_positive_float, default=None,
                    help="clip the global gradient norm (off by default: Adam's steps are "
                         "already normalised; non-finite steps stop training either way)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
+                   help="AdamW's decoupled weight decay of the networks' weights (0: Adam; "
+                        "ActNorm, 1x1 conv and prior parameters are never decayed)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap the batches per epoch (smoke runs)")
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),

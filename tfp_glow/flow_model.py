@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_glow import checks
+from tfp_glow import checks, nets
 from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_det,
                                 keras_layers_of)
-from tfp_glow.bijectors.base import walk_bijectors
+from tfp_glow.bijectors.base import keras_layers_of, walk_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
@@ -47,6 +47,18 @@ def _flow_dtype(flow, policy, explicit_dtype):
 
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
+def _check_dropout_backprop(flow, backprop):
+    """Dropout needs `backprop="standard"`: `"checkpoint"` and `"reversible"`
+    run the networks again for the gradient and would draw other masks."""
+    if backprop != "standard" and any(getattr(layer, "dropout", 0.0)
+                                      for layer in keras_layers_of(flow)):
+        raise ValueError(
+            f"Coupling networks with `dropout` > 0 need backprop='standard'; got "
+            f"backprop={backprop!r} (it recomputes the networks, drawing new dropout "
+            f"masks, so its gradient would not be the loss's). Use dropout=0 or "
+            f"backprop='standard'.")
+
+
 class FlowModel(DensityMethods, keras.Model):
     """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit`.
 
@@ -227,7 +239,8 @@ class FlowModel(DensityMethods, keras.Model):
     def train_step(self, data):
         x, labels = self._checked_batch(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
+        _check_dropout_backprop(self.flow, self._backprop)
+        with tf.GradientTape() as tape, nets.dropout_active():  # dropout only here
             log_prob = self._density.log_prob_of(x, labels, self._backprop)
             loss = -tf.reduce_mean(log_prob)
             if self.losses:

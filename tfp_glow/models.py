@@ -59,7 +59,7 @@ def _image_shape(shape, levels, arg_name="image_shape"):
 
 
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
-              num_blocks=2, net_dtype=None):
+              num_blocks=2, net_dtype=None, dropout=0.0):
     """A coupling whose network is built by a factory: the coupling sizes it."""
     if len(shape) == 1:
         factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
@@ -67,7 +67,8 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
         factory = functools.partial(nets.ResNetCouplingNet, hidden, num_blocks=num_blocks,
                                     dtype=net_dtype or dtype)
     else:
-        factory = functools.partial(nets.GlowCouplingNet, hidden, dtype=net_dtype or dtype)
+        factory = functools.partial(nets.GlowCouplingNet, hidden, dropout=dropout,
+                                    dtype=net_dtype or dtype)
     return COUPLING_CLASSES[kind](factory, mask=mask, parity=parity, event_shape=shape,
                                   dtype=dtype)
 
@@ -99,6 +100,9 @@ class Glow(FlowModel):
       split_fraction: fraction of channels factored out at each split.
       num_bins: data levels (256 for 8-bit, 17 for the built-in digits).
       seed: seeds the 1x1 conv rotations and shuffles.
+      dropout: dropout rate in [0, 1) after each hidden ReLU of the coupling
+        networks, active only in the training step (needs
+        `backprop="standard"`); a regulariser for small data sets.
       **kwargs: `FlowModel` options: `nonfinite="raise"|"skip"` (the NaN/inf
         guard of `fit`), `validate_args`, and `dtype="float32"|"float64"`
         (every bijector and network is built in it).
@@ -117,8 +121,10 @@ class Glow(FlowModel):
     def __init__(self, image_shape=(32, 32, 3), levels=3, steps_per_level=8,
                  hidden_channels=512, coupling="affine", permutation="conv_lu",
                  learn_top_prior=True, num_classes=None, split_fraction=0.5,
-                 num_bins=256, seed=0, **kwargs):
+                 num_bins=256, seed=0, dropout=0.0, **kwargs):
         levels = _positive_int(levels, "levels")
+        dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
+                                exclusive_maximum=True)
         image_shape = _image_shape(image_shape, levels)
         steps_per_level = _positive_int(steps_per_level, "steps_per_level")
         hidden_channels = _positive_int(hidden_channels, "hidden_channels")
@@ -131,7 +137,7 @@ class Glow(FlowModel):
             hidden_channels=hidden_channels, coupling=coupling,
             permutation=permutation, learn_top_prior=bool(learn_top_prior),
             num_classes=num_classes, split_fraction=float(split_fraction),
-            num_bins=num_bins, seed=seed)
+            num_bins=num_bins, seed=seed, dropout=dropout)
 
         def build():
             # `dtype` is keras.Model's dtype policy, already in its config: every
@@ -151,7 +157,7 @@ class Glow(FlowModel):
 def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                     coupling="affine", permutation="conv_lu", learn_top_prior=True,
                     num_classes=None, split_fraction=0.5, seed=0, dtype="float32",
-                    net_dtype=None):
+                    net_dtype=None, dropout=0.0):
     """The normalizing bijector of `Glow` (see its docstring); `net_dtype` (a Keras
     dtype policy name, default `dtype`) is the coupling networks' dtype."""
     shape = tuple(image_shape)
@@ -166,7 +172,7 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
             steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
                       _permutation(permutation, c, step_seed, dtype=dtype),
                       _coupling(coupling, shape, hidden_channels, dtype=dtype,
-                                net_dtype=net_dtype)]
+                                net_dtype=net_dtype, dropout=dropout)]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,

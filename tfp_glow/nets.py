@@ -17,12 +17,54 @@ policy's compute dtype. The couplings cast the network's input to that
 compute dtype and its output back to the flow's dtype.
 """
 
+import contextlib
+import threading
+
 import keras
+import tensorflow as tf
 from keras import layers
 
 from tfp_glow import checks
 
-__all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D"]
+__all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D",
+           "dropout_active", "is_dropout_active"]
+
+# Per thread: tf.distribute runs each replica's step in a thread of its own.
+_DROPOUT = threading.local()
+
+
+@contextlib.contextmanager
+def dropout_active():
+    """Inside the block, networks built with `dropout > 0` drop units.
+
+    `FlowModel.train_step` computes its loss inside this block; everything
+    else (`log_prob`, `sample`, `encode`, `decode`, evaluation, export) runs
+    outside it, so those are deterministic and the flow stays exactly
+    invertible there. The flag is read when a network is called (so when a
+    `tf.function` is traced): a traced training step keeps its dropout.
+    Keras' `training` argument cannot do this job: the networks are called
+    by bijectors inside `train_step`, not by `model(x, training=True)`.
+    """
+    previous = getattr(_DROPOUT, "on", False)
+    _DROPOUT.on = True
+    try:
+        yield
+    finally:
+        _DROPOUT.on = previous
+
+
+def is_dropout_active():
+    """True inside `dropout_active()` (in this thread)."""
+    return getattr(_DROPOUT, "on", False)
+
+
+def _dropout(h, rate):
+    """Inverted dropout, `h * m / (1 - rate)`, `m ~ Bernoulli(1 - rate)`, only
+    inside `dropout_active()`."""
+    if not rate or not is_dropout_active():
+        return h
+    keep = tf.random.uniform(tf.shape(h), dtype=tf.float32) >= rate
+    return h * tf.cast(keep, h.dtype) * tf.cast(1.0 / (1.0 - rate), h.dtype)
 
 _PACKAGE = "tfp_glow"
 
@@ -68,13 +110,19 @@ class ZeroConv2D(layers.Layer):
 class GlowCouplingNet(layers.Layer):
     """Glow's coupling network `NN()`:
 
-        3x3 conv (hidden) -> ReLU -> 1x1 conv (hidden) -> ReLU -> ZeroConv2D(out)
+        3x3 conv (hidden) -> ReLU -> [dropout] -> 1x1 conv (hidden) -> ReLU
+        -> [dropout] -> ZeroConv2D(out)
+
+    `dropout` (a rate in [0, 1)) drops hidden units only while a training step
+    runs (`dropout_active()`), a regulariser for small data sets.
     """
 
-    def __init__(self, hidden_channels, out_channels, **kwargs):
+    def __init__(self, hidden_channels, out_channels, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
+        self.dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
+                                     exclusive_maximum=True)
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
                                      activation="relu", dtype=policy)
@@ -89,14 +137,15 @@ class GlowCouplingNet(layers.Layer):
         self.conv_out.build(hidden_shape)
 
     def call(self, x):
-        return self.conv_out(self.conv_mid(self.conv_in(x)))
+        h = _dropout(self.conv_in(x), self.dropout)
+        return self.conv_out(_dropout(self.conv_mid(h), self.dropout))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.out_channels,)
 
     def get_config(self):
         return {**super().get_config(), "hidden_channels": self.hidden_channels,
-                "out_channels": self.out_channels}
+                "out_channels": self.out_channels, "dropout": self.dropout}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -213,8 +213,9 @@ def evaluate(model, ds):
 
 
 def _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
-                      steps_per_epoch, sample_every, verbose):
+                      steps_per_epoch, sample_every, verbose, weight_decay):
     checks.positive_int(epochs, "epochs")
+    checks.number(weight_decay, "weight_decay", minimum=0)
     checks.number(learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
     checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
     checks.choice(lr_decay, LR_DECAYS, "lr_decay")
@@ -247,14 +248,16 @@ def _callbacks(model, paths, sample_every, seed):
 def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
           warmup_steps=100, lr_decay="cosine", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
-          extra_metrics=None):
+          extra_metrics=None, weight_decay=0.0):
     """Trains `model` on `train_ds` and writes the run directory `run_dir`.
 
     The recipe: Adam with `WarmupSchedule(learning_rate, warmup_steps,
     decay_steps)`, i.e. a linear warmup to `learning_rate`, then (with
     ``lr_decay="cosine"``) a cosine decay to 0 at the last step,
     ``decay_steps = epochs * batches_per_epoch - warmup_steps``, or a
-    constant rate (``"none"``); optional global-norm clipping; Keras `fit`
+    constant rate (``"none"``); optional global-norm clipping; with
+    `weight_decay` > 0 AdamW decaying the networks' weights only
+    (`tfp_glow.training.adamw`); Keras `fit`
     on ``-log p(x)`` with `test_ds` as validation data, checkpoints
     (last and best `val_bits_per_dim`), BackupAndRestore (call again with the
     same `run_dir` after an interruption and it resumes from the last
@@ -274,6 +277,8 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
       run_dir: the run directory (created if missing).
       epochs: passes over `train_ds` (or of `steps_per_epoch` batches).
       learning_rate, warmup_steps, lr_decay, clipnorm: the schedule above.
+      weight_decay: AdamW's decoupled weight decay of the network weights
+        (0: plain Adam).
       steps_per_epoch: cap on the batches per epoch (`train_ds` is then
         repeated so that a capped epoch never exhausts it).
       jit_compile: compile the train step with XLA.
@@ -291,9 +296,9 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
       A `TrainResult` (metrics, history, paths, export_path, resumed).
     """
     import keras
-    from tfp_glow.training import WarmupSchedule
+    from tfp_glow.training import WarmupSchedule, adamw
     _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
-                      steps_per_epoch, sample_every, verbose)
+                      steps_per_epoch, sample_every, verbose, weight_decay)
     paths = run_paths(run_dir)
     os.makedirs(paths["checkpoints"], exist_ok=True)
     batches = _num_batches(train_ds)
@@ -308,11 +313,15 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
     with model.distribute_strategy.scope():
         schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
                                   decay_steps=decay_steps)
-        model.compile(keras.optimizers.Adam(schedule, global_clipnorm=clipnorm),
-                      jit_compile=jit_compile)
+        if weight_decay:
+            optimizer = adamw(model, schedule, weight_decay, global_clipnorm=clipnorm)
+        else:
+            optimizer = keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
+        model.compile(optimizer, jit_compile=jit_compile)
     if config is None:
         config = dict(epochs=epochs, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                      lr_decay=lr_decay, clipnorm=clipnorm, steps_per_epoch=steps_per_epoch,
+                      lr_decay=lr_decay, clipnorm=clipnorm, weight_decay=weight_decay,
+                      steps_per_epoch=steps_per_epoch,
                       jit_compile=jit_compile, seed=seed, sample_every=sample_every)
     num_parameters = int(model.count_params())
     _write_json(paths["config"], {**config, "model_class": type(model).__name__,

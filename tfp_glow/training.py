@@ -9,6 +9,8 @@ ActNorm and the coupling scales have settled.
   `NonfiniteCounter`, `all_finite`, `apply_if`, ...); it is re-exported here.
 * `WarmupSchedule`: linear warmup to a base learning rate, then constant or
   cosine decay, against the second.
+* `adamw`: AdamW whose weight decay reaches the networks only (a regulariser
+  for small data sets).
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 `global_clipnorm=`, and `FlowModel` applies it like any other optimizer.
@@ -30,6 +32,7 @@ __all__ = [
     "NonfiniteGuard",
     "TrainPosition",
     "WarmupSchedule",
+    "adamw",
     "all_finite",
     "any_replica",
     "apply_if",
@@ -110,3 +113,39 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
                 "decay_steps": self.decay_steps, "alpha": self.alpha, "name": self.name}
+
+
+# ----------------------------------------------------------------- AdamW
+def network_variables(model):
+    """The trainable variables of `model`'s networks (coupling and prior nets).
+
+    Everything else a flow trains is a bijector parameter (ActNorm's scale and
+    shift, the 1x1 convs' LU factors, the learned priors' mean and scale).
+    """
+    from tfp_glow.bijectors import keras_layers_of
+    from tfp_glow.bijectors._state import ParameterLayer
+    return [v for layer in keras_layers_of(model.flow)
+            if not isinstance(layer, ParameterLayer) for v in layer.trainable_variables]
+
+
+def adamw(model, learning_rate, weight_decay, **kwargs):
+    """Keras `AdamW` that decays `model`'s network weights only.
+
+    Decoupled weight decay (Loshchilov & Hutter 2019), after each Adam step:
+
+        w <- w - learning_rate * weight_decay * w      (network weights)
+
+    The bijector parameters are excluded: pulling a log-scale, an LU factor
+    or a prior's mean toward 0 changes what the flow computes (its volume, its
+    rotation), not how much its networks can fit. `kwargs` go to `AdamW`
+    (`global_clipnorm`, `use_ema`, ...). Build the optimizer before it is
+    built (`compile` then `fit`, as usual): Keras fixes the exclusions then.
+    """
+    from tfp_glow import checks
+    weight_decay = checks.number(weight_decay, "weight_decay", minimum=0.0)
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **kwargs)
+    decayed = {id(v) for v in network_variables(model)}
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if id(v) not in decayed])
+    return optimizer
+

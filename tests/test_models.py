@@ -467,3 +467,37 @@ def test_keras_ema_averages_the_weights_fit_ends_with_and_saves(tmp_path):
     for a, b in zip(loaded.optimizer._model_variables_moving_average,
                     model.optimizer._model_variables_moving_average):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_keras_ema_resumes_from_backup_and_restore(tmp_path):
+    """An interrupted `fit` with `use_ema` resumes with its average: the
+    backup holds the optimizer's moving averages with the weights, so the
+    resumed run ends where the uninterrupted one does."""
+    images, _ = load_digits("train")
+    x = np.asarray(preprocess(images[:64], DIGITS_NUM_BINS, seed=0), np.float32)
+
+    def run(callbacks):
+        keras.utils.set_random_seed(0)
+        model = _small_glow(steps_per_level=1)
+        model.compile(keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=0.8))
+        model.fit(x, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+        return model
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt  # after the backup of epoch 1 is written
+
+    backup = str(tmp_path / "backup")
+    with pytest.raises(KeyboardInterrupt):
+        run([keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = run([keras.callbacks.BackupAndRestore(backup)])
+    straight = run([])
+    assert resumed.history.epoch == [2]  # it resumed: only the last epoch ran
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    for a, b in zip(resumed.trainable_variables, straight.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    for a, b in zip(resumed.optimizer._model_variables_moving_average,
+                    straight.optimizer._model_variables_moving_average):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)

@@ -94,13 +94,12 @@ def parse_args(argv=None):
     for key in ("coupling", "last_kernel"):  # one value: every level
         value = getattr(args, key)
         setattr(args, key, value[0] if len(value) == 1 else value)
-    needs_bench = (args.coupling != "affine" or args.last_kernel != 3)
+    # The library builds one coupling and one last kernel for every level.
+    needs_bench = isinstance(args.coupling, tuple) or isinstance(args.last_kernel, tuple)
     if args.builder is None:
         args.builder = "bench" if needs_bench else "library"
     if args.builder == "library" and needs_bench:
-        p.error("--coupling/--last-kernel need --builder bench")
-    if args.builder == "library" and args.width != 64:
-        p.error("--width needs --builder bench")
+        p.error("per-level --coupling/--last-kernel need --builder bench")
     return args
 
 
@@ -111,8 +110,13 @@ def build(args):
     import digits_variants as variants
     keras.utils.set_random_seed(args.seed)
     if args.builder == "library":
+        options = {"affine": None,
+                   "spline": {"num_bins": args.spline_bins, "tail_bound": args.tail_bound},
+                   "mol": {"num_components": args.mol_components}}[args.coupling]
         model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                              hidden_channels=64, num_bins=stream.NUM_BINS, seed=args.seed,
+                              hidden_channels=args.width, num_bins=stream.NUM_BINS,
+                              seed=args.seed, coupling=args.coupling,
+                              coupling_kwargs=options, last_kernel=args.last_kernel,
                               dropout=args.dropout)
         return model, None
     return variants.build_model(

@@ -318,3 +318,50 @@ def test_unknown_coupling_names_the_choices():
     import tfp_glow
     with pytest.raises(ValueError, match="coupling.*spline"):
         tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1, coupling="rqs")
+
+
+def test_glow_spline_at_the_protocols_size(tmp_path):
+    """`coupling_kwargs` and `last_kernel` reach every coupling and network:
+    a 6-bin spline Glow with 1x1 last convs has the digits protocol's size
+    (2 x 8, width 64, about 150k parameters) and reloads from `.keras`."""
+    import tfp_glow
+    from tfp_glow.bijectors import keras_layers_of
+    from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+    images, _ = load_digits("train")
+    x = np.asarray(preprocess(images[:64], DIGITS_NUM_BINS, seed=0), np.float32)
+    keras.utils.set_random_seed(0)
+    glow = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
+                         hidden_channels=64, num_bins=DIGITS_NUM_BINS, coupling="spline",
+                         coupling_kwargs={"num_bins": 6}, last_kernel=1)
+    glow.initialize(x)
+    splines = [b for b in walk_bijectors(glow.bijector)
+               if isinstance(b, RationalQuadraticSplineCoupling)]
+    assert len(splines) == 16 and {b._num_bins for b in splines} == {6}
+    networks = [layer for layer in keras_layers_of(glow.flow)
+                if isinstance(layer, nets.GlowCouplingNet)]
+    assert len(networks) == 16
+    assert {tuple(n.conv_out.conv.kernel.shape[:2]) for n in networks} == {(1, 1)}
+    assert glow.count_params() == 151_548  # the protocol's budget: 150k +- 10%
+    path = str(tmp_path / "spline6.keras")
+    glow.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config()["coupling_kwargs"] == {"num_bins": 6}
+    assert loaded.get_config()["last_kernel"] == 1
+    np.testing.assert_allclose(loaded.log_prob(x[:8]), glow.log_prob(x[:8]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(coupling="spline", coupling_kwargs={"num_bin": 6}), ValueError, "num_bins"),
+    (dict(coupling="spline", coupling_kwargs={"mask": "checkerboard"}), ValueError,
+     "coupling_kwargs"),
+    (dict(coupling="affine", coupling_kwargs={"num_bins": 6}), ValueError, "coupling_kwargs"),
+    (dict(coupling="spline", coupling_kwargs=[("num_bins", 6)]), TypeError, "coupling_kwargs"),
+    (dict(coupling="spline", coupling_kwargs={"num_bins": 1}), ValueError, "num_bins"),
+    (dict(last_kernel=0), ValueError, "last_kernel"),
+    (dict(last_kernel=1.0), TypeError, "last_kernel"),
+])
+def test_glow_coupling_options_bad_arguments(kwargs, error, match):
+    import tfp_glow
+    with pytest.raises(error, match=match):
+        tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
+                      hidden_channels=8, num_bins=17, **kwargs)

@@ -58,8 +58,32 @@ def _image_shape(shape, levels, arg_name="image_shape"):
     return tuple(int(d) for d in shape)
 
 
+_SET_BY_THE_MODEL = ("net", "mask", "parity", "event_shape", "event_ndims", "dtype",
+                     "validate_args", "name")
+
+
+def _coupling_kwargs(kind, kwargs):
+    """`coupling_kwargs` as a dict of the coupling's own options (e.g. a spline's
+    `num_bins`), checked against its constructor before anything is built."""
+    import inspect
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"`coupling_kwargs` must be None or a dict of keyword arguments; "
+                        f"received {kwargs!r}.")
+    allowed = [name for name in inspect.signature(COUPLING_CLASSES[kind]).parameters
+               if name not in _SET_BY_THE_MODEL]
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(
+                f"`coupling_kwargs` key {key!r} is not an option of coupling={kind!r}; "
+                f"expected some of {allowed}.")
+    return dict(kwargs)
+
+
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
-              num_blocks=2, net_dtype=None, dropout=0.0):
+              num_blocks=2, net_dtype=None, dropout=0.0, last_kernel=3,
+              coupling_kwargs=None):
     """A coupling whose network is built by a factory: the coupling sizes it."""
     if len(shape) == 1:
         factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
@@ -68,9 +92,9 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
                                     dtype=net_dtype or dtype)
     else:
         factory = functools.partial(nets.GlowCouplingNet, hidden, dropout=dropout,
-                                    dtype=net_dtype or dtype)
+                                    last_kernel=last_kernel, dtype=net_dtype or dtype)
     return COUPLING_CLASSES[kind](factory, mask=mask, parity=parity, event_shape=shape,
-                                  dtype=dtype)
+                                  dtype=dtype, **(coupling_kwargs or {}))
 
 
 def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
@@ -103,6 +127,11 @@ class Glow(FlowModel):
       dropout: dropout rate in [0, 1) after each hidden ReLU of the coupling
         networks, active only in the training step (needs
         `backprop="standard"`); a regulariser for small data sets.
+      last_kernel: kernel size of each coupling network's zero-initialised
+        last conv (3, Glow's; 1 keeps the spline and mol couplings, which
+        need many outputs per channel, at a small parameter count).
+      coupling_kwargs: the coupling's own options, e.g. `{"num_bins": 6}` for
+        `coupling="spline"` (see its class).
       **kwargs: `FlowModel` options: `nonfinite="raise"|"skip"` (the NaN/inf
         guard of `fit`), `validate_args`, and `dtype="float32"|"float64"`
         (every bijector and network is built in it).
@@ -121,14 +150,17 @@ class Glow(FlowModel):
     def __init__(self, image_shape=(32, 32, 3), levels=3, steps_per_level=8,
                  hidden_channels=512, coupling="affine", permutation="conv_lu",
                  learn_top_prior=True, num_classes=None, split_fraction=0.5,
-                 num_bins=256, seed=0, dropout=0.0, **kwargs):
+                 num_bins=256, seed=0, dropout=0.0, last_kernel=3, coupling_kwargs=None,
+                 **kwargs):
         levels = _positive_int(levels, "levels")
         dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
                                 exclusive_maximum=True)
+        last_kernel = _positive_int(last_kernel, "last_kernel")
         image_shape = _image_shape(image_shape, levels)
         steps_per_level = _positive_int(steps_per_level, "steps_per_level")
         hidden_channels = _positive_int(hidden_channels, "hidden_channels")
         _choice(coupling, COUPLINGS, "coupling")
+        coupling_kwargs = _coupling_kwargs(coupling, coupling_kwargs)
         _choice(permutation, PERMUTATIONS, "permutation")
         if num_classes is not None:
             num_classes = _positive_int(num_classes, "num_classes")
@@ -137,7 +169,8 @@ class Glow(FlowModel):
             hidden_channels=hidden_channels, coupling=coupling,
             permutation=permutation, learn_top_prior=bool(learn_top_prior),
             num_classes=num_classes, split_fraction=float(split_fraction),
-            num_bins=num_bins, seed=seed, dropout=dropout)
+            num_bins=num_bins, seed=seed, dropout=dropout, last_kernel=last_kernel,
+            coupling_kwargs=coupling_kwargs)
 
         def build():
             # `dtype` is keras.Model's dtype policy, already in its config: every
@@ -157,7 +190,7 @@ class Glow(FlowModel):
 def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                     coupling="affine", permutation="conv_lu", learn_top_prior=True,
                     num_classes=None, split_fraction=0.5, seed=0, dtype="float32",
-                    net_dtype=None, dropout=0.0):
+                    net_dtype=None, dropout=0.0, last_kernel=3, coupling_kwargs=None):
     """The normalizing bijector of `Glow` (see its docstring); `net_dtype` (a Keras
     dtype policy name, default `dtype`) is the coupling networks' dtype."""
     shape = tuple(image_shape)
@@ -172,7 +205,8 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
             steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
                       _permutation(permutation, c, step_seed, dtype=dtype),
                       _coupling(coupling, shape, hidden_channels, dtype=dtype,
-                                net_dtype=net_dtype, dropout=dropout)]
+                                net_dtype=net_dtype, dropout=dropout,
+                                last_kernel=last_kernel, coupling_kwargs=coupling_kwargs)]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,

@@ -111,24 +111,27 @@ class GlowCouplingNet(layers.Layer):
     """Glow's coupling network `NN()`:
 
         3x3 conv (hidden) -> ReLU -> [dropout] -> 1x1 conv (hidden) -> ReLU
-        -> [dropout] -> ZeroConv2D(out)
+        -> [dropout] -> ZeroConv2D(out, last_kernel)
 
     `dropout` (a rate in [0, 1)) drops hidden units only while a training step
     runs (`dropout_active()`), a regulariser for small data sets.
+    `last_kernel` is the zero-initialised output conv's kernel size (Glow's 3;
+    1 keeps a coupling with many outputs per channel, such as a spline, small).
     """
 
-    def __init__(self, hidden_channels, out_channels, dropout=0.0, **kwargs):
+    def __init__(self, hidden_channels, out_channels, dropout=0.0, last_kernel=3, **kwargs):
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
         self.dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
                                      exclusive_maximum=True)
+        self.last_kernel = checks.positive_int(last_kernel, "last_kernel")
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
                                      activation="relu", dtype=policy)
         self.conv_mid = layers.Conv2D(hidden_channels, 1, activation="relu",
                                       dtype=policy)
-        self.conv_out = ZeroConv2D(out_channels, 3, dtype=policy)
+        self.conv_out = ZeroConv2D(out_channels, self.last_kernel, dtype=policy)
 
     def build(self, input_shape):
         self.conv_in.build(input_shape)
@@ -145,7 +148,8 @@ class GlowCouplingNet(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "hidden_channels": self.hidden_channels,
-                "out_channels": self.out_channels, "dropout": self.dropout}
+                "out_channels": self.out_channels, "dropout": self.dropout,
+                "last_kernel": self.last_kernel}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

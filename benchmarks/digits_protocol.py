@@ -17,8 +17,11 @@ step after the first epoch (which traces).
 Presets (`--preset`): `anchor` is the anchors' optimizer (Adam 1e-3,
 constant); `cli` is `tfp-glow train`'s default (Adam, peak 3e-3, 100-step
 linear warmup, cosine decay to 0 at the last step). Every feature has its
-own switch; `--builder bench` builds the same Glow from the public bijectors
-(`digits_variants.py`) so that couplings and networks can change.
+own switch. The library's `tfp_glow.Glow` (the default builder) takes one
+coupling, last kernel and width for every level; `--builder bench` builds the
+same Glow from the public bijectors (`digits_variants.py`), also with a
+choice per level (and is what the earlier `spl6_*`, `mol5_*`, `mix_*` and
+`do2_*` runs used).
 
     nice -n 10 python benchmarks/digits_protocol.py --preset cli --seed 0 \\
         --out benchmarks/results/digits/cli_s0.json

@@ -20,7 +20,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_det,
                                 keras_layers_of)
-from tfp_glow.bijectors.base import keras_layers_of, walk_bijectors
+from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
@@ -46,7 +46,6 @@ def _flow_dtype(flow, policy, explicit_dtype):
     return tf.float32
 
 
-@keras.saving.register_keras_serializable(package="tfp_glow")
 def _check_dropout_backprop(flow, backprop):
     """Dropout needs `backprop="standard"`: `"checkpoint"` and `"reversible"`
     run the networks again for the gradient and would draw other masks."""
@@ -59,6 +58,7 @@ def _check_dropout_backprop(flow, backprop):
             f"backprop='standard'.")
 
 
+@keras.saving.register_keras_serializable(package="tfp_glow")
 class FlowModel(DensityMethods, keras.Model):
     """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit`.
 

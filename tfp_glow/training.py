@@ -131,15 +131,17 @@ def network_variables(model):
 def adamw(model, learning_rate, weight_decay, **kwargs):
     """Keras `AdamW` that decays `model`'s network weights only.
 
-    Decoupled weight decay (Loshchilov & Hutter 2019), after each Adam step:
+    Decoupled weight decay (Loshchilov & Hutter 2019), at each step besides
+    the Adam update:
 
         w <- w - learning_rate * weight_decay * w      (network weights)
 
     The bijector parameters are excluded: pulling a log-scale, an LU factor
     or a prior's mean toward 0 changes what the flow computes (its volume, its
     rotation), not how much its networks can fit. `kwargs` go to `AdamW`
-    (`global_clipnorm`, `use_ema`, ...). Build the optimizer before it is
-    built (`compile` then `fit`, as usual): Keras fixes the exclusions then.
+    (`global_clipnorm`, `use_ema`, ...). Call it before the optimizer is
+    built (before `fit`, as `compile` then `fit` does): Keras reads the
+    exclusions when it builds.
     """
     from tfp_glow import checks
     weight_decay = checks.number(weight_decay, "weight_decay", minimum=0.0)

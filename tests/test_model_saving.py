@@ -332,3 +332,9 @@ def test_sample_grid_validates_its_arguments(tmp_path):
     callback.set_model(tfp_glow.NICE(input_shape=(2,), hidden_units=8, num_bins=None))
     with pytest.raises(ValueError, match="num_bins"):
         callback.on_epoch_end(0)
+
+
+def test_every_model_class_is_registered_for_keras_saving():
+    import tfp_glow
+    for cls in (tfp_glow.FlowModel, tfp_glow.Glow, tfp_glow.RealNVP, tfp_glow.NICE):
+        assert keras.saving.get_registered_object(f"tfp_glow>{cls.__name__}") is cls

@@ -18,19 +18,18 @@ compute dtype and its output back to the flow's dtype.
 """
 
 import contextlib
-import threading
 
 import keras
 import tensorflow as tf
 from keras import layers
 
 from tfp_glow import checks
+from tfp_glow.thread_flag import ThreadFlag
 
 __all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D",
            "dropout_active", "is_dropout_active"]
 
-# Per thread: tf.distribute runs each replica's step in a thread of its own.
-_DROPOUT = threading.local()
+_DROPOUT = ThreadFlag()
 
 
 @contextlib.contextmanager
@@ -45,17 +44,13 @@ def dropout_active():
     Keras' `training` argument cannot do this job: the networks are called
     by bijectors inside `train_step`, not by `model(x, training=True)`.
     """
-    previous = getattr(_DROPOUT, "on", False)
-    _DROPOUT.on = True
-    try:
+    with _DROPOUT.on():
         yield
-    finally:
-        _DROPOUT.on = previous
 
 
 def is_dropout_active():
     """True inside `dropout_active()` (in this thread)."""
-    return getattr(_DROPOUT, "on", False)
+    return _DROPOUT.is_on()
 
 
 def _dropout(h, rate):

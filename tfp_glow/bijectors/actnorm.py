@@ -1,17 +1,17 @@
 """Activation normalisation (Glow, Kingma & Dhariwal 2018, section 3.1)."""
 
 import contextlib
-import threading
 
 import tensorflow as tf
 
 from tfp_glow.bijectors import _shapes
 from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.bijectors.base import FlowBijector
+from tfp_glow.thread_flag import ThreadFlag
 
 __all__ = ["ActNorm", "data_dependent_init"]
 
-_INIT_SCOPE = threading.local()
+_INIT_SCOPE = ThreadFlag()
 
 
 @contextlib.contextmanager
@@ -23,16 +23,8 @@ def data_dependent_init():
     the normalizing direction inside the context (`FlowModel.initialize` does
     exactly that). Outside it, `ActNorm` never changes its own variables.
     """
-    previous = getattr(_INIT_SCOPE, "active", False)
-    _INIT_SCOPE.active = True
-    try:
+    with _INIT_SCOPE.on():
         yield
-    finally:
-        _INIT_SCOPE.active = previous
-
-
-def _in_init_scope():
-    return getattr(_INIT_SCOPE, "active", False)
 
 
 class ActNorm(FlowBijector):
@@ -119,7 +111,7 @@ class ActNorm(FlowBijector):
 
     def _forward_and_log_det(self, x, **kwargs):
         self._check(x)
-        if _in_init_scope() and tf.executing_eagerly() and not self.is_initialized:
+        if _INIT_SCOPE.is_on() and tf.executing_eagerly() and not self.is_initialized:
             self.initialize(x)
         log_scale = tf.convert_to_tensor(self.log_scale)
         y = x * tf.exp(log_scale) + tf.convert_to_tensor(self.bias)

@@ -17,6 +17,7 @@ networks' convolutions, the random draw, forming `W^-1` and everything else.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -44,26 +45,31 @@ def _convs(flow):
     return [b for b in walk_bijectors(flow) if isinstance(b, InvertibleConv1x1)]
 
 
-class cached_inverses:
-    """Inside the block every 1x1 conv's inverse uses a precomputed `W^-1`."""
+def constant_inverses(convs):
+    """Every conv's `(W^-1, log|det W|)` now, as NumPy arrays: the inverses
+    become constants of the graph a `tf.function` traces with them."""
+    return {id(conv): tuple(t.numpy() for t in conv._matrix_and_log_det(inverse=True))
+            for conv in convs}
 
-    def __init__(self, flow):
-        self.convs = _convs(flow)
 
-    def __enter__(self):
-        for conv in self.convs:
-            matrix, log_det = (t.numpy() for t in conv._matrix_and_log_det(inverse=True))
-            original = conv._matrix_and_log_det
+@contextlib.contextmanager
+def inverses_from(flow, table_fn):
+    """Inside the block every 1x1 conv's inverse is `table_fn(convs)[id(conv)]`
+    (the table is made on entry); outside, the class's own method again."""
+    convs = _convs(flow)
+    table = table_fn(convs)
+    for conv in convs:
+        original = conv._matrix_and_log_det
 
-            def patched(inverse, _m=matrix, _ld=log_det, _orig=original):
-                if inverse:
-                    return tf.constant(_m), tf.constant(_ld)
-                return _orig(inverse)
-            conv._matrix_and_log_det = patched
-        return self
-
-    def __exit__(self, *exc):
-        for conv in self.convs:
+        def patched(inverse, _entry=table[id(conv)], _orig=original):
+            if inverse:
+                return tuple(tf.convert_to_tensor(t) for t in _entry)
+            return _orig(inverse)
+        conv._matrix_and_log_det = patched
+    try:
+        yield
+    finally:
+        for conv in convs:
             del conv._matrix_and_log_det  # back to the class's method
 
 
@@ -93,28 +99,6 @@ def batched_inverses(convs):
         for g, m, ld in zip(group, tf.unstack(w_inv), tf.unstack(log_det)):
             out[id(g)] = (m, ld)
     return out
-
-
-class precomputed_inverses:
-    """Inside the block (while tracing) every 1x1 conv's inverse comes from
-    `batched_inverses`, computed once per call at the block's start."""
-
-    def __init__(self, flow):
-        self.convs = _convs(flow)
-
-    def __enter__(self):
-        table = batched_inverses(self.convs)
-        for conv in self.convs:
-            original = conv._matrix_and_log_det
-
-            def patched(inverse, _entry=table[id(conv)], _orig=original):
-                return _entry if inverse else _orig(inverse)
-            conv._matrix_and_log_det = patched
-        return self
-
-    def __exit__(self, *exc):
-        for conv in self.convs:
-            del conv._matrix_and_log_det
 
 
 def grouped(per_op):
@@ -149,12 +133,12 @@ def run(size, repeats):
         return model.decode(latent)
 
     plain = tf.function(sample)
-    with cached_inverses(model.flow):
+    with inverses_from(model.flow, constant_inverses):
         cached = tf.function(sample)
         cached(seed)  # trace now, with the constants baked in
     @tf.function
     def batched(seed):
-        with precomputed_inverses(model.flow):
+        with inverses_from(model.flow, batched_inverses):
             return sample(seed)
 
     xla = tf.function(sample, jit_compile=True)

@@ -89,19 +89,25 @@ def adam_alone(shapes):
     return update, len(variables)
 
 
+def fused_train_step(bench):
+    """`bench.train_step` with `FusedAdam` in place of Keras Adam."""
+    fused = FusedAdam(bench.variables)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(bench.model.log_prob(x))
+        fused.apply(tape.gradient(loss, bench.variables))
+        return loss
+    return step
+
+
 def check_fused_matches_keras(x, steps=(1, 3)):
     """{n: max |w_fused - w_keras|} after n updates from one init, n in `steps`."""
     a, b = common.Bench("ours", "small", x), common.Bench("ours", "small", x)
     for va, vb in zip(a.variables, b.variables):
         vb.assign(va)
-    fused = FusedAdam(b.variables)
-
-    @tf.function
-    def fused_step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(b.model.log_prob(x))
-        fused.apply(tape.gradient(loss, b.variables))
-        return loss
+    fused_step = fused_train_step(b)
     out = {}
     for n in range(1, max(steps) + 1):
         a.train_step(x)
@@ -116,15 +122,8 @@ def run_step(repeats):
     x = common.batch_of("small")
     keras_bench = common.Bench("ours", "small", x)
     fused_bench = common.Bench("ours", "small", x)
-    fused = FusedAdam(fused_bench.variables)
+    fused_step = fused_train_step(fused_bench)
     variables = fused_bench.variables
-
-    @tf.function
-    def fused_step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(fused_bench.model.log_prob(x))
-        fused.apply(tape.gradient(loss, variables))
-        return loss
 
     shapes = [tuple(v.shape) for v in variables]
     packed = _packed_shapes(variables)

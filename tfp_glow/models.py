@@ -6,6 +6,7 @@ constructor arguments, so `.keras` files reload).
 """
 
 import functools
+import inspect
 
 import keras
 import numpy as np
@@ -65,7 +66,6 @@ _SET_BY_THE_MODEL = ("net", "mask", "parity", "event_shape", "event_ndims", "dty
 def _coupling_kwargs(kind, kwargs):
     """`coupling_kwargs` as a dict of the coupling's own options (e.g. a spline's
     `num_bins`), checked against its constructor before anything is built."""
-    import inspect
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):

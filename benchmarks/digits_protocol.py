@@ -83,6 +83,13 @@ def parse_args(argv=None):
                    help="kernel of the zero-initialised last conv of each coupling net "
                         "(or one per level: 1,3)")
     p.add_argument("--width", type=int, default=64)
+    p.add_argument("--dequantization", choices=("uniform", "variational"), default="uniform",
+                   help="variational: Glow(dequantization='variational'); test bits/dim is "
+                        "then the variational bound, with the uniform figure beside it")
+    p.add_argument("--deq-width", type=int, default=16,
+                   help="hidden channels of the variational dequantizer")
+    p.add_argument("--deq-steps", type=int, default=3,
+                   help="coupling steps of the variational dequantizer")
     p.add_argument("--builder", choices=("library", "bench"), default=None,
                    help="library: tfp_glow.Glow; bench: digits_variants.build_glow "
                         "(default: library unless a feature needs bench)")
@@ -103,6 +110,8 @@ def parse_args(argv=None):
         args.builder = "bench" if needs_bench else "library"
     if args.builder == "library" and needs_bench:
         p.error("per-level --coupling/--last-kernel need --builder bench")
+    if args.builder == "bench" and args.dequantization != "uniform":
+        p.error("--dequantization variational needs --builder library")
     return args
 
 
@@ -120,7 +129,10 @@ def build(args):
                               hidden_channels=args.width, num_bins=stream.NUM_BINS,
                               seed=args.seed, coupling=args.coupling,
                               coupling_kwargs=options, last_kernel=args.last_kernel,
-                              dropout=args.dropout)
+                              dropout=args.dropout, dequantization=args.dequantization,
+                              dequantizer_kwargs=None if args.dequantization == "uniform"
+                              else {"hidden_channels": args.deq_width,
+                                    "num_steps": args.deq_steps})
         return model, None
     return variants.build_model(
         num_bins=stream.NUM_BINS, coupling=args.coupling, width=args.width, seed=args.seed,
@@ -241,10 +253,15 @@ def run(args, partial_path=None):
     opt = make_optimizer(args, model, total_steps)
     model.compile(opt, jit_compile=args.jit)
 
-    log_prob = tf.function(lambda x: model.log_prob(x))
+    # With variational dequantization the reported figure is the bound
+    # `log p(x_q) - log q(u | k)`, its noise read off the protocol's own draws.
+    variational = args.dequantization == "variational"
+    log_prob = tf.function(lambda x: model.variational_log_prob(x) if variational
+                           else model.log_prob(x))
+    uniform_log_prob = tf.function(lambda x: model.log_prob(x))
 
-    def test_bpd():
-        per_draw = -tf.reshape(log_prob(x_test), [stream.TEST_DRAWS, -1])
+    def test_bpd(fn=log_prob):
+        per_draw = -tf.reshape(fn(x_test), [stream.TEST_DRAWS, -1])
         nll = tf.reduce_mean(per_draw, axis=1).numpy()
         return float(np.mean([stream.bits_per_dim(v) for v in nll])), \
             [stream.bits_per_dim(float(v)) for v in nll]
@@ -292,6 +309,9 @@ def run(args, partial_path=None):
         }
         if args.ema:
             result["test_bpd_raw_weights"] = curve[-1]["test_bpd_raw_weights"]
+        if variational:
+            # The same model's density of the uniformly dequantized test draws.
+            result["test_bpd_uniform"] = curve[-1]["test_bpd_uniform"]
         return result
 
     for epoch in range(args.epochs):
@@ -307,11 +327,14 @@ def run(args, partial_path=None):
         if epoch + 1 in curve_epochs:
             bpd, draws, raw = evaluate()
             point = {"epoch": epoch + 1, "test_bpd": bpd}
+            if variational:
+                point["test_bpd_uniform"] = test_bpd(uniform_log_prob)[0]
             if args.ema:
                 point["test_bpd_raw_weights"] = raw
             curve.append(point)
             print(f"epoch {epoch + 1}: test {bpd:.4f}"
                   + (f" (raw {raw:.4f})" if args.ema else "")
+                  + (f" (uniform {point['test_bpd_uniform']:.4f})" if variational else "")
                   + f" fit-train {fit_bpd[-1]:.4f}", flush=True)
             if partial_path and epoch + 1 < args.epochs:
                 _write(partial_path, summary(None, complete=False))

@@ -300,9 +300,11 @@ BAD_ARGUMENTS = [
     (["train", "--coupling", "rqs"], "--coupling"),
     (["train", "--dropout", "1"], "--dropout"),
     (["train", "--dropout", "-0.1"], "--dropout"),
+    (["train", "--dequantization", "learned"], "--dequantization"),
     (["train", "--weight-decay", "-1"], "--weight-decay"),
     # train: combinations (check_train_args)
     (["train", "--model", "nice", "--dropout", "0.1"], "--dropout"),
+    (["train", "--model", "realnvp", "--dequantization", "variational"], "--dequantization"),
     (["train", "--dropout", "0.1", "--backprop", "reversible"], "--dropout"),
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
@@ -399,6 +401,28 @@ def test_dropout_flag_builds_glow_with_that_rate():
                             {layer.dropout for layer in keras_layers_of(model.flow)
                              if isinstance(layer, nets.GlowCouplingNet)})
     assert rates == {1: (0.0, {0.0}), 3: (0.2, {0.2})}
+
+
+def test_variational_dequantization_run_reports_bound_and_uniform_everywhere(tmp_path,
+                                                                              capsys):
+    run = str(tmp_path / "vd")
+    code, out, err = _run_cli(capsys, ["train", *TINY, "--epochs", "1", "--output", run,
+                                       "--dequantization", "variational"])
+    assert code == 0, err
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    bound, uniform = metrics["test_bits_per_dim"], metrics["test_uniform_bits_per_dim"]
+    assert 2.0 < bound < 6.0 and 2.0 < uniform < 6.0 and bound != uniform  # 3 steps in
+    assert f"test bits/dim {bound:.4f}" in out
+    assert f"uniform dequantization {uniform:.4f}" in out
+    code, out, err = _run_cli(capsys, ["evaluate", "--run", run, "--json",
+                                       "--batch-size", "7"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["bits_per_dim"] == pytest.approx(bound, abs=5e-5)
+    assert report["uniform_bits_per_dim"] == pytest.approx(uniform, abs=5e-5)
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["model_config"]["dequantization"] == "variational"
 
 
 @pytest.mark.parametrize("coupling", ["spline", "mol"])

@@ -126,9 +126,12 @@ def test_bad_dropout_rates_name_the_argument(rate, error):
         nets.GlowCouplingNet(8, 4, dropout=rate)
 
 
-def test_adamw_decays_the_network_weights_and_nothing_else(digits):
-    model = _moved(_glow(0.0), digits)
+@pytest.mark.parametrize("options", [{}, {"dequantization": "variational"}])
+def test_adamw_decays_the_network_weights_and_nothing_else(digits, options):
+    model = _moved(_glow(0.0, **options), digits)
     networks = {id(v) for v in network_variables(model)}
+    if options:  # the dequantizer's convs are networks too
+        assert {id(v) for v in model.dequantizer.trainable_variables} <= networks
     parameters = [v for layer in keras_layers_of(model.flow)
                   if isinstance(layer, ParameterLayer) for v in layer.trainable_variables]
     assert networks and parameters

@@ -41,12 +41,12 @@ EVAL_BATCH = 256  # the test batch of `train`; any batch gives the same figure
 # "not given", so flags that do not apply to a model can be refused).
 MODEL_DEFAULTS = {
     "glow": dict(levels=2, steps=8, width=64, coupling="affine", permutation="conv_lu",
-                 dropout=0.0),
+                 dropout=0.0, dequantization="uniform"),
     "realnvp": dict(levels=2, steps=8, width=64),
     "nice": dict(steps=4, width=256),
 }
 _APPLIES_TO = {"levels": ("glow", "realnvp"), "coupling": ("glow",),
-               "permutation": ("glow",), "dropout": ("glow",)}
+               "permutation": ("glow",), "dropout": ("glow",), "dequantization": ("glow",)}
 
 
 class UsageError(ValueError):
@@ -119,7 +119,8 @@ def _check_architecture(args, kind):
     data of `kind`."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
-    for key in ("levels", "steps", "width", "coupling", "permutation", "dropout"):
+    for key in ("levels", "steps", "width", "coupling", "permutation", "dropout",
+                "dequantization"):
         value = getattr(args, key)
         if value is not None and args.model not in _APPLIES_TO.get(key, MODELS):
             raise UsageError(
@@ -233,7 +234,7 @@ def _build_model(args, info, arch):
                     hidden_channels=arch["width"], coupling=arch["coupling"],
                     permutation=arch["permutation"], num_classes=num_classes,
                     num_bins=info["num_bins"], seed=args.seed, dropout=arch["dropout"],
-                    backprop=args.backprop)
+                    dequantization=arch["dequantization"], backprop=args.backprop)
     if args.model == "realnvp":
         return RealNVP(input_shape=shape, levels=arch["levels"],
                        hidden_channels=arch["width"], coupling_layers=arch["steps"],
@@ -281,6 +282,9 @@ def _what_the_logs_mean(model):
     else:
         bpd = (f"(loss + {d} ln {model.num_bins}) / ({d} ln 2), the figure to compare; "
                f"uniform = {math.log2(model.num_bins):.2f}")
+    if getattr(model, "dequantizer", None) is not None:
+        bpd += ("; with variational dequantization loss and bits_per_dim are the bound "
+                "-(log p(x_q) - log q(u|k)), val_uniform_bits_per_dim the uniform figure")
     return (f"{PROG}: loss = -log p(x) in nats per example (below 0 is fine: a density "
             f"can exceed 1); bits_per_dim = {bpd}; nonfinite_steps = steps skipped for "
             f"a NaN/inf (expect 0)")
@@ -320,9 +324,12 @@ def cmd_train(args):
         config={**cfg, "dataset_info": plan.info},
         extra_metrics={"test_split": args.test_split})
     m, paths = result.metrics, result.paths
+    uniform = m.get("test_uniform_bits_per_dim")
     print(f"{PROG}: test bits/dim {m['test_bits_per_dim']:.4f} (train "
           f"{m['train_bits_per_dim']:.4f}) after {m['epochs']} epochs, "
-          f"{m['train_seconds']:.0f} s of training")
+          f"{m['train_seconds']:.0f} s of training"
+          + ("" if uniform is None else
+             f"; variational bound, uniform dequantization {uniform:.4f}"))
     print(f"{PROG}: wrote {paths['samples']}, {paths['sweep']}, {paths['model']}"
           + (f", SavedModel {result.export_path}" if result.export_path else ""))
     return 0
@@ -355,11 +362,16 @@ def cmd_evaluate(args):
     result = recipe.evaluate(model, ds)
     report = {"split": split, "bits_per_dim": result["bits_per_dim"], "nll": result["nll"],
               "dataset": cfg["dataset"], "model": cfg["model_class"]}
+    uniform = result.get("uniform_bits_per_dim")
+    if uniform is not None:
+        report["uniform_bits_per_dim"] = uniform
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
         print(f"{split} bits/dim: {result['bits_per_dim']:.4f} "
-              f"(NLL {result['nll']:.3f} nats per example)")
+              f"(NLL {result['nll']:.3f} nats per example)"
+              + ("" if uniform is None else
+                 f"; variational bound, uniform dequantization {uniform:.4f}"))
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 import math
 
 from tfp_glow import recipe
-from tfp_glow.models import COUPLINGS, PERMUTATIONS
+from tfp_glow.models import COUPLINGS, DEQUANTIZATIONS, PERMUTATIONS
 
 PROG = "tfp-glow"
 MODELS = ("glow", "realnvp", "nice")
@@ -98,6 +98,10 @@ def _add_train_parser(sub):
     p.add_argument("--dropout", type=_rate, default=None,
                    help="glow only: dropout rate in the coupling networks while training "
                         "(default 0; needs --backprop standard)")
+    p.add_argument("--dequantization", choices=DEQUANTIZATIONS, default=None,
+                   help="glow only: uniform (default) or variational (Flow++: a learned "
+                        "q(u|k); bits/dim is then the variational bound, with the "
+                        "uniform figure beside it)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional priors (needs a labelled data set)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="passes over the data")

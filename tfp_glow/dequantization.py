@@ -13,14 +13,14 @@ import tensorflow as tf
 
 from tfp_glow import checks
 
-__all__ = ["SHUFFLE_BUFFER", "check_n_bits", "check_pipeline_args", "check_seed",
+__all__ = ["EDGE_MARGIN", "SHUFFLE_BUFFER", "check_n_bits", "check_pipeline_args", "check_seed",
            "finish_pipeline", "preprocess", "reduce_bits"]
 
 # Fraction of a bin kept clear at each edge by the dequantization noise:
 # float32 rounding of (k + u) / n_bins - 0.5 is below 1e-5 of a bin for
 # n_bins <= 256, so this margin guarantees floor((x + 0.5) * n_bins) == k.
 # It narrows U(0, 1) to U(eps, 1 - eps), costing < 3e-4 bits/dim in the bound.
-_DEQUANT_EPS = 1e-4
+EDGE_MARGIN = 1e-4
 SHUFFLE_BUFFER = 10_000  # examples held by a tfds pipeline's shuffle buffer
 
 
@@ -116,10 +116,10 @@ def preprocess(images, num_bins, dequantize=True, seed=None):
     else:
         shape = tf.shape(k)
         if seed is None:
-            u = tf.random.uniform(shape, _DEQUANT_EPS, 1.0 - _DEQUANT_EPS)
+            u = tf.random.uniform(shape, EDGE_MARGIN, 1.0 - EDGE_MARGIN)
         else:
             u = tf.random.stateless_uniform(
-                shape, _as_stateless_seed(seed), _DEQUANT_EPS, 1.0 - _DEQUANT_EPS
+                shape, _as_stateless_seed(seed), EDGE_MARGIN, 1.0 - EDGE_MARGIN
             )
     # k / n - 0.5 first, then u / n: rounding stays at the scale of x, not of k.
     return (k / num_bins - 0.5) + u / num_bins

@@ -9,7 +9,10 @@ model of them: it tracks every Keras layer inside the flow, so stock `fit`,
 `tf.distribute` need no custom variable plumbing, and trains on the negative
 log-likelihood
 
-    loss = -mean_i log p(x_i),   log p(x) = log N(f(x); 0, I) + log|det df/dx|.
+    loss = -mean_i log p(x_i),   log p(x) = log N(f(x); 0, I) + log|det df/dx|,
+
+or, with a `VariationalDequantizer` `q(u | k)` (Flow++), on the negative
+variational bound `-(log p(x_q) - log q(u | k))`, `x_q = (k + u) / B - 0.5`.
 """
 
 import keras
@@ -26,6 +29,7 @@ from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
 from tfp_glow.guard import NonfiniteGuard
+from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.xla import warn_if_partial_last_batch
 
 tfb = tfp.bijectors
@@ -58,6 +62,21 @@ def _check_dropout_backprop(flow, backprop):
             f"backprop='standard'.")
 
 
+def _check_dequantizer(dequantizer, event_shape, num_bins):
+    if dequantizer is None:
+        return None
+    if not isinstance(dequantizer, VariationalDequantizer):
+        raise TypeError(f"`dequantizer` must be None or a "
+                        f"tfp_glow.VariationalDequantizer; got {dequantizer!r}.")
+    if tuple(dequantizer.event_shape) != tuple(event_shape) or \
+            dequantizer.num_bins != num_bins:
+        raise ValueError(
+            f"`dequantizer` is for event shape {tuple(dequantizer.event_shape)} with "
+            f"num_bins={dequantizer.num_bins}; the model has event shape "
+            f"{tuple(event_shape)} with num_bins={num_bins}.")
+    return dequantizer
+
+
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class FlowModel(DensityMethods, keras.Model):
     """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit`.
@@ -88,6 +107,13 @@ class FlowModel(DensityMethods, keras.Model):
         flow step from its stored input) or `"reversible"` (rebuild each
         step's input from its output with the inverse: memory independent of
         depth). All three give the same gradients.
+      dequantizer: None (uniform dequantization: the data's own noise) or a
+        `VariationalDequantizer` `q(u | k)` (or a zero-argument function
+        building one) trained jointly with the flow:
+        `fit` then minimises the variational bound, `evaluate` reports it as
+        `bits_per_dim` and the flow's figure on the data as given (uniform
+        noise) as `uniform_bits_per_dim`; `variational_log_prob` and
+        `variational_bits_per_dim` give them per example.
       dtype: `"float32"` (default), `"float64"`, or a mixed policy such as
         `"mixed_bfloat16"` (the builders of `Glow`, `RealNVP` and `NICE` then
         run the networks in bfloat16 and the flow math in float32). Left
@@ -104,7 +130,8 @@ class FlowModel(DensityMethods, keras.Model):
     """
 
     def __init__(self, flow=None, event_shape=None, num_bins=256, num_classes=None,
-                 nonfinite="raise", validate_args=False, backprop="standard", **kwargs):
+                 nonfinite="raise", validate_args=False, backprop="standard",
+                 dequantizer=None, **kwargs):
         guard = NonfiniteGuard(nonfinite)
         checks.boolean(validate_args, "validate_args")
         checks.choice(backprop, BACKPROP_MODES, "backprop")
@@ -120,6 +147,10 @@ class FlowModel(DensityMethods, keras.Model):
             raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
         if event_shape is None:
             raise ValueError("`event_shape` is required (the shape of one data point).")
+        event_shape = checks.shape(event_shape, "event_shape")
+        if callable(dequantizer) and not isinstance(dequantizer, keras.layers.Layer):
+            dequantizer = dequantizer()  # a builder, as for `flow`
+        self.dequantizer = _check_dequantizer(dequantizer, event_shape, num_bins)
         self._density = FlowDensity(
             flow, event_shape, num_bins=num_bins, num_classes=num_classes,
             dtype=_flow_dtype(flow, self.dtype_policy, explicit_dtype),
@@ -135,6 +166,7 @@ class FlowModel(DensityMethods, keras.Model):
         self._actnorms = [b for b in walk_bijectors(flow) if isinstance(b, ActNorm)]
         self._nll_tracker = keras.metrics.Mean(name="loss")
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
+        self._uniform_bpd_tracker = keras.metrics.Mean(name="uniform_bits_per_dim")
         self._nonfinite_counter = guard.counter  # tracked, so strategies mirror it
         self.built = True
 
@@ -204,14 +236,47 @@ class FlowModel(DensityMethods, keras.Model):
         x = spec.training_data(x, "x")
         labels = spec.labels(labels, x)
         condition = {} if labels is None else {"conditional_input": labels}
+        if self.dequantizer is not None:
+            x = self.dequantizer(x)[0]  # ActNorm sees what training feeds the flow
         with self.distribute_strategy.scope(), data_dependent_init():
             forward_and_log_det(self.flow, x, **condition)
         return self
 
+    # -- variational dequantization ------------------------------------------
+    def _bound_of(self, x, labels=None, backprop="standard"):
+        """Per example, `log p(x_q) - log q(u | k)` with the dequantizer, else `log p(x)`."""
+        if self.dequantizer is None:
+            return self._density.log_prob_of(x, labels, backprop)
+        x_q, log_q = self.dequantizer(x)
+        return self._density.log_prob_of(x_q, labels, backprop) - log_q
+
+    def variational_log_prob(self, x, labels=None):
+        """The variational bound per example: `log p(x_q) - log q(u | k)`.
+
+        `x` is dequantized data in [-0.5, 0.5] (its levels `k` and noise are
+        read off it; see `VariationalDequantizer`). Then
+        `log P(k) >= variational_log_prob(x) - D log(num_bins)`. Without a
+        dequantizer it is `log_prob(x)`, the uniform bound.
+        """
+        spec = self._density.spec
+        x = spec.training_data(x, "x")
+        labels = spec.labels(labels, x)
+        signature = self._density._signature("data")
+        return self._density._call("variational_log_prob", self._bound_of, signature,
+                                   *self._density._args(labels, x))
+
+    def variational_bits_per_dim(self, x, labels=None):
+        """`variational_log_prob` in bits/dim, `(-bound + D log(num_bins)) / (D ln 2)`:
+        the figure `fit` and `evaluate` report as `bits_per_dim`."""
+        return self._density.bits_per_dim_of(self.variational_log_prob(x, labels))
+
     # -- training ----------------------------------------------------------
     @property
     def metrics(self):
-        return [self._nll_tracker, self._bpd_tracker]
+        trackers = [self._nll_tracker, self._bpd_tracker]
+        if self.dequantizer is not None:
+            trackers.append(self._uniform_bpd_tracker)
+        return trackers
 
     def _unpack(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -225,7 +290,10 @@ class FlowModel(DensityMethods, keras.Model):
         x = spec.training_data(x, "x", values=spec.validate_args)
         return x, spec.labels(labels, x, values=False)
 
-    def _update_metrics(self, log_prob, applied=None):
+    def _update_metrics(self, log_prob, applied=None, uniform_log_prob=None):
+        if uniform_log_prob is not None:
+            self._uniform_bpd_tracker.update_state(
+                self._density.bits_per_dim_of(uniform_log_prob))
         weight = None
         if applied is not None:
             # A skipped (non-finite) step must not poison the epoch's means.
@@ -234,14 +302,15 @@ class FlowModel(DensityMethods, keras.Model):
         self._nll_tracker.update_state(-log_prob, sample_weight=weight)
         self._bpd_tracker.update_state(self._density.bits_per_dim_of(log_prob),
                                        sample_weight=weight)
-        return {m.name: m.result() for m in self.metrics}
+        return {m.name: m.result() for m in self.metrics
+                if m is not self._uniform_bpd_tracker or uniform_log_prob is not None}
 
     def train_step(self, data):
         x, labels = self._checked_batch(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         _check_dropout_backprop(self.flow, self._backprop)
         with tf.GradientTape() as tape, nets.dropout_active():  # dropout only here
-            log_prob = self._density.log_prob_of(x, labels, self._backprop)
+            log_prob = self._bound_of(x, labels, self._backprop)
             loss = -tf.reduce_mean(log_prob)
             if self.losses:
                 loss = loss + tf.add_n(self.losses)
@@ -256,7 +325,11 @@ class FlowModel(DensityMethods, keras.Model):
 
     def test_step(self, data):
         x, labels = self._checked_batch(data)
-        return step_logs(self._update_metrics(self._density.log_prob_of(x, labels)))
+        if self.dequantizer is None:
+            return step_logs(self._update_metrics(self._density.log_prob_of(x, labels)))
+        # The bound, and beside it the flow's density of the data as given.
+        return step_logs(self._update_metrics(
+            self._bound_of(x, labels), uniform_log_prob=self._density.log_prob_of(x, labels)))
 
     def make_train_function(self, force=False):
         """Keras' train function, followed by the NaN/inf guard's check.

@@ -20,13 +20,15 @@ from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling,
                                 RationalQuadraticSplineCoupling, Squeeze,
                                 channel_permutation)
 from tfp_glow.flow_model import FlowModel
+from tfp_glow.variational_dequantization import VariationalDequantizer
 
 tfb = tfp.bijectors
 
-__all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS"]
+__all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS", "DEQUANTIZATIONS"]
 
 COUPLINGS = ("affine", "additive", "spline", "mol")
 PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
+DEQUANTIZATIONS = ("uniform", "variational")
 
 
 # Each coupling with its own defaults (spline: 8 bins on [-4, 4]; mol: 4 logistics).
@@ -63,22 +65,39 @@ _SET_BY_THE_MODEL = ("net", "mask", "parity", "event_shape", "event_ndims", "dty
                      "validate_args", "name")
 
 
-def _coupling_kwargs(kind, kwargs):
-    """`coupling_kwargs` as a dict of the coupling's own options (e.g. a spline's
-    `num_bins`), checked against its constructor before anything is built."""
+def _options(cls, kwargs, arg_name, owner, set_by_the_model=_SET_BY_THE_MODEL):
+    """`kwargs` as a dict of `cls`'s own constructor options, checked against its
+    signature before anything is built (`owner` names the choice, for the message)."""
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(f"`coupling_kwargs` must be None or a dict of keyword arguments; "
+        raise TypeError(f"`{arg_name}` must be None or a dict of keyword arguments; "
                         f"received {kwargs!r}.")
-    allowed = [name for name in inspect.signature(COUPLING_CLASSES[kind]).parameters
-               if name not in _SET_BY_THE_MODEL]
+    allowed = [name for name in inspect.signature(cls).parameters
+               if name not in set_by_the_model and name != "kwargs"]
     for key in kwargs:
         if key not in allowed:
             raise ValueError(
-                f"`coupling_kwargs` key {key!r} is not an option of coupling={kind!r}; "
+                f"`{arg_name}` key {key!r} is not an option of {owner}; "
                 f"expected some of {allowed}.")
     return dict(kwargs)
+
+
+def _coupling_kwargs(kind, kwargs):
+    """`coupling_kwargs`: the coupling's own options (e.g. a spline's `num_bins`)."""
+    return _options(COUPLING_CLASSES[kind], kwargs, "coupling_kwargs",
+                    f"coupling={kind!r}")
+
+
+def _dequantizer_kwargs(dequantization, kwargs):
+    """`dequantizer_kwargs`: `VariationalDequantizer`'s width and steps."""
+    if dequantization != "variational":
+        if kwargs:
+            raise ValueError(f"`dequantizer_kwargs` needs dequantization='variational'; "
+                             f"got dequantization={dequantization!r}.")
+        return {}
+    return _options(VariationalDequantizer, kwargs, "dequantizer_kwargs",
+                    "dequantization='variational'", ("event_shape", "num_bins"))
 
 
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
@@ -132,6 +151,12 @@ class Glow(FlowModel):
         need many outputs per channel, at a small parameter count).
       coupling_kwargs: the coupling's own options, e.g. `{"num_bins": 6}` for
         `coupling="spline"` (see its class).
+      dequantization: `"uniform"` (train on the data's own noise) or
+        `"variational"` (Flow++: a `VariationalDequantizer` `q(u | k)` trained
+        jointly; `fit` and `evaluate` report the variational bound as
+        `bits_per_dim` and `evaluate` the uniform figure beside it).
+      dequantizer_kwargs: `VariationalDequantizer` options
+        (`hidden_channels`, `num_steps`).
       **kwargs: `FlowModel` options: `nonfinite="raise"|"skip"` (the NaN/inf
         guard of `fit`), `validate_args`, and `dtype="float32"|"float64"`
         (every bijector and network is built in it).
@@ -151,7 +176,7 @@ class Glow(FlowModel):
                  hidden_channels=512, coupling="affine", permutation="conv_lu",
                  learn_top_prior=True, num_classes=None, split_fraction=0.5,
                  num_bins=256, seed=0, dropout=0.0, last_kernel=3, coupling_kwargs=None,
-                 **kwargs):
+                 dequantization="uniform", dequantizer_kwargs=None, **kwargs):
         levels = _positive_int(levels, "levels")
         dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
                                 exclusive_maximum=True)
@@ -164,24 +189,34 @@ class Glow(FlowModel):
         _choice(permutation, PERMUTATIONS, "permutation")
         if num_classes is not None:
             num_classes = _positive_int(num_classes, "num_classes")
+        _choice(dequantization, DEQUANTIZATIONS, "dequantization")
+        dequantizer_kwargs = _dequantizer_kwargs(dequantization, dequantizer_kwargs)
         self._config = dict(
             image_shape=image_shape, levels=levels, steps_per_level=steps_per_level,
             hidden_channels=hidden_channels, coupling=coupling,
             permutation=permutation, learn_top_prior=bool(learn_top_prior),
             num_classes=num_classes, split_fraction=float(split_fraction),
             num_bins=num_bins, seed=seed, dropout=dropout, last_kernel=last_kernel,
-            coupling_kwargs=coupling_kwargs)
+            coupling_kwargs=coupling_kwargs, dequantization=dequantization,
+            dequantizer_kwargs=dequantizer_kwargs)
+        flow_options = {k: v for k, v in self._config.items()
+                        if k not in ("num_bins", "dequantization", "dequantizer_kwargs")}
 
         def build():
             # `dtype` is keras.Model's dtype policy, already in its config: every
             # bijector is built in its variable dtype, every network in the policy.
-            return build_glow_flow(**{k: v for k, v in self._config.items()
-                                      if k != "num_bins"},
-                                   dtype=self.dtype_policy.variable_dtype,
+            return build_glow_flow(**flow_options, dtype=self.dtype_policy.variable_dtype,
                                    net_dtype=_net_dtype(self.dtype_policy))
 
+        def build_dequantizer():
+            if dequantization == "uniform":
+                return None
+            return VariationalDequantizer(image_shape, num_bins, **dequantizer_kwargs,
+                                          dtype=self.dtype_policy.variable_dtype,
+                                          name="dequantizer")
+
         super().__init__(flow=build, event_shape=image_shape, num_bins=num_bins,
-                         num_classes=num_classes, **kwargs)
+                         num_classes=num_classes, dequantizer=build_dequantizer, **kwargs)
 
     def get_config(self):
         return {**self._base_config(), **self._config}

@@ -117,15 +117,18 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 # ----------------------------------------------------------------- AdamW
 def network_variables(model):
-    """The trainable variables of `model`'s networks (coupling and prior nets).
+    """The trainable variables of `model`'s networks (coupling and prior nets,
+    and a variational dequantizer's).
 
     Everything else a flow trains is a bijector parameter (ActNorm's scale and
     shift, the 1x1 convs' LU factors, the learned priors' mean and scale).
     """
     from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.bijectors._state import ParameterLayer
+    dequantizer = getattr(model, "dequantizer", None)
     return [v for layer in keras_layers_of(model.flow)
-            if not isinstance(layer, ParameterLayer) for v in layer.trainable_variables]
+            if not isinstance(layer, ParameterLayer) for v in layer.trainable_variables
+            ] + (list(dequantizer.trainable_variables) if dequantizer is not None else [])
 
 
 def adamw(model, learning_rate, weight_decay, **kwargs):

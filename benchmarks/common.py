@@ -24,6 +24,10 @@ SIZES = {
     "tiny": dict(image_shape=(8, 8, 1), levels=2, steps=1, width=16, num_bins=17),
 }
 BATCH = 64
+# The Glow of the paper and of `tfb.Glow`: no dropout, uniform dequantization
+# (`tfp_glow.Glow`'s defaults add both; the comparisons here are architecture
+# for architecture).
+PAPER_GLOW = dict(dropout=0.0, dequantization="uniform")
 
 
 # -- models ------------------------------------------------------------------
@@ -34,7 +38,8 @@ def build_ours(size, seed=0):
     return tfp_glow.Glow(image_shape=cfg["image_shape"], levels=cfg["levels"],
                          steps_per_level=cfg["steps"], hidden_channels=cfg["width"],
                          coupling="affine", permutation="conv_lu",
-                         learn_top_prior=False, num_bins=cfg["num_bins"], seed=seed)
+                         learn_top_prior=False, num_bins=cfg["num_bins"], seed=seed,
+                         **PAPER_GLOW)
 
 
 def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):

@@ -50,7 +50,8 @@ def run(size, repeats):
     common.SIZES["_eager"] = cfg
     model = tfp_glow.Glow(image_shape=cfg["image_shape"], levels=cfg["levels"],
                           steps_per_level=cfg["steps"], hidden_channels=cfg["width"],
-                          num_bins=cfg["num_bins"], learn_top_prior=False)
+                          num_bins=cfg["num_bins"], learn_top_prior=False,
+                          **common.PAPER_GLOW)
     x = common.batch_of("_eager")
     model.initialize(x)
     calls = {}

@@ -46,7 +46,7 @@ def run(policy, epochs, seed=0):
     keras.utils.set_random_seed(seed)
     model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
                           hidden_channels=64, num_bins=data.DIGITS_NUM_BINS, seed=seed,
-                          dtype=policy)
+                          dtype=policy, **common.PAPER_GLOW)
     train = data.digits_dataset("train", batch_size=64, seed=seed)
     test = data.digits_dataset("test", batch_size=360, shuffle=False, seed=seed)
     steps = epochs * 23

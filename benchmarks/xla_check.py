@@ -84,7 +84,8 @@ def main():
         print(f"{name:<34} {results['bijectors'][name]}", flush=True)
     models = {
         "Glow": (lambda: tfp_glow.Glow((8, 8, 1), levels=2, steps_per_level=2,
-                                       hidden_channels=16, num_bins=17), (8, 8, 1)),
+                                       hidden_channels=16, num_bins=17, dropout=0.0,
+                                       dequantization="uniform"), (8, 8, 1)),
         "RealNVP": (lambda: tfp_glow.RealNVP((8, 8, 1), levels=2, hidden_channels=16,
                                              num_bins=17), (8, 8, 1)),
         "NICE": (lambda: tfp_glow.NICE((8, 8, 1), hidden_units=32, num_bins=17),

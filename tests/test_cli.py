@@ -305,7 +305,6 @@ BAD_ARGUMENTS = [
     # train: combinations (check_train_args)
     (["train", "--model", "nice", "--dropout", "0.1"], "--dropout"),
     (["train", "--model", "realnvp", "--dequantization", "variational"], "--dequantization"),
-    (["train", "--dropout", "0.1", "--backprop", "reversible"], "--dropout"),
     (["train", "--dataset", "two_moons"], "--dataset"),
     (["train", "--model", "nice", "--permutation", "conv"], "--permutation"),
     (["train", "--model", "nice", "--levels", "3"], "--levels"),
@@ -389,18 +388,31 @@ def test_backprop_flag_reaches_the_model_config(model):
 
 
 def test_dropout_flag_builds_glow_with_that_rate():
+    """Default 0.2 (the library's DEFAULT_DROPOUT) with every backprop mode
+    (the masks are a function of the step); --dropout sets it; variational
+    dequantization is the default, uniform on request."""
     from tfp_glow import cli, nets
     from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.cli_args import build_parser
-    rates = {}
-    for argv in (["train"], ["train", "--dropout", "0.2"]):
+    from tfp_glow.variational_dequantization import VariationalDequantizer
+    built = {}
+    for argv in (["train"], ["train", "--dropout", "0.1"], ["train", "--dropout", "0"],
+                 ["train", "--backprop", "reversible"],
+                 ["train", "--dequantization", "uniform"]):
         args = build_parser().parse_args(argv)
         plan = cli.check_train_args(args)
         model = cli._build_model(args, plan.info, plan.arch)
-        rates[len(argv)] = (model.get_config()["dropout"],
-                            {layer.dropout for layer in keras_layers_of(model.flow)
-                             if isinstance(layer, nets.GlowCouplingNet)})
-    assert rates == {1: (0.0, {0.0}), 3: (0.2, {0.2})}
+        config = model.get_config()
+        rates = {layer.dropout for layer in keras_layers_of(model.flow)
+                 if isinstance(layer, nets.GlowCouplingNet)}
+        assert rates == {config["dropout"]}
+        assert isinstance(model.dequantizer, VariationalDequantizer) == (
+            config["dequantization"] == "variational")
+        built[" ".join(argv[1:])] = (config["dropout"], config["dequantization"])
+    assert built == {"": (0.2, "variational"), "--dropout 0.1": (0.1, "variational"),
+                     "--dropout 0": (0.0, "variational"),
+                     "--backprop reversible": (0.2, "variational"),
+                     "--dequantization uniform": (0.2, "uniform")}
 
 
 def test_variational_dequantization_run_reports_bound_and_uniform_everywhere(tmp_path,

@@ -53,11 +53,15 @@ def _worker():
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
-    def build(mirrored):
+    def build(mirrored, dropout=0.0):
+        # Without dropout unless asked: with it each replica draws masks of
+        # its own, so a mirrored step is not one device's step on the same
+        # batch. (Glow's default variational dequantization stays on.)
         keras.utils.set_random_seed(0)
         with strategy.scope() if mirrored else tf.distribute.get_strategy().scope():
             model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                                  hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+                                  hidden_channels=16, num_bins=DIGITS_NUM_BINS,
+                                  dropout=dropout)
             model.compile(keras.optimizers.SGD(LEARNING_RATE))
         return model
 
@@ -154,7 +158,9 @@ def _worker():
                 raise Preempted(f"epoch {self.epoch}, batch {batch}")
 
     def fit_fixed(backup_dir, interrupt_at=None):
-        model, record, epochs = build(True), RecordInit(), []
+        # Glow's default dropout: its masks are a function of (step, replica),
+        # so the resumed run drops what the uninterrupted run dropped.
+        model, record, epochs = build(True, dropout=0.2), RecordInit(), []
         logger = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epochs.append(e))
         try:
             model.fit(fixed, epochs=3, verbose=0, callbacks=[
@@ -172,6 +178,10 @@ def _worker():
     out["resume_weight_diff"] = max_diff(uninterrupted.get_weights(), resumed.get_weights())
     out["resume_replica_weight_diff"] = replica_diff(resumed)
     out["resume_update_size"] = max_diff(uninterrupted.get_weights(), record.start)
+    # Each replica's dropout seed: (step, replica id).
+    from tfp_glow.flow_model import _dropout_seed
+    seeds = strategy.run(tf.function(lambda: _dropout_seed(resumed.optimizer)))
+    out["replica_dropout_seeds"] = [s.numpy().tolist() for s in seeds.values]
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -240,6 +250,12 @@ def test_interrupted_fit_resumes_from_backup_like_an_uninterrupted_run(measured)
     assert measured["resume_weight_diff"] <= 1e-6
     assert measured["resume_replica_weight_diff"] == 0.0
     assert measured["resume_update_size"] > 1e-3
+
+
+def test_replicas_draw_dropout_masks_of_their_own(measured):
+    # The resumed run ended after 3 epochs of FIT_STEPS batches.
+    step = 3 * FIT_STEPS
+    assert measured["replica_dropout_seeds"] == [[step, 0], [step, 1]]
 
 
 if __name__ == "__main__":

@@ -252,17 +252,22 @@ def test_glow_variants_build_and_round_trip(variant):
     assert (model.flow.top_prior is not None) == has_top
 
 
-def test_trainable_variables_are_exactly_the_flows_keras_layers():
+def test_trainable_variables_are_exactly_the_flows_keras_layers_and_the_dequantizer():
     model = _small_glow()
     layers = keras_layers_of(model.flow)
-    expected = [v for layer in layers for v in layer.trainable_weights]
-    assert len(model.trainable_variables) == len(expected) > 20
+    in_flow = [v for layer in layers for v in layer.trainable_weights]
+    # Glow's default variational dequantization trains q(u | k) beside the flow.
+    expected = in_flow + model.dequantizer.trainable_weights
+    assert len(in_flow) > 20 and len(model.dequantizer.trainable_weights) > 0
+    assert len(model.trainable_variables) == len(expected)
     assert {id(v) for v in model.trainable_variables} == {id(v) for v in expected}
     count = sum(int(np.prod(v.shape)) for v in expected)
     assert model.count_params() == count + sum(
         int(np.prod(v.shape)) for layer in layers for v in layer.non_trainable_weights)
-    # A plain tf.Module walk of the bijector finds the same trainable tensors.
-    assert len(model.flow.trainable_variables) == len(expected)
+    # A plain tf.Module walk of the bijector finds the flow's trainable tensors.
+    assert len(model.flow.trainable_variables) == len(in_flow)
+    uniform = _small_glow(dequantization="uniform")
+    assert len(uniform.trainable_variables) == len(in_flow)
     # 2 levels x 2 steps: one ActNorm per step, each with a saved init flag.
     actnorms = [layer for layer in layers if layer.name.startswith("act_norm")]
     assert len(actnorms) == 4
@@ -275,11 +280,13 @@ def test_every_trainable_variable_gets_a_gradient_from_fit_loss():
     labels = np.array([0, 1, 2, 0, 1, 2])
     _ready(model, x, scale=0.05, labels=labels)
     with tf.GradientTape() as tape:
-        loss = -tf.reduce_mean(model.log_prob(x, labels))
+        # fit's loss: the variational bound (Glow's default dequantization).
+        loss = -tf.reduce_mean(model.variational_log_prob(x, labels))
     grads = tape.gradient(loss, model.trainable_variables)
     missing = [v.path for v, g in zip(model.trainable_variables, grads)
                if g is None or not np.any(np.asarray(g) != 0)]
     assert not missing
+    assert any(v.path.startswith("dequantizer/") for v in model.trainable_variables)
 
 
 # ------------------------------------------------------- class conditioning

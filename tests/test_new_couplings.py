@@ -334,6 +334,7 @@ def test_glow_spline_at_the_protocols_size(tmp_path):
                          hidden_channels=64, num_bins=DIGITS_NUM_BINS, coupling="spline",
                          coupling_kwargs={"num_bins": 6}, last_kernel=1)
     glow.initialize(x)
+    dequantizer = glow.dequantizer.count_params()  # Glow's default q(u | k)
     splines = [b for b in walk_bijectors(glow.bijector)
                if isinstance(b, RationalQuadraticSplineCoupling)]
     assert len(splines) == 16 and {b._num_bins for b in splines} == {6}
@@ -341,7 +342,10 @@ def test_glow_spline_at_the_protocols_size(tmp_path):
                 if isinstance(layer, nets.GlowCouplingNet)]
     assert len(networks) == 16
     assert {tuple(n.conv_out.conv.kernel.shape[:2]) for n in networks} == {(1, 1)}
-    assert glow.count_params() == 151_548  # the protocol's budget: 150k +- 10%
+    assert dequantizer == 11_040
+    # The protocol's budget, 150k +- 10%, with or without the dequantizer.
+    assert glow.count_params() - dequantizer == 151_548
+    assert glow.count_params() == 162_588
     path = str(tmp_path / "spline6.keras")
     glow.save(path)
     loaded = keras.models.load_model(path)

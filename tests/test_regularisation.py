@@ -25,6 +25,9 @@ from helpers import perturb
 
 
 def _glow(dropout, **kwargs):
+    # Uniform dequantization unless asked: these tests compare `evaluate` with
+    # `log_prob`, which variational dequantization's bound is not.
+    kwargs.setdefault("dequantization", "uniform")
     keras.utils.set_random_seed(0)
     return tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
                          hidden_channels=16, num_bins=DIGITS_NUM_BINS, dropout=dropout,
@@ -108,12 +111,33 @@ def test_fit_with_dropout_trains_and_the_rate_is_saved(digits, tmp_path):
                                model.log_prob(digits[:8]).numpy(), rtol=1e-6)
 
 
+def test_the_masks_are_a_function_of_the_step(digits):
+    """Same optimizer step, same masks (a resumed run drops what the
+    uninterrupted run dropped); another step, other masks."""
+    model = _moved(_glow(0.5), digits)
+    model.compile(keras.optimizers.SGD(0.0))
+    losses = [model.train_on_batch(digits[:64], return_dict=True)["loss"] for _ in range(2)]
+    assert abs(losses[0] - losses[1]) > 1e-3
+    model.optimizer.iterations.assign(0)
+    again = model.train_on_batch(digits[:64], return_dict=True)["loss"]
+    assert again == losses[0]
+
+
 @pytest.mark.parametrize("backprop", ["checkpoint", "reversible"])
-def test_dropout_with_recomputing_backprop_is_refused(digits, backprop):
-    model = _glow(0.1, backprop=backprop)
-    model.compile(keras.optimizers.Adam(1e-3))
-    with pytest.raises(ValueError, match="backprop='standard'"):
-        model.fit(digits[:64], batch_size=64, epochs=1, verbose=0)
+def test_recomputing_backprop_drops_the_units_standard_drops(digits, backprop):
+    """`"checkpoint"` and `"reversible"` run the networks again for the
+    gradient; with the step's masks they train to standard backprop's weights."""
+    weights = {}
+    for mode, rate in (("standard", 0.3), (backprop, 0.3), ("standard", 0.0)):
+        model = _moved(_glow(rate, backprop=mode), digits)
+        model.compile(keras.optimizers.SGD(1e-2))
+        model.fit(digits[:96], batch_size=32, epochs=1, shuffle=False, verbose=0)
+        weights[mode, rate] = [v.numpy() for v in model.trainable_variables]
+
+    def worst(a, b):
+        return max(float(np.max(np.abs(u - v))) for u, v in zip(weights[a], weights[b]))
+    assert worst(("standard", 0.3), (backprop, 0.3)) < 1e-5
+    assert worst(("standard", 0.3), ("standard", 0.0)) > 1e-3  # dropout did act
 
 
 @pytest.mark.parametrize("rate, error", [(1.0, ValueError), (-0.1, ValueError),

@@ -203,7 +203,8 @@ def test_keras_file_keeps_the_dequantizer(digits, tmp_path):
 def test_without_a_dequantizer_the_bound_is_log_prob(digits):
     keras.utils.set_random_seed(0)
     model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                          hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+                          hidden_channels=16, num_bins=DIGITS_NUM_BINS,
+                          dequantization="uniform")
     model.initialize(digits[:64])
     model.compile()
     assert model.dequantizer is None
@@ -215,8 +216,8 @@ def test_without_a_dequantizer_the_bound_is_log_prob(digits):
 
 @pytest.mark.parametrize("build, error, match", [
     (lambda: _glow_with(dequantization="learned"), ValueError, "dequantization"),
-    (lambda: _glow_with(dequantizer_kwargs={"num_steps": 2}), ValueError,
-     "needs dequantization='variational'"),
+    (lambda: _glow_with(dequantization="uniform", dequantizer_kwargs={"num_steps": 2}),
+     ValueError, "needs dequantization='variational'"),
     (lambda: _glow_with(dequantization="variational", dequantizer_kwargs={"width": 2}),
      ValueError, "'width' is not an option"),
     (lambda: _glow_with(dequantization="variational",

@@ -9,7 +9,7 @@ from tfp_glow import data
 from tfp_glow import nets
 from tfp_glow import training
 from tfp_glow.flow_model import FlowModel
-from tfp_glow.models import NICE, Glow, RealNVP
+from tfp_glow.models import DEFAULT_DROPOUT, NICE, Glow, RealNVP
 from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.callbacks import SampleGrid
 from tfp_glow.export import export_saved_model, load_exported
@@ -18,6 +18,7 @@ from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_DROPOUT",
     "FlowModel",
     "Glow",
     "NICE",

@@ -28,6 +28,7 @@ import sys
 
 from tfp_glow import recipe
 from tfp_glow.cli_args import COUPLINGS, MODELS, PERMUTATIONS, PROG, build_parser
+from tfp_glow.models import DEFAULT_DROPOUT
 
 __all__ = ["COUPLINGS", "MODELS", "PERMUTATIONS", "PROG", "TrainPlan", "UsageError",
            "build_parser", "check_train_args", "load_run_model", "main"]
@@ -41,7 +42,7 @@ EVAL_BATCH = 256  # the test batch of `train`; any batch gives the same figure
 # "not given", so flags that do not apply to a model can be refused).
 MODEL_DEFAULTS = {
     "glow": dict(levels=2, steps=8, width=64, coupling="affine", permutation="conv_lu",
-                 dropout=0.0, dequantization="uniform"),
+                 dropout=DEFAULT_DROPOUT, dequantization="variational"),
     "realnvp": dict(levels=2, steps=8, width=64),
     "nice": dict(steps=4, width=256),
 }
@@ -132,10 +133,6 @@ def _check_architecture(args, kind):
             "--steps does not apply to --model realnvp on images (each scale has the "
             "paper's fixed checkerboard and channel couplings; use --levels); it sets "
             "the number of couplings on 2-D toy data.")
-    if arch.get("dropout") and args.backprop != "standard":
-        raise UsageError(
-            f"--dropout needs --backprop standard (--backprop {args.backprop} recomputes "
-            f"the networks and would draw other dropout masks).")
     if args.model == "nice" and arch["steps"] < 2:
         raise UsageError(
             f"--steps for --model nice must be >= 2 (NICE alternates which half is "

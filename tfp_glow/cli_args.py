@@ -97,14 +97,14 @@ def _add_train_parser(sub):
                    help="glow only (default conv_lu)")
     p.add_argument("--dropout", type=_rate, default=None,
                    help="glow only: dropout rate in the coupling networks while training "
-                        "(default 0; needs --backprop standard)")
+                        "(default 0.2; 0 turns it off)")
     p.add_argument("--dequantization", choices=DEQUANTIZATIONS, default=None,
-                   help="glow only: uniform (default) or variational (Flow++: a learned "
-                        "q(u|k); bits/dim is then the variational bound, with the "
-                        "uniform figure beside it)")
+                   help="glow only: variational (default; Flow++: a learned q(u|k), "
+                        "bits/dim is the variational bound, with the uniform figure "
+                        "beside it) or uniform (openai/glow's)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional priors (needs a labelled data set)")
-    p.add_argument("--epochs", type=_positive_int, default=40, help="passes over the data")
+    p.add_argument("--epochs", type=_positive_int, default=60, help="passes over the data")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=_nonnegative_int, default=100,

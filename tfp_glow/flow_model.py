@@ -50,16 +50,18 @@ def _flow_dtype(flow, policy, explicit_dtype):
     return tf.float32
 
 
-def _check_dropout_backprop(flow, backprop):
-    """Dropout needs `backprop="standard"`: `"checkpoint"` and `"reversible"`
-    run the networks again for the gradient and would draw other masks."""
-    if backprop != "standard" and any(getattr(layer, "dropout", 0.0)
-                                      for layer in keras_layers_of(flow)):
-        raise ValueError(
-            f"Coupling networks with `dropout` > 0 need backprop='standard'; got "
-            f"backprop={backprop!r} (it recomputes the networks, drawing new dropout "
-            f"masks, so its gradient would not be the loss's). Use dropout=0 or "
-            f"backprop='standard'.")
+def _dropout_seed(optimizer):
+    """The training step's dropout seed: `(optimizer.iterations, replica id)`.
+
+    A function of the step, so a run resumed from a checkpoint (which restores
+    `iterations`) drops the units the uninterrupted run dropped, and the
+    recomputing backprop modes see the forward pass's masks; replicas of a
+    `tf.distribute` strategy draw masks of their own.
+    """
+    replica = tf.distribute.get_replica_context()
+    replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+    return tf.stack([tf.cast(optimizer.iterations, tf.int64),
+                     tf.cast(replica_id, tf.int64)])
 
 
 def _check_dequantizer(dequantizer, event_shape, num_bins):
@@ -308,16 +310,18 @@ class FlowModel(DensityMethods, keras.Model):
     def train_step(self, data):
         x, labels = self._checked_batch(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        _check_dropout_backprop(self.flow, self._backprop)
-        with tf.GradientTape() as tape, nets.dropout_active():  # dropout only here
-            log_prob = self._bound_of(x, labels, self._backprop)
-            loss = -tf.reduce_mean(log_prob)
-            if self.losses:
-                loss = loss + tf.add_n(self.losses)
-            # Gradients are summed over replicas: divide so the step is the
-            # gradient of the global mean NLL.
-            scaled = self.optimizer.scale_loss(loss / replicas)
-        grads = tape.gradient(scaled, self.trainable_variables)
+        # Dropout only here, and for the gradient too: the recomputing backprop
+        # modes run the networks again there, with the same masks.
+        with nets.dropout_active(_dropout_seed(self.optimizer)):
+            with tf.GradientTape() as tape:
+                log_prob = self._bound_of(x, labels, self._backprop)
+                loss = -tf.reduce_mean(log_prob)
+                if self.losses:
+                    loss = loss + tf.add_n(self.losses)
+                # Gradients are summed over replicas: divide so the step is the
+                # gradient of the global mean NLL.
+                scaled = self.optimizer.scale_loss(loss / replicas)
+            grads = tape.gradient(scaled, self.trainable_variables)
         applied = self._guard.apply(self.optimizer, loss, grads, self.trainable_variables)
         logs = self._update_metrics(log_prob, applied=applied)
         logs["nonfinite_steps"] = self._guard.counter.result()
@@ -354,11 +358,21 @@ class FlowModel(DensityMethods, keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):  # see the helper
         super()._maybe_symbolic_build(symbolic_build_iterator(self, iterator), data_batch)
 
-    def compile(self, optimizer="adam", **kwargs):
-        """`compile` with Adam by default; the loss is always `-log p(x)`."""
+    def compile(self, optimizer=None, **kwargs):
+        """`keras.Model.compile`; the loss is always `-log p(x)`.
+
+        With no `optimizer`, `tfp_glow.training.recommended_optimizer()`: Adam
+        with a 100-step linear warmup to 3e-3, then constant (pass
+        `recommended_optimizer(decay_steps=...)` for `tfp-glow train`'s cosine
+        decay once the number of steps is known).
+        """
         if kwargs.get("loss") is not None:
             raise ValueError("FlowModel trains on -log_prob; do not pass `loss`.")
         kwargs.pop("loss", None)
+        if optimizer is None:
+            from tfp_glow.training import recommended_optimizer
+            with self.distribute_strategy.scope():
+                optimizer = recommended_optimizer()
         super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):

@@ -24,11 +24,15 @@ from tfp_glow.variational_dequantization import VariationalDequantizer
 
 tfb = tfp.bijectors
 
-__all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS", "DEQUANTIZATIONS"]
+__all__ = ["Glow", "RealNVP", "NICE", "COUPLINGS", "PERMUTATIONS", "DEQUANTIZATIONS",
+           "DEFAULT_DROPOUT"]
 
 COUPLINGS = ("affine", "additive", "spline", "mol")
 PERMUTATIONS = ("conv_lu", "conv", "reverse", "shuffle")
 DEQUANTIZATIONS = ("uniform", "variational")
+# Glow's default regularisation (`Glow(dropout=None)`), Flow++'s rate; measured
+# on the digits protocol with variational dequantization (BENCHMARKS.md).
+DEFAULT_DROPOUT = 0.2
 
 
 # Each coupling with its own defaults (spline: 8 bins on [-4, 4]; mol: 4 logistics).
@@ -102,7 +106,7 @@ def _dequantizer_kwargs(dequantization, kwargs):
 
 def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
               num_blocks=2, net_dtype=None, dropout=0.0, last_kernel=3,
-              coupling_kwargs=None):
+              coupling_kwargs=None, net_seed=None):
     """A coupling whose network is built by a factory: the coupling sizes it."""
     if len(shape) == 1:
         factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
@@ -111,7 +115,8 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
                                     dtype=net_dtype or dtype)
     else:
         factory = functools.partial(nets.GlowCouplingNet, hidden, dropout=dropout,
-                                    last_kernel=last_kernel, dtype=net_dtype or dtype)
+                                    last_kernel=last_kernel, seed=net_seed,
+                                    dtype=net_dtype or dtype)
     return COUPLING_CLASSES[kind](factory, mask=mask, parity=parity, event_shape=shape,
                                   dtype=dtype, **(coupling_kwargs or {}))
 
@@ -144,22 +149,30 @@ class Glow(FlowModel):
       num_bins: data levels (256 for 8-bit, 17 for the built-in digits).
       seed: seeds the 1x1 conv rotations and shuffles.
       dropout: dropout rate in [0, 1) after each hidden ReLU of the coupling
-        networks, active only in the training step (needs
-        `backprop="standard"`); a regulariser for small data sets.
+        networks, active only in the training step; its masks are a function
+        of the step (`nets.dropout_active`), so every `backprop` mode gives
+        the same gradients and a resumed run the same weights. Default None:
+        `DEFAULT_DROPOUT` (0.2, Flow++'s rate).
       last_kernel: kernel size of each coupling network's zero-initialised
         last conv (3, Glow's; 1 keeps the spline and mol couplings, which
         need many outputs per channel, at a small parameter count).
       coupling_kwargs: the coupling's own options, e.g. `{"num_bins": 6}` for
         `coupling="spline"` (see its class).
-      dequantization: `"uniform"` (train on the data's own noise) or
-        `"variational"` (Flow++: a `VariationalDequantizer` `q(u | k)` trained
-        jointly; `fit` and `evaluate` report the variational bound as
-        `bits_per_dim` and `evaluate` the uniform figure beside it).
+      dequantization: `"variational"` (Flow++: a `VariationalDequantizer`
+        `q(u | k)` trained jointly; `fit` and `evaluate` report the
+        variational bound as `bits_per_dim` and `evaluate` the uniform figure
+        beside it as `uniform_bits_per_dim`) or `"uniform"` (train on the
+        data's own noise, openai/glow's). Default None: `"variational"` for
+        discrete data, `"uniform"` with `num_bins=None`.
       dequantizer_kwargs: `VariationalDequantizer` options
         (`hidden_channels`, `num_steps`).
       **kwargs: `FlowModel` options: `nonfinite="raise"|"skip"` (the NaN/inf
         guard of `fit`), `validate_args`, and `dtype="float32"|"float64"`
         (every bijector and network is built in it).
+
+    The defaults of `dropout` and `dequantization` won the digits protocol
+    (BENCHMARKS.md, "Held-out likelihood by default"); `dropout=0.0,
+    dequantization="uniform"` is the Glow of the paper (and of `tfb.Glow`).
 
     #### Examples
 
@@ -175,11 +188,14 @@ class Glow(FlowModel):
     def __init__(self, image_shape=(32, 32, 3), levels=3, steps_per_level=8,
                  hidden_channels=512, coupling="affine", permutation="conv_lu",
                  learn_top_prior=True, num_classes=None, split_fraction=0.5,
-                 num_bins=256, seed=0, dropout=0.0, last_kernel=3, coupling_kwargs=None,
-                 dequantization="uniform", dequantizer_kwargs=None, **kwargs):
+                 num_bins=256, seed=0, dropout=None, last_kernel=3, coupling_kwargs=None,
+                 dequantization=None, dequantizer_kwargs=None, **kwargs):
         levels = _positive_int(levels, "levels")
+        dropout = DEFAULT_DROPOUT if dropout is None else dropout
         dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
                                 exclusive_maximum=True)
+        if dequantization is None:
+            dequantization = "uniform" if num_bins is None else "variational"
         last_kernel = _positive_int(last_kernel, "last_kernel")
         image_shape = _image_shape(image_shape, levels)
         steps_per_level = _positive_int(steps_per_level, "steps_per_level")
@@ -190,6 +206,10 @@ class Glow(FlowModel):
         if num_classes is not None:
             num_classes = _positive_int(num_classes, "num_classes")
         _choice(dequantization, DEQUANTIZATIONS, "dequantization")
+        if dequantization == "variational" and num_bins is None:
+            raise ValueError("`dequantization='variational'` needs discrete data: pass "
+                             "`num_bins` (the number of levels) or use "
+                             "dequantization='uniform' for continuous data.")
         dequantizer_kwargs = _dequantizer_kwargs(dequantization, dequantizer_kwargs)
         self._config = dict(
             image_shape=image_shape, levels=levels, steps_per_level=steps_per_level,
@@ -221,6 +241,14 @@ class Glow(FlowModel):
     def get_config(self):
         return {**self._base_config(), **self._config}
 
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before these options existed hold neither key: they
+        # are Glows without dropout and with uniform dequantization, not the
+        # defaults of today.
+        config = {"dropout": 0.0, "dequantization": "uniform", **config}
+        return super().from_config(config)
+
 
 def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                     coupling="affine", permutation="conv_lu", learn_top_prior=True,
@@ -241,7 +269,8 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
                       _permutation(permutation, c, step_seed, dtype=dtype),
                       _coupling(coupling, shape, hidden_channels, dtype=dtype,
                                 net_dtype=net_dtype, dropout=dropout,
-                                last_kernel=last_kernel, coupling_kwargs=coupling_kwargs)]
+                                last_kernel=last_kernel, coupling_kwargs=coupling_kwargs,
+                                net_seed=step_seed)]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,

@@ -18,6 +18,7 @@ compute dtype and its output back to the flow's dtype.
 """
 
 import contextlib
+import zlib
 
 import keras
 import tensorflow as tf
@@ -33,18 +34,27 @@ _DROPOUT = ThreadFlag()
 
 
 @contextlib.contextmanager
-def dropout_active():
+def dropout_active(seed=None):
     """Inside the block, networks built with `dropout > 0` drop units.
 
-    `FlowModel.train_step` computes its loss inside this block; everything
-    else (`log_prob`, `sample`, `encode`, `decode`, evaluation, export) runs
-    outside it, so those are deterministic and the flow stays exactly
-    invertible there. The flag is read when a network is called (so when a
-    `tf.function` is traced): a traced training step keeps its dropout.
-    Keras' `training` argument cannot do this job: the networks are called
-    by bijectors inside `train_step`, not by `model(x, training=True)`.
+    `FlowModel.train_step` computes its loss and its gradient inside this
+    block; everything else (`log_prob`, `sample`, `encode`, `decode`,
+    evaluation, export) runs outside it, so those are deterministic and the
+    flow stays exactly invertible there. The flag is read when a network is
+    called (so when a `tf.function` is traced): a traced training step keeps
+    its dropout. Keras' `training` argument cannot do this job: the networks
+    are called by bijectors inside `train_step`, not by `model(x, training=True)`.
+
+    Args:
+      seed: the step's dropout seed, a `[2]` integer tensor. Each network
+        draws its masks statelessly from `(seed, its own seed, which dropout)`,
+        so a network called twice in one step (the recomputation of
+        `backprop="checkpoint"` or `"reversible"`) drops the same units, and a
+        run resumed from a checkpoint draws the masks the uninterrupted run
+        drew. `FlowModel` passes `(optimizer.iterations, replica id)`. None:
+        fresh (stateful) random masks at every call.
     """
-    with _DROPOUT.on():
+    with _DROPOUT.on(True if seed is None else seed):
         yield
 
 
@@ -53,13 +63,22 @@ def is_dropout_active():
     return _DROPOUT.is_on()
 
 
-def _dropout(h, rate):
+def _dropout(h, rate, seed=0, position=0):
     """Inverted dropout, `h * m / (1 - rate)`, `m ~ Bernoulli(1 - rate)`, only
-    inside `dropout_active()`."""
+    inside `dropout_active()`; `seed` (the network's) and `position` (which of
+    its dropouts) key the stateless mask together with the step's seed."""
     if not rate or not is_dropout_active():
         return h
-    keep = tf.random.uniform(tf.shape(h), dtype=tf.float32) >= rate
+    step_seed = _DROPOUT.value
+    if step_seed is True:
+        uniform = tf.random.uniform(tf.shape(h), dtype=tf.float32)
+    else:
+        fold = tf.random.experimental.stateless_fold_in
+        key = fold(fold(tf.cast(step_seed, tf.int64), seed), position)
+        uniform = tf.random.stateless_uniform(tf.shape(h), seed=key, dtype=tf.float32)
+    keep = uniform >= rate
     return h * tf.cast(keep, h.dtype) * tf.cast(1.0 / (1.0 - rate), h.dtype)
+
 
 _PACKAGE = "tfp_glow"
 
@@ -109,17 +128,23 @@ class GlowCouplingNet(layers.Layer):
         -> [dropout] -> ZeroConv2D(out, last_kernel)
 
     `dropout` (a rate in [0, 1)) drops hidden units only while a training step
-    runs (`dropout_active()`), a regulariser for small data sets.
+    runs (`dropout_active()`), a regulariser for small data sets; `seed` (an
+    int, saved in the config) keys this network's masks. Default None: a
+    CRC-32 of the layer's name (the `Glow` builder passes one per flow step,
+    so a rebuilt model drops the same units).
     `last_kernel` is the zero-initialised output conv's kernel size (Glow's 3;
     1 keeps a coupling with many outputs per channel, such as a spline, small).
     """
 
-    def __init__(self, hidden_channels, out_channels, dropout=0.0, last_kernel=3, **kwargs):
+    def __init__(self, hidden_channels, out_channels, dropout=0.0, last_kernel=3, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
         self.dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
                                      exclusive_maximum=True)
+        self.seed = zlib.crc32(self.name.encode()) if seed is None else \
+            checks.positive_int(seed, "seed", minimum=0)
         self.last_kernel = checks.positive_int(last_kernel, "last_kernel")
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
@@ -135,8 +160,8 @@ class GlowCouplingNet(layers.Layer):
         self.conv_out.build(hidden_shape)
 
     def call(self, x):
-        h = _dropout(self.conv_in(x), self.dropout)
-        return self.conv_out(_dropout(self.conv_mid(h), self.dropout))
+        h = _dropout(self.conv_in(x), self.dropout, self.seed, 0)
+        return self.conv_out(_dropout(self.conv_mid(h), self.dropout, self.seed, 1))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.out_channels,)
@@ -144,7 +169,7 @@ class GlowCouplingNet(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "hidden_channels": self.hidden_channels,
                 "out_channels": self.out_channels, "dropout": self.dropout,
-                "last_kernel": self.last_kernel}
+                "last_kernel": self.last_kernel, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

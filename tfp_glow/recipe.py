@@ -17,7 +17,7 @@ model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
                       hidden_channels=64, num_bins=data.DIGITS_NUM_BINS)
 result = recipe.train(
     model, data.digits_dataset("train", 64), data.digits_dataset("test", 256, shuffle=False),
-    run_dir="runs/my-digits", epochs=40, learning_rate=3e-3, warmup_steps=100)
+    run_dir="runs/my-digits", epochs=60, learning_rate=3e-3, warmup_steps=100)
 result.metrics["test_bits_per_dim"]         # also in runs/my-digits/metrics.json
 model, config = recipe.load_run("runs/my-digits")
 ```
@@ -251,7 +251,7 @@ def _callbacks(model, paths, sample_every, seed):
     return callbacks
 
 
-def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
+def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
           warmup_steps=100, lr_decay="cosine", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
           extra_metrics=None, weight_decay=0.0):
@@ -301,8 +301,7 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
     Returns:
       A `TrainResult` (metrics, history, paths, export_path, resumed).
     """
-    import keras
-    from tfp_glow.training import WarmupSchedule, adamw
+    from tfp_glow.training import recommended_optimizer
     _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
                       steps_per_epoch, sample_every, verbose, weight_decay)
     paths = run_paths(run_dir)
@@ -317,12 +316,9 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=40, learning_rate=3e-3,
     if lr_decay == "cosine" and per_epoch is not None:
         decay_steps = max(per_epoch * epochs - warmup_steps, 1)
     with model.distribute_strategy.scope():
-        schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
-                                  decay_steps=decay_steps)
-        if weight_decay:
-            optimizer = adamw(model, schedule, weight_decay, global_clipnorm=clipnorm)
-        else:
-            optimizer = keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
+        optimizer = recommended_optimizer(
+            decay_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, model=model, global_clipnorm=clipnorm)
         model.compile(optimizer, jit_compile=jit_compile)
     if config is None:
         config = dict(epochs=epochs, learning_rate=learning_rate, warmup_steps=warmup_steps,

@@ -11,6 +11,8 @@ ActNorm and the coupling scales have settled.
   cosine decay, against the second.
 * `adamw`: AdamW whose weight decay reaches the networks only (a regulariser
   for small data sets).
+* `recommended_optimizer`: what `FlowModel.compile()` uses with no optimizer,
+  and `tfp-glow train` with its cosine decay: Adam, 100-step warmup to 3e-3.
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 `global_clipnorm=`, and `FlowModel` applies it like any other optimizer.
@@ -38,7 +40,12 @@ __all__ = [
     "apply_if",
     "check_nonfinite_mode",
     "nonfinite_error_message",
+    "recommended_optimizer",
 ]
+
+# The recommended schedule (`recommended_optimizer`, `tfp-glow train`).
+RECOMMENDED_LEARNING_RATE = 3e-3
+RECOMMENDED_WARMUP_STEPS = 100
 
 
 # ----------------------------------------------------------------- warmup
@@ -154,3 +161,31 @@ def adamw(model, learning_rate, weight_decay, **kwargs):
         var_list=[v for v in model.trainable_variables if id(v) not in decayed])
     return optimizer
 
+
+
+# ----------------------------------------------------------------- recommended
+def recommended_optimizer(decay_steps=None, learning_rate=RECOMMENDED_LEARNING_RATE,
+                          warmup_steps=RECOMMENDED_WARMUP_STEPS, weight_decay=0.0,
+                          model=None, **kwargs):
+    """Adam with `WarmupSchedule(learning_rate, warmup_steps, decay_steps)`.
+
+    `FlowModel.compile()` with no optimizer uses `recommended_optimizer()`: a
+    linear warmup over 100 steps to 3e-3, then constant (the length of the
+    training is not known when compiling). Pass `decay_steps` (training steps
+    after the warmup) for the cosine decay to 0 that `tfp-glow train` and
+    `tfp_glow.recipe.train` use:
+
+        steps = epochs * batches_per_epoch
+        model.compile(recommended_optimizer(decay_steps=steps - 100))
+
+    With `weight_decay` > 0 it is `adamw(model, ...)` (needs `model`).
+    `kwargs` go to the Keras optimizer (`global_clipnorm`, `use_ema`, ...).
+    """
+    schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
+                              decay_steps=decay_steps)
+    if weight_decay:
+        if model is None:
+            raise ValueError("`recommended_optimizer(weight_decay=...)` needs `model` "
+                             "(only its networks' weights are decayed).")
+        return adamw(model, schedule, weight_decay, **kwargs)
+    return keras.optimizers.Adam(schedule, **kwargs)

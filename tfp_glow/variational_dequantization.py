@@ -47,6 +47,7 @@ import tensorflow as tf
 from keras import layers
 
 from tfp_glow import checks
+from tfp_glow._checkpoint_tracking import ListedSublayers
 from tfp_glow.dequantization import EDGE_MARGIN
 from tfp_glow.nets import ZeroConv2D
 
@@ -65,7 +66,7 @@ def _checkerboard(shape, parity, dtype):
 
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
-class VariationalDequantizer(layers.Layer):
+class VariationalDequantizer(ListedSublayers, layers.Layer):
     """The noise distribution `q(u | k)` of variational dequantization (module docstring).
 
     Args:
@@ -79,7 +80,9 @@ class VariationalDequantizer(layers.Layer):
     `u ~ q(u | k)`, `x_q = (k + u) / B - 0.5`, and `log q(u | k)` per example.
     """
 
-    def __init__(self, event_shape, num_bins, hidden_channels=16, num_steps=4, **kwargs):
+    LISTED_SUBLAYERS = ("context", "step_nets")
+
+    def __init__(self, event_shape, num_bins, hidden_channels=16, num_steps=3, **kwargs):
         super().__init__(**kwargs)
         shape = checks.shape(event_shape, "event_shape")
         if len(shape) != 3:

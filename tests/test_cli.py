@@ -271,6 +271,8 @@ def test_recipe_train_is_the_command_without_flags(tmp_path):
     (dict(steps_per_epoch=0), ValueError, r"`steps_per_epoch` must be an int >= 1"),
     (dict(sample_every=-1), ValueError, r"`sample_every` must be an int >= 0"),
     (dict(verbose=3), ValueError, r"`verbose` must be one of \(0, 1, 2\)"),
+    (dict(ema_momentum=1.0), ValueError, r"`ema_momentum` must be a number in \(0, 1\)"),
+    (dict(ema_momentum="0.9"), TypeError, r"`ema_momentum` must be a number"),
 ])
 def test_recipe_train_checks_its_arguments_before_writing(kwargs, error, message, tmp_path):
     with pytest.raises(error, match=message):
@@ -302,6 +304,8 @@ BAD_ARGUMENTS = [
     (["train", "--dropout", "-0.1"], "--dropout"),
     (["train", "--dequantization", "learned"], "--dequantization"),
     (["train", "--weight-decay", "-1"], "--weight-decay"),
+    (["train", "--ema", "1"], "--ema"),
+    (["train", "--ema", "0"], "--ema"),
     # train: combinations (check_train_args)
     (["train", "--model", "nice", "--dropout", "0.1"], "--dropout"),
     (["train", "--model", "realnvp", "--dequantization", "variational"], "--dequantization"),
@@ -385,6 +389,21 @@ def test_backprop_flag_reaches_the_model_config(model):
     assert built.get_config()["backprop"] == "reversible"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--backprop", "fast"])
+
+
+def test_ema_flag_reaches_the_recipe(monkeypatch, tmp_path):
+    """`--ema 0.99` is `recipe.train(ema_momentum=0.99)`; left out, None."""
+    from tfp_glow import cli
+    seen = []
+
+    def fake_train(model, *args, **kwargs):
+        seen.append(kwargs["ema_momentum"])
+        raise SystemExit(0)  # stop before any training
+    monkeypatch.setattr(cli.recipe, "train", fake_train)
+    for flags in ([], ["--ema", "0.99"]):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--output", str(tmp_path / "run"), *flags])
+    assert seen == [None, 0.99]
 
 
 def test_dropout_flag_builds_glow_with_that_rate():

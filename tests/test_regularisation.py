@@ -184,6 +184,42 @@ def test_recipe_trains_with_adamw_when_asked(digits, tmp_path):
         assert json.load(f)["weight_decay"] == 0.05
 
 
+def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_path):
+    """`recipe.train(ema_momentum=m)` (`tfp-glow train --ema m`): the
+    test figure, `model.keras` and the export come from the averaged weights."""
+    import json
+    model = _glow(0.2)
+    ds = tf.data.Dataset.from_tensor_slices(digits).batch(32)
+    raw = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: raw.append(
+        [v.numpy().copy() for v in model.trainable_variables]))
+    run = str(tmp_path / "run")
+    with pytest.MonkeyPatch.context() as patch:  # the recipe's own callbacks plus ours
+        original = recipe._callbacks
+        patch.setattr(recipe, "_callbacks", lambda *a: original(*a) + [record])
+        result = recipe.train(model, ds, ds, run_dir=run, epochs=2, warmup_steps=0,
+                              ema_momentum=0.9, sample_every=0, verbose=0)
+    assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9
+    assert len(raw) == 8
+    average = raw[0]  # Keras' rule: the first step copies the weights
+    for weights in raw[1:]:
+        average = [0.9 * a + 0.1 * w for a, w in zip(average, weights)]
+    final = [v.numpy() for v in model.trainable_variables]
+    assert max(float(np.max(np.abs(f - a))) for f, a in zip(final, average)) < 1e-5
+    assert max(float(np.max(np.abs(f - w))) for f, w in zip(final, raw[-1])) > 1e-3
+    assert result.metrics["test_bits_per_dim"] == pytest.approx(
+        float(model.evaluate(ds, verbose=0, return_dict=True)["bits_per_dim"]), abs=1e-6)
+    loaded = keras.models.load_model(result.paths["model"])
+    np.testing.assert_allclose(loaded.log_prob(digits[:8]).numpy(),
+                               model.log_prob(digits[:8]).numpy(), rtol=1e-6)
+    served = tf.saved_model.load(result.export_path)
+    np.testing.assert_allclose(served.signatures["log_prob"](x=tf.constant(digits[:8]))
+                               ["log_prob"].numpy(), model.log_prob(digits[:8]).numpy(),
+                               rtol=1e-5, atol=1e-4)
+    with open(recipe.run_paths(run)["config"]) as f:
+        assert json.load(f)["ema_momentum"] == 0.9
+
+
 @pytest.mark.parametrize("value, error", [(-0.1, ValueError), ("0.1", TypeError)])
 def test_bad_weight_decay_names_the_argument(digits, value, error):
     with pytest.raises(error, match="`weight_decay`"):

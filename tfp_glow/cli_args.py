@@ -36,6 +36,7 @@ _positive_float = _number_type(
 _nonnegative_float = _number_type(
     float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 _rate = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_momentum = _number_type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def _n_bits(text):
@@ -117,6 +118,11 @@ def _add_train_parser(sub):
     p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
                    help="AdamW's decoupled weight decay of the networks' weights (0: Adam; "
                         "ActNorm, 1x1 conv and prior parameters are never decayed)")
+    p.add_argument("--ema", type=_momentum, default=None, metavar="MOMENTUM",
+                   help="Polyak averaging: keep an exponential moving average of the "
+                        "weights with this momentum (e.g. 0.99); the model is left with "
+                        "the average for the test figure, samples, model.keras and the "
+                        "export (off by default)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap the batches per epoch (smoke runs)")
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),

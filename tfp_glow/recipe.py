@@ -219,9 +219,11 @@ def evaluate(model, ds):
 
 
 def _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
-                      steps_per_epoch, sample_every, verbose, weight_decay):
+                      steps_per_epoch, sample_every, verbose, weight_decay, ema_momentum):
     checks.positive_int(epochs, "epochs")
     checks.number(weight_decay, "weight_decay", minimum=0)
+    checks.number(ema_momentum, "ema_momentum", minimum=0, maximum=1,
+                  exclusive_minimum=True, exclusive_maximum=True, allow_none=True)
     checks.number(learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
     checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
     checks.choice(lr_decay, LR_DECAYS, "lr_decay")
@@ -254,7 +256,7 @@ def _callbacks(model, paths, sample_every, seed):
 def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
           warmup_steps=100, lr_decay="cosine", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
-          extra_metrics=None, weight_decay=0.0):
+          extra_metrics=None, weight_decay=0.0, ema_momentum=None):
     """Trains `model` on `train_ds` and writes the run directory `run_dir`.
 
     The recipe: Adam with `WarmupSchedule(learning_rate, warmup_steps,
@@ -263,7 +265,11 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     ``decay_steps = epochs * batches_per_epoch - warmup_steps``, or a
     constant rate (``"none"``); optional global-norm clipping; with
     `weight_decay` > 0 AdamW decaying the networks' weights only
-    (`tfp_glow.training.adamw`); Keras `fit`
+    (`tfp_glow.training.adamw`); with `ema_momentum` Polyak averaging (Keras'
+    `use_ema`: the optimizer keeps `avg <- m avg + (1 - m) w`, saved with its
+    state in the backup, and `fit` ends by copying the average into the
+    weights, so the test figure, samples, `model.keras` and the export use
+    it; the per-epoch validation and `best.weights.h5` see the raw weights); Keras `fit`
     on ``-log p(x)`` with `test_ds` as validation data, checkpoints
     (last and best `val_bits_per_dim`), BackupAndRestore (call again with the
     same `run_dir` after an interruption and it resumes from the last
@@ -285,6 +291,8 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
       learning_rate, warmup_steps, lr_decay, clipnorm: the schedule above.
       weight_decay: AdamW's decoupled weight decay of the network weights
         (0: plain Adam).
+      ema_momentum: momentum in (0, 1) of the weights' moving average
+        (None: off).
       steps_per_epoch: cap on the batches per epoch (`train_ds` is then
         repeated so that a capped epoch never exhausts it).
       jit_compile: compile the train step with XLA.
@@ -303,7 +311,7 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     """
     from tfp_glow.training import recommended_optimizer
     _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
-                      steps_per_epoch, sample_every, verbose, weight_decay)
+                      steps_per_epoch, sample_every, verbose, weight_decay, ema_momentum)
     paths = run_paths(run_dir)
     os.makedirs(paths["checkpoints"], exist_ok=True)
     batches = _num_batches(train_ds)
@@ -318,11 +326,13 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     with model.distribute_strategy.scope():
         optimizer = recommended_optimizer(
             decay_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, model=model, global_clipnorm=clipnorm)
+            weight_decay=weight_decay, model=model, global_clipnorm=clipnorm,
+            **({} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)))
         model.compile(optimizer, jit_compile=jit_compile)
     if config is None:
         config = dict(epochs=epochs, learning_rate=learning_rate, warmup_steps=warmup_steps,
                       lr_decay=lr_decay, clipnorm=clipnorm, weight_decay=weight_decay,
+                      ema_momentum=ema_momentum,
                       steps_per_epoch=steps_per_epoch,
                       jit_compile=jit_compile, seed=seed, sample_every=sample_every)
     num_parameters = int(model.count_params())

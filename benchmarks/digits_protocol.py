@@ -14,20 +14,35 @@ The train step time is the wall time between Keras' `on_train_batch_begin`
 and `on_train_batch_end` (one compiled `train_step`), averaged over every
 step after the first epoch (which traces).
 
-Presets (`--preset`): `anchor` is the anchors' optimizer (Adam 1e-3,
-constant); `cli` is `tfp-glow train`'s default (Adam, peak 3e-3, 100-step
-linear warmup, cosine decay to 0 at the last step). Every feature has its
-own switch. The library's `tfp_glow.Glow` (the default builder) takes one
-coupling, last kernel and width for every level; `--builder bench` builds the
-same Glow from the public bijectors (`digits_variants.py`), also with a
-choice per level (and is what the earlier `spl6_*`, `mol5_*`, `mix_*` and
-`do2_*` runs used).
+With no arguments it trains the library's default model, `tfp_glow.Glow`
+with its defaults (dropout 0.2, variational dequantization; 163,468
+parameters) compiled by `model.compile()` with no optimizer
+(`recommended_optimizer()`: Adam, 100-step warmup to 3e-3, then constant, and
+Polyak averaging with momentum 0.99, whose average is what is evaluated), for
+init seeds 0 and 1, and prints both beside the protocol's anchors:
 
-    nice -n 10 python benchmarks/digits_protocol.py --preset cli --seed 0 \\
-        --out benchmarks/results/digits/cli_s0.json
+    python benchmarks/digits_protocol.py \\
+        --out benchmarks/results/digits_protocol/default_s{seed}.json
+
+Presets (`--preset`): `default` is that (and `tfp-glow train`'s schedule);
+`anchor` is the anchors' optimizer (Adam 1e-3, constant, no averaging);
+`cosine` is the default with a cosine decay to 0 at the last step. Every
+feature has its own switch, for the ablations (`digits_ablation.py`):
+`--ema 0`, `--dropout 0`, `--dequantization uniform`, `--weight-decay`,
+`--coupling spline|mol`; `--dropout 0 --dequantization uniform --ema 0` is
+the Glow of the paper with the default schedule. With variational
+dequantization the test figure is the variational bound (its noise read off
+the protocol's own draws) and `test_bpd_uniform` the same model's figure on
+the uniform draws.
+
+The library's `tfp_glow.Glow` (the default builder) takes one coupling, last
+kernel and width for every level; `--builder bench` builds the same Glow from
+the public bijectors (`digits_variants.py`), also with a choice per level (and
+is what the earlier `spl6_*`, `mol5_*`, `mix_*` and `do2_*` runs used).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,8 +55,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits_stream as stream  # noqa: E402
 
 PRESETS = {
-    "anchor": dict(lr=1e-3, warmup_steps=0, lr_decay="none"),
-    "cli": dict(lr=3e-3, warmup_steps=100, lr_decay="cosine"),
+    "anchor": dict(lr=1e-3, warmup_steps=0, lr_decay="none", ema=0.0),
+    # `recommended_optimizer(decay_steps=...)`: cosine decay to 0 at the last step
+    # (the `cli` preset of the runs before 2026-12-06 is this with --ema 0).
+    "cosine": dict(lr=3e-3, warmup_steps=100, lr_decay="cosine", ema=0.99),
+    # `model.compile()` with no optimizer, and `tfp-glow train`:
+    # `recommended_optimizer()`.
+    "default": dict(lr=3e-3, warmup_steps=100, lr_decay="none", ema=0.99),
+}
+# The protocol's anchors (digits-protocol.md, split seed 0, init seeds 0 / 1):
+# test bits/dim after 100 epochs, best on the curve, train step.
+ANCHORS = {
+    "TFP 0.25 tfb.Glow (Adam 1e-3)": dict(params=151_532, end=(2.612, 2.686),
+                                          best=(2.474, 2.548), step="81-84 ms"),
+    "normflows 1.7.3 Glow (Adam 1e-3)": dict(params=152_320, end=(2.275, 2.329),
+                                             best=(2.243, 2.286), step="51-60 ms"),
 }
 TARGET_PARAMS = 150_000
 
@@ -58,19 +86,22 @@ def _per_level(kind, allowed=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    p.add_argument("--seed", type=int, nargs="+", default=[0, 1],
+                   help="model initialisation seeds, one run each (default: 0 1)")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cli",
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="optimizer defaults; --lr/--warmup-steps/--lr-decay override")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--lr-decay", choices=("cosine", "none"), default=None)
     p.add_argument("--decay-alpha", type=float, default=0.0,
                    help="cosine decay ends at alpha * lr")
-    p.add_argument("--ema", type=float, default=0.0,
-                   help="EMA momentum of the weights used for evaluation (0 = off)")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout rate in the coupling networks (0 = off)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="Polyak averaging: momentum of the weights' moving average, "
+                        "used for evaluation (0 = off; default: the preset's)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate in the coupling networks (0 = off; default: "
+                        "tfp_glow.Glow's, 0.2)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay on the coupling networks (0 = off)")
     p.add_argument("--coupling", type=_per_level(str, ("affine", "spline", "mol")),
@@ -83,21 +114,29 @@ def parse_args(argv=None):
                    help="kernel of the zero-initialised last conv of each coupling net "
                         "(or one per level: 1,3)")
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--dequantization", choices=("uniform", "variational"), default="uniform",
-                   help="variational: Glow(dequantization='variational'); test bits/dim is "
-                        "then the variational bound, with the uniform figure beside it")
-    p.add_argument("--deq-width", type=int, default=16,
-                   help="hidden channels of the variational dequantizer")
-    p.add_argument("--deq-steps", type=int, default=3,
-                   help="coupling steps of the variational dequantizer")
+    p.add_argument("--dequantization", choices=("uniform", "variational"), default=None,
+                   help="default: tfp_glow.Glow's, variational; test bits/dim is then the "
+                        "variational bound, with the uniform figure beside it")
+    p.add_argument("--deq-width", type=int, default=None,
+                   help="hidden channels of the variational dequantizer (default: the "
+                        "library's, 16)")
+    p.add_argument("--deq-steps", type=int, default=None,
+                   help="coupling steps of the variational dequantizer (default: the "
+                        "library's, 3)")
     p.add_argument("--builder", choices=("library", "bench"), default=None,
                    help="library: tfp_glow.Glow; bench: digits_variants.build_glow "
                         "(default: library unless a feature needs bench)")
     p.add_argument("--jit", action="store_true", help="compile the train step with XLA")
     p.add_argument("--check-builder", action="store_true",
                    help="only check that --builder bench reproduces tfp_glow.Glow")
-    p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--out", default=None,
+                   help="JSON output path; with several seeds it must contain {seed}")
     args = p.parse_args(argv)
+    if args.out and len(args.seed) > 1 and "{seed}" not in args.out:
+        p.error(f"--out must contain {{seed}} with several seeds (--seed {args.seed})")
+    # The library's defaults, exactly: `model.compile()` with no optimizer.
+    args.compile_default = args.preset == "default" and all(
+        getattr(args, key) is None for key in PRESETS["default"]) and not args.weight_decay
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -110,9 +149,17 @@ def parse_args(argv=None):
         args.builder = "bench" if needs_bench else "library"
     if args.builder == "library" and needs_bench:
         p.error("per-level --coupling/--last-kernel need --builder bench")
-    if args.builder == "bench" and args.dequantization != "uniform":
-        p.error("--dequantization variational needs --builder library")
+    if args.builder == "bench":  # digits_variants: no library defaults to inherit
+        if args.dequantization == "variational":
+            p.error("--dequantization variational needs --builder library")
+        args.dequantization = "uniform"
+        args.dropout = args.dropout or 0.0
     return args
+
+
+def _dequantizer_kwargs(args):
+    given = {"hidden_channels": args.deq_width, "num_steps": args.deq_steps}
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def build(args):
@@ -130,9 +177,7 @@ def build(args):
                               seed=args.seed, coupling=args.coupling,
                               coupling_kwargs=options, last_kernel=args.last_kernel,
                               dropout=args.dropout, dequantization=args.dequantization,
-                              dequantizer_kwargs=None if args.dequantization == "uniform"
-                              else {"hidden_channels": args.deq_width,
-                                    "num_steps": args.deq_steps})
+                              dequantizer_kwargs=_dequantizer_kwargs(args))
         return model, None
     return variants.build_model(
         num_bins=stream.NUM_BINS, coupling=args.coupling, width=args.width, seed=args.seed,
@@ -142,37 +187,30 @@ def build(args):
 
 
 def make_optimizer(args, model, total_steps):
+    """The run's optimizer; None for the library's `model.compile()` default."""
     import keras
-    from tfp_glow.training import WarmupSchedule
+    from tfp_glow.training import WarmupSchedule, recommended_optimizer
     import digits_variants as variants
+    if args.compile_default and args.builder == "library":
+        return None  # `model.compile()` picks `recommended_optimizer()`
     decay_steps = None
     if args.lr_decay == "cosine":
         decay_steps = max(total_steps - args.warmup_steps, 1)
-    lr = args.lr
-    if args.warmup_steps or decay_steps:
-        lr = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps,
-                            decay_steps=decay_steps, alpha=args.decay_alpha)
-    if args.weight_decay and not args.ema and args.builder == "library":
-        # The library's option: AdamW decaying every network, no bijector parameter.
-        from tfp_glow.training import adamw
-        return adamw(model, lr, args.weight_decay)
+    if args.builder == "library" and not args.decay_alpha:
+        return recommended_optimizer(decay_steps, learning_rate=args.lr,
+                                     warmup_steps=args.warmup_steps,
+                                     ema_momentum=args.ema or None,
+                                     weight_decay=args.weight_decay, model=model)
+    lr = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps, decay_steps=decay_steps,
+                        alpha=args.decay_alpha)
     ema = dict(use_ema=True, ema_momentum=args.ema) if args.ema else {}
-    cls = keras.optimizers.AdamW if args.weight_decay else keras.optimizers.Adam
-    if args.ema:
-        # Keras' `fit` ends by `finalize_variable_values`, which overwrites the
-        # weights with their EMA: with one `fit` per epoch that would restart
-        # training from the average every epoch. Evaluation swaps the EMA in
-        # itself (`EMASwap`), so the raw weights keep training.
-        cls = type(cls.__name__ + "KeepRawWeights", (cls,),
-                   {"finalize_variable_values": lambda self, var_list: None})
     if args.weight_decay:
-        opt = cls(lr, weight_decay=args.weight_decay, **ema)
+        opt = keras.optimizers.AdamW(lr, weight_decay=args.weight_decay, **ema)
         decayed = {id(v) for v in variants.coupling_net_variables(model)}
         opt.exclude_from_weight_decay(
             var_list=[v for v in model.trainable_variables if id(v) not in decayed])
-    else:
-        opt = cls(lr, **ema)
-    return opt
+        return opt
+    return keras.optimizers.Adam(lr, **ema)
 
 
 class StepTimer:
@@ -211,7 +249,8 @@ def check_builder(args):
     out, weights = {}, {}
     for builder in ("library", "bench"):
         a = argparse.Namespace(**{**vars(args), "builder": builder, "coupling": "affine",
-                                  "dropout": 0.0, "last_kernel": 3, "width": 64})
+                                  "dropout": 0.0, "dequantization": "uniform",
+                                  "last_kernel": 3, "width": 64})
         model, _ = build(a)
         model.initialize(x0)
         import digits_variants as variants
@@ -233,6 +272,7 @@ def check_builder(args):
 
 def run(args, partial_path=None):
     """Trains and evaluates; writes the result so far to `partial_path` at each curve point."""
+    import keras
     import tensorflow as tf
     import tfp_glow
     import digits_variants as variants
@@ -246,16 +286,19 @@ def run(args, partial_path=None):
 
     model, switch = build(args)
     params = variants.count_params(model)
+    # What the library's defaults resolved to (dropout, dequantization, ...).
+    model_config = json.loads(json.dumps(model.get_config(), default=str)) \
+        if args.builder == "library" else None
     if abs(params - TARGET_PARAMS) > 0.1 * TARGET_PARAMS:
         raise SystemExit(f"{params} trainable parameters: outside 150k +-10%")
     model.initialize(x_init)
     total_steps = stream.STEPS_PER_EPOCH * args.epochs
-    opt = make_optimizer(args, model, total_steps)
-    model.compile(opt, jit_compile=args.jit)
+    model.compile(make_optimizer(args, model, total_steps), jit_compile=args.jit)
+    opt = model.optimizer
 
     # With variational dequantization the reported figure is the bound
     # `log p(x_q) - log q(u | k)`, its noise read off the protocol's own draws.
-    variational = args.dequantization == "variational"
+    variational = getattr(model, "dequantizer", None) is not None
     log_prob = tf.function(lambda x: model.variational_log_prob(x) if variational
                            else model.log_prob(x))
     uniform_log_prob = tf.function(lambda x: model.log_prob(x))
@@ -269,11 +312,17 @@ def run(args, partial_path=None):
     def train_bpd():
         return stream.bits_per_dim(float(-tf.reduce_mean(log_prob(x_train_eval))))
 
-    def evaluate():
-        raw, _ = test_bpd()
+    def evaluate(epoch):
+        """The curve point: the averaged weights' figures (the raw ones beside)."""
+        point = {"epoch": epoch}
+        raw = test_bpd()[0]
         with variants.EMASwap(opt):
-            bpd, draws = test_bpd()
-        return bpd, draws, raw
+            point["test_bpd"], draws = test_bpd()
+            if variational:
+                point["test_bpd_uniform"] = test_bpd(uniform_log_prob)[0]
+        if args.ema:
+            point["test_bpd_raw_weights"] = raw
+        return point, draws
 
     timer = StepTimer()
     curve, fit_bpd, draws = [], [], None
@@ -290,8 +339,9 @@ def run(args, partial_path=None):
             "seed": args.seed, "epochs": args.epochs, "steps": len(timer.times),
             "complete": complete,
             "config": {k: v for k, v in vars(args).items() if k not in ("out", "check_builder")},
-            "training": "FlowModel.fit, one call per epoch on that epoch's 23 batches in order",
+            "training": "one FlowModel.fit call, 23 batches per epoch in the stream's order",
             "params": params,
+            "model_config": model_config,
             "library": {"file": tfp_glow.__file__,
                         "snapshot": os.environ.get("DIGITS_LIBRARY_SNAPSHOT")},
             "test_bpd": curve[-1]["test_bpd"],
@@ -314,30 +364,31 @@ def run(args, partial_path=None):
             result["test_bpd_uniform"] = curve[-1]["test_bpd_uniform"]
         return result
 
-    for epoch in range(args.epochs):
-        x_epoch = stream.epoch_batches(train, epoch)
-        if switch is not None and args.dropout:
-            with switch.on():
-                hist = model.fit(x_epoch, batch_size=stream.BATCH, shuffle=False, epochs=1,
-                                 verbose=0, callbacks=[timer])
-        else:
-            hist = model.fit(x_epoch, batch_size=stream.BATCH, shuffle=False, epochs=1,
-                             verbose=0, callbacks=[timer])
-        fit_bpd.append(float(hist.history["bits_per_dim"][-1]))
-        if epoch + 1 in curve_epochs:
-            bpd, draws, raw = evaluate()
-            point = {"epoch": epoch + 1, "test_bpd": bpd}
-            if variational:
-                point["test_bpd_uniform"] = test_bpd(uniform_log_prob)[0]
-            if args.ema:
-                point["test_bpd_raw_weights"] = raw
+    class Curve(keras.callbacks.Callback):
+        """Test bits/dim at the curve's epochs, inside the one `fit` call."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal draws
+            fit_bpd.append(float(logs["bits_per_dim"]))
+            if epoch + 1 not in curve_epochs:
+                return
+            point, draws = evaluate(epoch + 1)
             curve.append(point)
-            print(f"epoch {epoch + 1}: test {bpd:.4f}"
-                  + (f" (raw {raw:.4f})" if args.ema else "")
+            print(f"epoch {epoch + 1}: test {point['test_bpd']:.4f}"
+                  + (f" (raw {point['test_bpd_raw_weights']:.4f})" if args.ema else "")
                   + (f" (uniform {point['test_bpd_uniform']:.4f})" if variational else "")
                   + f" fit-train {fit_bpd[-1]:.4f}", flush=True)
             if partial_path and epoch + 1 < args.epochs:
                 _write(partial_path, summary(None, complete=False))
+
+    # One `fit` over the protocol's stream, epoch after epoch, as a user calls
+    # it (Keras' Polyak averaging copies the average into the weights when
+    # `fit` ends, so a `fit` per epoch would restart each epoch from it).
+    stream_x = np.concatenate([stream.epoch_batches(train, e) for e in range(args.epochs)])
+    batches = tf.data.Dataset.from_tensor_slices(stream_x.astype(np.float32)).batch(stream.BATCH)
+    with switch.on() if switch is not None and args.dropout else contextlib.nullcontext():
+        model.fit(batches, epochs=args.epochs, steps_per_epoch=stream.STEPS_PER_EPOCH,
+                  shuffle=False, verbose=0, callbacks=[timer, Curve()])
     with variants.EMASwap(opt):
         train_final = train_bpd()
     if partial_path and os.path.exists(partial_path):
@@ -351,19 +402,53 @@ def _write(path, result):
         f.write(json.dumps(result, indent=1) + "\n")
 
 
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def print_summary(results):
+    """Ours beside the protocol's anchors: end and best test bits/dim per seed."""
+    seeds = [r["seed"] for r in results]
+    print(f"\nDigits protocol, split seed {results[0]['split_seed']}, "
+          f"{results[0]['epochs']} epochs; init seeds {' / '.join(map(str, seeds))}")
+    print("| model | params | test bpd at the end | mean | best on the curve | mean "
+          "| train step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, anchor in ANCHORS.items():
+        print(f"| {name} (protocol anchor) | {anchor['params']:,} | "
+              f"{' / '.join(f'{v:.3f}' for v in anchor['end'])} | {_mean(anchor['end']):.3f} "
+              f"| {' / '.join(f'{v:.3f}' for v in anchor['best'])} "
+              f"| {_mean(anchor['best']):.3f} | {anchor['step']} |")
+    end = [r["test_bpd"] for r in results]
+    best = [r["best_test_bpd"] for r in results]
+    # (1-epoch runs have no step time: the first epoch traces.)
+    steps = " / ".join("-" if r["train_step_ms_mean"] is None
+                       else f"{r['train_step_ms_mean']:.0f}" for r in results)
+    ends = " / ".join(f"{v:.3f}" for v in end)
+    bests = " / ".join(f"{v:.3f} ({r['best_epoch']})" for v, r in zip(best, results))
+    print(f"| tfp_glow ({results[0]['config']['preset']} preset) | {results[0]['params']:,} "
+          f"| {ends} | {_mean(end):.3f} | {bests} | {_mean(best):.3f} | {steps} ms |")
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
     if args.check_builder:
-        check_builder(args)
+        check_builder(argparse.Namespace(**{**vars(args), "seed": args.seed[0]}))
         return
-    partial = None if not args.out else os.path.splitext(args.out)[0] + ".partial.json"
-    result = run(args, partial)
-    if args.out:
-        _write(args.out, result)
-    print(json.dumps({k: result[k] for k in (
-        "params", "test_bpd", "best_test_bpd", "best_epoch", "train_bpd",
-        "train_step_ms_mean", "wall_s")}))
+    results = []
+    for seed in args.seed:
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        out = args.out.format(seed=seed) if args.out else None
+        partial = None if not out else os.path.splitext(out)[0] + ".partial.json"
+        result = run(one, partial)
+        if out:
+            _write(out, result)
+        print(json.dumps({k: result[k] for k in (
+            "seed", "params", "test_bpd", "best_test_bpd", "best_epoch", "train_bpd",
+            "train_step_ms_mean", "wall_s")}), flush=True)
+        results.append(result)
+    print_summary(results)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ steps) of every variant in turn. Round 0 (tracing, XLA compilation) is dropped (
 step time (Keras batch begin to batch end, as in `digits_protocol.py`) per
 variant and its ratio to the first variant are reported.
 
-    nice -n 10 python benchmarks/digits_timing.py --rounds 4 \\
-        "--preset cli" "--preset cli --dropout 0.2 --ema 0.99"
+    python benchmarks/digits_timing.py --rounds 8 \\
+        "--dropout 0 --dequantization uniform" "" "--coupling spline"
 """
 
 import argparse
@@ -38,6 +38,7 @@ def main(argv=None):
     runs = []
     for text in args.variants:
         cfg = protocol.parse_args(text.split())
+        cfg.seed = cfg.seed[0]  # one model per variant
         model, switch = protocol.build(cfg)
         model.initialize(x_init)
         model.compile(protocol.make_optimizer(cfg, model, 2300), jit_compile=cfg.jit)

@@ -56,11 +56,16 @@ def digits_run(tmp_path_factory):
     try:
         first = cli.main(argv)
         backup_after_interrupt = sorted(os.listdir(os.path.join(run, "backup")))
+        # An interrupted run (no model.keras yet) loads from its backup.
+        interrupted, _ = recipe.load_run(run)
+        x = np.asarray(next(iter(data.digits_dataset("test", 8, shuffle=False))))
+        interrupted_log_prob = interrupted.log_prob(x).numpy()
         second = cli.main(argv)
     finally:
         callbacks.SampleGrid.write = original
     return dict(run=run, codes=(first, second), calls=calls,
-                backup_after_interrupt=backup_after_interrupt)
+                backup_after_interrupt=backup_after_interrupt,
+                interrupted_log_prob=interrupted_log_prob)
 
 
 def test_train_interrupted_then_resumed_by_rerunning(digits_run):
@@ -75,6 +80,13 @@ def test_train_interrupted_then_resumed_by_rerunning(digits_run):
         assert len(history[key]) == 2 and all(math.isfinite(v) for v in history[key])
     # The finished run removes its backup.
     assert not os.path.exists(os.path.join(digits_run["run"], "backup"))
+    assert np.all(np.isfinite(digits_run["interrupted_log_prob"]))
+    # The finished run wrote its last weights: what model.keras holds.
+    model, _ = recipe.load_run(digits_run["run"])
+    last = type(model).from_config(model.get_config())
+    last.load_weights(os.path.join(digits_run["run"], "checkpoints", "last.weights.h5"))
+    x = np.asarray(next(iter(data.digits_dataset("test", 8, shuffle=False))))
+    np.testing.assert_array_equal(last.log_prob(x).numpy(), model.log_prob(x).numpy())
 
 
 def test_train_writes_images_metrics_model_and_savedmodel(digits_run):
@@ -252,7 +264,7 @@ def test_recipe_train_is_the_command_without_flags(tmp_path):
         recipe.evaluate(model, test)["bits_per_dim"], abs=1e-6)
     loaded, config = recipe.load_run(run)
     assert config["epochs"] == 1 and config["steps_per_epoch"] == 2
-    assert config["model_class"] == "NICE" and config["lr_decay"] == "cosine"
+    assert config["model_class"] == "NICE" and config["lr_decay"] == "none"
     assert type(loaded).__name__ == "NICE"
     # 2-D points are drawn as 128 x 128 histograms with 2-pixel borders: one
     # panel of samples, one per temperature in the sweep.
@@ -305,7 +317,7 @@ BAD_ARGUMENTS = [
     (["train", "--dequantization", "learned"], "--dequantization"),
     (["train", "--weight-decay", "-1"], "--weight-decay"),
     (["train", "--ema", "1"], "--ema"),
-    (["train", "--ema", "0"], "--ema"),
+    (["train", "--ema", "-0.5"], "--ema"),
     # train: combinations (check_train_args)
     (["train", "--model", "nice", "--dropout", "0.1"], "--dropout"),
     (["train", "--model", "realnvp", "--dequantization", "variational"], "--dequantization"),
@@ -392,7 +404,8 @@ def test_backprop_flag_reaches_the_model_config(model):
 
 
 def test_ema_flag_reaches_the_recipe(monkeypatch, tmp_path):
-    """`--ema 0.99` is `recipe.train(ema_momentum=0.99)`; left out, None."""
+    """`--ema 0.9` is `recipe.train(ema_momentum=0.9)`; left out, the
+    recommended 0.99; `--ema 0` turns the averaging off (None)."""
     from tfp_glow import cli
     seen = []
 
@@ -400,10 +413,10 @@ def test_ema_flag_reaches_the_recipe(monkeypatch, tmp_path):
         seen.append(kwargs["ema_momentum"])
         raise SystemExit(0)  # stop before any training
     monkeypatch.setattr(cli.recipe, "train", fake_train)
-    for flags in ([], ["--ema", "0.99"]):
+    for flags in ([], ["--ema", "0.9"], ["--ema", "0"]):
         with pytest.raises(SystemExit):
             cli.main(["train", "--output", str(tmp_path / "run"), *flags])
-    assert seen == [None, 0.99]
+    assert seen == [0.99, 0.9, None]
 
 
 def test_dropout_flag_builds_glow_with_that_rate():

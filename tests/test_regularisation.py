@@ -220,6 +220,46 @@ def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_p
         assert json.load(f)["ema_momentum"] == 0.9
 
 
+def test_with_averaged_weights_validation_and_checkpoints_see_the_average(digits, tmp_path):
+    """`model.compile()` averages the weights (Keras `use_ema`, momentum
+    0.99). Inside `WithAveragedWeights` validation and the wrapped
+    checkpoint see the average; training is bit for bit the same as without it."""
+    train, val = digits[:96], digits[96:]
+    path = str(tmp_path / "last.weights.h5")
+
+    def run(wrapped):
+        model = _glow(0.2)
+        model.compile()
+        assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.99
+        callbacks = [tfp_glow.WithAveragedWeights(keras.callbacks.ModelCheckpoint(
+            path, save_weights_only=True))] if wrapped else []
+        history = model.fit(train, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                            validation_data=(val,), callbacks=callbacks)
+        return model, history.history["val_bits_per_dim"]
+
+    plain, plain_val = run(False)
+    averaged, averaged_val = run(True)
+    for a, b in zip(plain.weights, averaged.weights):  # fit ends with the average
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    after_fit = averaged.evaluate(val, verbose=0, return_dict=True)["bits_per_dim"]
+    assert averaged_val[-1] == pytest.approx(after_fit, abs=1e-6)
+    assert abs(plain_val[-1] - after_fit) > 1e-3  # Keras validates the raw weights
+    checkpoint = _glow(0.2)
+    checkpoint.load_weights(path)
+    np.testing.assert_array_equal(checkpoint.log_prob(val[:8]).numpy(),
+                                  averaged.log_prob(val[:8]).numpy())
+
+
+def test_with_averaged_weights_needs_an_averaging_optimizer(digits):
+    model = _glow(0.0)
+    model.compile(keras.optimizers.Adam(1e-3))
+    with pytest.raises(ValueError, match="use_ema=True"):
+        model.fit(digits[:64], batch_size=32, epochs=1, verbose=0,
+                  callbacks=[tfp_glow.WithAveragedWeights()])
+    with pytest.raises(TypeError, match="Keras callbacks"):
+        tfp_glow.WithAveragedWeights("best.weights.h5")
+
+
 @pytest.mark.parametrize("value, error", [(-0.1, ValueError), ("0.1", TypeError)])
 def test_bad_weight_decay_names_the_argument(digits, value, error):
     with pytest.raises(error, match="`weight_decay`"):

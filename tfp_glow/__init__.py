@@ -11,7 +11,7 @@ from tfp_glow import training
 from tfp_glow.flow_model import FlowModel
 from tfp_glow.models import DEFAULT_DROPOUT, NICE, Glow, RealNVP
 from tfp_glow.variational_dequantization import VariationalDequantizer
-from tfp_glow.callbacks import SampleGrid
+from tfp_glow.callbacks import SampleGrid, WithAveragedWeights
 from tfp_glow.export import export_saved_model, load_exported
 from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
 
@@ -25,6 +25,7 @@ __all__ = [
     "RealNVP",
     "SampleGrid",
     "VariationalDequantizer",
+    "WithAveragedWeights",
     "bijectors",
     "data",
     "export_saved_model",

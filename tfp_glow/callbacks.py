@@ -4,11 +4,12 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tfp_glow import checks
 from tfp_glow.images import save_image_grid
 
-__all__ = ["SampleGrid"]
+__all__ = ["SampleGrid", "WithAveragedWeights"]
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -94,3 +95,149 @@ class SampleGrid(keras.callbacks.Callback):
         if epoch % self.every_n_epochs == 0 and is_chief(self.model.distribute_strategy):
             self.write(epoch)
 
+
+def _averaged_pairs(optimizer):
+    """`(weight, its moving average)` of an optimizer built with `use_ema=True`."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    if not getattr(optimizer, "use_ema", False):
+        raise ValueError(
+            "WithAveragedWeights needs an optimizer with Polyak averaging "
+            "(`use_ema=True`, as `tfp_glow.training.recommended_optimizer()` and "
+            f"`model.compile()` give); got {type(optimizer).__name__} with use_ema=False.")
+    averages = getattr(optimizer, "_model_variables_moving_average", None) or []
+    return [(w, a) for w, a in zip(optimizer._trainable_variables, averages)
+            if a is not None]
+
+
+class WithAveragedWeights(keras.callbacks.Callback):
+    """Validation and the wrapped callbacks' epoch ends see the weights' average.
+
+    With Polyak averaging (`use_ema=True`, the default of `model.compile()`)
+    `fit` trains the raw weights and leaves the model with their moving
+    average only when it ends. Inside this callback, `fit`'s validation (so
+    `val_bits_per_dim`) and the `on_epoch_end` of the callbacks it wraps
+    (`ModelCheckpoint`, `SampleGrid`, ...) run with the average copied into
+    the weights; the raw weights are put back before training goes on.
+
+    The swap copies values (Keras' `SwapEMAWeights` swaps by adding and
+    subtracting, which rounds the raw weights at every epoch), so training is
+    bit for bit what it is without this callback. Keep `BackupAndRestore`
+    outside it: the backup must hold the raw weights with their average.
+
+    #### Examples
+
+    ```python
+    model.compile()                      # Adam + warmup + Polyak averaging
+    model.fit(train, epochs=60, validation_data=test, callbacks=[
+        keras.callbacks.BackupAndRestore("backup"),
+        tfp_glow.WithAveragedWeights(
+            keras.callbacks.ModelCheckpoint("best.weights.h5", save_weights_only=True,
+                                            monitor="val_bits_per_dim",
+                                            save_best_only=True))])
+    ```
+    """
+
+    def __init__(self, *callbacks):
+        super().__init__()
+        for cb in callbacks:
+            if not isinstance(cb, keras.callbacks.Callback):
+                raise TypeError(f"WithAveragedWeights takes Keras callbacks; got {cb!r}.")
+        self.callbacks = list(callbacks)
+        self._raw = None  # the raw weights while the average is in the model
+
+    def set_model(self, model):
+        super().set_model(model)
+        for cb in self.callbacks:
+            cb.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        for cb in self.callbacks:
+            cb.set_params(params)
+
+    def _swap_functions(self):
+        """Two compiled functions (one call each instead of an eager op per
+        variable): copy the average in, returning the raw values; put them back."""
+        optimizer = self.model.optimizer
+        if getattr(self, "_functions_for", None) is not optimizer:
+            pairs = _averaged_pairs(optimizer)
+
+            @tf.function(autograph=False)
+            def average_in():
+                raw = [tf.identity(w) for w, _ in pairs]  # read before the writes
+                with tf.control_dependencies(raw):
+                    for w, a in pairs:
+                        w.assign(a)
+                return raw
+
+            @tf.function(autograph=False)
+            def raw_back(raw):
+                for (w, _), value in zip(pairs, raw):
+                    w.assign(value)
+
+            self._functions, self._functions_for = (average_in, raw_back), optimizer
+        return self._functions
+
+    def _average_in(self):
+        if self._raw is None:
+            self._raw = self._swap_functions()[0]()
+
+    def _raw_back(self):
+        if self._raw is not None:
+            self._swap_functions()[1](self._raw)
+            self._raw = None
+
+    def _each(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def on_test_begin(self, logs=None):
+        if self.model.optimizer.iterations.numpy() > 0:  # an average exists
+            self._average_in()
+        self._each("on_test_begin", logs)
+
+    def on_test_end(self, logs=None):
+        self._each("on_test_end", logs)
+        self._raw_back()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.optimizer.iterations.numpy() > 0:
+            self._average_in()
+        try:
+            self._each("on_epoch_end", epoch, logs)
+        finally:
+            self._raw_back()
+
+    # Every other hook goes to the wrapped callbacks unchanged.
+    def on_train_begin(self, logs=None):
+        self._each("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._each("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._each("on_epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._each("on_train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._each("on_train_batch_end", batch, logs)
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._each("on_test_batch_begin", batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._each("on_test_batch_end", batch, logs)
+
+    def on_predict_begin(self, logs=None):
+        self._each("on_predict_begin", logs)
+
+    def on_predict_end(self, logs=None):
+        self._each("on_predict_end", logs)
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        self._each("on_predict_batch_begin", batch, logs)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self._each("on_predict_batch_end", batch, logs)

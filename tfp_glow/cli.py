@@ -315,7 +315,7 @@ def cmd_train(args):
     result = recipe.train(
         model, train_ds, test_ds, run_dir=plan.output, epochs=args.epochs,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay,
-        clipnorm=args.clipnorm, weight_decay=args.weight_decay, ema_momentum=args.ema,
+        clipnorm=args.clipnorm, weight_decay=args.weight_decay, ema_momentum=args.ema or None,
         steps_per_epoch=args.steps_per_epoch, jit_compile=args.jit,
         seed=args.seed, sample_every=args.sample_every, export=args.export, verbose=verbose,
         config={**cfg, "dataset_info": plan.info},

@@ -10,6 +10,7 @@ import math
 
 from tfp_glow import recipe
 from tfp_glow.models import COUPLINGS, DEQUANTIZATIONS, PERMUTATIONS
+from tfp_glow.training import RECOMMENDED_EMA_MOMENTUM
 
 PROG = "tfp-glow"
 MODELS = ("glow", "realnvp", "nice")
@@ -36,7 +37,7 @@ _positive_float = _number_type(
 _nonnegative_float = _number_type(
     float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 _rate = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-_momentum = _number_type(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_momentum = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _n_bits(text):
@@ -110,19 +111,20 @@ def _add_train_parser(sub):
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=_nonnegative_int, default=100,
                    help="linear learning-rate warmup")
-    p.add_argument("--lr-decay", choices=recipe.LR_DECAYS, default="cosine",
-                   help="after the warmup: cosine decay to 0 at the last step, or constant")
+    p.add_argument("--lr-decay", choices=recipe.LR_DECAYS, default="none",
+                   help="after the warmup: constant (default; the weights' average does "
+                        "the annealing) or cosine decay to 0 at the last step")
     p.add_argument("--clipnorm", type=_positive_float, default=None,
                    help="clip the global gradient norm (off by default: Adam's steps are "
                         "already normalised; non-finite steps stop training either way)")
     p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0,
                    help="AdamW's decoupled weight decay of the networks' weights (0: Adam; "
                         "ActNorm, 1x1 conv and prior parameters are never decayed)")
-    p.add_argument("--ema", type=_momentum, default=None, metavar="MOMENTUM",
-                   help="Polyak averaging: keep an exponential moving average of the "
-                        "weights with this momentum (e.g. 0.99); the model is left with "
-                        "the average for the test figure, samples, model.keras and the "
-                        "export (off by default)")
+    p.add_argument("--ema", type=_momentum, default=RECOMMENDED_EMA_MOMENTUM,
+                   metavar="MOMENTUM",
+                   help="Polyak averaging: momentum of the weights' moving average, "
+                        "which validation, checkpoints, samples, the test figure, "
+                        "model.keras and the export use (default 0.99; 0 turns it off)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap the batches per epoch (smoke runs)")
     p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"),

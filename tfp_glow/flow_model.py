@@ -362,9 +362,12 @@ class FlowModel(DensityMethods, keras.Model):
         """`keras.Model.compile`; the loss is always `-log p(x)`.
 
         With no `optimizer`, `tfp_glow.training.recommended_optimizer()`: Adam
-        with a 100-step linear warmup to 3e-3, then constant (pass
+        with a 100-step linear warmup to 3e-3, then constant, and Polyak
+        averaging of the weights (momentum 0.99; `fit` ends with the average
+        in the model, `tfp_glow.WithAveragedWeights` lets validation and
+        checkpoints use it during `fit`). Pass
         `recommended_optimizer(decay_steps=...)` for `tfp-glow train`'s cosine
-        decay once the number of steps is known).
+        decay once the number of steps is known.
         """
         if kwargs.get("loss") is not None:
             raise ValueError("FlowModel trains on -log_prob; do not pass `loss`.")

@@ -25,10 +25,12 @@ model, config = recipe.load_run("runs/my-digits")
 A run directory (`run_paths`) holds:
 
     config.json          model class + config, and the training arguments
-    checkpoints/         last.weights.h5 (every epoch), best.weights.h5 (lowest
-                         test bits/dim so far)
-    backup/              Keras BackupAndRestore state while training runs: call
-                         `train` again with the same run_dir and it resumes
+    checkpoints/         best.weights.h5 (lowest test bits/dim so far, written
+                         each epoch it improves), last.weights.h5 (the final
+                         weights, written when training ends)
+    backup/              Keras BackupAndRestore state while training runs (each
+                         epoch): call `train` again with the same run_dir and it
+                         resumes; `load_run` reads its weights until the run ends
     history.csv, history.json   per-epoch metrics (train and test)
     samples/             SampleGrid PNGs every `sample_every` epochs
     samples.png          64 samples at temperature 0.7
@@ -46,6 +48,7 @@ import os
 import time
 
 from tfp_glow import checks
+from tfp_glow.training import RECOMMENDED_EMA_MOMENTUM
 
 __all__ = [
     "LR_DECAYS",
@@ -73,7 +76,8 @@ _LAYOUT = dict(
     config="config.json", model="model.keras", checkpoints="checkpoints",
     last=os.path.join("checkpoints", "last.weights.h5"),
     best=os.path.join("checkpoints", "best.weights.h5"),
-    backup="backup", history_csv="history.csv", history_json="history.json",
+    backup="backup", backup_weights=os.path.join("backup", "latest.weights.h5"),
+    history_csv="history.csv", history_json="history.json",
     samples_dir="samples", samples="samples.png", sweep="temperature_sweep.png",
     metrics="metrics.json", export="export",
 )
@@ -233,43 +237,56 @@ def _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
     checks.choice(verbose, (0, 1, 2), "verbose")
 
 
-def _callbacks(model, paths, sample_every, seed):
+def _callbacks(model, paths, sample_every, seed, averaged):
+    """The run's callbacks; with Polyak averaging (`averaged`) validation, the
+    checkpoints and the sample grids see the averaged weights, the backup the
+    raw ones with their average."""
     import keras
-    from tfp_glow.callbacks import SampleGrid
-    callbacks = [
-        keras.callbacks.BackupAndRestore(paths["backup"]),
-        keras.callbacks.ModelCheckpoint(paths["last"], save_weights_only=True),
+    from tfp_glow.callbacks import SampleGrid, WithAveragedWeights
+    # No per-epoch copy of the last weights: the backup already holds them
+    # (each Keras weights file costs about 0.5 s at the digits' size, as much
+    # as the epoch's training); `last.weights.h5` is written when `fit` ends.
+    model_files = [
         keras.callbacks.ModelCheckpoint(paths["best"], save_weights_only=True,
                                         monitor="val_bits_per_dim", mode="min",
                                         save_best_only=True),
-        keras.callbacks.CSVLogger(paths["history_csv"], append=True),
-        keras.callbacks.TerminateOnNaN(),
     ]
     if sample_every and len(model.event_shape) == 3:
-        callbacks.append(SampleGrid(paths["samples_dir"], num_samples=64,
-                                    temperature=SAMPLE_TEMPERATURE, seed=seed,
-                                    every_n_epochs=sample_every, rows=8,
-                                    upscale=default_upscale(model)))
-    return callbacks
+        model_files.append(SampleGrid(paths["samples_dir"], num_samples=64,
+                                      temperature=SAMPLE_TEMPERATURE, seed=seed,
+                                      every_n_epochs=sample_every, rows=8,
+                                      upscale=default_upscale(model)))
+    # The epoch's backup and history row first: an interruption while the
+    # model files are written loses neither.
+    return [
+        keras.callbacks.BackupAndRestore(paths["backup"]),
+        keras.callbacks.CSVLogger(paths["history_csv"], append=True),
+        keras.callbacks.TerminateOnNaN(),
+        *([WithAveragedWeights(*model_files)] if averaged else model_files),
+    ]
 
 
 def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
-          warmup_steps=100, lr_decay="cosine", clipnorm=None, steps_per_epoch=None,
+          warmup_steps=100, lr_decay="none", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
-          extra_metrics=None, weight_decay=0.0, ema_momentum=None):
+          extra_metrics=None, weight_decay=0.0, ema_momentum=RECOMMENDED_EMA_MOMENTUM):
     """Trains `model` on `train_ds` and writes the run directory `run_dir`.
 
-    The recipe: Adam with `WarmupSchedule(learning_rate, warmup_steps,
-    decay_steps)`, i.e. a linear warmup to `learning_rate`, then (with
-    ``lr_decay="cosine"``) a cosine decay to 0 at the last step,
-    ``decay_steps = epochs * batches_per_epoch - warmup_steps``, or a
-    constant rate (``"none"``); optional global-norm clipping; with
+    The recipe (`tfp_glow.training.recommended_optimizer`, what
+    `model.compile()` gives): Adam with `WarmupSchedule(learning_rate,
+    warmup_steps, decay_steps)`, i.e. a linear warmup to `learning_rate`,
+    then a constant rate (``lr_decay="none"``, the default: with Polyak
+    averaging it ended lower than the cosine decay on the digits, see
+    BENCHMARKS.md) or a cosine decay to 0 at the last step
+    (``"cosine"``, ``decay_steps = epochs * batches_per_epoch -
+    warmup_steps``); optional global-norm clipping; with
     `weight_decay` > 0 AdamW decaying the networks' weights only
-    (`tfp_glow.training.adamw`); with `ema_momentum` Polyak averaging (Keras'
+    (`tfp_glow.training.adamw`); Polyak averaging with `ema_momentum` (Keras'
     `use_ema`: the optimizer keeps `avg <- m avg + (1 - m) w`, saved with its
-    state in the backup, and `fit` ends by copying the average into the
-    weights, so the test figure, samples, `model.keras` and the export use
-    it; the per-epoch validation and `best.weights.h5` see the raw weights); Keras `fit`
+    state in the backup; the per-epoch validation, the checkpoints and the
+    sample grids use the average through `WithAveragedWeights`, and `fit`
+    ends by copying it into the weights, so the test figure, `model.keras`
+    and the export use it too); Keras `fit`
     on ``-log p(x)`` with `test_ds` as validation data, checkpoints
     (last and best `val_bits_per_dim`), BackupAndRestore (call again with the
     same `run_dir` after an interruption and it resumes from the last
@@ -292,7 +309,7 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
       weight_decay: AdamW's decoupled weight decay of the network weights
         (0: plain Adam).
       ema_momentum: momentum in (0, 1) of the weights' moving average
-        (None: off).
+        (default 0.99, `recommended_optimizer`'s; None: off).
       steps_per_epoch: cap on the batches per epoch (`train_ds` is then
         repeated so that a capped epoch never exhausts it).
       jit_compile: compile the train step with XLA.
@@ -326,8 +343,8 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     with model.distribute_strategy.scope():
         optimizer = recommended_optimizer(
             decay_steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, model=model, global_clipnorm=clipnorm,
-            **({} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)))
+            ema_momentum=ema_momentum, weight_decay=weight_decay, model=model,
+            global_clipnorm=clipnorm)
         model.compile(optimizer, jit_compile=jit_compile)
     if config is None:
         config = dict(epochs=epochs, learning_rate=learning_rate, warmup_steps=warmup_steps,
@@ -346,7 +363,8 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     start = time.time()
     # shuffle=False: the pipelines shuffle themselves (Keras would only warn).
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              validation_data=test_ds, callbacks=_callbacks(model, paths, sample_every, seed),
+              validation_data=test_ds,
+              callbacks=_callbacks(model, paths, sample_every, seed, ema_momentum is not None),
               verbose=verbose)
     train_seconds = time.time() - start
 
@@ -370,6 +388,7 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     # the chief writes the run directory they share (no racing writers).
     from tfp_glow.distributed import is_chief
     if is_chief(model.distribute_strategy):
+        model.save_weights(paths["last"])
         _write_json(paths["metrics"], metrics)
         write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, seed,
                       class_labels(model, 64))
@@ -404,16 +423,19 @@ def read_config(run_dir):
 
 
 def load_run(run_dir):
-    """`(model, config)` of a run: `model.keras`, else config + last checkpoint."""
+    """`(model, config)` of a run: `model.keras`, else config + the last weights,
+    else (a run still training, or interrupted) the backup's latest epoch."""
     import keras
     paths = run_paths(run_dir)
     config = read_config(run_dir)
     if os.path.exists(paths["model"]):
         return keras.saving.load_model(paths["model"], compile=False), config
-    if not os.path.exists(paths["last"]):
+    weights = next((paths[k] for k in ("last", "backup_weights")
+                    if os.path.exists(paths[k])), None)
+    if weights is None:
         raise RunNotFoundError(
-            run_dir, "has neither model.keras nor checkpoints/last.weights.h5: train it "
-                     "first (`tfp-glow train --output RUN_DIR`).")
+            run_dir, "has neither model.keras nor checkpoints/last.weights.h5 nor a "
+                     "backup: train it first (`tfp-glow train --output RUN_DIR`).")
     model = _model_classes()[config["model_class"]].from_config(config["model_config"])
-    model.load_weights(paths["last"])
+    model.load_weights(weights)
     return model, config

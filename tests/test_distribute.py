@@ -178,6 +178,18 @@ def _worker():
     out["resume_weight_diff"] = max_diff(uninterrupted.get_weights(), resumed.get_weights())
     out["resume_replica_weight_diff"] = replica_diff(resumed)
     out["resume_update_size"] = max_diff(uninterrupted.get_weights(), record.start)
+    # -- Polyak averaging (model.compile()'s default) under the strategy -------
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        averaged = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
+                                 hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+        averaged.compile()
+    history = averaged.fit(fixed, epochs=2, verbose=0, validation_data=fixed,
+                           callbacks=[tfp_glow.WithAveragedWeights()])
+    out["averaged_val"] = history.history["val_bits_per_dim"]
+    out["averaged_eval"] = averaged.evaluate(fixed, verbose=0,
+                                             return_dict=True)["bits_per_dim"]
+    out["averaged_replica_diff"] = replica_diff(averaged)
     # Each replica's dropout seed: (step, replica id).
     from tfp_glow.flow_model import _dropout_seed
     seeds = strategy.run(tf.function(lambda: _dropout_seed(resumed.optimizer)))
@@ -250,6 +262,14 @@ def test_interrupted_fit_resumes_from_backup_like_an_uninterrupted_run(measured)
     assert measured["resume_weight_diff"] <= 1e-6
     assert measured["resume_replica_weight_diff"] == 0.0
     assert measured["resume_update_size"] > 1e-3
+
+
+def test_validation_sees_the_average_and_replicas_stay_equal(measured):
+    """`model.compile()` (Polyak averaging) with `WithAveragedWeights` under
+    MirroredStrategy: the last validation is the model `fit` leaves."""
+    assert measured["averaged_val"][-1] == pytest.approx(measured["averaged_eval"], abs=1e-6)
+    assert measured["averaged_val"][0] > measured["averaged_val"][-1]
+    assert measured["averaged_replica_diff"] == 0.0
 
 
 def test_replicas_draw_dropout_masks_of_their_own(measured):

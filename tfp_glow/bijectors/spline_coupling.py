@@ -18,7 +18,9 @@ def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_
     lo = tf.constant(-tail_bound, dtype)
 
     def knots(raw, minimum):
-        frac = minimum + (1.0 - minimum * num_bins) * tf.nn.softmax(raw, axis=-1)
+        # exp(log_softmax), not softmax: oneDNN's softmax kernel refuses more
+        # than 5 dimensions, which images with two sample axes have.
+        frac = minimum + (1.0 - minimum * num_bins) * tf.exp(tf.nn.log_softmax(raw, axis=-1))
         inner = lo + two_b * tf.math.cumsum(frac, axis=-1)[..., :-1]
         # The end knots are exactly -B and B (cumsum rounding must not move them).
         ones = tf.ones_like(raw[..., :1])

@@ -16,7 +16,7 @@ def rows(paths):
     for path in sorted(paths):
         with open(path) as f:
             r = json.load(f)
-        if "curve" not in r:
+        if "curve" not in r or r.get("complete") is False:  # a run still going
             continue
         name = os.path.splitext(os.path.basename(path))[0]
         base = dict(name=name, seed=r["seed"], params=r["params"],

@@ -11,8 +11,8 @@ ActNorm and the coupling scales have settled.
   cosine decay, against the second.
 * `adamw`: AdamW whose weight decay reaches the networks only (a regulariser
   for small data sets).
-* `recommended_optimizer`: what `FlowModel.compile()` uses with no optimizer,
-  and `tfp-glow train` with its cosine decay: Adam, 100-step warmup to 3e-3,
+* `recommended_optimizer`: what `FlowModel.compile()` with no optimizer and
+  `tfp-glow train` use: Adam, 100-step warmup to 3e-3, then constant, with
   Polyak averaging of the weights (momentum 0.99).
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
@@ -181,11 +181,12 @@ def recommended_optimizer(decay_steps=None, learning_rate=RECOMMENDED_LEARNING_R
     `BackupAndRestore`), and `fit` ends by copying `avg` into the weights, so
     evaluation, sampling, saving and export after `fit` use the average
     (`tfp_glow.WithAveragedWeights` makes validation and checkpoints during
-    `fit` use it too). On the digits protocol the average gains 0.05 bits/dim
-    over the last weights at the constant rate (BENCHMARKS.md).
+    `fit` use it too). On the digits protocol the average gained 0.04-0.07
+    bits/dim over the last weights at the constant rate, and ended 0.044 lower
+    than a cosine decay (BENCHMARKS.md, "Held-out likelihood by default").
 
-    Pass `decay_steps` (training steps after the warmup) for the cosine decay
-    to 0 that `tfp-glow train` and `tfp_glow.recipe.train` use:
+    Pass `decay_steps` (training steps after the warmup) for a cosine decay to
+    0 at the last step (`tfp-glow train --lr-decay cosine`):
 
         steps = epochs * batches_per_epoch
         model.compile(recommended_optimizer(decay_steps=steps - 100))

@@ -9,6 +9,9 @@ at the end of every epoch (`save_freq="epoch"`), the run is killed during
 epoch 2, and the resumed run repeats epoch 2 from its start. For the weights
 to match, the data must be the same in every epoch of every process: no
 shuffling and one fixed dequantisation draw (`preprocess(..., seed=...)`).
+The model is `Glow`'s and `compile()`'s defaults (dropout, variational
+dequantization, Polyak averaging): the resumed run must draw the dropout
+masks the uninterrupted one drew and end with the same weights' average.
 Each run is a separate Python process, as a preempted job would be.
 """
 
@@ -39,7 +42,12 @@ SCRIPT = textwrap.dedent("""
     ds = tf.data.Dataset.from_tensor_slices(x).batch(32)  # 8 batches, no shuffle
     model = tfp_glow.Glow((8, 8, 1), levels=1, steps_per_level=2, hidden_channels=8,
                           num_bins=data.DIGITS_NUM_BINS)
-    model.compile(keras.optimizers.Adam(1e-3))
+    # The defaults: dropout (masks keyed by the step), variational
+    # dequantization, and the recommended optimizer's Polyak averaging. After
+    # `fit` the model holds the average, so the comparison below checks that
+    # the backup carried the average and the step count across the kill.
+    model.compile()
+    assert model.optimizer.use_ema and model.dequantizer is not None
 
     class Log(keras.callbacks.Callback):
         def _write(self, text):

@@ -16,7 +16,6 @@ largest `|decode(encode(x)) - x|` over one uniform draw of the test split.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits_protocol as protocol  # noqa: E402
 import digits_stream as stream  # noqa: E402
+import report  # noqa: E402
 
 VARIANTS = ("",
             "--coupling spline --spline-bins 6 --last-kernel 1",
@@ -77,12 +77,7 @@ def main(argv=None):
                             "sample_median_ms": float(np.median(run["times"])) * 1e3,
                             "ratio_to_first": float(np.median(run["times"])) / base,
                             "max_round_trip_error": run["round_trip"]} for run in runs]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

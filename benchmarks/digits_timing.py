@@ -13,7 +13,6 @@ variant and its ratio to the first variant are reported.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits_protocol as protocol  # noqa: E402
 import digits_stream as stream  # noqa: E402
+import report  # noqa: E402
 
 
 def main(argv=None):
@@ -74,12 +74,7 @@ def main(argv=None):
             "mean_ms": float(ms.mean()), "p10_ms": float(np.percentile(ms, 10)),
             "ratio_to_first": float(np.median(ms)) / base,
             "first_epoch_s": run["first_epoch_s"]})
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

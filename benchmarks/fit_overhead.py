@@ -36,7 +36,6 @@ steady epoch, and a second epoch on NumPy data whose last batch is partial
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PAPER_GLOW  # noqa: E402
+import report  # noqa: E402
 
 STEPS_PER_EPOCH = 23
 BATCH = 64
@@ -228,12 +228,7 @@ def main(argv=None):
         result["steps_per_round"] = STEPS_PER_EPOCH
         result["timing"] = run_timing(args.rounds)
     result["loadavg_end"] = list(os.getloadavg())
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ and prints one JSON object:
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+import report  # benchmarks/, the script's own folder
 
 
 def _train(run, epochs):
@@ -97,11 +98,7 @@ def main(argv=None):
         affine_couplings=couplings, min_scale=min_scales,
         seconds=round(time.perf_counter() - t0, 1), tensorflow=tf.__version__,
         cpu_count=os.cpu_count(), load_average=[round(x, 2) for x in os.getloadavg()])
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ after each coupling.
 """
 
 import argparse
-import json
 import math
 import os
 import time
 
 import numpy as np
+
+import report  # benchmarks/, the script's own folder
 
 DENSITIES = ("8gaussians", "checkerboard")
 
@@ -156,12 +157,7 @@ def main(argv=None):
         result = {name: check_log_p(name) for name in DENSITIES}
     else:
         result = run(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

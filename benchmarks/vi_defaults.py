@@ -18,7 +18,6 @@ each over the chain seeds `--chain-seeds`.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+import report  # noqa: E402
 
 STEPS = 2000
 
@@ -111,11 +111,7 @@ def main(argv=None):
     else:
         result["leapfrog"] = leapfrog(args.chains, tuple(args.chain_seeds))
     result["loadavg_end"] = list(os.getloadavg())
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report.print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`).
+
+`tfp_glow.nets` was one module; it is a package so that each family of
+network lives in its own small module. Every name that module had (including
+`_dropout`, which tests use) stays reachable here.
+"""
+
+from tfp_glow.nets.coupling import GlowCouplingNet
+from tfp_glow.nets.coupling import MLPCouplingNet
+from tfp_glow.nets.coupling import ResNetCouplingNet
+from tfp_glow.nets.coupling import ZeroConv2D
+from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._dropout)
+from tfp_glow.nets.coupling import dropout_active
+from tfp_glow.nets.coupling import is_dropout_active
+
+__all__ = [
+    "GlowCouplingNet",
+    "MLPCouplingNet",
+    "ResNetCouplingNet",
+    "ZeroConv2D",
+    "dropout_active",
+    "is_dropout_active",
+]

@@ -140,11 +140,15 @@ class FlowDensity:
     # -- math (already validated inputs; graph or eager) -------------------------
     def forward_and_log_det(self, x, labels=None, backprop="standard"):
         """`(z, log|det df/dx|)` of validated inputs, with the chosen backprop."""
+        # The event rank tells TFP how far to reduce an elementwise bijector's
+        # log-det (Scale, Exp, SinhArcsinh ...): over the whole event.
+        ndims = len(self.event_shape)
         if backprop == "standard":
-            z, ldj = forward_and_log_det(self._flow, x, **self._condition(labels))
+            z, ldj = forward_and_log_det(self._flow, x, ndims, **self._condition(labels))
         else:
             from tfp_glow import reversible  # only models that ask for it pay the import
             z, ldj = reversible.forward_and_log_det(self._flow, x, backprop=backprop,
+                                                    event_ndims=ndims,
                                                     **self._condition(labels))
         z = tf.ensure_shape(z, [None, *self.latent_shape]) if z.shape.rank == 1 + len(
             self.latent_shape) else z
@@ -165,7 +169,8 @@ class FlowDensity:
         return self.forward_and_log_det(x, labels)[0]
 
     def _decode(self, z, labels=None):
-        x = inverse_and_log_det(self._flow, z, **self._condition(labels))[0]
+        x = inverse_and_log_det(self._flow, z, len(self.latent_shape),
+                                **self._condition(labels))[0]
         return tf.ensure_shape(x, [None, *self.event_shape])
 
     def _log_prob(self, x, labels=None):

@@ -20,14 +20,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_glow import checks, nets
-from tfp_glow.bijectors import (ActNorm, data_dependent_init, forward_and_log_det,
-                                keras_layers_of)
+from tfp_glow import checks, flow_config, nets
+from tfp_glow.bijectors import ActNorm, data_dependent_init
 from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
+from tfp_glow.flow_variables import FlowVariables, collect
 from tfp_glow.guard import NonfiniteGuard
 from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.xla import warn_if_partial_last_batch
@@ -43,10 +43,10 @@ def _flow_dtype(flow, policy, explicit_dtype):
         return tf.as_dtype(flow.dtype)
     if explicit_dtype:
         return tf.as_dtype(policy.variable_dtype)
-    for layer in keras_layers_of(flow):
-        for v in layer.weights:
-            if v.dtype in ("float32", "float64"):
-                return tf.as_dtype(v.dtype)
+    layers, plain = collect(flow)  # no probe: the variables that exist now
+    for v in [w for layer in layers for w in layer.weights] + plain:
+        if tf.as_dtype(v.dtype) in (tf.float32, tf.float64):
+            return tf.as_dtype(v.dtype)
     return tf.float32
 
 
@@ -81,13 +81,20 @@ def _check_dequantizer(dequantizer, event_shape, num_bins):
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class FlowModel(DensityMethods, keras.Model):
-    """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit`.
+    """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit` (Keras 3).
 
     Args:
       flow: the normalizing bijector `f` (or a zero-argument function building
         it, run after `keras.Model.__init__`), mapping an event of
         `event_shape` to a latent: a `MultiScaleFlow`, a plain `tfb.Chain` of
-        tfp_glow and TFP bijectors, ...
+        tfp_glow and TFP bijectors, TFP's own flows (`tfb.Invert` of a
+        `MaskedAutoregressiveFlow` for MAF, the flow itself for IAF,
+        `tfb.RealNVP`, `tfb.Glow`, `tfb.FFJORD`), elementwise and matrix
+        bijectors with `tf.Variable` parameters ... Every variable the flow
+        holds becomes a model weight (`tfp_glow.flow_variables`); the density
+        equals `tfd.TransformedDistribution(N(0, I), tfb.Invert(flow))`. A
+        builder registered with `@keras.saving.register_keras_serializable()`
+        makes `.keras` saving possible (`tfp_glow.flow_config`).
       event_shape: shape of one data point, e.g. `(8, 8, 1)` or `(2,)`.
       num_bins: number of discrete levels of the data (256 for 8-bit images,
         17 for the built-in digits); used by `bits_per_dim`. For continuous
@@ -143,8 +150,10 @@ class FlowModel(DensityMethods, keras.Model):
             raise ValueError(
                 "`dtype` must be a float dtype such as 'float32' or 'float64'; got "
                 f"{self.dtype_policy.name!r}.")
+        self._flow_builder = None
         if callable(flow) and not isinstance(flow, tfb.Bijector):
-            flow = flow()  # subclasses pass a builder, run after Model.__init__
+            self._flow_builder = flow  # what a .keras config can name (flow_config)
+            flow = flow()  # run after Model.__init__: its layers are tracked
         if not isinstance(flow, tfb.Bijector):
             raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
         if event_shape is None:
@@ -163,14 +172,25 @@ class FlowModel(DensityMethods, keras.Model):
         # SavedModel (the density is a plain object they do not walk).
         self._flow = flow
         # Keras tracks layers assigned as a list attribute: every variable of
-        # the flow becomes a model weight (fit, saving, checkpoints, strategies).
-        self.flow_layers = keras_layers_of(flow)
+        # the flow becomes a model weight (fit, saving, checkpoints, strategies),
+        # TFP's plain tf.Variables (and tf_keras layers') through FlowVariables.
+        layers, plain = collect(flow, *self._probe(num_classes))
+        self.flow_layers = layers
+        if plain:
+            self.flow_variables = FlowVariables(plain, name="flow_variables")
         self._actnorms = [b for b in walk_bijectors(flow) if isinstance(b, ActNorm)]
         self._nll_tracker = keras.metrics.Mean(name="loss")
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
         self._uniform_bpd_tracker = keras.metrics.Mean(name="uniform_bits_per_dim")
         self._nonfinite_counter = guard.counter  # tracked, so strategies mirror it
         self.built = True
+
+    def _probe(self, num_classes):
+        """One batch of zeros (and labels) to build and watch a TFP flow's variables."""
+        x = tf.zeros([1, *self._density.event_shape], self._density.dtype)
+        if num_classes is None:
+            return x, {}
+        return x, {"conditional_input": tf.one_hot([0], num_classes, dtype=x.dtype)}
 
     def _base_config(self):
         """`keras.Model`'s config plus FlowModel's options (for subclasses)."""
@@ -237,11 +257,10 @@ class FlowModel(DensityMethods, keras.Model):
         spec = self._density.spec
         x = spec.training_data(x, "x")
         labels = spec.labels(labels, x)
-        condition = {} if labels is None else {"conditional_input": labels}
         if self.dequantizer is not None:
             x = self.dequantizer(x)[0]  # ActNorm sees what training feeds the flow
         with self.distribute_strategy.scope(), data_dependent_init():
-            forward_and_log_det(self.flow, x, **condition)
+            self._density.forward_and_log_det(x, labels)
         return self
 
     # -- variational dequantization ------------------------------------------
@@ -398,6 +417,13 @@ class FlowModel(DensityMethods, keras.Model):
         whose loss or gradient is NaN/inf is never applied; see the
         `nonfinite` option for what happens next.
         """
+        if not self.trainable_weights:
+            raise ValueError(
+                "This FlowModel has no trainable weights, so `fit` would train nothing: "
+                f"its flow {type(self.flow).__name__} {self.flow.name!r} holds no "
+                "trainable variable (tf.Variable, Keras layer or TFP network). Build the "
+                "flow from trainable parts (e.g. tfb.Shift(tf.Variable(0.)), a "
+                "tfp_glow.nets.MADE conditioner).")
         first = self._first_batch(x, y, batch_size)
         if not self.is_initialized:
             if first is None:
@@ -446,6 +472,10 @@ class FlowModel(DensityMethods, keras.Model):
 
     # -- config ------------------------------------------------------------
     def get_config(self):
-        raise NotImplementedError(
-            "A FlowModel around an arbitrary flow has no config; use Glow, RealNVP "
-            "or NICE (or subclass FlowModel with get_config) for .keras saving.")
+        """The config of a model built from a registered flow builder (see
+        `tfp_glow.flow_config`); a flow object has none (`TypeError`)."""
+        return {**self._base_config(), **flow_config.builder_config(self)}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(flow_config.restore_builder(config))

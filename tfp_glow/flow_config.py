@@ -1,0 +1,64 @@
+"""The `.keras` config of a `FlowModel` built around a user's own flow.
+
+A TFP bijector has no Keras config, so a `.keras` file cannot rebuild a flow
+object. It can rebuild a flow from the *function that builds it*, when Keras
+can find that function again in a fresh process: a zero-argument function
+registered with `@keras.saving.register_keras_serializable()`:
+
+    @keras.saving.register_keras_serializable(package="my_flows")
+    def maf_flow():
+        made = tfp_glow.nets.MADE(params=2, event_size=2, hidden_units=[64, 64])
+        return tfb.Invert(tfb.MaskedAutoregressiveFlow(made))
+
+    model = tfp_glow.FlowModel(maf_flow, event_shape=(2,), num_bins=None)
+    model.save("maf.keras")          # a fresh process that imports my_flows loads it
+
+The weights are saved by Keras as for any model; the builder only has to make
+the same variables in the same order. A flow object, a lambda or a closure
+cannot be found again: saving refuses with a `TypeError` before any file is
+written (`save_weights` and `export_saved_model` work for any flow).
+"""
+
+import types
+
+import keras
+
+__all__ = ["builder_config", "restore_builder"]
+
+
+def _is_registered(fn):
+    name = keras.saving.get_registered_name(fn)
+    return keras.saving.get_registered_object(name) is fn
+
+
+def builder_config(model):
+    """`{"flow": ..., "event_shape": ..., ...}` for `model.get_config()`.
+
+    Raises a `TypeError` (saying what to do instead) unless the model was
+    built from a registered zero-argument flow builder without a dequantizer.
+    """
+    builder = model._flow_builder
+    if not isinstance(builder, types.FunctionType) or not _is_registered(builder):
+        given = ("a flow object" if builder is None
+                 else f"the unregistered function {getattr(builder, '__name__', builder)!r}")
+        raise TypeError(
+            f"This FlowModel was built from {given}, which a .keras file cannot rebuild in "
+            "another process. Pass `flow=` a zero-argument function that builds the flow, "
+            "decorated with @keras.saving.register_keras_serializable(), or use Glow, "
+            "RealNVP or NICE. save_weights/load_weights and "
+            "tfp_glow.export_saved_model work for any flow.")
+    if model.dequantizer is not None:
+        raise TypeError(
+            "A FlowModel with a custom `dequantizer` has no .keras config; use "
+            "save_weights/load_weights, or Glow(dequantization='variational').")
+    return {"flow": keras.saving.serialize_keras_object(builder),
+            "event_shape": list(model.event_shape), "num_bins": model.num_bins,
+            "num_classes": model.num_classes}
+
+
+def restore_builder(config):
+    """The config with its serialized flow builder turned back into the function."""
+    flow = config.get("flow")
+    if isinstance(flow, dict):
+        config = dict(config, flow=keras.saving.deserialize_keras_object(flow))
+    return config

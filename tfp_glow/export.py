@@ -268,7 +268,7 @@ def export_saved_model(model, export_dir, version=None, input_signature_dtype=tf
 def _write_metadata(model, dtype, version_dir):
     try:
         config = model.get_config()
-    except NotImplementedError:  # a bare FlowModel around a custom flow
+    except (NotImplementedError, TypeError):  # a FlowModel around a flow object: no config
         config = None
     from tfp_glow import __version__
     meta = {

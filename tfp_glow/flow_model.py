@@ -479,3 +479,9 @@ class FlowModel(DensityMethods, keras.Model):
     @classmethod
     def from_config(cls, config):
         return super().from_config(flow_config.restore_builder(config))
+
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`; a model without a config is refused before any
+        file is written (Keras opens the file first, then asks for the config)."""
+        self.get_config()
+        return super().save(filepath, *args, **kwargs)

@@ -93,8 +93,10 @@ def _is_tfp_glow(bijector):
 
 def _holds_variables(obj):
     # TF1 `make_template` objects (TFP's `real_nvp_default_template`) are not
-    # tf.Modules: their variables are only reachable through this property.
-    return isinstance(getattr(type(obj), "trainable_variables", None), property)
+    # tf.Modules: their variables live in a variable scope, reachable only
+    # through the template's `variables`. Matched by class name: no TF internals.
+    return any(c.__name__ == "Template" and c.__module__.startswith("tensorflow")
+               for c in type(obj).__mro__)
 
 
 def _scan(value, depth, found):

@@ -1,4 +1,6 @@
-"""Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`).
+"""Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`) and
+of TFP's own flows: `MADE` for `tfb.MaskedAutoregressiveFlow` (conditional
+through `context_size` / TFP's `conditional_input`).
 
 `tfp_glow.nets` was one module; it is a package so that each family of
 network lives in its own small module. Every name that module had (including
@@ -12,9 +14,11 @@ from tfp_glow.nets.coupling import ZeroConv2D
 from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._dropout)
 from tfp_glow.nets.coupling import dropout_active
 from tfp_glow.nets.coupling import is_dropout_active
+from tfp_glow.nets.made import MADE
 
 __all__ = [
     "GlowCouplingNet",
+    "MADE",
     "MLPCouplingNet",
     "ResNetCouplingNet",
     "ZeroConv2D",

@@ -254,11 +254,13 @@ def _strategy(name):
 
 def load_run_model(run):
     """`(model, config)` of the run directory `run` (`recipe.load_run`), with
-    errors that name `--run`."""
+    errors that name `--run` and the file at fault, on one line."""
     try:
         return recipe.load_run(run)
     except recipe.RunNotFoundError as e:
         raise FileNotFoundError(f"--run {e.run_dir!r} {e.problem}") from None
+    except recipe.RunDamagedError as e:
+        raise UsageError(f"--run {run!r}: {e}") from None
 
 
 def _load_model_file(path):

@@ -1,6 +1,7 @@
 """Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`) and
-of TFP's own flows: `MADE` for `tfb.MaskedAutoregressiveFlow` (conditional
-through `context_size` / TFP's `conditional_input`).
+of TFP's own flows: `MADE` and `AutoregressiveSplineFn` for
+`tfb.MaskedAutoregressiveFlow` (conditional through `context_size` / TFP's
+`conditional_input`).
 
 `tfp_glow.nets` was one module; it is a package so that each family of
 network lives in its own small module. Every name that module had (including
@@ -15,8 +16,10 @@ from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._drop
 from tfp_glow.nets.coupling import dropout_active
 from tfp_glow.nets.coupling import is_dropout_active
 from tfp_glow.nets.made import MADE
+from tfp_glow.nets.spline import AutoregressiveSplineFn
 
 __all__ = [
+    "AutoregressiveSplineFn",
     "GlowCouplingNet",
     "MADE",
     "MLPCouplingNet",

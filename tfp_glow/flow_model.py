@@ -50,6 +50,19 @@ def _flow_dtype(flow, policy, explicit_dtype):
     return tf.float32
 
 
+def _is_actnorm(bijector):
+    # TFP's own ActNorm (inside `tfb.Glow`) initialises itself on its first
+    # call; run eagerly by `initialize`, that call sees the global batch, where
+    # inside a distributed step each replica would see its own half.
+    return isinstance(bijector, ActNorm) or type(bijector).__name__ == "ActivationNormalization"
+
+
+def _actnorm_initialized(actnorm):
+    if isinstance(actnorm, ActNorm):
+        return actnorm.is_initialized
+    return bool(actnorm._initialized.numpy())  # TFP's saved init flag
+
+
 def _dropout_seed(optimizer):
     """The training step's dropout seed: `(optimizer.iterations, replica id)`.
 
@@ -178,7 +191,7 @@ class FlowModel(DensityMethods, keras.Model):
         self.flow_layers = layers
         if plain:
             self.flow_variables = FlowVariables(plain, name="flow_variables")
-        self._actnorms = [b for b in walk_bijectors(flow) if isinstance(b, ActNorm)]
+        self._actnorms = [b for b in walk_bijectors(flow) if _is_actnorm(b)]
         self._nll_tracker = keras.metrics.Mean(name="loss")
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
         self._uniform_bpd_tracker = keras.metrics.Mean(name="uniform_bits_per_dim")
@@ -239,8 +252,8 @@ class FlowModel(DensityMethods, keras.Model):
     # -- data-dependent initialisation -------------------------------------
     @property
     def is_initialized(self):
-        """True once every ActNorm was initialised (or restored)."""
-        return all(a.is_initialized for a in self._actnorms)
+        """True once every ActNorm (TFP's in `tfb.Glow` too) was initialised (or restored)."""
+        return all(_actnorm_initialized(a) for a in self._actnorms)
 
     def initialize(self, x, labels=None):
         """Data-dependent init of every ActNorm from one batch, once.

@@ -1,7 +1,7 @@
 """Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`) and
 of TFP's own flows: `MADE` and `AutoregressiveSplineFn` for
-`tfb.MaskedAutoregressiveFlow` (conditional through `context_size` / TFP's
-`conditional_input`).
+`tfb.MaskedAutoregressiveFlow`, `RealNVPNet` for `tfb.RealNVP` (all
+conditional through `context_size` / TFP's `conditional_input`).
 
 `tfp_glow.nets` was one module; it is a package so that each family of
 network lives in its own small module. Every name that module had (including
@@ -16,6 +16,7 @@ from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._drop
 from tfp_glow.nets.coupling import dropout_active
 from tfp_glow.nets.coupling import is_dropout_active
 from tfp_glow.nets.made import MADE
+from tfp_glow.nets.realnvp import RealNVPNet
 from tfp_glow.nets.spline import AutoregressiveSplineFn
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "GlowCouplingNet",
     "MADE",
     "MLPCouplingNet",
+    "RealNVPNet",
     "ResNetCouplingNet",
     "ZeroConv2D",
     "dropout_active",

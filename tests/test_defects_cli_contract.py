@@ -232,3 +232,41 @@ def test_cli_config_naming_another_class_than_model_file_is_one_line_error(
     assert err == (f"tfp-glow: error: --run {run!r}: {_config(run)} names model_class 'NICE' "
                    f"but {os.path.join(run, 'model.keras')} holds a Glow.\n")
     assert _listing(run) == before
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(**env), timeout=300)
+
+
+BACKEND_MESSAGE = ("ImportError: tfp_glow needs Keras' TensorFlow backend, but the Keras "
+                   "backend is {!r}: set KERAS_BACKEND=tensorflow (or unset it) before "
+                   "importing keras.")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_import_under_another_keras_backend_is_one_clear_import_error(backend):
+    proc = _python("import tfp_glow", KERAS_BACKEND=backend)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == BACKEND_MESSAGE.format(backend)
+    # Refused before keras is imported: no error about jax or torch themselves.
+    assert "ModuleNotFoundError" not in proc.stderr
+    assert "No module named" not in proc.stderr
+
+
+def test_import_after_keras_chose_another_backend_is_one_clear_import_error():
+    # Every other backend of Keras imports jax (numpy's too), which is not
+    # installed: a stand-in keras module says which backend it runs.
+    proc = _python("import sys, types; sys.modules['keras'] = types.SimpleNamespace("
+                   "config=types.SimpleNamespace(backend=lambda: 'jax')); import tfp_glow",
+                   KERAS_BACKEND="")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == BACKEND_MESSAGE.format("jax")
+
+
+def test_import_after_keras_chose_tensorflow_ignores_a_later_keras_backend():
+    proc = _python("import os, keras; os.environ['KERAS_BACKEND'] = 'jax'; "
+                   "import tfp_glow; print(keras.config.backend(), tfp_glow.Glow.__name__)",
+                   KERAS_BACKEND="")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "tensorflow Glow\n"

@@ -4,6 +4,24 @@ Bijectors live in `tfp_glow.bijectors` (forward = data to latent, as in the
 Glow paper); complete models are Keras 3 `FlowModel`s trained with `fit`.
 """
 
+
+def _require_tensorflow_backend():
+    """TFP bijectors and the models' variables need Keras' TensorFlow backend:
+    say so before importing keras under another one (an import error about
+    jax or torch, or worse, a model whose variables are not tf.Variables)."""
+    import os
+    import sys
+    keras = sys.modules.get("keras")
+    # Once keras is imported its backend is fixed; before, KERAS_BACKEND picks it.
+    backend = keras.config.backend() if keras is not None else os.environ.get("KERAS_BACKEND")
+    if backend and backend != "tensorflow":
+        raise ImportError(
+            f"tfp_glow needs Keras' TensorFlow backend, but the Keras backend is "
+            f"{backend!r}: set KERAS_BACKEND=tensorflow (or unset it) before importing keras.")
+
+
+_require_tensorflow_backend()
+
 from tfp_glow import bijectors
 from tfp_glow import data
 from tfp_glow import nets

@@ -1,7 +1,8 @@
 """Keras 3 networks: the conditioners of tfp_glow's couplings (`coupling`) and
 of TFP's own flows: `MADE` and `AutoregressiveSplineFn` for
-`tfb.MaskedAutoregressiveFlow`, `RealNVPNet` for `tfb.RealNVP` (all
-conditional through `context_size` / TFP's `conditional_input`).
+`tfb.MaskedAutoregressiveFlow`, `RealNVPNet` for `tfb.RealNVP`, `ODENet` and
+`ffjord_trace` for `tfb.FFJORD` (all conditional through `context_size` /
+TFP's `conditional_input`).
 
 `tfp_glow.nets` was one module; it is a package so that each family of
 network lives in its own small module. Every name that module had (including
@@ -16,6 +17,8 @@ from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._drop
 from tfp_glow.nets.coupling import dropout_active
 from tfp_glow.nets.coupling import is_dropout_active
 from tfp_glow.nets.made import MADE
+from tfp_glow.nets.ode import ODENet
+from tfp_glow.nets.ode import ffjord_trace
 from tfp_glow.nets.realnvp import RealNVPNet
 from tfp_glow.nets.spline import AutoregressiveSplineFn
 
@@ -24,9 +27,11 @@ __all__ = [
     "GlowCouplingNet",
     "MADE",
     "MLPCouplingNet",
+    "ODENet",
     "RealNVPNet",
     "ResNetCouplingNet",
     "ZeroConv2D",
     "dropout_active",
+    "ffjord_trace",
     "is_dropout_active",
 ]

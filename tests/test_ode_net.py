@@ -182,3 +182,24 @@ def test_bad_trace_and_call_arguments():
         nets.ODENet(D, [8])(0.0, tf.zeros([3, D + 1]))
     with pytest.raises(ValueError, match="conditional_input"):
         nets.ODENet(D, [8], context_size=2)(0.0, tf.zeros([3, D]))
+
+
+def test_mixed_precision_returns_the_state_dtype():
+    net = nets.ODENet(D, [8], dtype="mixed_bfloat16")
+    reference = ode_net()
+    net.set_weights(reference.get_weights())
+    assert all(v.dtype == "float32" for v in net.weights)
+    z = draw([5, D])
+    got = net(0.5, z)
+    assert got.dtype == tf.float32
+    assert 0 < np.abs(got - reference(0.5, z)).max() < 0.05  # computed in bfloat16
+
+
+def test_tf_train_checkpoint_restores_every_weight(tmp_path):
+    """The hidden layers live in a list, which tf.train.Checkpoint does not
+    follow on a Keras layer by itself (LISTED_SUBLAYERS puts them in)."""
+    net, fresh = ode_net(), nets.ODENet(D, [8])
+    path = tf.train.Checkpoint(net=net).write(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(net=fresh).read(path).assert_consumed()
+    for saved, restored in zip(net.weights, fresh.weights):
+        np.testing.assert_array_equal(saved, restored)

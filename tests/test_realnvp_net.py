@@ -156,3 +156,26 @@ def test_output_units_mismatch_names_the_argument():
         tfb.RealNVP(num_masked=2, shift_and_log_scale_fn=net).forward(tf.zeros([3, 5]))
     with pytest.raises(ValueError, match="`x`"):
         net(tf.zeros([3, 3]), 2)
+
+
+def test_mixed_precision_returns_the_input_dtype():
+    net = nets.RealNVPNet([8], output_units=2, input_units=2, dtype="mixed_bfloat16")
+    reference = nets.RealNVPNet([8], output_units=2, input_units=2)
+    randomize(reference)
+    net.set_weights(reference.get_weights())
+    assert all(v.dtype == "float32" for v in net.weights)
+    x = draw([5, 2])
+    for got, want in zip(net(x), reference(x)):
+        assert got.dtype == tf.float32
+        assert 0 < np.abs(got - want).max() < 0.05  # computed in bfloat16
+
+
+def test_tf_train_checkpoint_restores_every_weight(tmp_path):
+    """The hidden layers live in a list, which tf.train.Checkpoint does not
+    follow on a Keras layer by itself (LISTED_SUBLAYERS puts them in)."""
+    net, fresh = (nets.RealNVPNet([8, 8], output_units=2, input_units=2) for _ in range(2))
+    randomize(net)
+    path = tf.train.Checkpoint(net=net).write(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(net=fresh).read(path).assert_consumed()
+    for saved, restored in zip(net.weights, fresh.weights):
+        np.testing.assert_array_equal(saved, restored)

@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import layers
 
 from tfp_glow import checks
+from tfp_glow._checkpoint_tracking import ListedSublayers
 
 __all__ = ["TFPConditioner", "units_list"]
 
@@ -31,12 +32,14 @@ def units_list(value, arg_name):
     return [checks.positive_int(units, arg_name) for units in value]
 
 
-class TFPConditioner(layers.Layer):
+class TFPConditioner(ListedSublayers, layers.Layer):
     """Base layer: input flattening, context checks, dtype handling.
 
     Subclasses create every variable in `__init__` (the input sizes are
     constructor arguments) and set `self.built = True`, so the variables exist
-    before the first call, as the rest of the library expects.
+    before the first call, as the rest of the library expects. Whatever they
+    keep in lists (layers, variables) they name in `LISTED_SUBLAYERS`:
+    `tf.train.Checkpoint` does not follow a Keras layer's lists by itself.
     """
 
     def __init__(self, context_size=None, **kwargs):

@@ -144,6 +144,8 @@ class MADE(TFPConditioner):
          Distribution Estimation. ICML 2015. https://arxiv.org/abs/1502.03509
     """
 
+    LISTED_SUBLAYERS = ("_kernels", "_biases")
+
     def __init__(self, params, event_size, hidden_units, input_order="left-to-right",
                  hidden_degrees="equal", activation="relu", seed=None, context_size=None,
                  zero_init_last=True, dtype=None, **kwargs):

@@ -54,6 +54,8 @@ class ODENet(TFPConditioner):
          ICLR 2019. https://arxiv.org/abs/1810.01367
     """
 
+    LISTED_SUBLAYERS = ("hidden",)
+
     def __init__(self, event_size, hidden_units, activation="tanh", context_size=None,
                  dtype=None, **kwargs):
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)

@@ -51,6 +51,8 @@ class RealNVPNet(TFPConditioner):
     ```
     """
 
+    LISTED_SUBLAYERS = ("hidden",)
+
     def __init__(self, hidden_units, output_units, input_units, activation="relu",
                  context_size=None, scale_bound=3.0, zero_init_last=True, dtype=None,
                  **kwargs):

@@ -2,7 +2,9 @@
 
 Not a Keras layer: TFP's `MaskedAutoregressiveFlow(bijector_fn=...)` wants a
 callable returning a bijector, and what holds the weights is the `MADE` in
-its `made` attribute (where a variable walker finds it).
+its `made` attribute (where a variable walker finds it). It is a `tf.Module`
+so that `tf.train.Checkpoint` follows the MAF's `_bijector_fn` into the MADE
+(a plain Python object would end the walk there and save nothing).
 """
 
 import math
@@ -19,7 +21,7 @@ tfb = tfp.bijectors
 __all__ = ["AutoregressiveSplineFn"]
 
 
-class AutoregressiveSplineFn:
+class AutoregressiveSplineFn(tf.Module):
     """Rational-quadratic spline per dimension, parametrised by a `MADE`
     (NSF-AR, Durkan et al. 2019).
 
@@ -62,6 +64,7 @@ class AutoregressiveSplineFn:
     """
 
     def __init__(self, made, num_bins=8, bound=4.0, min_bin_size=1e-3, min_derivative=1e-3):
+        super().__init__(name="autoregressive_spline_fn")
         if not isinstance(made, MADE):
             raise TypeError(f"`made` must be a tfp_glow.nets.MADE; received {made!r}.")
         self.num_bins = checks.positive_int(num_bins, "num_bins")
@@ -89,6 +92,7 @@ class AutoregressiveSplineFn:
 
     @property
     def trainable_variables(self):
+        """The MADE's (tf.Module's own walk does not see Keras 3 variables)."""
         return self.made.trainable_variables
 
     def __call__(self, x, **kwargs):

@@ -299,3 +299,75 @@ def test_validate_args_class_labels_in_range(make):
             with pytest.raises(tf.errors.InvalidArgumentError,
                                match=r"labels must lie in \[0, 3\)"):
                 call(x, tf.constant(labels))
+
+
+# ------------------------------------------------------------------ constant Jacobians
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].make(tf.float64)
+                                  .is_constant_jacobian])
+def test_constant_jacobian_declarations_are_affine_maps(name):
+    # TFP's mean, mode and entropy of a transformed distribution trust
+    # is_constant_jacobian: f(x) = A x + b, so f is linear along any line.
+    case, b, x1, kw = build(name, tf.float64)
+    x2 = case.draw(np.random.default_rng(7), BATCH, tf.float64)
+    nd = len(case.event_shape)
+    for a in (0.3, 2.5):
+        np.testing.assert_allclose(b.forward(a * x1 + (1 - a) * x2, **kw),
+                                   a * b.forward(x1, **kw) + (1 - a) * b.forward(x2, **kw),
+                                   rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(b.forward_log_det_jacobian(x1, event_ndims=nd, **kw),
+                               b.forward_log_det_jacobian(x2, event_ndims=nd, **kw),
+                               rtol=1e-12)
+
+
+def _bounded(log_scale):
+    return 10.0 * np.tanh(np.asarray(log_scale) / 10.0)  # standardize.MAX_LOG_SCALE
+
+
+def test_learned_prior_declares_constant_jacobian_so_mean_and_entropy_work():
+    prior = perturb(B.LearnedPrior(IMAGE), np.random.default_rng(1), scale=0.5)
+    assert prior.is_constant_jacobian
+    d = int(np.prod(IMAGE))
+    data = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), IMAGE),
+                                       tfb.Invert(prior))
+    # x = z sigma + mu with z ~ N(0, I): mean and mode mu, entropy
+    # D/2 log(2 pi e) + sum log sigma.
+    np.testing.assert_allclose(data.mean(), prior.mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(data.mode(), prior.mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        data.entropy(), d / 2 * np.log(2 * np.pi * np.e) + _bounded(prior.log_scale).sum(),
+        rtol=1e-6)
+
+
+def test_learned_prior_flow_mean_and_entropy_match_monte_carlo():
+    rng = np.random.default_rng(2)
+    flow = tfb.Chain([perturb(B.LearnedPrior(IMAGE), rng, scale=0.5),
+                      perturb(B.InvertibleConv1x1(4, seed=0), rng, scale=0.5),
+                      perturb(B.ActNorm(4), rng, scale=0.5)])  # data -> latent
+    assert flow.is_constant_jacobian
+    data = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), IMAGE),
+                                       tfb.Invert(flow))
+    x = data.sample(20000, seed=(3, 4))
+    mean = x.numpy().mean(0)
+    se = x.numpy().std(0) / np.sqrt(len(x))
+    assert np.all(np.abs(data.mean().numpy() - mean) < 5 * se)
+    nll = -data.log_prob(x).numpy()
+    assert abs(data.entropy().numpy() - nll.mean()) < 5 * nll.std() / np.sqrt(len(nll))
+
+
+def test_class_conditional_learned_prior_mean_and_entropy_per_label():
+    prior = perturb(B.LearnedPrior(IMAGE, num_classes=3), np.random.default_rng(5), 0.5)
+    labels = np.array([0, 2])
+    # One distribution per label: the base has the labels' batch shape.
+    data = tfd.TransformedDistribution(
+        tfd.Sample(tfd.Normal(tf.zeros([2]), 1.0), IMAGE), tfb.Invert(prior))
+    kw = dict(bijector_kwargs=dict(conditional_input=tf.constant(labels)))
+    d_mean, d_log_scale = np.split(prior._class_table.numpy()[labels], 2, axis=-1)
+    mean = prior.mean.numpy() + d_mean[:, None, None, :]
+    log_scale = _bounded(prior.log_scale.numpy() + d_log_scale[:, None, None, :])
+    d = int(np.prod(IMAGE))
+    np.testing.assert_allclose(data.mean(**kw), mean, rtol=1e-6)
+    np.testing.assert_allclose(data.entropy(**kw),
+                               d / 2 * np.log(2 * np.pi * np.e) + log_scale.sum((1, 2, 3)),
+                               rtol=1e-6)

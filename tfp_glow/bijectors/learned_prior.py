@@ -18,6 +18,16 @@ class LearnedPrior(StandardizeBase):
     Both start at zero (the identity). With `num_classes`, a per-class
     per-channel offset is added (openai/glow's `ycond`), so sampling draws the
     chosen class.
+
+    `mu` and `log_sigma` depend on the variables and the labels
+    (`conditional_input`), never on `z`: the map is affine in `z` and its
+    Jacobian `diag(exp(-log_sigma))` constant (`is_constant_jacobian`), so a
+    `tfd.TransformedDistribution` built on it alone or with other affine
+    bijectors (ActNorm, the 1x1 convolution, Squeeze) has a `mean`, `mode`
+    and `entropy`. Class-conditional: pass the labels `[N]` in
+    `bijector_kwargs` and give the base distribution the batch shape `[N]`
+    (e.g. `tfd.Sample(tfd.Normal(tf.zeros([N]), 1.0), event_shape)`), one
+    distribution per label.
     """
 
     def __init__(self, event_shape, num_classes=None, dtype=tf.float32,
@@ -26,7 +36,7 @@ class LearnedPrior(StandardizeBase):
         event_shape = checks.shape(event_shape, "event_shape")
         self._event_shape_in = event_shape
         super().__init__(num_classes, event_shape[-1], len(event_shape), dtype,
-                         parameters, name, validate_args)
+                         parameters, name, validate_args, is_constant_jacobian=True)
         state = ParameterLayer(dtype=self.dtype.name, name=f"{self.name}_params")
         self.mean = state.add("mean", event_shape)
         self.log_scale = state.add("log_scale", event_shape)

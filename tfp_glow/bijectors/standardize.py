@@ -56,11 +56,13 @@ class StandardizeBase(FlowBijector):
     Subclasses implement `_mean_and_log_scale(rest)` (the statistics from the
     part that is not standardised; class offsets from `conditional_input` are
     added by this base class) returning tensors that broadcast against the
-    standardised part, and `_parts(x)` / `_join(z, rest)`.
+    standardised part, and `_parts(x)` / `_join(z, rest)`. A subclass whose
+    statistics do not depend on `x` (only on its variables and the labels)
+    passes `is_constant_jacobian=True`: the map is then affine in `x`.
     """
 
     def __init__(self, num_classes, channels, event_ndims, dtype, parameters,
-                 name, validate_args=False):
+                 name, validate_args=False, is_constant_jacobian=False):
         _shapes.validate_event_ndims(event_ndims)
         if num_classes is not None:
             _shapes.validate_positive_int(num_classes, "num_classes")
@@ -68,6 +70,7 @@ class StandardizeBase(FlowBijector):
         self._event_ndims = event_ndims
         dtype = tf.as_dtype(dtype)
         super().__init__(forward_min_event_ndims=event_ndims, dtype=dtype,
+                         is_constant_jacobian=is_constant_jacobian,
                          validate_args=validate_args, parameters=parameters,
                          name=name)
         self._class_table = None

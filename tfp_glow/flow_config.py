@@ -23,7 +23,7 @@ import types
 
 import keras
 
-__all__ = ["builder_config", "restore_builder"]
+__all__ = ["FlowConfigMethods", "builder_config", "restore_builder"]
 
 
 def _is_registered(fn):
@@ -62,3 +62,28 @@ def restore_builder(config):
     if isinstance(flow, dict):
         config = dict(config, flow=keras.saving.deserialize_keras_object(flow))
     return config
+
+
+class FlowConfigMethods:
+    """`get_config`, `from_config` and `save` of a `FlowModel` (mixed in before
+    `keras.Model`); subclasses (`Glow`, ...) extend `_base_config()`."""
+
+    def _base_config(self):
+        """`keras.Model`'s config plus FlowModel's options (for subclasses)."""
+        return {**super().get_config(), "nonfinite": self.nonfinite,
+                "validate_args": self.validate_args, "backprop": self.backprop}
+
+    def get_config(self):
+        """The config of a model built from a registered flow builder; a flow
+        object has none (`TypeError`)."""
+        return {**self._base_config(), **builder_config(self)}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(restore_builder(config))
+
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`; a model without a config is refused before any
+        file is written (Keras opens the file first, then asks for the config)."""
+        self.get_config()
+        return super().save(filepath, *args, **kwargs)

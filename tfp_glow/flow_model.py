@@ -20,47 +20,22 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_glow import checks, flow_config, nets
-from tfp_glow.bijectors import ActNorm, data_dependent_init
-from tfp_glow.bijectors.base import walk_bijectors
+from tfp_glow import checks, nets
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
-from tfp_glow.flow_variables import FlowVariables, collect
+from tfp_glow.flow_config import FlowConfigMethods
+from tfp_glow.flow_variables import (FlowVariables, check_trainable, collect, flow_dtype,
+                                     zeros_batch)
 from tfp_glow.guard import NonfiniteGuard
+from tfp_glow.initialization import ActNormInitialization, actnorms_of
 from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.xla import warn_if_partial_last_batch
 
 tfb = tfp.bijectors
 
 __all__ = ["FlowModel"]
-
-
-def _flow_dtype(flow, policy, explicit_dtype):
-    """The float dtype of the flow: its own, the model's if given, else its variables'."""
-    if flow.dtype is not None:
-        return tf.as_dtype(flow.dtype)
-    if explicit_dtype:
-        return tf.as_dtype(policy.variable_dtype)
-    layers, plain = collect(flow)  # no probe: the variables that exist now
-    for v in [w for layer in layers for w in layer.weights] + plain:
-        if tf.as_dtype(v.dtype) in (tf.float32, tf.float64):
-            return tf.as_dtype(v.dtype)
-    return tf.float32
-
-
-def _is_actnorm(bijector):
-    # TFP's own ActNorm (inside `tfb.Glow`) initialises itself on its first
-    # call; run eagerly by `initialize`, that call sees the global batch, where
-    # inside a distributed step each replica would see its own half.
-    return isinstance(bijector, ActNorm) or type(bijector).__name__ == "ActivationNormalization"
-
-
-def _actnorm_initialized(actnorm):
-    if isinstance(actnorm, ActNorm):
-        return actnorm.is_initialized
-    return bool(actnorm._initialized.numpy())  # TFP's saved init flag
 
 
 def _dropout_seed(optimizer):
@@ -93,7 +68,7 @@ def _check_dequantizer(dequantizer, event_shape, num_bins):
 
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
-class FlowModel(DensityMethods, keras.Model):
+class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.Model):
     """Trains any flow made of tfp_glow and TFP bijectors with `Model.fit` (Keras 3).
 
     Args:
@@ -177,7 +152,7 @@ class FlowModel(DensityMethods, keras.Model):
         self.dequantizer = _check_dequantizer(dequantizer, event_shape, num_bins)
         self._density = FlowDensity(
             flow, event_shape, num_bins=num_bins, num_classes=num_classes,
-            dtype=_flow_dtype(flow, self.dtype_policy, explicit_dtype),
+            dtype=flow_dtype(flow, self.dtype_policy, explicit_dtype),
             validate_args=validate_args)
         self._guard = guard
         self._backprop = backprop
@@ -187,28 +162,16 @@ class FlowModel(DensityMethods, keras.Model):
         # Keras tracks layers assigned as a list attribute: every variable of
         # the flow becomes a model weight (fit, saving, checkpoints, strategies),
         # TFP's plain tf.Variables (and tf_keras layers') through FlowVariables.
-        layers, plain = collect(flow, *self._probe(num_classes))
+        layers, plain = collect(flow, *zeros_batch(self._density, num_classes))
         self.flow_layers = layers
         if plain:
             self.flow_variables = FlowVariables(plain, name="flow_variables")
-        self._actnorms = [b for b in walk_bijectors(flow) if _is_actnorm(b)]
+        self._actnorms = actnorms_of(flow)
         self._nll_tracker = keras.metrics.Mean(name="loss")
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
         self._uniform_bpd_tracker = keras.metrics.Mean(name="uniform_bits_per_dim")
         self._nonfinite_counter = guard.counter  # tracked, so strategies mirror it
         self.built = True
-
-    def _probe(self, num_classes):
-        """One batch of zeros (and labels) to build and watch a TFP flow's variables."""
-        x = tf.zeros([1, *self._density.event_shape], self._density.dtype)
-        if num_classes is None:
-            return x, {}
-        return x, {"conditional_input": tf.one_hot([0], num_classes, dtype=x.dtype)}
-
-    def _base_config(self):
-        """`keras.Model`'s config plus FlowModel's options (for subclasses)."""
-        return {**super().get_config(), "nonfinite": self.nonfinite,
-                "validate_args": self.validate_args, "backprop": self._backprop}
 
     @property
     def backprop(self):
@@ -248,61 +211,6 @@ class FlowModel(DensityMethods, keras.Model):
         if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
             return inputs[0], inputs[1]
         return inputs, y
-
-    # -- data-dependent initialisation -------------------------------------
-    @property
-    def is_initialized(self):
-        """True once every ActNorm (TFP's in `tfb.Glow` too) was initialised (or restored)."""
-        return all(_actnorm_initialized(a) for a in self._actnorms)
-
-    def initialize(self, x, labels=None):
-        """Data-dependent init of every ActNorm from one batch, once.
-
-        Runs `x` through the normalizing direction with
-        `data_dependent_init()`, so each ActNorm standardises the activations
-        that actually reach it. Runs eagerly; under a `tf.distribute` strategy
-        each ActNorm uses the moments of the global batch (all workers' `x`).
-        ActNorms already initialised (e.g. restored from a checkpoint) are
-        left alone.
-        """
-        if not tf.executing_eagerly():
-            raise RuntimeError("`initialize` must run eagerly, outside tf.function.")
-        spec = self._density.spec
-        x = spec.training_data(x, "x")
-        labels = spec.labels(labels, x)
-        if self.dequantizer is not None:
-            x = self.dequantizer(x)[0]  # ActNorm sees what training feeds the flow
-        with self.distribute_strategy.scope(), data_dependent_init():
-            self._density.forward_and_log_det(x, labels)
-        return self
-
-    # -- variational dequantization ------------------------------------------
-    def _bound_of(self, x, labels=None, backprop="standard"):
-        """Per example, `log p(x_q) - log q(u | k)` with the dequantizer, else `log p(x)`."""
-        if self.dequantizer is None:
-            return self._density.log_prob_of(x, labels, backprop)
-        x_q, log_q = self.dequantizer(x)
-        return self._density.log_prob_of(x_q, labels, backprop) - log_q
-
-    def variational_log_prob(self, x, labels=None):
-        """The variational bound per example: `log p(x_q) - log q(u | k)`.
-
-        `x` is dequantized data in [-0.5, 0.5] (its levels `k` and noise are
-        read off it; see `VariationalDequantizer`). Then
-        `log P(k) >= variational_log_prob(x) - D log(num_bins)`. Without a
-        dequantizer it is `log_prob(x)`, the uniform bound.
-        """
-        spec = self._density.spec
-        x = spec.training_data(x, "x")
-        labels = spec.labels(labels, x)
-        signature = self._density._signature("data")
-        return self._density._call("variational_log_prob", self._bound_of, signature,
-                                   *self._density._args(labels, x))
-
-    def variational_bits_per_dim(self, x, labels=None):
-        """`variational_log_prob` in bits/dim, `(-bound + D log(num_bins)) / (D ln 2)`:
-        the figure `fit` and `evaluate` report as `bits_per_dim`."""
-        return self._density.bits_per_dim_of(self.variational_log_prob(x, labels))
 
     # -- training ----------------------------------------------------------
     @property
@@ -368,23 +276,10 @@ class FlowModel(DensityMethods, keras.Model):
             self._bound_of(x, labels), uniform_log_prob=self._density.log_prob_of(x, labels)))
 
     def make_train_function(self, force=False):
-        """Keras' train function, followed by the NaN/inf guard's check.
-
-        The traced step never applies a non-finite update; the check after
-        each call raises (`nonfinite="raise"`) or logs (`"skip"`), before any
-        callback sees the batch, so no checkpoint callback runs after a bad
-        step in raise mode.
-        """
+        """Keras' train function, followed by the NaN/inf guard's check (`checked`)."""
         super().make_train_function(force=force)
-        function = self.train_function
-        if function is not None and not getattr(function, "_nonfinite_guard", False):
-            def guarded(iterator):
-                logs = function(iterator)
-                self._guard.check(int(getattr(self, "steps_per_execution", 1) or 1))
-                return logs
-
-            guarded._nonfinite_guard = True
-            self.train_function = guarded
+        self.train_function = self._guard.checked(
+            self.train_function, lambda: int(getattr(self, "steps_per_execution", 1) or 1))
         return self.train_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):  # see the helper
@@ -430,22 +325,8 @@ class FlowModel(DensityMethods, keras.Model):
         whose loss or gradient is NaN/inf is never applied; see the
         `nonfinite` option for what happens next.
         """
-        if not self.trainable_weights:
-            raise ValueError(
-                "This FlowModel has no trainable weights, so `fit` would train nothing: "
-                f"its flow {type(self.flow).__name__} {self.flow.name!r} holds no "
-                "trainable variable (tf.Variable, Keras layer or TFP network). Build the "
-                "flow from trainable parts (e.g. tfb.Shift(tf.Variable(0.)), a "
-                "tfp_glow.nets.MADE conditioner).")
-        first = self._first_batch(x, y, batch_size)
-        if not self.is_initialized:
-            if first is None:
-                raise ValueError(
-                    "The model is not initialised and `fit` cannot take a first batch "
-                    f"from {type(x).__name__}: call `model.initialize(batch)` first.")
-            self.initialize(*first)
-        elif first is not None:
-            self._density.spec.training_data(first[0], "x")
+        check_trainable(self)
+        self._initialize_for_fit(self._first_batch(x, y, batch_size), x)
         if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
             # Built here, eagerly: built inside the first trace of the train step,
             # its new variables make tf.function trace the whole step twice.
@@ -482,19 +363,3 @@ class FlowModel(DensityMethods, keras.Model):
             n = batch_size or 256
             return x_all[:n], (None if labels is None else labels[:n])
         return None
-
-    # -- config ------------------------------------------------------------
-    def get_config(self):
-        """The config of a model built from a registered flow builder (see
-        `tfp_glow.flow_config`); a flow object has none (`TypeError`)."""
-        return {**self._base_config(), **flow_config.builder_config(self)}
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(flow_config.restore_builder(config))
-
-    def save(self, filepath, *args, **kwargs):
-        """`keras.Model.save`; a model without a config is refused before any
-        file is written (Keras opens the file first, then asks for the config)."""
-        self.get_config()
-        return super().save(filepath, *args, **kwargs)

@@ -40,7 +40,8 @@ from tfp_glow.bijectors.base import sub_bijectors
 
 tfb = tfp.bijectors
 
-__all__ = ["FlowVariables", "SharedVariable", "collect"]
+__all__ = ["FlowVariables", "SharedVariable", "check_trainable", "collect", "flow_dtype",
+           "zeros_batch"]
 
 # How deep the attribute scan goes into containers and plain objects (a
 # callable object holding a network, a partial of one): deep enough for every
@@ -120,8 +121,9 @@ def _scan(value, depth, found):
     elif isinstance(value, dict):
         for part in value.values():
             _scan(part, depth + 1, found)
-    elif not isinstance(value, tf.Module) and hasattr(value, "__dict__"):
-        # A plain object (e.g. a callable holding a network): its attributes.
+    elif hasattr(value, "__dict__"):
+        # A plain object or tf.Module holding a network (a callable such as
+        # `nets.AutoregressiveSplineFn`): its attributes.
         for part in vars(value).values():
             _scan(part, depth + 1, found)
 
@@ -261,3 +263,36 @@ def collect(flow, probe_input=None, probe_kwargs=None):
     if hidden:
         raise _hidden_error(flow, bijectors, hidden)
     return layers, plain
+
+
+def zeros_batch(density, num_classes=None):
+    """`(x, kwargs)`: one event of zeros (and a label) for `collect`'s probe."""
+    x = tf.zeros([1, *density.event_shape], density.dtype)
+    if num_classes is None:
+        return x, {}
+    return x, {"conditional_input": tf.one_hot([0], num_classes, dtype=x.dtype)}
+
+
+def flow_dtype(flow, policy, explicit_dtype):
+    """The float dtype of the flow: its own, the model's if given, else its variables'."""
+    if flow.dtype is not None:
+        return tf.as_dtype(flow.dtype)
+    if explicit_dtype:
+        return tf.as_dtype(policy.variable_dtype)
+    layers, plain = collect(flow)  # no probe: the variables that exist now
+    for v in [w for layer in layers for w in layer.weights] + plain:
+        if tf.as_dtype(v.dtype) in (tf.float32, tf.float64):
+            return tf.as_dtype(v.dtype)
+    return tf.float32
+
+
+def check_trainable(model):
+    """A `ValueError` before `fit` on a model with nothing to train (it would loop
+    over the data and change nothing)."""
+    if not model.trainable_weights:
+        flow = model.flow
+        raise ValueError(
+            "This FlowModel has no trainable weights, so `fit` would train nothing: "
+            f"its flow {type(flow).__name__} {flow.name!r} holds no trainable variable "
+            "(tf.Variable, Keras layer or TFP network). Build the flow from trainable "
+            "parts (e.g. tfb.Shift(tf.Variable(0.)), a tfp_glow.nets.MADE conditioner).")

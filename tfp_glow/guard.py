@@ -199,6 +199,25 @@ class NonfiniteGuard:
         """Steps skipped since the last `reset` (Python int, eager)."""
         return int(self.counter.result())
 
+    def checked(self, train_function, steps_per_call):
+        """`train_function` followed by `check(steps_per_call())`, wrapped once.
+
+        The traced step never applies a non-finite update; the check after
+        each call raises (`"raise"`) or logs (`"skip"`) before any callback
+        sees the batch, so no checkpoint callback runs after a bad step in
+        raise mode.
+        """
+        if train_function is None or getattr(train_function, "_nonfinite_guard", False):
+            return train_function
+
+        def guarded(iterator):
+            logs = train_function(iterator)
+            self.check(steps_per_call())
+            return logs
+
+        guarded._nonfinite_guard = True
+        return guarded
+
     def reset(self):
         """Zeroes the counter (at the start of every `fit`)."""
         self.counter.reset_state()

@@ -283,3 +283,12 @@ def test_building_the_model_leaves_tfp_actnorm_to_the_data():
     base = tfd.Sample(tfd.Normal(0.0, 1.0), model.latent_shape)
     expected = tfd.TransformedDistribution(base, tfb.Invert(plain)).log_prob(x).numpy()
     _close(got, expected, "float32")
+
+
+def test_network_kept_only_in_the_bijectors_parameters_is_reached():
+    """With validate_args=True TFP's MAF wraps `bijector_fn` in a closure and keeps
+    the user's object only in `parameters`: its MADE is still found."""
+    spline = nets.AutoregressiveSplineFn.build(event_size=2, hidden_units=[8])
+    maf = tfb.MaskedAutoregressiveFlow(bijector_fn=spline, validate_args=True)
+    model = tfp_glow.FlowModel(tfb.Invert(maf), event_shape=(2,), num_bins=None)
+    assert _underlying(model.trainable_weights) == _underlying(spline.made.trainable_weights)

@@ -48,8 +48,10 @@ __all__ = ["FlowVariables", "SharedVariable", "check_trainable", "collect", "flo
 # conditioner wiring of TFP's flows, shallow enough never to wander off into
 # unrelated state.
 _MAX_DEPTH = 3
-# Attributes of TFP bijectors that repeat what other attributes hold.
-_SKIPPED_ATTRIBUTES = ("_parameters", "_cache", "_graph_parents", "_initial_parameter_control_dependencies")
+# Attributes of TFP bijectors that hold no state of the flow. (`_parameters`
+# is scanned: with `validate_args=True`, TFP's MAF keeps the user's
+# `bijector_fn` only there, wrapped in a closure elsewhere.)
+_SKIPPED_ATTRIBUTES = ("_cache", "_graph_parents", "_initial_parameter_control_dependencies")
 
 
 class SharedVariable(keras.Variable):
@@ -108,7 +110,7 @@ def _scan(value, depth, found):
         return
     if isinstance(value, (keras.layers.Layer, tfb.Bijector)):
         found.append(value)
-    elif not isinstance(value, tf.Module) and _holds_variables(value):
+    elif _holds_variables(value):
         found.append(value)  # a TF1 template: its variables live in a scope
     elif isinstance(value, types.MethodType):
         _scan(value.__self__, depth, found)

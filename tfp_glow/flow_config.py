@@ -65,8 +65,8 @@ def restore_builder(config):
 
 
 class FlowConfigMethods:
-    """`get_config`, `from_config` and `save` of a `FlowModel` (mixed in before
-    `keras.Model`); subclasses (`Glow`, ...) extend `_base_config()`."""
+    """`get_config`, `from_config`, `save` and `export` of a `FlowModel` (mixed
+    in before `keras.Model`); subclasses (`Glow`, ...) extend `_base_config()`."""
 
     def _base_config(self):
         """`keras.Model`'s config plus FlowModel's options (for subclasses)."""
@@ -83,7 +83,27 @@ class FlowConfigMethods:
         return super().from_config(restore_builder(config))
 
     def save(self, filepath, *args, **kwargs):
-        """`keras.Model.save`; a model without a config is refused before any
-        file is written (Keras opens the file first, then asks for the config)."""
+        """`keras.Model.save` (`.keras`, or the legacy `.h5`: load that with
+        `keras.models.load_model(path, custom_objects={"Glow": tfp_glow.Glow})`);
+        a model without a config is refused before any file is written (Keras
+        opens the file first, then asks for the config)."""
         self.get_config()
         return super().save(filepath, *args, **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None,
+               input_signature=None, **kwargs):
+        """`keras.Model.export`: the SavedModel's `serve` endpoint is `call`,
+        `log p(x)` per example.
+
+        Without `input_signature` it is `[TensorSpec([None, *event_shape])]`
+        (a batch of any size), or for a class-conditional model one
+        `(x, one-hot labels [None, num_classes])` pair; Keras itself would
+        refuse a model whose `call` it never saw. For TF Serving with
+        `log_prob`, `bits_per_dim`, `sample`, `encode`, `decode` signatures
+        use `tfp_glow.export_saved_model`.
+        """
+        if input_signature is None:
+            data, *labels = self._density._signature("data")
+            input_signature = [(data, labels[0]) if labels else data]
+        return super().export(filepath, format=format, verbose=verbose,
+                              input_signature=input_signature, **kwargs)

@@ -11,9 +11,11 @@ ActNorm and the coupling scales have settled.
   cosine decay, against the second.
 * `adamw`: AdamW whose weight decay reaches the networks only (a regulariser
   for small data sets).
+* `WarmupAdam`: Adam on that schedule with a settable peak rate (a variable),
+  so Keras's `ReduceLROnPlateau` and `LearningRateScheduler` work with it.
 * `recommended_optimizer`: what `FlowModel.compile()` with no optimizer and
-  `tfp-glow train` use: Adam, 100-step warmup to 3e-3, then constant, with
-  Polyak averaging of the weights (momentum 0.99).
+  `tfp-glow train` use: `WarmupAdam`, 100-step warmup to 3e-3, then constant,
+  with Polyak averaging of the weights (momentum 0.99).
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 `global_clipnorm=`, and `FlowModel` applies it like any other optimizer.
@@ -35,6 +37,7 @@ __all__ = [
     "NonfiniteCounter",
     "NonfiniteGuard",
     "TrainPosition",
+    "WarmupAdam",
     "WarmupSchedule",
     "adamw",
     "all_finite",
@@ -106,8 +109,13 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
+        return self.scaled(tf.constant(self.learning_rate, tf.float32), step)
+
+    def scaled(self, learning_rate, step):
+        """The schedule with `learning_rate` (a float32 tensor or variable) as
+        its peak: `WarmupAdam` passes its settable rate here."""
         step = tf.cast(step, tf.float32)
-        lr = tf.constant(self.learning_rate, tf.float32)
+        lr = learning_rate
         if self.warmup_steps > 0:
             warm = tf.minimum((step + 1.0) / float(self.warmup_steps), 1.0)
         else:
@@ -123,6 +131,41 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
                 "decay_steps": self.decay_steps, "alpha": self.alpha, "name": self.name}
+
+
+# ----------------------------------------------------------------- WarmupAdam
+@keras.saving.register_keras_serializable(package="tfp_glow")
+class WarmupAdam(keras.optimizers.Adam):
+    """Adam with a `WarmupSchedule` whose peak rate is a settable variable.
+
+    `learning_rate` is the peak (a `keras.Variable`, as for Adam with a float
+    rate): Keras's `ReduceLROnPlateau` and `LearningRateScheduler` read and
+    set it, and it is saved with the optimizer. Each step uses
+
+        WarmupSchedule(learning_rate, warmup_steps, decay_steps, alpha)(step)
+
+    computed from the variable's current value, so with the rate never set the
+    updates are bit-for-bit those of `Adam(WarmupSchedule(...))`; a rate set
+    during the warmup (or the decay) becomes the new peak the schedule scales.
+    Keras refuses to set the rate of an optimizer built on a schedule (a
+    `TypeError`), which is why `compile()` uses this one.
+    """
+
+    def __init__(self, learning_rate=RECOMMENDED_LEARNING_RATE,
+                 warmup_steps=RECOMMENDED_WARMUP_STEPS, decay_steps=None, alpha=0.0,
+                 **kwargs):
+        schedule = WarmupSchedule(learning_rate, warmup_steps, decay_steps, alpha)
+        super().__init__(learning_rate=float(learning_rate), **kwargs)
+        self.schedule = schedule
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # `learning_rate` is the variable (the peak); the step uses the schedule.
+        rate = self.schedule.scaled(tf.cast(learning_rate, tf.float32), self._iterations)
+        return super()._backend_update_step(grads, trainable_variables, rate)
+
+    def get_config(self):
+        return {**super().get_config(), "warmup_steps": self.schedule.warmup_steps,
+                "decay_steps": self.schedule.decay_steps, "alpha": self.schedule.alpha}
 
 
 # ----------------------------------------------------------------- AdamW
@@ -170,8 +213,9 @@ def recommended_optimizer(decay_steps=None, learning_rate=RECOMMENDED_LEARNING_R
                           warmup_steps=RECOMMENDED_WARMUP_STEPS,
                           ema_momentum=RECOMMENDED_EMA_MOMENTUM, weight_decay=0.0,
                           model=None, **kwargs):
-    """Adam with `WarmupSchedule(learning_rate, warmup_steps, decay_steps)` and
-    Polyak averaging of the weights.
+    """`WarmupAdam` (Adam on `WarmupSchedule(learning_rate, warmup_steps,
+    decay_steps)`, its peak rate a variable that Keras's learning-rate callbacks
+    can set) with Polyak averaging of the weights.
 
     `FlowModel.compile()` with no optimizer uses `recommended_optimizer()`: a
     linear warmup over 100 steps to 3e-3, then constant (the length of the
@@ -192,18 +236,20 @@ def recommended_optimizer(decay_steps=None, learning_rate=RECOMMENDED_LEARNING_R
         model.compile(recommended_optimizer(decay_steps=steps - 100))
 
     `ema_momentum=None` turns the averaging off. With `weight_decay` > 0 it is
-    `adamw(model, ...)` (needs `model`). `kwargs` go to the Keras optimizer
+    `adamw(model, ...)` on the schedule itself (needs `model`; its rate cannot be
+    set by callbacks). `kwargs` go to the Keras optimizer
     (`global_clipnorm`, ...).
     """
     checks.number(ema_momentum, "ema_momentum", minimum=0, maximum=1,
                   exclusive_minimum=True, exclusive_maximum=True, allow_none=True)
-    schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
-                              decay_steps=decay_steps)
     if ema_momentum is not None:
         kwargs.update(use_ema=True, ema_momentum=ema_momentum)
     if weight_decay:
         if model is None:
             raise ValueError("`recommended_optimizer(weight_decay=...)` needs `model` "
                              "(only its networks' weights are decayed).")
+        schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
+                                  decay_steps=decay_steps)
         return adamw(model, schedule, weight_decay, **kwargs)
-    return keras.optimizers.Adam(schedule, **kwargs)
+    return WarmupAdam(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                      **kwargs)

@@ -180,12 +180,23 @@ class FlowDensity:
         return self.bits_per_dim_of(self.log_prob_of(x, labels))
 
     # -- public API --------------------------------------------------------------
-    def log_prob(self, x, labels=None):
-        """`log p(x)` per example, for any finite `x` of the event shape."""
+    def log_prob(self, x, labels=None, backprop="standard"):
+        """`log p(x)` per example, for any finite `x` of the event shape.
+
+        `backprop` (`"standard"`, `"checkpoint"` or `"reversible"`) is what a
+        `tf.GradientTape` around the call keeps for the gradient (see
+        `tfp_glow.reversible`); the value is the same.
+        """
+        checks.choice(backprop, BACKPROP_MODES, "backprop")
         x = self.spec.data(x)
         labels = self.spec.labels(labels, x)
-        return self._call("log_prob", self._log_prob, self._signature("data"),
-                          *self._args(labels, x))
+        if backprop == "standard":
+            name, fn = "log_prob", self._log_prob
+        else:  # one compiled function per mode: the mode is baked into its graph
+            def fn(x, labels=None):
+                return self.log_prob_of(x, labels, backprop)
+            name = f"log_prob_{backprop}"
+        return self._call(name, fn, self._signature("data"), *self._args(labels, x))
 
     def bits_per_dim(self, x, labels=None):
         """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""

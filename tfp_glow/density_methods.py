@@ -76,9 +76,20 @@ class DensityMethods:
         return self._density.spec.validate_args
 
     # -- the density API -------------------------------------------------------
-    def log_prob(self, x, labels=None):
-        """`log p(x)` per example, for any finite `x` of the event shape."""
-        return self._density.log_prob(x, labels)
+    def log_prob(self, x, labels=None, backprop=None):
+        """`log p(x)` per example, for any finite `x` of the event shape.
+
+        `backprop` is what a `tf.GradientTape` around this call keeps for the
+        gradient, as the model's `backprop` option is for `fit`: None (the
+        model's setting), `"standard"`, `"checkpoint"` or `"reversible"`. A
+        custom training loop gets the memory of `fit`:
+
+            with tf.GradientTape() as tape:
+                loss = -tf.reduce_mean(model.log_prob(x, backprop="reversible"))
+            grads = tape.gradient(loss, model.trainable_variables)
+        """
+        mode = getattr(self, "backprop", "standard") if backprop is None else backprop
+        return self._density.log_prob(x, labels, mode)
 
     def bits_per_dim(self, x, labels=None):
         """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""

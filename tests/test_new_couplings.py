@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 from tfp_glow import FlowModel, nets
 from tfp_glow.bijectors import ActNorm, InvertibleConv1x1, MultiScaleFlow
 from tfp_glow.bijectors.base import walk_bijectors
+from tfp_glow.bijectors.coupling import checkerboard_mask_np
 from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
 from tfp_glow.bijectors.spline_coupling import (RationalQuadraticSplineCoupling,
                                                 rational_quadratic_spline)
@@ -147,7 +148,7 @@ def test_spline_matches_tfp_rational_quadratic_spline(dtype):
 
 
 def test_mol_matches_numpy_mixture_cdf():
-    """`y = logit(sum pi_k sigmoid((x - mu_k) / s_k)) exp(a) + t`, in NumPy."""
+    """`y = logit(sum pi_k sigmoid((x - mu_k) / s_k)) exp(a) + t + m x`, in NumPy."""
     b, x = make("mol", "channel", 0, IMAGE, tf.float64)
     y, ldj = b.forward_and_log_det(x)
     x_b = x.numpy()[..., :2]
@@ -161,8 +162,10 @@ def test_mol_matches_numpy_mixture_cdf():
     sig = 1.0 / (1.0 + np.exp(-(x_a[..., None] - mu) / s))
     cdf = (pi * sig).sum(-1)
     pdf = (pi * sig * (1 - sig) / s).sum(-1)
-    expected_y = np.log(cdf / (1 - cdf)) * np.exp(a) + t
-    expected_ldj = (np.log(pdf / (cdf * (1 - cdf))) + a).sum(axis=(1, 2, 3))
+    m = b.min_derivative
+    assert m == 1e-3
+    expected_y = np.log(cdf / (1 - cdf)) * np.exp(a) + t + m * x_a
+    expected_ldj = np.log(pdf / (cdf * (1 - cdf)) * np.exp(a) + m).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(y.numpy()[..., 2:], expected_y, atol=1e-10)
     np.testing.assert_array_equal(y.numpy()[..., :2], x_b)
     np.testing.assert_allclose(ldj, expected_ldj, atol=1e-9)
@@ -250,6 +253,8 @@ def _net(units, shape=IMAGE):
     ({"min_bin_width": 0.25}, ValueError, "min_bin_width"),
     ({"min_bin_height": 0.0}, ValueError, "min_bin_height"),
     ({"min_derivative": 1.0}, ValueError, "min_derivative"),
+    ({"max_derivative_ratio": 0.5}, ValueError, "max_derivative_ratio"),
+    ({"max_derivative_ratio": "3"}, TypeError, "max_derivative_ratio"),
     ({"mask": "stripes"}, ValueError, "mask"),
 ])
 def test_spline_bad_arguments(kwargs, error, match):
@@ -263,6 +268,8 @@ def test_spline_bad_arguments(kwargs, error, match):
     ({"num_components": 2.0}, TypeError, "num_components"),
     ({"bisection_steps": 0}, ValueError, "bisection_steps"),
     ({"bisection_steps": True}, TypeError, "bisection_steps"),
+    ({"min_derivative": 1.0}, ValueError, "min_derivative"),
+    ({"min_derivative": -1e-3}, ValueError, "min_derivative"),
     ({"parity": 2}, ValueError, "parity"),
 ])
 def test_mol_bad_arguments(kwargs, error, match):
@@ -369,3 +376,131 @@ def test_glow_coupling_options_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
                       hidden_channels=8, num_bins=17, **kwargs)
+
+
+# ---------------------------------------------- the derivative's floor, output_units_for
+
+LARGE_PERTURBATION_CASES = [("spline", "channel", 0, IMAGE), ("spline", "checkerboard", 1, VECTOR),
+                            ("mol", "checkerboard", 0, IMAGE), ("mol", "channel", 1, VECTOR)]
+
+
+def _perturbed_by(b, scale, seed):
+    """`v += scale * N(0, 1)` on every variable (stateless draws)."""
+    for i, v in enumerate(b.trainable_variables):
+        v.assign_add(scale * tf.random.stateless_normal(v.shape, [seed, i], dtype=v.dtype))
+    return b
+
+
+def _documented_floor(b):
+    """The least dy/dx each coupling's docstring promises."""
+    if isinstance(b, LogisticMixtureCoupling):
+        return b.min_derivative
+    k, r = b.num_bins, b.max_derivative_ratio
+    s_min = b._min_height / (1.0 - (k - 1) * b._min_width)
+    return min(b._min_derivative, 8.0 * s_min / (2.0 + r) ** 2)
+
+
+def _transformed(b, shape):
+    """Where `b` transforms (True) and copies (False), broadcast to `shape`."""
+    if b.mask == "checkerboard":
+        return np.broadcast_to(checkerboard_mask_np(shape, b.parity) < 0.5, shape)
+    half = np.arange(shape[-1]) >= shape[-1] // 2
+    return np.broadcast_to(half if b.parity == 0 else ~half, shape)
+
+
+def _slopes(b, x):
+    """`y` and `dy/dx` of every element (1 where copied): a transformed element
+    is the only one of the transformed outputs that depends on its input."""
+    a = tf.constant(_transformed(b, x.shape[1:]))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = b.forward(x)
+        transformed_sum = tf.reduce_sum(tf.where(a, y, tf.zeros_like(y)))
+    return y, tf.where(a, tape.gradient(transformed_sum, x), tf.ones_like(x))
+
+
+# Round trips of float32 x in about [-5, 5] after `v += 0.3 N(0, 1)`: the error
+# is about eps * (size of y's terms) / (dy/dx), so the floor (5.6e-5 for the
+# spline, whose y stays in [-4, 4]; 1e-3 for the mixture, whose y has terms in
+# the hundreds) sets it.
+# Before the floors: 0.16 (spline) and 1.0 (mixture).
+PERTURBED_ROUND_TRIP_ATOL = {"spline": 2e-3, "mol": 1e-2}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind,mask,parity,shape", LARGE_PERTURBATION_CASES, ids=IDS)
+def test_float32_derivative_bounded_and_round_trip_after_a_large_perturbation(
+        kind, mask, parity, shape, seed):
+    """After `v += 0.3 N(0, 1)` on every weight the map's derivative stays above
+    the documented floor (it reached 2e-6 for the spline, 0 for the mixture)
+    and float32 round trips hold both ways."""
+    keras.utils.set_random_seed(seed)  # the nets' hidden layers start random
+    b, _ = make(kind, mask, parity, shape, tf.float32, perturb=0.0)
+    _perturbed_by(b, 0.3, seed)
+    x = 1.5 * tf.random.stateless_normal((64,) + shape, [seed, 999])
+    y, slopes = _slopes(b, x)
+    assert float(tf.reduce_min(slopes)) >= _documented_floor(b) * (1 - 1e-3)
+    atol = PERTURBED_ROUND_TRIP_ATOL[kind]
+    np.testing.assert_allclose(b.inverse(tf.identity(y)), x, atol=atol, rtol=0)
+    z = 1.5 * tf.random.stateless_normal((64,) + shape, [seed, 5])
+    np.testing.assert_allclose(b.forward(tf.identity(b.inverse(z))), z, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["spline", "mol"])
+def test_bounds_off_give_the_earlier_maps(kind):
+    """`max_derivative_ratio=None` / `min_derivative=0`: the maps of models saved
+    before the bounds (the spline's is TFP's, checked above; the mixture's
+    differs by `m x`), which are not bounded below."""
+    cls, options = ((RationalQuadraticSplineCoupling,
+                     {"num_bins": 5, "max_derivative_ratio": None}) if kind == "spline" else
+                    (LogisticMixtureCoupling, {"num_components": 3, "min_derivative": 0.0}))
+    least = []
+    for seed in range(4):
+        keras.utils.set_random_seed(seed)
+        b, _ = make(kind, "checkerboard", 0, IMAGE, perturb=0.0)
+        _perturbed_by(b, 0.3, seed)
+        unbounded = cls(b.net, event_shape=IMAGE, mask="checkerboard", **options)  # same net
+        x = 1.5 * tf.random.stateless_normal((64,) + IMAGE, [seed, 999])
+        least.append(float(tf.reduce_min(_slopes(unbounded, x)[1])))
+        if kind == "mol":
+            transformed = _transformed(b, IMAGE)
+            np.testing.assert_allclose(b.forward(x) - unbounded.forward(x),
+                                       np.where(transformed, 1e-3 * x.numpy(), 0.0),
+                                       atol=1e-4, rtol=0)
+    assert min(least) < _documented_floor(b) / 10, least
+
+
+@pytest.mark.parametrize("mask,shape", [("channel", IMAGE), ("checkerboard", IMAGE),
+                                        ("channel", VECTOR), ("checkerboard", VECTOR)])
+@pytest.mark.parametrize("cls,option,value", [
+    (RationalQuadraticSplineCoupling, "num_bins", 5),
+    (RationalQuadraticSplineCoupling, "num_bins", 8),
+    (LogisticMixtureCoupling, "num_components", 3),
+    (LogisticMixtureCoupling, "num_components", 4),
+])
+def test_output_units_for_is_what_the_coupling_consumes(cls, option, value, mask, shape):
+    """`output_units_for` is the network size the coupling asks its factory
+    for and reads from a ready network: `(3K - 1) C_a` for the spline,
+    `(3K + 2) C_a` for the mixture (not 2, as it was)."""
+    asked = []
+
+    def factory(units):
+        asked.append(units)
+        return _net(units, shape)
+
+    units = cls.output_units_for(shape, mask, **{option: value})
+    c_a = shape[-1] // 2 if mask == "channel" else shape[-1]
+    assert units == cls.outputs_per_channel(value) * c_a
+    b = cls(factory, mask=mask, event_shape=shape, **{option: value})
+    assert asked == [units] and b.output_units == units
+    x = tf.random.stateless_normal((2,) + shape, [1, 2])
+    np.testing.assert_allclose(b.inverse(tf.identity(b.forward(x))), x, atol=1e-5)
+    cls(_net(units, shape), mask=mask, event_shape=shape, **{option: value}).forward(x)
+    with pytest.raises(ValueError, match=f"must return {units} channels"):
+        cls(_net(units - 1, shape), mask=mask, event_shape=shape, **{option: value})
+
+
+@pytest.mark.parametrize("cls", [RationalQuadraticSplineCoupling, LogisticMixtureCoupling])
+def test_output_units_for_defaults_are_the_constructors(cls):
+    b = cls(lambda units: _net(units), event_shape=IMAGE)
+    assert cls.output_units_for(IMAGE) == b.output_units

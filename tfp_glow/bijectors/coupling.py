@@ -25,7 +25,9 @@ either
 
 `output_units_for(event_shape, mask)` (and the `output_units` property) give
 that count: `k * C_a`, with `k` outputs per transformed channel (1 for
-additive, 2 for affine) and `C_a = C / 2` (channel mask) or `C` (checkerboard).
+additive, 2 for affine, `3K - 1` for a K-bin spline and `3K + 2` for a
+K-component mixture, whose `output_units_for` also take `num_bins` /
+`num_components`) and `C_a = C / 2` (channel mask) or `C` (checkerboard).
 
 Mixed precision: the network computes in its own dtype policy (e.g.
 `"mixed_bfloat16"`); the conditioning part is cast to the network's compute

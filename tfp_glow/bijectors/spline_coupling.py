@@ -10,7 +10,8 @@ from tfp_glow.bijectors.coupling import CouplingBase
 __all__ = ["RationalQuadraticSplineCoupling", "rational_quadratic_spline"]
 
 
-def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_derivative):
+def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_derivative,
+                    max_derivative_ratio=None):
     """Knots `(x_k, y_k)`, `k = 0..K`, and knot derivatives `d_k` from raw outputs."""
     dtype = raw_w.dtype
     num_bins = raw_w.shape[-1]
@@ -31,21 +32,35 @@ def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_
     inner_d = min_derivative + tf.nn.softplus(raw_d + tf.constant(offset, dtype))
     ones = tf.ones_like(raw_d[..., :1])
     derivatives = tf.concat([ones, inner_d, ones], axis=-1)  # linear tails: d = 1
-    return (knots(raw_w, min_width), knots(raw_h, min_height), derivatives)
+    xs, ys = knots(raw_w, min_width), knots(raw_h, min_height)
+    if max_derivative_ratio is not None:
+        # d_k <= R min(s_{k-1}, s_k): a knot derivative far above a bin's slope
+        # makes the middle of that bin nearly flat (dy/dx ~ 2 s^2 / d).
+        slopes = (ys[..., 1:] - ys[..., :-1]) / (xs[..., 1:] - xs[..., :-1])
+        ceiling = tf.constant(max_derivative_ratio, dtype) * tf.concat(
+            [slopes[..., :1], tf.minimum(slopes[..., :-1], slopes[..., 1:]), slopes[..., -1:]],
+            axis=-1)
+        derivatives = tf.minimum(derivatives, ceiling)
+    return xs, ys, derivatives
 
 
 def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=False,
-                              min_width=1e-3, min_height=1e-3, min_derivative=1e-3):
+                              min_width=1e-3, min_height=1e-3, min_derivative=1e-3,
+                              max_derivative_ratio=None):
     """Elementwise monotone RQ spline on `[-B, B]`, identity outside.
 
     `raw_w`, `raw_h`: `[..., K]` (bin widths and heights before a softmax),
     `raw_d`: `[..., K - 1]` (interior knot derivatives before a softplus); `x`
     has their shape without the last axis. Returns `(y, log|dy/dx|)` (or
     `(x, log|dx/dy|)` with `inverse=True`), both shaped like `x`.
+    `max_derivative_ratio` (`R`): None gives the NSF paper's spline (TFP's
+    `RationalQuadraticSpline` on the same knots), whose derivative is bounded
+    below only at the knots; a number caps every knot derivative at `R` times
+    its bins' slopes, which bounds it everywhere.
     See `RationalQuadraticSplineCoupling` for the formulas.
     """
     xs, ys, ds = _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height,
-                                 min_derivative)
+                                 min_derivative, max_derivative_ratio)
     b = tf.constant(tail_bound, x.dtype)
     inside = (x >= -b) & (x <= b)
     # The spline branch is evaluated on clipped values so that the branch
@@ -98,17 +113,44 @@ class RationalQuadraticSplineCoupling(CouplingBase):
 
         w_k = 2B (m_w + (1 - K m_w) softmax(w~)_k),   x_0 = -B, x_K = B
         h_k = 2B (m_h + (1 - K m_h) softmax(h~)_k),   y_0 = -B, y_K = B
-        d_k = m_d + softplus(d~_k + log(e^(1 - m_d) - 1)),  d_0 = d_K = 1
+        s_k = h_k / w_k                                (the slope of bin k)
+        d_k = min(m_d + softplus(d~_k + log(e^(1 - m_d) - 1)), R min(s_{k-1}, s_k))
+        d_0 = min(1, R s_0),   d_K = min(1, R s_{K-1})
 
-    (`m_w, m_h, m_d` the minimum width, height and derivative). In bin `k`,
-    with `s_k = h_k / w_k` and `xi = (x - x_k) / w_k` in [0, 1]:
+    (`m_w, m_h, m_d` the minimum width, height and knot derivative, `R` the
+    `max_derivative_ratio`). In bin `k`, with `xi = (x - x_k) / w_k` in [0, 1]:
 
         y = y_k + h_k (s_k xi^2 + d_k xi (1 - xi)) / D,
         D = s_k + (d_{k+1} + d_k - 2 s_k) xi (1 - xi)
         dy/dx = s_k^2 (d_{k+1} xi^2 + 2 s_k xi (1 - xi) + d_k (1 - xi)^2) / D^2
 
     and `y = x` outside `[-B, B]` (linear tails; `d_0 = d_K = 1` keeps the
-    map C^1). The inverse solves `a xi^2 + b xi + c = 0` in bin `k` of `y`:
+    map C^1, unless an end bin is flatter than `1 / R`).
+
+    The bound on the derivative. The NSF paper's `m_d` bounds it at the knots
+    only: in a bin whose knot derivatives are far above its slope the middle
+    is nearly flat (`dy/dx ~ 2 s_k^2 / d` at `xi = 1/2`; 2e-6 seen after a
+    0.3 perturbation of a net's weights), where float32 cannot invert it
+    (`x` is lost in the rounding of `y`). With every `d_k <= R s_k` in both
+    of its bins, `m = min(d_k, d_{k+1}) / s_k` and `t = xi (1 - xi)` the
+    numerator above is at least `s_k^3 (m + (2 - 2m) t)` and `D` at most
+    `s_k (1 + (m + R - 2) t)`; their ratio, a linear function of `t` over the
+    square of another, is smallest at `t = 0` or `t = 1/4`, so for `R >= 1`
+
+        dy/dx >= min(d_k, d_{k+1}, 8 s_k / (2 + R)^2)
+              >= min(m_d, 8 s_min / (2 + R)^2),   s_min = m_h / (1 - (K - 1) m_w)
+
+    everywhere: 5.6e-5 at the defaults (`R = 10`, `K = 8`; 1.8e-4 was the
+    least seen after a 0.3 perturbation of a net's weights), and the round
+    trip of float32 `x` in `[-B, B]` is good to about `ulp(B) / (dy/dx)`. The
+    log-det below is that of this bounded map. A cap of 10 fitted the
+    checkerboard density as well as no cap (`benchmarks/toy_kl.py --flow
+    spline --density checkerboard --epochs 15 --train-samples 30000`: KL
+    0.1061 against 0.1054 nats, standard error 0.0018); a cap of 3 did worse
+    (0.1164). `max_derivative_ratio=None` removes the cap: the map of models
+    saved before it existed, and of the NSF paper.
+
+    The inverse solves `a xi^2 + b xi + c = 0` in bin `k` of `y`:
 
         a = h_k (s_k - d_k) + (y - y_k)(d_{k+1} + d_k - 2 s_k)
         b = h_k d_k - (y - y_k)(d_{k+1} + d_k - 2 s_k)
@@ -128,7 +170,10 @@ class RationalQuadraticSplineCoupling(CouplingBase):
       num_bins: `K >= 2`.
       tail_bound: `B > 0`; the spline acts on `[-B, B]`.
       min_bin_width, min_bin_height: in `(0, 1/K)`, fractions of `2B`.
-      min_derivative: `m_d` in `(0, 1)`.
+      min_derivative: `m_d` in `(0, 1)`, the least knot derivative.
+      max_derivative_ratio: `R >= 1` (default 10), the cap on each knot
+        derivative relative to its bins' slopes that bounds `dy/dx` below
+        everywhere (above); None: no cap (the map before this option).
       mask, parity, event_shape, event_ndims, dtype: as `AffineCoupling`.
 
     #### Examples
@@ -150,7 +195,7 @@ class RationalQuadraticSplineCoupling(CouplingBase):
     def __init__(self, net, num_bins=8, tail_bound=4.0, min_bin_width=1e-3,
                  min_bin_height=1e-3, min_derivative=1e-3, mask="channel", parity=0,
                  event_shape=None, event_ndims=3, dtype=tf.float32, validate_args=False,
-                 name="spline_coupling"):
+                 name="spline_coupling", max_derivative_ratio=10.0):
         parameters = dict(locals())
         num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
         self._tail_bound = checks.number(tail_bound, "tail_bound", minimum=0.0,
@@ -164,6 +209,8 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         self._min_derivative = checks.number(min_derivative, "min_derivative", minimum=0.0,
                                              maximum=1.0, exclusive_minimum=True,
                                              exclusive_maximum=True)
+        self._max_derivative_ratio = checks.number(
+            max_derivative_ratio, "max_derivative_ratio", minimum=1.0, allow_none=True)
         self._num_bins = num_bins
         # Per instance: the number of network outputs depends on `num_bins`.
         self._outputs_per_channel = self.outputs_per_channel(num_bins)
@@ -176,6 +223,12 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         """`3 K - 1`: K widths, K heights, K - 1 interior derivatives."""
         return 3 * checks.positive_int(num_bins, "num_bins", minimum=2) - 1
 
+    @classmethod
+    def output_units_for(cls, event_shape, mask="channel", num_bins=8):
+        """Output channels the network needs for inputs of `event_shape`:
+        `(3 K - 1) C_a`, `C_a = C // 2` (mask="channel") or `C` ("checkerboard")."""
+        return cls.outputs_per_channel(num_bins) * cls._transformed_channels(event_shape, mask)
+
     @property
     def num_bins(self):
         return self._num_bins
@@ -184,6 +237,10 @@ class RationalQuadraticSplineCoupling(CouplingBase):
     def tail_bound(self):
         return self._tail_bound
 
+    @property
+    def max_derivative_ratio(self):
+        return self._max_derivative_ratio
+
     def _spline(self, x, h, inverse):
         k = self._num_bins
         params = tf.reshape(h, tf.concat([tf.shape(x), [3 * k - 1]], 0))
@@ -191,7 +248,8 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         return rational_quadratic_spline(
             x, raw_w, raw_h, raw_d, self._tail_bound, inverse=inverse,
             min_width=self._min_width, min_height=self._min_height,
-            min_derivative=self._min_derivative)
+            min_derivative=self._min_derivative,
+            max_derivative_ratio=self._max_derivative_ratio)
 
     def _transform(self, x_a, h):
         return self._spline(x_a, h, inverse=False)

@@ -15,9 +15,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 import tfp_glow
 from tfp_glow import training
+from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
 
 
@@ -84,10 +86,19 @@ def test_item2_layer_names_are_unique_and_legacy_h5_round_trips(tmp_path, digits
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
     paths = [w.path for w in model.weights]
     assert len(set(paths)) == len(paths)
-    # Two models in one process: each has unique names of its own.
-    other = _glow(steps_per_level=2)
-    other_names = [layer.name for layer in other._flatten_layers()]
-    assert len(set(other_names)) == len(other_names)
+    # The bijectors' parameter layers get the same names in every instance
+    # (tests and users look their weights up by path).
+    def params(m):
+        return [w.path for layer in m.flow_layers
+                if isinstance(layer, ParameterLayer) for w in layer.weights]
+    assert params(_glow(steps_per_level=2)) == params(model)
+    assert len(set(params(model))) == len(params(model))
+    # A hand-built chain of default-named bijectors: renamed per model, in order.
+    chain = tfp.bijectors.Chain([tfp_glow.bijectors.ActNorm(2, event_ndims=1),
+                                 tfp_glow.bijectors.ActNorm(2, event_ndims=1)])
+    plain = tfp_glow.FlowModel(chain, event_shape=(2,), num_bins=None)
+    assert sorted(layer.name for layer in plain.flow_layers) == [
+        "act_norm_params", "act_norm_params_1"]
 
     model.initialize(x)
     _perturbed(model)

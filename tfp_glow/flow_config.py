@@ -23,7 +23,31 @@ import types
 
 import keras
 
-__all__ = ["FlowConfigMethods", "builder_config", "restore_builder"]
+__all__ = ["FlowConfigMethods", "builder_config", "restore_builder", "unique_layer_names"]
+
+
+def unique_layer_names(model):
+    """Renames layers of `model` that share a name: `name_1`, `name_2`, ... in
+    the model's layer order (the first keeps its name).
+
+    Bijectors often share a default name (`act_norm`, `invertible_conv1x1`), so
+    their parameter layers do; Keras's legacy `.h5` format writes one group per
+    layer name. Per model, so the same flow gets the same names in every
+    process; `.keras`, `.weights.h5` and checkpoints do not key on layer names.
+    """
+    layers = list(model._flatten_layers(include_self=False))
+    taken = {layer.name for layer in layers}
+    seen = set()
+    for layer in layers:
+        if layer.name not in seen:
+            seen.add(layer.name)
+            continue
+        k = 1
+        while f"{layer.name}_{k}" in taken:
+            k += 1
+        layer.name = f"{layer.name}_{k}"
+        taken.add(layer.name)
+        seen.add(layer.name)
 
 
 def _is_registered(fn):

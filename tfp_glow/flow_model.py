@@ -25,7 +25,7 @@ from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
 from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
-from tfp_glow.flow_config import FlowConfigMethods
+from tfp_glow.flow_config import FlowConfigMethods, unique_layer_names
 from tfp_glow.flow_variables import (FlowVariables, check_trainable, collect, flow_dtype,
                                      zeros_batch)
 from tfp_glow.guard import NonfiniteGuard
@@ -171,6 +171,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         self._bpd_tracker = keras.metrics.Mean(name="bits_per_dim")
         self._uniform_bpd_tracker = keras.metrics.Mean(name="uniform_bits_per_dim")
         self._nonfinite_counter = guard.counter  # tracked, so strategies mirror it
+        unique_layer_names(self)  # legacy .h5 needs one name per layer
         self.built = True
 
     @property

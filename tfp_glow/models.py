@@ -121,10 +121,11 @@ def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="
                                   dtype=dtype, **(coupling_kwargs or {}))
 
 
-def _permutation(kind, channels, seed, event_ndims=3, dtype="float32"):
+def _permutation(kind, channels, seed, event_ndims=3, dtype="float32",
+                 name="invertible_conv1x1"):
     if kind in ("conv_lu", "conv"):
         return InvertibleConv1x1(channels, lu=(kind == "conv_lu"), seed=seed,
-                                 event_ndims=event_ndims, dtype=dtype)
+                                 event_ndims=event_ndims, dtype=dtype, name=name)
     return channel_permutation(kind, channels, seed=seed)
 
 
@@ -266,7 +267,8 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
         for k in range(steps_per_level):
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
             steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
-                      _permutation(permutation, c, step_seed, dtype=dtype),
+                      _permutation(permutation, c, step_seed, dtype=dtype,
+                                   name=f"invertible_conv1x1_{level}_{k}"),
                       _coupling(coupling, shape, hidden_channels, dtype=dtype,
                                 net_dtype=net_dtype, dropout=dropout,
                                 last_kernel=last_kernel, coupling_kwargs=coupling_kwargs,

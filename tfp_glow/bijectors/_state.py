@@ -6,7 +6,6 @@ them before any data flows.
 """
 
 import keras
-from keras.src.utils import naming
 
 
 class ParameterLayer(keras.layers.Layer):
@@ -14,17 +13,10 @@ class ParameterLayer(keras.layers.Layer):
 
     `add(name, shape, initializer, trainable)` creates a weight and returns it;
     the bijector keeps the returned variable and reads it inside its math.
-
-    The layer's name is made unique in the process as Keras names its own
-    layers (`act_norm_params`, `act_norm_params_1`, ...): bijectors of a
-    flow often share a default name, and Keras's legacy `.h5` format and its
-    weight paths need one name per layer. `.keras`, `.weights.h5` and
-    `tf.train.Checkpoint` files do not depend on layer names.
     """
 
     def __init__(self, dtype="float32", name=None):
-        super().__init__(dtype=dtype, name=None if name is None else naming.uniquify(name),
-                         trainable=True)
+        super().__init__(dtype=dtype, name=name, trainable=True)
         self.built = True
 
     def add(self, name, shape, initializer="zeros", trainable=True):

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from tfp_glow.images import image_grid, save_png
+from tfp_glow.images import image_grid, label_grid, save_png
 
 # Five anchors of matplotlib's "viridis", interpolated linearly.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
@@ -69,8 +69,9 @@ def density_panels_png(panels, titles, path, extent):
         panel = np.asarray(panel, np.float64)
         images.append(_colormap(panel / max(panel.max(), 1e-12)))
     size = max(1, 256 // images[0].shape[0])
-    grid = image_grid(np.stack([_upscale(im, size) for im in images]), rows=1, border=4)
-    return save_png(grid, path)
+    tiles = np.stack([_upscale(im, size) for im in images])
+    grid = image_grid(tiles, rows=1, border=4)
+    return save_png(label_grid(grid, tiles.shape[1:3], border=4, column_labels=titles), path)
 
 
 def scatter_png(point_sets, titles, path, extent=3.0, bins=128):

@@ -53,17 +53,19 @@ def main(argv=None):
     result = model.evaluate(test, verbose=0, return_dict=True)
     print(f"test bits/dim: {result['bits_per_dim']:.3f} (variational bound; uniform "
           f"dequantization {result['uniform_bits_per_dim']:.3f})")
+    caption = f"Glow on digits, test {result['bits_per_dim']:.3f} bits/dim"
 
     # 1. Samples at openai/glow's picture temperature.
     x = model.sample(64, temperature=0.7, seed=args.seed)
     tfp_glow.save_image_grid(x, os.path.join(args.output, "samples.png"), num_bins=bins,
-                             rows=8, upscale=4)
+                             rows=8, upscale=4, title=f"{caption}, T = 0.7")
 
     # 2. Temperature sweep: one row per T, the same latents scaled by T.
     rows = [model.sample(10, temperature=t, seed=args.seed) for t in TEMPERATURES]
     tfp_glow.save_image_grid(np.concatenate(rows),
                              os.path.join(args.output, "temperature_sweep.png"),
-                             num_bins=bins, rows=len(TEMPERATURES), upscale=4)
+                             num_bins=bins, rows=len(TEMPERATURES), upscale=4,
+                             title=caption, row_labels=[f"T = {t:g}" for t in TEMPERATURES])
 
     # 3. Interpolation: decode (1 - t) f(a) + t f(b) between pairs of test digits.
     images = np.asarray(next(iter(data.digits_dataset("test", 360, dequantize=False,
@@ -74,7 +76,9 @@ def main(argv=None):
     # [steps, pairs, 8, 8, 1] -> one row per pair
     path = np.transpose(np.asarray(path), (1, 0, 2, 3, 4)).reshape(-1, 8, 8, 1)
     tfp_glow.save_image_grid(path, os.path.join(args.output, "interpolation.png"),
-                             num_bins=bins, rows=6, upscale=4)
+                             num_bins=bins, rows=6, upscale=4,
+                             title="Glow: latent interpolation, t = 0 ... 1",
+                             row_labels=[f"pair {i + 1}" for i in range(6)])
     print(f"wrote samples.png, temperature_sweep.png, interpolation.png to {args.output}")
 
 

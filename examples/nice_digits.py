@@ -45,14 +45,16 @@ def main(argv=None):
     bpd = model.evaluate(test, verbose=0, return_dict=True)["bits_per_dim"]
     print(f"NICE test bits/dim: {bpd:.3f} ({model.count_params():,} parameters)")
 
+    caption = f"NICE on digits, test {bpd:.3f} bits/dim"
     x = model.sample(64, temperature=0.7, seed=args.seed)
     tfp_glow.save_image_grid(x, os.path.join(args.output, "samples.png"), num_bins=bins,
-                             rows=8, upscale=4)
-    rows = [model.sample(10, temperature=t, seed=args.seed)
-            for t in (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)]
+                             rows=8, upscale=4, title=f"{caption}, T = 0.7")
+    temperatures = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
+    rows = [model.sample(10, temperature=t, seed=args.seed) for t in temperatures]
     tfp_glow.save_image_grid(np.concatenate(rows),
                              os.path.join(args.output, "temperature_sweep.png"),
-                             num_bins=bins, rows=6, upscale=4)
+                             num_bins=bins, rows=len(temperatures), upscale=4,
+                             title=caption, row_labels=[f"T = {t:g}" for t in temperatures])
     print(f"wrote samples.png and temperature_sweep.png to {args.output}")
 
 

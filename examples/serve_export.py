@@ -71,7 +71,8 @@ def main(argv=None):
         num=tf.constant(16), temperature=tf.constant(0.7),
         seed=tf.constant(args.seed, tf.int64))["samples"]
     png = os.path.join(args.output, "served_samples.png")
-    tfp_glow.save_image_grid(samples, png, num_bins=model.num_bins, rows=4, upscale=4)
+    tfp_glow.save_image_grid(samples, png, num_bins=model.num_bins, rows=4, upscale=4,
+                             title="served 'sample' signature, T = 0.7")
     print(f"wrote {png}")
 
     x = next(iter(data.digits_dataset("test", 4, dequantize=False, shuffle=False)))

@@ -92,10 +92,14 @@ def test_train_interrupted_then_resumed_by_rerunning(digits_run):
 def test_train_writes_images_metrics_model_and_savedmodel(digits_run):
     run = digits_run["run"]
     size, pixels = _png(os.path.join(run, "samples.png"))
-    assert size == _grid_size(8, 8, 32)  # 64 digits, 8x8 upscaled to 32x32
+    # 64 digits, 8x8 upscaled to 32x32, under a caption band (model, bits/dim, T)
+    grid = _grid_size(8, 8, 32)
+    assert size[0] == grid[0] and size[1] > grid[1] + 10
     assert pixels.dtype == np.uint8 and pixels.std() > 10  # not a blank image
+    # One row per temperature, each labelled in a band on its left, under a caption.
     size, _ = _png(os.path.join(run, "temperature_sweep.png"))
-    assert size == _grid_size(len(cli.TEMPERATURES), 10, 32)
+    grid = _grid_size(len(cli.TEMPERATURES), 10, 32)
+    assert size[0] > grid[0] + 20 and size[1] > grid[1] + 10
     assert _png(os.path.join(run, "samples", "samples_epoch_002.png"))[0] == _grid_size(
         8, 8, 32)
 
@@ -230,8 +234,11 @@ def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)
     assert math.isfinite(metrics["test_bits_per_dim"])
-    assert _png(os.path.join(run, "samples.png"))[0] == _grid_size(8, 8, 32)
-    assert _png(os.path.join(run, "temperature_sweep.png"))[0] == _grid_size(6, 10, 32)
+    # Captioned grids (above), the sweep's rows labelled on the left.
+    (w, h), grid = _png(os.path.join(run, "samples.png"))[0], _grid_size(8, 8, 32)
+    assert w == grid[0] and h > grid[1]
+    (w, h), grid = _png(os.path.join(run, "temperature_sweep.png"))[0], _grid_size(6, 10, 32)
+    assert w > grid[0] and h > grid[1]
     assert not os.path.exists(os.path.join(run, "samples"))  # --sample-every 0
     assert not os.path.exists(os.path.join(run, "export"))  # --no-export
     model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
@@ -267,9 +274,13 @@ def test_recipe_train_is_the_command_without_flags(tmp_path):
     assert config["model_class"] == "NICE" and config["lr_decay"] == "none"
     assert type(loaded).__name__ == "NICE"
     # 2-D points are drawn as 128 x 128 histograms with 2-pixel borders: one
-    # panel of samples, one per temperature in the sweep.
-    assert _png(result.paths["samples"])[0] == (132, 132)
-    assert _png(result.paths["sweep"])[0] == (len(recipe.TEMPERATURES) * 130 + 2, 132)
+    # panel of samples, one per temperature in the sweep, under a caption band
+    # (and the sweep's "T = ..." band above its panels); a caption wider than
+    # the one panel widens the picture.
+    (w, h) = _png(result.paths["samples"])[0]
+    assert w >= 132 and h > 132
+    (w, h_sweep) = _png(result.paths["sweep"])[0]
+    assert w == len(recipe.TEMPERATURES) * 130 + 2 and h_sweep > h
     assert not os.path.exists(result.paths["export"])
 
 

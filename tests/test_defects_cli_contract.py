@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 import tfp_glow
@@ -270,3 +271,100 @@ def test_import_after_keras_chose_tensorflow_ignores_a_later_keras_backend():
                    KERAS_BACKEND="")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "tensorflow Glow\n"
+
+
+# ------------------------------------------------------------------ labelled pictures
+
+def _png_array(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _inked(region):
+    """True if `region` has text on it (dark pixels on the white band)."""
+    return bool(np.any(np.asarray(region) < 128))
+
+
+def _band_sizes(labelled, plain):
+    """(top band height, left band width) of `labelled` around the grid `plain`."""
+    top, left = labelled.shape[0] - plain.shape[0], labelled.shape[1] - plain.shape[1]
+    np.testing.assert_array_equal(labelled[top:, left:], plain)  # the grid, untouched
+    return top, left
+
+
+def test_temperature_sweep_png_labels_each_row_and_the_figure(trained_run, tmp_path):
+    from tfp_glow import recipe
+    from tfp_glow.images import label_grid
+    model, _ = recipe.load_run(trained_run)
+    with open(os.path.join(trained_run, "metrics.json")) as f:
+        metrics = json.load(f)
+    title = recipe.figure_title(model, metrics)
+    assert title == f"Glow, test {metrics['test_bits_per_dim']:.3f} bits/dim"
+    from tfp_glow.images import save_image_grid
+    rows = [model.sample(10, temperature=t, seed=0) for t in recipe.TEMPERATURES]
+    plain = save_image_grid(np.concatenate(rows), str(tmp_path / "plain.png"), 17,
+                            rows=len(rows), upscale=4)[..., 0]  # the grid alone
+    labelled = _png_array(os.path.join(trained_run, "temperature_sweep.png"))  # `train`'s
+    top, left = _band_sizes(labelled, plain)
+    assert top >= 10 and left >= 20  # a title band and a row-label band
+    assert _inked(labelled[:top]) and not _inked(labelled[top:, :left][:1])
+    tile = 32  # 8x8 digits enlarged 4 times, 1-pixel borders
+    crops = []
+    for row in range(len(recipe.TEMPERATURES)):
+        y0 = top + 1 + row * (tile + 1)
+        band = labelled[y0:y0 + tile, :left]
+        assert _inked(band), row  # "T = ..." beside its own row
+        crops.append(band.tobytes())
+    assert len(set(crops)) == len(recipe.TEMPERATURES)  # six different labels
+    # The same labels through the library function, given as arguments.
+    again = label_grid(plain, (tile, tile), title=title,
+                       row_labels=[f"T = {t:g}" for t in recipe.TEMPERATURES])
+    np.testing.assert_array_equal(again, labelled)
+
+
+def test_samples_png_has_a_caption(trained_run, tmp_path):
+    from tfp_glow import recipe
+    model, _ = recipe.load_run(trained_run)
+    plain = recipe.write_samples(model, str(tmp_path / "plain.png"))[..., 0]
+    labelled = _png_array(os.path.join(trained_run, "samples.png"))
+    top, left = _band_sizes(labelled, plain)
+    assert top >= 10 and left == 0 and _inked(labelled[:top])
+
+
+def test_label_grid_takes_title_row_and_column_labels():
+    from tfp_glow.images import image_grid, label_grid, save_image_grid
+    tiles = np.full((6, 10, 12, 3), 128, np.uint8)
+    grid = image_grid(tiles, rows=2)  # 2 rows x 3 columns of 10x12 tiles, RGB
+    assert label_grid(grid, (10, 12)) is grid  # nothing to draw
+    out = label_grid(grid, (10, 12), row_labels=["first", "second"],
+                     column_labels=["a", "b", "c"])
+    assert out.dtype == np.uint8 and out.shape[2] == 3
+    top, left = _band_sizes(out, grid)
+    assert _inked(out[:top, left:]) and _inked(out[top:, :left])
+    assert not _inked(out[:top, :left])  # the corner stays blank
+    # A title wider than the grid widens the picture.
+    title = "a title much wider than these three small tiles"
+    wide = label_grid(grid, (10, 12), title=title)
+    assert wide.shape[1] > grid.shape[1] + 50 and _inked(wide[:, grid.shape[1]:])
+    for bad, match in [(dict(row_labels=["one"]), r"one label per row \(2\); got 1"),
+                       (dict(column_labels=list("abcd")), r"one label per column \(3\)")]:
+        with pytest.raises(ValueError, match=match):
+            label_grid(grid, (10, 12), **bad)
+    with pytest.raises(ValueError, match="row_labels"):
+        save_image_grid(np.zeros((4, 8, 8, 1)), "unused.png", 17, rows=2, row_labels=["x"])
+
+
+def test_points_picture_labels_every_panel(tmp_path):
+    from tfp_glow.images import save_points_picture
+    rng = np.random.default_rng(0)
+    sets = [t * rng.standard_normal((500, 2)) for t in (0.5, 1.0)]
+    plain = save_points_picture(sets, str(tmp_path / "plain.png"), bins=32)
+    labelled = save_points_picture(sets, str(tmp_path / "labelled.png"), bins=32,
+                                   title="RealNVP", labels=["T = 0.5", "T = 1"])
+    np.testing.assert_array_equal(_png_array(tmp_path / "labelled.png"), labelled[..., 0])
+    top, left = _band_sizes(labelled, plain)
+    assert left == 0 and top >= 20
+    for panel in range(2):  # each label above its own panel
+        x0 = 2 + panel * 34
+        assert _inked(labelled[:top, x0:x0 + 32])

@@ -105,3 +105,30 @@ def test_joint_distribution_trains_flow_and_sigma_through_trainable_variables(sm
     # program's trainable variables: 5 Adam steps of 2e-3 move it by ~0.006.
     learned = float(stdout.split("learned sigma")[1].split()[0])
     assert abs(learned - 1.0) > 0.003, learned
+
+
+# Digit grids of the examples: 8x8 digits at upscale 4 with 1-pixel borders,
+# (rows, columns, row labels?) of each; a caption band on top of every one.
+CAPTIONED_GRIDS = {
+    ("digits_glow.py", "samples.png"): (8, 8, False),
+    ("digits_glow.py", "temperature_sweep.png"): (6, 10, True),
+    ("digits_glow.py", "interpolation.png"): (6, 8, True),
+    ("nice_digits.py", "samples.png"): (8, 8, False),
+    ("nice_digits.py", "temperature_sweep.png"): (6, 10, True),
+    ("serve_export.py", "served_samples.png"): (4, 4, False),
+}
+
+
+@pytest.mark.parametrize("script,png", sorted(CAPTIONED_GRIDS))
+def test_example_grids_have_a_caption_and_row_labels(script, png, smoke_runs):
+    output, code, _, _ = smoke_runs[script]
+    assert code == 0
+    rows, cols, labelled_rows = CAPTIONED_GRIDS[script, png]
+    pixels = _decoded(output / png)
+    grid_h, grid_w = rows * 33 + 1, cols * 33 + 1
+    top, left = pixels.shape[0] - grid_h, pixels.shape[1] - grid_w
+    assert top >= 10 and np.any(pixels[:top] < 128)  # a caption band, with text
+    if labelled_rows:  # a band on the left, text beside every row
+        assert left >= 20
+        for r in range(rows):
+            assert np.any(pixels[top + 1 + 33 * r:top + 33 * (r + 1), :left] < 128), r

@@ -10,13 +10,20 @@ Models see images in `[-0.5, 0.5]`: level `k` of `num_bins` sits at
 `image_grid` tiles a batch into one picture and `save_png` writes it with
 Pillow; `save_image_grid` does all three (plus a nearest-neighbour upscale,
 so an 8x8 digit is visible). `save_points_picture` shows 2-D points (toy
-densities) as histograms.
+densities) as histograms. `label_grid` adds what a reader needs to read a
+grid: a title band on top and a label beside each row (or above each
+column), in Pillow's built-in font (no font files); both savers take
+`title=` and their labels.
 
 #### Examples
 
 ```python
 samples = model.sample(16, temperature=0.7, seed=1)
-tfp_glow.save_image_grid(samples, "samples.png", num_bins=17, upscale=4)
+tfp_glow.save_image_grid(samples, "samples.png", num_bins=17, upscale=4,
+                         title="Glow, T = 0.7")
+rows = [model.sample(8, temperature=t, seed=1) for t in (0.0, 0.5, 1.0)]
+tfp_glow.save_image_grid(np.concatenate(rows), "sweep.png", num_bins=17, rows=3,
+                         upscale=4, row_labels=["T = 0", "T = 0.5", "T = 1"])
 ```
 """
 
@@ -27,7 +34,10 @@ import numpy as np
 
 from tfp_glow import checks
 
-__all__ = ["to_uint8", "image_grid", "save_png", "save_image_grid", "save_points_picture"]
+__all__ = ["to_uint8", "image_grid", "label_grid", "save_png", "save_image_grid",
+           "save_points_picture"]
+
+_PAD = 3  # pixels around every label
 
 
 def to_uint8(x, num_bins=256):
@@ -78,6 +88,76 @@ def image_grid(images, rows=None, border=1, border_value=255):
     return grid
 
 
+def _labels(labels, count, arg_name, what):
+    if labels is None:
+        return None
+    labels = [str(label) for label in labels]
+    if len(labels) != count:
+        raise ValueError(f"`{arg_name}` must hold one label per {what} ({count}); got "
+                         f"{len(labels)}.")
+    return labels
+
+
+def label_grid(grid, tile_shape, border=1, title=None, row_labels=None, column_labels=None,
+               background=255, ink=0):
+    """`grid` (an `image_grid` of tiles `tile_shape = (H, W)` with `border`)
+    with text bands around it: `title` on top, `row_labels` (one per row)
+    in a band on the left, each level with its row, and `column_labels` (one
+    per column) in a band above the columns.
+
+    Bands are `background` with text in `ink` (Pillow's default font, which
+    needs no font file); the canvas widens if the title is wider than the
+    grid. Returns the labelled uint8 array (`[H', W']` or `[H', W', C]` as
+    `grid`). With nothing to draw it returns `grid` unchanged.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = np.asarray(grid)
+    if grid.dtype != np.uint8 or grid.ndim not in (2, 3):
+        raise ValueError(f"`grid` must be a uint8 [H, W] or [H, W, C] image; got "
+                         f"{grid.dtype} {grid.shape}.")
+    if title is None and row_labels is None and column_labels is None:
+        return grid
+    h, w = (checks.positive_int(d, "tile_shape") for d in tile_shape)
+    b = checks.positive_int(border, "border", minimum=0)
+    rows, cols = (grid.shape[0] - b) // (h + b), (grid.shape[1] - b) // (w + b)
+    row_labels = _labels(row_labels, rows, "row_labels", "row")
+    column_labels = _labels(column_labels, cols, "column_labels", "column")
+    font = ImageFont.load_default()
+
+    def size(text):
+        left, top, right, bottom = font.getbbox(text)
+        return right - left, bottom - top
+
+    line = size("Tg0")[1] + 2 * _PAD
+    left = max(size(t)[0] for t in row_labels) + 2 * _PAD if row_labels else 0
+    top_title = line if title is not None else 0
+    top = top_title + (line if column_labels else 0)
+    width = max(left + grid.shape[1], size(title)[0] + 2 * _PAD if title is not None else 0)
+    channels = grid.shape[2] if grid.ndim == 3 else 1
+    mode, fill, pen = (("RGB", (background,) * 3, (ink,) * 3) if channels == 3
+                       else ("L", background, ink))
+    canvas = Image.new(mode, (width, top + grid.shape[0]), fill)
+    canvas.paste(Image.fromarray(grid if channels == 3 else grid.reshape(grid.shape[:2])),
+                 (left, top))
+    draw = ImageDraw.Draw(canvas)
+
+    def text(x, y, t):  # (x, y): the top-left corner of the text's ink
+        left_ink, top_ink, _, _ = font.getbbox(t)
+        draw.text((x - left_ink, y - top_ink), t, font=font, fill=pen)
+
+    if title is not None:
+        text(_PAD, _PAD, title)
+    for c, label in enumerate(column_labels or []):
+        centre = left + b + c * (w + b) + w // 2
+        text(max(left, centre - size(label)[0] // 2), top_title + _PAD, label)
+    for r, label in enumerate(row_labels or []):
+        centre = top + b + r * (h + b) + h // 2
+        text(left - _PAD - size(label)[0], centre - size(label)[1] // 2, label)
+    out = np.asarray(canvas, np.uint8)
+    return out[..., None] if grid.ndim == 3 and channels == 1 else out
+
+
 def save_png(array, path):
     """Writes a uint8 `[H, W]`, `[H, W, 1]` or `[H, W, 3]` array as a PNG."""
     from PIL import Image  # Pillow is a dependency; imported here to keep import light.
@@ -98,12 +178,14 @@ def save_png(array, path):
     return path
 
 
-def save_image_grid(x, path, num_bins=256, rows=None, upscale=1):
+def save_image_grid(x, path, num_bins=256, rows=None, upscale=1, title=None,
+                    row_labels=None):
     """Writes a batch of model-space images `[N, H, W, C]` as one PNG grid.
 
     `to_uint8(x, num_bins)`, each image enlarged `upscale` times by
-    nearest-neighbour repetition, then `image_grid(..., rows)` and
-    `save_png`. Returns the grid array that was written.
+    nearest-neighbour repetition, then `image_grid(..., rows)`, `label_grid`
+    with `title` (a band on top) and `row_labels` (one per row, beside it)
+    when given, and `save_png`. Returns the array that was written.
     """
     upscale = checks.positive_int(upscale, "upscale")
     images = to_uint8(x, num_bins)
@@ -112,18 +194,20 @@ def save_image_grid(x, path, num_bins=256, rows=None, upscale=1):
     if upscale > 1:
         images = np.repeat(np.repeat(images, upscale, axis=1), upscale, axis=2)
     grid = image_grid(images, rows=rows)
+    grid = label_grid(grid, images.shape[1:3], title=title, row_labels=row_labels)
     save_png(grid, path)
     return grid
 
 
-def save_points_picture(point_sets, path, extent=3.0, bins=128):
+def save_points_picture(point_sets, path, extent=3.0, bins=128, title=None, labels=None):
     """Writes one panel per set of 2-D points as a PNG: a 2-D histogram.
 
     Each panel bins the finite points of one `[N, 2]` array on a `bins` x
     `bins` grid over `[-extent, extent]^2` (y up) and shows
     `255 * (1 - log1p(count) / max log1p(count))`: dark where points are
     dense, white where there are none. Panels sit side by side, 2-pixel black
-    borders. Returns the grid array that was written.
+    borders; `title` goes on top and `labels` (one per panel) above the
+    panels (`label_grid`). Returns the array that was written.
     """
     bins = checks.positive_int(bins, "bins")
     extent = checks.number(extent, "extent", minimum=0, exclusive_minimum=True)
@@ -141,5 +225,6 @@ def save_points_picture(point_sets, path, extent=3.0, bins=128):
     if not panels:
         raise ValueError("`point_sets` is empty.")
     grid = image_grid(np.stack(panels), rows=1, border=2, border_value=0)
+    grid = label_grid(grid, (bins, bins), border=2, title=title, column_labels=labels)
     save_png(grid, path)
     return grid

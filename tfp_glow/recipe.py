@@ -33,8 +33,10 @@ A run directory (`run_paths`) holds:
                          resumes; `load_run` reads its weights until the run ends
     history.csv, history.json   per-epoch metrics (train and test)
     samples/             SampleGrid PNGs every `sample_every` epochs
-    samples.png          64 samples at temperature 0.7
-    temperature_sweep.png  one row per temperature 0, 0.25, 0.5, 0.7, 0.85, 1.0
+    samples.png          64 samples at temperature 0.7, captioned with the model
+                         and its test bits/dim
+    temperature_sweep.png  one row per temperature 0, 0.25, 0.5, 0.7, 0.85, 1.0,
+                         each labelled "T = ..." beside it, under the same caption
     model.keras          the trained model (`keras.saving.load_model`)
     metrics.json         final test bits/dim and friends
     export/<version>/    SavedModel with TF Serving signatures
@@ -60,6 +62,7 @@ __all__ = [
     "class_labels",
     "default_upscale",
     "evaluate",
+    "figure_title",
     "has_backup",
     "load_run",
     "read_config",
@@ -187,22 +190,37 @@ def default_upscale(model):
 # ------------------------------------------------------------------ pictures
 
 
+def figure_title(model, metrics=None):
+    """The caption of a run's pictures: the model and, after training, its
+    test bits/dim (`metrics`: the dict of metrics.json)."""
+    name = type(model).__name__
+    if metrics is None or metrics.get("test_bits_per_dim") is None:
+        return name
+    return f"{name}, test {metrics['test_bits_per_dim']:.3f} bits/dim"
+
+
 def write_samples(model, path, num=64, temperature=SAMPLE_TEMPERATURE, seed=0, labels=None,
-                  upscale=None):
+                  upscale=None, title=None):
     """`num` samples at `temperature` as one PNG: an image grid with about
-    `sqrt(num)` rows, or for 2-D models a histogram of the points."""
+    `sqrt(num)` rows, or for 2-D models a histogram of the points; `title`
+    (e.g. `figure_title(model, metrics)`) captions it, followed by the
+    temperature."""
     import numpy as np
     from tfp_glow.images import save_image_grid, save_points_picture
     x = np.asarray(model.sample(num, temperature=temperature, seed=seed, labels=labels))
+    caption = None if title is None else f"{title}, T = {temperature:g}"
     if len(model.event_shape) != 3:
-        return save_points_picture([x], path)
+        return save_points_picture([x], path, title=caption)
     return save_image_grid(x, path, num_bins=model.num_bins, rows=int(math.ceil(math.sqrt(num))),
-                           upscale=default_upscale(model) if upscale is None else upscale)
+                           upscale=default_upscale(model) if upscale is None else upscale,
+                           title=caption)
 
 
-def write_temperature_sweep(model, path, seed=0, columns=10):
+def write_temperature_sweep(model, path, seed=0, columns=10, title=None):
     """One row per temperature in `TEMPERATURES`, every row decoding the same
-    latents scaled by T (`columns` images, or 5,000 points for 2-D models)."""
+    latents scaled by T (`columns` images, or 5,000 points for 2-D models:
+    then one panel per T), labelled "T = ..." beside each row (above each
+    panel), under `title` (e.g. `figure_title(model, metrics)`)."""
     import numpy as np
     from tfp_glow.images import save_image_grid, save_points_picture
     image_model = len(model.event_shape) == 3
@@ -210,10 +228,12 @@ def write_temperature_sweep(model, path, seed=0, columns=10):
     labels = class_labels(model, num)
     rows = [np.asarray(model.sample(num, temperature=t, seed=seed, labels=labels))
             for t in TEMPERATURES]
+    names = [f"T = {t:g}" for t in TEMPERATURES]
     if not image_model:
-        return save_points_picture(rows, path)
+        return save_points_picture(rows, path, title=title, labels=names)
     return save_image_grid(np.concatenate(rows), path, num_bins=model.num_bins,
-                           rows=len(TEMPERATURES), upscale=default_upscale(model))
+                           rows=len(TEMPERATURES), upscale=default_upscale(model),
+                           title=title, row_labels=names)
 
 
 # ------------------------------------------------------------------- training
@@ -406,9 +426,10 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     if is_chief(model.distribute_strategy):
         model.save_weights(paths["last"])
         _write_json(paths["metrics"], metrics)
+        title = figure_title(model, metrics)
         write_samples(model, paths["samples"], 64, SAMPLE_TEMPERATURE, seed,
-                      class_labels(model, 64))
-        write_temperature_sweep(model, paths["sweep"], seed)
+                      class_labels(model, 64), title=title)
+        write_temperature_sweep(model, paths["sweep"], seed, title=title)
         model.save(paths["model"])
         if export:
             from tfp_glow.export import export_saved_model

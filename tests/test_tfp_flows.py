@@ -127,6 +127,18 @@ def test_every_variable_is_a_weight_and_fit_trains_it(name):
     unmoved = [w.path for w, b in zip(model.trainable_weights, before)
                if np.array_equal(w.numpy(), b)]
     assert not unmoved, f"fit did not move {unmoved}"
+    # Trained, the flow is still the map its log-det describes (a MAF whose
+    # masks were not kept by the optimizer would not be autoregressive).
+    x = tf.constant(data[:8])
+    with tf.GradientTape(persistent=True) as tape:  # no pfor: FFJORD's solver
+        tape.watch(x)
+        z, log_det = tfp_glow.bijectors.forward_and_log_det(model.flow, x,
+                                                            len(case.event_shape))
+    jacobian = tape.batch_jacobian(z, x, experimental_use_pfor=False)
+    d = int(np.prod(case.event_shape))
+    _, autodiff = tf.linalg.slogdet(tf.reshape(jacobian, [-1, d, d]))
+    tol = 1e-2 if name.startswith("ffjord") else 1e-4  # FFJORD: the ODE solver's error
+    np.testing.assert_allclose(log_det.numpy(), autodiff.numpy(), rtol=tol, atol=tol)
 
 
 # -- saving ----------------------------------------------------------------------------

@@ -58,7 +58,10 @@ class SharedVariable(keras.Variable):
     """A `keras.Variable` whose storage is an existing `tf.Variable` (not a copy).
 
     Reading, assigning, the optimizer's update and checkpoints all act on the
-    wrapped variable, so the TFP bijector that reads it sees every change.
+    wrapped variable, so the TFP bijector that reads it sees every change. Its
+    `constraint` is the wrapped variable's: TFP's `AutoregressiveNetwork`
+    keeps its kernels masked by a constraint that the optimizer must apply
+    after every update, or the MAF stops being autoregressive.
     """
 
     def __init__(self, variable, name=None):
@@ -68,6 +71,7 @@ class SharedVariable(keras.Variable):
             initializer=lambda shape, dtype: None,  # never called: see below
             shape=tuple(variable.shape), dtype=variable.dtype.name,
             trainable=variable.trainable, name=name.replace("/", "_"))
+        self.constraint = getattr(variable, "constraint", None)
 
     def _initialize_with_initializer(self, initializer):
         del initializer

@@ -68,6 +68,7 @@ def digits_run(tmp_path_factory):
                 interrupted_log_prob=interrupted_log_prob)
 
 
+@pytest.mark.slow
 def test_train_interrupted_then_resumed_by_rerunning(digits_run):
     assert digits_run["codes"] == (130, 0)
     assert digits_run["backup_after_interrupt"]  # BackupAndRestore state was kept
@@ -212,6 +213,7 @@ def test_interpolate_writes_pairs_by_steps(digits_run, tmp_path, capsys):
         assert np.any(np.all(np.abs(test_u8.astype(int) - tile) <= 16, axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_train_on_mock_tfds_mnist_class_conditional(tmp_path, capsys):
     run = str(tmp_path / "mnist")
     with tfds.testing.mock_data(num_examples=40):
@@ -458,6 +460,7 @@ def test_dropout_flag_builds_glow_with_that_rate():
                      "--dequantization uniform": (0.2, "uniform")}
 
 
+@pytest.mark.slow
 def test_variational_dequantization_run_reports_bound_and_uniform_everywhere(tmp_path,
                                                                               capsys):
     run = str(tmp_path / "vd")

@@ -32,6 +32,9 @@ import tempfile
 import numpy as np
 import pytest
 
+# One subprocess running every mirrored fit (minutes on 2 cores): CI's slow step.
+pytestmark = pytest.mark.slow
+
 BATCH = 64
 STEPS = 2            # the initialize + fit steps of the first check
 FIT_STEPS = 3        # per epoch, reshuffling pipeline

@@ -476,6 +476,7 @@ def test_keras_ema_averages_the_weights_fit_ends_with_and_saves(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 def test_keras_ema_resumes_from_backup_and_restore(tmp_path):
     """An interrupted `fit` with `use_ema` resumes with its average: the
     backup holds the optimizer's moving averages with the weights, so the

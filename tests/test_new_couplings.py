@@ -327,6 +327,7 @@ def test_unknown_coupling_names_the_choices():
         tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1, coupling="rqs")
 
 
+@pytest.mark.slow
 def test_glow_spline_at_the_protocols_size(tmp_path):
     """`coupling_kwargs` and `last_kernel` reach every coupling and network:
     a 6-bin spline Glow with 1x1 last convs has the digits protocol's size

@@ -184,6 +184,7 @@ def test_recipe_trains_with_adamw_when_asked(digits, tmp_path):
         assert json.load(f)["weight_decay"] == 0.05
 
 
+@pytest.mark.slow
 def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_path):
     """`recipe.train(ema_momentum=m)` (`tfp-glow train --ema m`): the
     test figure, `model.keras` and the export come from the averaged weights."""

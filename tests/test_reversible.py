@@ -375,6 +375,7 @@ def test_glow_fit_gives_the_same_weights_in_every_mode():
         assert losses[mode] == pytest.approx(losses["standard"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_conditional_glow_under_xla_fit_and_keras_file(tmp_path):
     """Class-conditional Glow, `fit(jit_compile=True)` with the NaN guard's
     log: reversible ends at standard's weights; the `.keras` file keeps the mode.

@@ -29,7 +29,18 @@ tfb = tfp.bijectors
 tfd = tfp.distributions
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
-CASES_BY_DTYPE = [(name, dtype) for name, case in FLOWS.items() for dtype in case.dtypes]
+# FFJORD's ODE solves take tens of seconds here: its cases run in the slow step.
+SLOW_FLOWS = {"ffjord_exact_trace"}
+
+
+def _marked(*args):
+    name = args[0]
+    return pytest.param(*args, marks=pytest.mark.slow) if name in SLOW_FLOWS else (
+        args if len(args) > 1 else name)
+
+
+CASES_BY_DTYPE = [_marked(name, dtype) for name, case in FLOWS.items() for dtype in case.dtypes]
+NAMES = [_marked(name) for name in sorted(FLOWS)]
 
 
 def _close(actual, expected, dtype):
@@ -108,7 +119,7 @@ def test_elementwise_bijector_density_over_the_whole_event(name, event_shape):
 
 
 # -- every variable is a weight, and fit trains it ---------------------------------
-@pytest.mark.parametrize("name", sorted(FLOWS))
+@pytest.mark.parametrize("name", NAMES)
 def test_every_variable_is_a_weight_and_fit_trains_it(name):
     case = FLOWS[name]
     model = build_model(name)
@@ -142,7 +153,7 @@ def test_every_variable_is_a_weight_and_fit_trains_it(name):
 
 
 # -- saving ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(FLOWS))
+@pytest.mark.parametrize("name", NAMES)
 def test_save_weights_restores_into_a_freshly_built_flow(name, tmp_path):
     x = FLOWS[name].data(8, seed=4)
     model = build_model(name, seed=0)
@@ -188,6 +199,7 @@ KERAS_CHILD = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
     files, inputs, expected = {}, {}, {}
     for name, case in FLOWS.items():
@@ -229,6 +241,7 @@ EXPORT_CHILD = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_export_serves_log_prob_and_sample_without_tfp_glow(tmp_path):
     exports, inputs, expected, samples = {}, {}, {}, {}
     for name, case in FLOWS.items():
@@ -319,6 +332,7 @@ class _StopAt(keras.callbacks.Callback):
             raise RuntimeError("preempted")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["maf_tfp_network", "elementwise_with_variables"])
 def test_backup_and_restore_resumes_a_tfp_flow_exactly(name, tmp_path):
     """BackupAndRestore (weights *and* Adam's moments) for a tf_keras network and for

@@ -100,6 +100,7 @@ def schools():
 # ------------------------------------------------------------------ VI quality
 
 
+@pytest.mark.slow
 def test_funnel_flow_has_no_nan_and_beats_mean_field(funnel):
     q, losses, _ = funnel
     assert np.all(np.isfinite(losses)), np.flatnonzero(~np.isfinite(losses))[:5]
@@ -113,6 +114,7 @@ def test_funnel_flow_has_no_nan_and_beats_mean_field(funnel):
     assert flow_elbo >= mf_elbo + 0.3, (flow_elbo, mf_elbo)
 
 
+@pytest.mark.slow
 def test_eight_schools_structured_surrogate_beats_mean_field(schools):
     target, q, losses = schools
     assert np.all(np.isfinite(losses))
@@ -152,6 +154,7 @@ NUM_CHAINS, NUM_BURNIN, NUM_RESULTS, CHAIN_SEEDS = 128, 300, 1000, (9, 19, 29)
 LEAPFROG = 2  # neutra_kernel's default, used for both samplers
 
 
+@pytest.mark.slow
 def test_neutra_hmc_mixes_the_funnel_neck_far_better_than_hmc(funnel):
     q, _, _ = funnel
     adapt = int(0.8 * NUM_BURNIN)

@@ -11,7 +11,8 @@ through `tf.identity` so TFP's cache cannot answer `inverse(forward(x))` with
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["assert_bijective_and_finite", "perturb", "theoretical_log_det"]
+__all__ = ["assert_bijective_and_finite", "perturb", "randomize", "stateless_draw",
+           "theoretical_log_det"]
 
 
 def perturb(obj, rng=0, scale=0.1):
@@ -26,6 +27,18 @@ def perturb(obj, rng=0, scale=0.1):
     for v in obj.trainable_variables:
         v.assign(v + tf.constant(scale * rng.standard_normal(tuple(v.shape)), v.dtype))
     return obj
+
+
+def randomize(layer, scale=0.3):
+    """Sets every trainable weight of `layer` to `scale * N(0, 1)` (stateless,
+    seed `[1, i]` for the i-th weight): off its init, where a last layer is zero."""
+    for i, v in enumerate(layer.trainable_variables):
+        v.assign(tf.random.stateless_normal(v.shape, seed=[1, i], dtype=v.dtype) * scale)
+
+
+def stateless_draw(shape, dtype=tf.float32, seed=0, stream=0):
+    """A reproducible standard-normal tensor: seed `[seed, stream]`."""
+    return tf.random.stateless_normal(shape, seed=[seed, stream], dtype=dtype)
 
 
 def _assert_finite(name, value):

@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import nets
+import helpers
 
 tfb = tfp.bijectors
 
@@ -23,8 +24,7 @@ def _seeded():
 
 
 def randomize(layer, scale=0.2):
-    for i, v in enumerate(layer.trainable_variables):
-        v.assign(tf.random.stateless_normal(v.shape, seed=[1, i], dtype=v.dtype) * scale)
+    helpers.randomize(layer, scale)
 
 
 def spline_fn(dtype="float32", **kwargs):

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import nets
+from helpers import randomize, stateless_draw
 
 tfb = tfp.bijectors
 
@@ -31,13 +32,8 @@ def _seeded():
     keras.utils.set_random_seed(4)
 
 
-def randomize(layer, scale=0.3):
-    for i, v in enumerate(layer.trainable_variables):
-        v.assign(tf.random.stateless_normal(v.shape, seed=[1, i], dtype=v.dtype) * scale)
-
-
 def draw(shape, dtype=tf.float32, seed=0):
-    return tf.random.stateless_normal(shape, seed=[seed, 5], dtype=dtype)
+    return stateless_draw(shape, dtype, seed, stream=5)
 
 
 def compiled(trace_fn):

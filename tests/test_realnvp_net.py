@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import nets
+from helpers import randomize, stateless_draw
 
 tfb = tfp.bijectors
 
@@ -22,13 +23,8 @@ def _seeded():
     keras.utils.set_random_seed(9)
 
 
-def randomize(layer, scale=0.3):
-    for i, v in enumerate(layer.trainable_variables):
-        v.assign(tf.random.stateless_normal(v.shape, seed=[1, i], dtype=v.dtype) * scale)
-
-
 def draw(shape, dtype=tf.float32, seed=0):
-    return tf.random.stateless_normal(shape, seed=[seed, 7], dtype=dtype)
+    return stateless_draw(shape, dtype, seed, stream=7)
 
 
 def realnvp(dtype="float32", **kwargs):

@@ -265,6 +265,7 @@ def test_import_after_keras_chose_another_backend_is_one_clear_import_error():
     assert proc.stderr.splitlines()[-1] == BACKEND_MESSAGE.format("jax")
 
 
+@pytest.mark.slow
 def test_import_after_keras_chose_tensorflow_ignores_a_later_keras_backend():
     proc = _python("import os, keras; os.environ['KERAS_BACKEND'] = 'jax'; "
                    "import tfp_glow; print(keras.config.backend(), tfp_glow.Glow.__name__)",

@@ -12,6 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+
+# Every example script run in a subprocess (minutes on 2 cores): CI's slow step.
+pytestmark = pytest.mark.slow
 from PIL import Image
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -25,6 +25,9 @@ import time
 import numpy as np
 import pytest
 
+# Training processes killed and resumed: CI's slow step.
+pytestmark = pytest.mark.slow
+
 EPOCHS = 3
 SCRIPT = textwrap.dedent("""
     import json, os, sys, time

@@ -30,6 +30,9 @@ import time
 import numpy as np
 import pytest
 
+# Worker processes on loopback (a minute or more on 2 cores): CI's slow step.
+pytestmark = pytest.mark.slow
+
 import _multiworker_worker as worker
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multiworker_worker.py")

@@ -35,6 +35,7 @@ def _reset_optimizer(optimizer):
 # ------------------------------------------------------------ five seeds
 
 
+@pytest.mark.slow
 def test_five_seeds_of_affine_glow_train_on_digits_without_nan():
     """Five independent runs: per seed a fresh initialisation (weights and 1x1
     conv rotations drawn from the seed), fresh Adam state, ActNorm

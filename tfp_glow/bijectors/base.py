@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_glow.bijectors import _shapes
+from tfp_glow.bijectors import _shapes, _tfp_parts
 
 tfb = tfp.bijectors
 
@@ -50,8 +50,6 @@ __all__ = [
 # `conditional_input` dropped). Found by name in the MRO: no TFP internals.
 _CHAIN_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ in ("Chain", "_Chain"))
 _INVERT_TYPES = tuple(c for c in tfb.Invert.__mro__ if c.__name__ in ("Invert", "_Invert"))
-# The base of every TFP composition (Chain, Blockwise, JointMap, tfb.Glow ...).
-_COMPOSITION_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ == "Composition")
 
 # The flow's Python only branches on static facts (types, static shapes), so
 # AutoGraph has nothing to convert; skipping the conversion of every bijector
@@ -370,57 +368,13 @@ def _walk(bijector, t, event_ndims, inverse, kwargs):
             total = tf.zeros([], tf.convert_to_tensor(t).dtype)
         return t, total
     if isinstance(bijector, tfb.Reshape):
-        return _reshape(bijector, t, inverse)
-    if isinstance(bijector, _COMPOSITION_TYPES) and tf.is_tensor(t):
-        return _walk_composition(bijector, t, event_ndims, inverse, kwargs)
+        return _tfp_parts.reshape(bijector, t, inverse)
+    if isinstance(bijector, _tfp_parts.COMPOSITION_TYPES) and tf.is_tensor(t):
+        return _tfp_parts.walk_composition(bijector, t, event_ndims, inverse, kwargs, _walk)
     if inverse:
         return (bijector.inverse(t),
                 bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims))
     return bijector.forward(t), bijector.forward_log_det_jacobian(t, event_ndims=event_ndims)
-
-
-def _walk_composition(bijector, t, event_ndims, inverse, kwargs):
-    """Any other TFP composition (`tfb.Glow` and its blocks, `Blockwise`,
-    `JointMap` ...) through its own walk, each part through `_walk`.
-
-    TFP's `Composition` walks its parts with a `step_fn` (the extension point
-    its own `forward` and log-det use); giving it ours runs each part once, in
-    one pass, with this module's rules (`Reshape` above, tfp_glow bijectors'
-    one-pass methods) instead of TFP's public methods.
-    """
-    total = []
-
-    def step(part, x, ndims):
-        y, ldj = _walk(part, x, ndims, inverse, kwargs)
-        total.append(ldj)
-        return y, (part.inverse_event_ndims(ndims) if inverse
-                   else part.forward_event_ndims(ndims))
-
-    walk = bijector._call_walk_inverse if inverse else bijector._call_walk_forward
-    out, _ = walk(step, t, event_ndims)
-    ldj = tf.zeros([], t.dtype)
-    for part in total:  # shapes differ (a constant log-det is a scalar): broadcast
-        ldj = ldj + part
-    return out, ldj
-
-
-def _reshape(bijector, t, inverse):
-    """`tfb.Reshape` with a zero log-det, its event shapes resolved statically.
-
-    TFP 0.25's own `Reshape` concatenates an int32 dynamic batch shape with its
-    int64 event shape and fails inside `tf.function` with an unknown batch
-    dimension (so does every flow built on it, such as `tfb.Glow`).
-    """
-    t = tf.convert_to_tensor(t, dtype_hint=bijector.dtype)
-    ndims = bijector.inverse_min_event_ndims if inverse else bijector.forward_min_event_ndims
-    event = t.shape[t.shape.rank - ndims:]
-    out = (bijector.inverse_event_shape(event) if inverse
-           else bijector.forward_event_shape(event))
-    if t.shape.rank is None or not out.is_fully_defined():
-        return ((bijector.inverse if inverse else bijector.forward)(t),
-                tf.zeros([], t.dtype))
-    batch = tf.shape(t)[:t.shape.rank - ndims]
-    return tf.reshape(t, tf.concat([batch, out.as_list()], 0)), tf.zeros([], t.dtype)
 
 
 def _default_ndims(bijector, event_ndims, inverse):

@@ -1,0 +1,64 @@
+"""TFP bijectors the one-pass walker of `base` runs its own way.
+
+TFP's compositions other than `Chain` (`tfb.Glow` and its blocks, `Blockwise`,
+`JointMap`) are walked part by part, so each part runs once and under the
+walker's rules; `tfb.Reshape` is reshaped with its event shapes resolved
+statically, since TFP 0.25's own fails with an unknown batch dimension.
+"""
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfb = tfp.bijectors
+
+__all__ = ["COMPOSITION_TYPES", "reshape", "walk_composition"]
+
+# The base of every TFP composition (Chain, Blockwise, JointMap, tfb.Glow ...),
+# found by name in the MRO: no TFP internals imported.
+COMPOSITION_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ == "Composition")
+
+
+def walk_composition(bijector, t, event_ndims, inverse, kwargs, walk):
+    """Any other TFP composition (`tfb.Glow` and its blocks, `Blockwise`,
+    `JointMap` ...) through its own walk, each part through `walk` (the
+    one-pass walker of `base`).
+
+    TFP's `Composition` walks its parts with a `step_fn` (the extension point
+    its own `forward` and log-det use); giving it ours runs each part once, in
+    one pass, with the walker's rules (`reshape` below, tfp_glow bijectors'
+    one-pass methods) instead of TFP's public methods. (`_call_walk_*` is
+    TFP's own protocol for compositions; TFP is pinned to 0.25.)
+    """
+    total = []
+
+    def step(part, x, ndims):
+        y, ldj = walk(part, x, ndims, inverse, kwargs)
+        total.append(ldj)
+        return y, (part.inverse_event_ndims(ndims) if inverse
+                   else part.forward_event_ndims(ndims))
+
+    tfp_walk = bijector._call_walk_inverse if inverse else bijector._call_walk_forward
+    out, _ = tfp_walk(step, t, event_ndims)
+    ldj = tf.zeros([], t.dtype)
+    for part in total:  # shapes differ (a constant log-det is a scalar): broadcast
+        ldj = ldj + part
+    return out, ldj
+
+
+def reshape(bijector, t, inverse):
+    """`tfb.Reshape` with a zero log-det, its event shapes resolved statically.
+
+    TFP 0.25's own `Reshape` concatenates an int32 dynamic batch shape with its
+    int64 event shape and fails inside `tf.function` with an unknown batch
+    dimension (so does every flow built on it, such as `tfb.Glow`).
+    """
+    t = tf.convert_to_tensor(t, dtype_hint=bijector.dtype)
+    ndims = bijector.inverse_min_event_ndims if inverse else bijector.forward_min_event_ndims
+    event = t.shape[t.shape.rank - ndims:]
+    out = (bijector.inverse_event_shape(event) if inverse
+           else bijector.forward_event_shape(event))
+    if t.shape.rank is None or not out.is_fully_defined():
+        return ((bijector.inverse if inverse else bijector.forward)(t),
+                tf.zeros([], t.dtype))
+    batch = tf.shape(t)[:t.shape.rank - ndims]
+    return tf.reshape(t, tf.concat([batch, out.as_list()], 0)), tf.zeros([], t.dtype)

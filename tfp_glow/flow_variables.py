@@ -203,10 +203,10 @@ def _gather(flow):
 
 def _variables_behind(fn):
     """Variables reachable from a Python function's closure cells and globals."""
-    objects = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
-               if c.cell_contents is not None] if hasattr(fn, "__code__") else []
-    if hasattr(fn, "__code__"):
-        objects += [fn.__globals__[n] for n in fn.__code__.co_names if n in fn.__globals__]
+    if not isinstance(fn, types.FunctionType):
+        return set()
+    objects = [c.cell_contents for c in fn.__closure__ or ()]
+    objects += [fn.__globals__[n] for n in fn.__code__.co_names if n in fn.__globals__]
     refs = set()
     for obj in objects:
         if isinstance(obj, (tf.Variable, keras.Variable)):

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_glow
+from helpers import perturb
 from tfp_glow import training
 from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
@@ -35,13 +36,6 @@ def digits():
     images, labels = load_digits("train")
     x = np.asarray(preprocess(images[:64], DIGITS_NUM_BINS, dequantize=True, seed=0))
     return x, labels[:64]
-
-
-def _perturbed(model, seed=0, scale=0.02):
-    rng = np.random.default_rng(seed)
-    for v in model.trainable_variables:
-        v.assign(v + scale * rng.standard_normal(tuple(v.shape)).astype(v.dtype))
-    return model
 
 
 # -- item 1: model.export ------------------------------------------------------------
@@ -68,7 +62,7 @@ def test_item1_keras_export_of_a_class_conditional_model_takes_one_hot_labels(
     x, labels = digits
     model = _glow(num_classes=10, dequantization="uniform")
     model.initialize(x, labels)
-    _perturbed(model)
+    perturb(model, scale=0.02)
     model.export(str(tmp_path / "cond"))
     served = tf.saved_model.load(str(tmp_path / "cond"))
     for n in (3, 5):
@@ -101,7 +95,7 @@ def test_item2_layer_names_are_unique_and_legacy_h5_round_trips(tmp_path, digits
         "act_norm_params", "act_norm_params_1"]
 
     model.initialize(x)
-    _perturbed(model)
+    perturb(model, scale=0.02)
     path = str(tmp_path / "model.h5")
     model.save(path)
     restored = keras.models.load_model(path, custom_objects={"Glow": tfp_glow.Glow},
@@ -203,7 +197,7 @@ def test_item8_custom_loop_log_prob_honours_backprop(digits):
     x, _ = digits
     model = _glow(steps_per_level=2, dequantization="uniform")
     model.initialize(x)
-    _perturbed(model, seed=1)
+    perturb(model, 1, scale=0.02)
 
     def loss_and_grads(mode):
         with tf.GradientTape() as tape:

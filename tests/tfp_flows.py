@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_glow
+from helpers import perturb
 from tfp_glow import nets
 
 tfb = tfp.bijectors
@@ -168,10 +169,7 @@ def build_model(name, dtype="float32", seed=0, from_builder=False):
 
 def perturb_all(model, seed=0, scale=0.2):
     """Moves every trainable weight off its (often identity) starting value."""
-    rng = np.random.default_rng(seed)
-    for w in model.trainable_weights:
-        w.assign(w + scale * rng.standard_normal(tuple(w.shape)).astype(w.dtype))
-    return model
+    return perturb(model, seed, scale)
 
 
 def reference_log_prob(model, x):

@@ -130,6 +130,29 @@ def _logit_range(alpha):
     return sample
 
 
+def planar(raw_wu=None):
+    """PlanarFlow on VECTOR; `raw_wu` sets `w . u` (e.g. -5: w . u_hat = -0.993,
+    close to the invertibility limit -1)."""
+    def make(dtype):
+        b = B.PlanarFlow(VECTOR[0], seed=3, dtype=dtype)
+        if raw_wu is not None:
+            w = b.w.numpy()
+            b.u.assign(raw_wu * w / np.dot(w, w))
+        return b
+    return Case(make, VECTOR)
+
+
+def radial(beta_raw=None):
+    """RadialFlow on VECTOR; `beta_raw` -3 gives beta = -alpha + 0.049 (a strong
+    contraction towards z0, close to the invertibility limit)."""
+    def make(dtype):
+        b = B.RadialFlow(VECTOR[0], seed=3, dtype=dtype)
+        if beta_raw is not None:
+            b.beta_raw.assign(beta_raw)
+        return b
+    return Case(make, VECTOR)
+
+
 REGISTRY = {
     "actnorm_image": Case(lambda d: B.ActNorm(4, dtype=d), IMAGE),
     "actnorm_vector": Case(lambda d: B.ActNorm(6, event_ndims=1, dtype=d), VECTOR),
@@ -166,6 +189,8 @@ REGISTRY = {
     "learned_prior": Case(lambda d: B.LearnedPrior(IMAGE, dtype=d), IMAGE),
     "learned_prior_class_conditional": Case(
         lambda d: B.LearnedPrior(IMAGE, num_classes=3, dtype=d), IMAGE, conditional=3),
+    "planar_near_limit": planar(raw_wu=-5.0),
+    "radial_near_limit": radial(beta_raw=-3.0),
     "multi_scale": Case(small_multi_scale, (4, 4, 2)),
     "multi_scale_class_conditional": Case(
         lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3),

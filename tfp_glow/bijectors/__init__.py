@@ -17,6 +17,8 @@ from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
 from tfp_glow.bijectors.logit_preprocess import LogitPreprocess
 from tfp_glow.bijectors.multi_scale import MultiScaleFlow
 from tfp_glow.bijectors.permutation import channel_permutation
+from tfp_glow.bijectors.planar import PlanarFlow
+from tfp_glow.bijectors.radial import RadialFlow
 from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
 from tfp_glow.bijectors.squeeze import Squeeze
 
@@ -32,6 +34,8 @@ __all__ = [
     "LogitPreprocess",
     "MASKS",
     "MultiScaleFlow",
+    "PlanarFlow",
+    "RadialFlow",
     "RationalQuadraticSplineCoupling",
     "Squeeze",
     "channel_permutation",

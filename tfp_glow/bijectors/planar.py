@@ -102,10 +102,18 @@ class PlanarFlow(FlowBijector):
         # divide_no_nan: at w = 0 the map is a shift and needs no correction.
         return u + correction * tf.math.divide_no_nan(w, tf.reduce_sum(w * w))
 
+    def w_dot_u_hat(self):
+        """`c = w . u_hat = -1 + softplus(w . u)`, from the formula: `>= -1` in
+        floating point too (the dot product of the rounded `u_hat` with `w` may
+        fall below by rounding when `|w . u|` is large)."""
+        wu = tf.reduce_sum(tf.convert_to_tensor(self.w) * tf.convert_to_tensor(self.u))
+        return -1.0 + tf.math.softplus(wu)
+
     def _constrained_parameters(self):
-        w = tf.convert_to_tensor(self.w)
-        u_hat = self.constrained_u()
-        return w, u_hat, tf.convert_to_tensor(self.b), tf.reduce_sum(w * u_hat)
+        # The log-det and the root solve read `c` from the formula, so
+        # `1 + c (1 - tanh^2)` stays >= 0 whatever the rounding of `u_hat`.
+        return (tf.convert_to_tensor(self.w), self.constrained_u(),
+                tf.convert_to_tensor(self.b), self.w_dot_u_hat())
 
     @staticmethod
     def _log_det(a, c):

@@ -34,6 +34,8 @@ pts = data.toy_density("8gaussians", 1000)             # float32 [1000, 2]
 import functools
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -75,7 +77,8 @@ class DatasetNotAvailableError(FileNotFoundError):
     `data_dir` (the folder searched) and `path` (the folder that was missing).
     """
 
-    def __init__(self, message, name=None, data_dir=None, path=None):
+    def __init__(self, message: str, name: str | None = None, data_dir: str | None = None,
+                 path: str | None = None) -> None:
         super().__init__(message)
         self.name, self.data_dir, self.path = name, data_dir, path
         self.base_name = None if name is None else _base_name(name)
@@ -96,7 +99,7 @@ def _digits_arrays():
     return images[order], labels[order]
 
 
-def load_digits(split="train"):
+def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """The scikit-learn 8x8 digits with a fixed train/test split.
 
     All 1,797 images are permuted by ``np.random.RandomState(0)``; the first
@@ -113,9 +116,10 @@ def load_digits(split="train"):
     return images[part].copy(), labels[part].copy()
 
 
-def digits_dataset(split="train", batch_size=64, dequantize=True, shuffle=True,
-                   with_labels=False, seed=0, repeat=False, drop_remainder=False,
-                   fresh_noise=None):
+def digits_dataset(split: str = "train", batch_size: int = 64, dequantize: bool = True,
+                   shuffle: bool = True, with_labels: bool = False, seed: int | None = 0,
+                   repeat: bool = False, drop_remainder: bool = False,
+                   fresh_noise: bool | None = None) -> tf.data.Dataset:
     """`tf.data` pipeline over `load_digits`: float32 ``[B, 8, 8, 1]`` batches.
 
     Values are ``preprocess(k, 17, dequantize)``, i.e. ``(k + u)/17 - 0.5``;
@@ -200,7 +204,8 @@ def _not_available(name, builder, data_dir):
         name=name, data_dir=root, path=str(builder.data_dir))
 
 
-def dataset_info(name, n_bits=8, image_size=None):
+def dataset_info(name: str, n_bits: int = 8,
+                 image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
     """Static facts for a data set: ``dict(image_shape, num_bins, num_classes)``.
 
     "digits": ``(8, 8, 1)``, 17 bins, 10 classes (`n_bits` is ignored: the
@@ -218,10 +223,11 @@ def dataset_info(name, n_bits=8, image_size=None):
     return dict(image_shape=shape, num_bins=2 ** int(n_bits), num_classes=num_classes)
 
 
-def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
-                 data_dir=None, dequantize=True, shuffle=True, with_labels=False,
-                 seed=0, repeat=False, drop_remainder=False, download=False,
-                 fresh_noise=None):
+def tfds_dataset(name: str, split: str = "train", batch_size: int = 64, n_bits: int = 8,
+                 image_size: int | tuple[int, int] | None = None, data_dir: str | None = None,
+                 dequantize: bool = True, shuffle: bool = True, with_labels: bool = False,
+                 seed: int | None = 0, repeat: bool = False, drop_remainder: bool = False,
+                 download: bool = False, fresh_noise: bool | None = None) -> tf.data.Dataset:
     """`tf.data` pipeline over a tensorflow-datasets image data set.
 
     Per image: (celeb_a only) central 148x148 crop; optional area resize to
@@ -291,7 +297,8 @@ def tfds_dataset(name, split="train", batch_size=64, n_bits=8, image_size=None,
 # 2-D toy densities (FFJORD's generators, standardised).
 
 
-def toy_density(name, num_samples, seed=0):
+def toy_density(name: str, num_samples: int,
+                seed: int | tuple[int, int] | None = 0) -> np.ndarray:
     """Samples a 2-D toy density as float32 ``[num_samples, 2]``.
 
     The generators of FFJORD (Grathwohl et al., 2019, ``toy_data.py``), each
@@ -340,7 +347,8 @@ def toy_density(name, num_samples, seed=0):
     return points.astype(np.float32)
 
 
-def toy_dataset(name, num_samples, batch_size, seed=0, shuffle=True):
+def toy_dataset(name: str, num_samples: int, batch_size: int, seed: int | None = 0,
+                shuffle: bool = True) -> tf.data.Dataset:
     """`tf.data` pipeline of float32 ``[B, 2]`` batches of `toy_density` points."""
     check_pipeline_args(batch_size, seed, None, shuffle)
     return _points_dataset(toy_density(name, num_samples, seed), batch_size, seed, shuffle)
@@ -368,14 +376,15 @@ def _toy_split_dataset(name, split="train", batch_size=64, num_samples=None, see
 # --------------------------------------------------------------------------
 # Registry.
 
-DATASETS = {
+DATASETS: dict[str, Callable[..., tf.data.Dataset]] = {
     "digits": digits_dataset,
     **{name: functools.partial(tfds_dataset, name) for name in TFDS_IMAGE_DATASETS},
     **{name: functools.partial(_toy_split_dataset, name) for name in TOY_DENSITIES},
 }
 
 
-def make_dataset(name, split="train", batch_size=64, **kwargs):
+def make_dataset(name: str, split: str = "train", batch_size: int = 64,
+                 **kwargs: Any) -> tf.data.Dataset:
     """Builds the pipeline for `name`: a key of `DATASETS`, else any tfds name.
 
     ``kwargs`` go to the loader (`digits_dataset`, `tfds_dataset`, or for toy

@@ -40,7 +40,7 @@ def check_n_bits(n_bits):
     return n_bits
 
 
-def reduce_bits(images_uint8, n_bits):
+def reduce_bits(images_uint8: tf.Tensor | np.ndarray, n_bits: int) -> tf.Tensor:
     """Reduces 8-bit pixels to ``n_bits``: ``k = floor(pixel / 2**(8 - n_bits))``.
 
     Args:
@@ -87,7 +87,8 @@ def _as_stateless_seed(seed):
     return tf.cast(seed, tf.int64)
 
 
-def preprocess(images, num_bins, dequantize=True, seed=None):
+def preprocess(images: tf.Tensor | np.ndarray, num_bins: int, dequantize: bool = True,
+               seed: int | tf.Tensor | None = None) -> tf.Tensor:
     """Maps integer levels ``k`` to float32 model inputs in ``[-0.5, 0.5]``.
 
         dequantize=True:   x = (k + u) / num_bins - 0.5,  u ~ U(eps, 1 - eps)

@@ -29,8 +29,10 @@ tfp_glow.save_image_grid(np.concatenate(rows), "sweep.png", num_bins=17, rows=3,
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from tfp_glow import checks
 
@@ -40,7 +42,7 @@ __all__ = ["to_uint8", "image_grid", "label_grid", "save_png", "save_image_grid"
 _PAD = 3  # pixels around every label
 
 
-def to_uint8(x, num_bins=256):
+def to_uint8(x: npt.ArrayLike, num_bins: int = 256) -> np.ndarray:
     """Model-space values in `[-0.5, 0.5]` -> uint8 pixels in 0..255.
 
     `k = clip(floor((x + 0.5) * num_bins), 0, num_bins - 1)`, then
@@ -48,14 +50,15 @@ def to_uint8(x, num_bins=256):
     shape; values outside the range (e.g. samples at high temperature) clip.
     """
     num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
-    x = np.asarray(x, dtype=np.float64)
+    values = np.asarray(x, dtype=np.float64)
     # NaN would turn into an arbitrary integer; show it as black instead.
-    x = np.nan_to_num(x, nan=-0.5, posinf=0.5, neginf=-0.5)
-    levels = np.clip(np.floor((x + 0.5) * num_bins), 0, num_bins - 1)
+    values = np.nan_to_num(values, nan=-0.5, posinf=0.5, neginf=-0.5)
+    levels = np.clip(np.floor((values + 0.5) * num_bins), 0, num_bins - 1)
     return np.round(levels * (255.0 / (num_bins - 1))).astype(np.uint8)
 
 
-def image_grid(images, rows=None, border=1, border_value=255):
+def image_grid(images: npt.ArrayLike, rows: int | None = None, border: int = 1,
+               border_value: int = 255) -> np.ndarray:
     """Tiles a batch `[N, H, W, C]` (C = 1 or 3) into one uint8 image.
 
     The grid has `rows` rows (default: `ceil(sqrt(N))`) and
@@ -158,7 +161,7 @@ def label_grid(grid, tile_shape, border=1, title=None, row_labels=None, column_l
     return out[..., None] if grid.ndim == 3 and channels == 1 else out
 
 
-def save_png(array, path):
+def save_png(array: npt.ArrayLike, path: str | os.PathLike) -> str:
     """Writes a uint8 `[H, W]`, `[H, W, 1]` or `[H, W, 3]` array as a PNG."""
     from PIL import Image  # Pillow is a dependency; imported here to keep import light.
 
@@ -178,8 +181,9 @@ def save_png(array, path):
     return path
 
 
-def save_image_grid(x, path, num_bins=256, rows=None, upscale=1, title=None,
-                    row_labels=None):
+def save_image_grid(x: npt.ArrayLike, path: str | os.PathLike, num_bins: int = 256,
+                    rows: int | None = None, upscale: int = 1, title: str | None = None,
+                    row_labels: Sequence[str] | None = None) -> np.ndarray:
     """Writes a batch of model-space images `[N, H, W, C]` as one PNG grid.
 
     `to_uint8(x, num_bins)`, each image enlarged `upscale` times by

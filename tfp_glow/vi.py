@@ -33,14 +33,16 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
-from tfp_glow.bijectors import ActNorm, AdditiveCoupling, AffineCoupling, InvertibleConv1x1
+from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling, InvertibleConv1x1,
+                                PlanarFlow, RadialFlow)
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ["COUPLINGS", "KERNELS", "flow_surrogate_posterior", "neutra_initial_state",
+__all__ = ["COUPLINGS", "FLOWS", "KERNELS", "flow_surrogate_posterior", "neutra_initial_state",
            "neutra_kernel"]
 
 COUPLINGS = ("affine", "additive")
+FLOWS = ("coupling", "planar", "radial")
 KERNELS = ("hmc", "nuts")
 
 # The attribute under which a structured surrogate keeps its flat-to-structure
@@ -129,6 +131,21 @@ def _vector_flow(size, num_layers, hidden_units, coupling, dtype, rng):
     return flow
 
 
+def _residual_flow(kind, size, num_layers, dtype, rng):
+    """`g = F_K o ... o F_1 o A` on `[size]` vectors, a standard normal at init.
+
+    `A`: `ActNorm` (a learned diagonal Gaussian `q0 = N(mu, diag sigma^2)`, the
+    paper's initial density); `F_k`: `PlanarFlow` or `RadialFlow` (forward is
+    their generative map), each the identity at init.
+    """
+    cls = PlanarFlow if kind == "planar" else RadialFlow
+    act = ActNorm(size, event_ndims=1, dtype=dtype, name="act_norm")
+    act.initialized.assign(tf.ones([], dtype))  # identity; data_dependent_init skips it
+    steps = [act] + [cls(size, seed=int(rng.integers(2**31)), dtype=dtype,
+                         name=f"{kind}_{i}") for i in range(num_layers)]
+    return tfb.Chain(list(reversed(steps)), name="flow")  # Chain applies last first
+
+
 # ----------------------------------------------------------- the structure
 
 
@@ -175,7 +192,8 @@ def _static_shapes(model):
 
 
 def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32,
-                             coupling="affine", dtype=None, seed=None, name=None):
+                             coupling="affine", dtype=None, seed=None, name=None,
+                             flow="coupling"):
     """A normalizing-flow surrogate posterior for `tfp.vi.fit_surrogate_posterior`.
 
         q(x) = N(z; 0, I_D) |det dg/dz|^-1,   x = c(u(g(z)))
@@ -206,19 +224,29 @@ def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32
     on Eight Schools (-31.98 at 6 layers) but not on the funnel (-0.77); 3e-4
     is too slow for 2,000 steps.
 
+    `flow="planar"` or `"radial"` builds instead `num_layers` (K) planar or
+    radial flows (Rezende & Mohamed 2015; `PlanarFlow`, `RadialFlow`) after a
+    learned diagonal Gaussian (`ActNorm`), also a standard normal at init.
+    They have `2D + 1` (planar) or `D + 2` (radial) parameters per layer and
+    need many layers; on the 2-D energy densities of the paper the coupling
+    flow fits better at equal steps (`benchmarks/vi_energy.py`, BENCHMARKS.md).
+
     Args:
       event_shape_or_model: an event shape such as `[10]` (a flow on R^10), or
         a model: a `tfd.JointDistribution` (pinned or not, e.g.
         `jd.experimental_pin(y=...)`) or any distribution with
         `experimental_default_event_space_bijector()`; samples then have its
         structure and lie in its support.
-      num_layers: int >= 1, (linear map, coupling) pairs.
-      hidden_units: int >= 1, width of the two hidden layers of each coupling net.
+      num_layers: int >= 1, (linear map, coupling) pairs, or K planar / radial layers.
+      hidden_units: int >= 1, width of the two hidden layers of each coupling net
+        (`flow="coupling"` only).
       coupling: `"affine"` (RealNVP) or `"additive"` (NICE, volume preserving
-        apart from the linear maps).
+        apart from the linear maps) (`flow="coupling"` only).
       dtype: float dtype; `None`: the model's dtype, or float32 for a shape.
       seed: int >= 0 or None, for the nets' init and the permutations.
       name: the distribution's name.
+      flow: the flow family: `"coupling"` (the default described above),
+        `"planar"` or `"radial"`.
 
     Returns:
       A `tfd.TransformedDistribution` whose `trainable_variables` are every
@@ -228,6 +256,7 @@ def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32
     num_layers = checks.positive_int(num_layers, "num_layers")
     hidden_units = checks.positive_int(hidden_units, "hidden_units")
     coupling = checks.choice(coupling, COUPLINGS, "coupling")
+    flow_kind = checks.choice(flow, FLOWS, "flow")
     if dtype is not None:
         try:
             dtype = tf.as_dtype(dtype)
@@ -258,7 +287,10 @@ def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32
         size = max(1, int(np.prod(shape)))
     dtype = dtype.name
     rng = np.random.default_rng(seed)
-    flow = _vector_flow(size, num_layers, hidden_units, coupling, dtype, rng)
+    if flow_kind == "coupling":
+        flow = _vector_flow(size, num_layers, hidden_units, coupling, dtype, rng)
+    else:
+        flow = _residual_flow(flow_kind, size, num_layers, dtype, rng)
     if unflatten is not None:
         bijector = tfb.Chain([constrain, unflatten, flow])
     elif shape == (size,):

@@ -43,7 +43,7 @@ def save():
 
 def xla(which):
     import tensorflow as tf
-    from tfp_glow.guard import all_finite, apply_if
+    from tfp_glow.training.guard import all_finite, apply_if
     x = _data()
     model = _model()
     model.initialize(x[:BATCH])

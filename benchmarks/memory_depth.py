@@ -1,5 +1,5 @@
 """Training memory and step time against depth: standard / checkpoint /
-reversible backprop (`tfp_glow.reversible`) and TFP's `tfb.Glow`.
+reversible backprop (`tfp_glow.training.reversible`) and TFP's `tfb.Glow`.
 
 Glow on 32x32x3 noise images (uniform levels, dequantized), 2 levels of K
 steps (ActNorm, LU 1x1 conv, affine coupling; networks of width 64), batch
@@ -83,7 +83,8 @@ def build_step(variant, steps, x, jit_compile=False):
         def loss_fn(x):
             return -tf.reduce_mean(model.log_prob(x))
     else:
-        from tfp_glow import models, reversible
+        from tfp_glow import models
+        from tfp_glow.training import reversible
         from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
         flow = models.build_glow_flow(
             image_shape=CONFIG["image_shape"], levels=CONFIG["levels"],
@@ -190,7 +191,7 @@ def _evaluate(f32, f64, x32, x64, **row):
     """Rebuild errors of `f32` on `x32`, and each mode's float32 gradient error
     against float64 standard backprop of `f64` (the same weights)."""
     import tensorflow as tf
-    from tfp_glow import reversible
+    from tfp_glow.training import reversible
     from tfp_glow.bijectors import forward_and_log_det
 
     def grads(flow, x, mode):
@@ -281,7 +282,8 @@ def trained_reconstruction(train_steps=(0, 300, 1000), levels=2, steps=8, width=
     """The same errors on the digits Glow (8x8x1) trained with Adam(1e-3), batch 64."""
     import keras
     import tensorflow as tf
-    from tfp_glow import models, reversible
+    from tfp_glow import models
+    from tfp_glow.training import reversible
     from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
 

@@ -154,7 +154,7 @@ def train(model, batches, strategy=None, **callback_args):
 def main(out_dir, backup_dir, sleep):
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    from tfp_glow.distributed import first_step_batch, multi_worker_strategy
+    from tfp_glow.training.distributed import first_step_batch, multi_worker_strategy
     strategy = multi_worker_strategy()  # from TF_CONFIG, before any other TF work
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     with strategy.scope():

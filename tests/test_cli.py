@@ -13,7 +13,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tfp_glow import callbacks, cli, data, recipe
+from tfp_glow import cli, data, recipe
+from tfp_glow.training import callbacks
 
 # A tiny Glow: one short epoch must take seconds, not minutes.
 TINY = ["--levels", "2", "--steps", "2", "--width", "16", "--batch-size", "32",

@@ -17,7 +17,7 @@ the loss would show; Adam's first step would hide a constant factor):
   every pass): fit's own ActNorm init and the weights after several steps,
   on both replicas and against the same `fit` on one device. (Keras used to
   spend one pass of such a pipeline before training under a strategy, so the
-  two trained on different batches: `tfp_glow.distributed.symbolic_build_iterator`.)
+  two trained on different batches: `tfp_glow.training.distributed.symbolic_build_iterator`.)
 * a `fit` interrupted mid-epoch (an exception, as a preempted job) and
   resumed by `keras.callbacks.BackupAndRestore` in a fresh model under the
   strategy: the same weights as an uninterrupted run.
@@ -194,7 +194,7 @@ def _worker():
                                              return_dict=True)["bits_per_dim"]
     out["averaged_replica_diff"] = replica_diff(averaged)
     # Each replica's dropout seed: (step, replica id).
-    from tfp_glow.flow_model import _dropout_seed
+    from tfp_glow.training.flow_model import _dropout_seed
     seeds = strategy.run(tf.function(lambda: _dropout_seed(resumed.optimizer)))
     out["replica_dropout_seeds"] = [s.numpy().tolist() for s in seeds.values]
     print("RESULT " + json.dumps(out), flush=True)

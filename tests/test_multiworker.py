@@ -240,7 +240,7 @@ def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterr
 
 
 def test_multi_worker_strategy_needs_a_cluster(monkeypatch):
-    from tfp_glow.distributed import multi_worker_strategy
+    from tfp_glow.training.distributed import multi_worker_strategy
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ValueError, match="set TF_CONFIG"):
@@ -252,7 +252,7 @@ def test_multi_worker_strategy_needs_a_cluster(monkeypatch):
 def test_outside_multi_worker_mode_nothing_changes():
     import keras
     import tensorflow as tf
-    from tfp_glow import distributed
+    from tfp_glow.training import distributed
     backup = keras.callbacks.BackupAndRestore("unused_dir")
     assert distributed.fit_callbacks(None) == []
     assert distributed.fit_callbacks(backup) == [backup]

@@ -1,4 +1,4 @@
-"""`tfp_glow.reversible.forward_and_log_det`: checkpointed and reversible backprop.
+"""`tfp_glow.training.reversible.forward_and_log_det`: checkpointed and reversible backprop.
 
 What is checked, on small flows perturbed off their (identity) init:
 
@@ -38,7 +38,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tfp_glow
-from tfp_glow import models, nets, reversible
+from tfp_glow import models, nets
+from tfp_glow.training import reversible
 from tfp_glow.bijectors import (ActNorm, AffineCoupling, FactorOut, FlowBijector,
                                 InvertibleConv1x1, LearnedPrior, MultiScaleFlow, Squeeze,
                                 data_dependent_init, forward_and_log_det)

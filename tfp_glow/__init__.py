@@ -26,10 +26,11 @@ from tfp_glow import bijectors
 from tfp_glow import data
 from tfp_glow import nets
 from tfp_glow import training
-from tfp_glow.flow_model import FlowModel
+from tfp_glow.training.flow_model import FlowModel
+from tfp_glow import models
 from tfp_glow.models import DEFAULT_DROPOUT, NICE, Glow, RealNVP
 from tfp_glow.variational_dequantization import VariationalDequantizer
-from tfp_glow.callbacks import SampleGrid, WithAveragedWeights
+from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
 from tfp_glow.export import export_saved_model, load_exported
 from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
 
@@ -49,6 +50,7 @@ __all__ = [
     "export_saved_model",
     "image_grid",
     "load_exported",
+    "models",
     "nets",
     "save_image_grid",
     "save_png",

@@ -247,7 +247,7 @@ def _strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":  # the cluster from TF_CONFIG, or Slurm's environment
-        from tfp_glow.distributed import multi_worker_strategy
+        from tfp_glow.training.distributed import multi_worker_strategy
         return multi_worker_strategy()
     return tf.distribute.get_strategy()
 

@@ -146,7 +146,7 @@ class FlowDensity:
         if backprop == "standard":
             z, ldj = forward_and_log_det(self._flow, x, ndims, **self._condition(labels))
         else:
-            from tfp_glow import reversible  # only models that ask for it pay the import
+            from tfp_glow.training import reversible  # only models that ask for it pay the import
             z, ldj = reversible.forward_and_log_det(self._flow, x, backprop=backprop,
                                                     event_ndims=ndims,
                                                     **self._condition(labels))
@@ -185,7 +185,7 @@ class FlowDensity:
 
         `backprop` (`"standard"`, `"checkpoint"` or `"reversible"`) is what a
         `tf.GradientTape` around the call keeps for the gradient (see
-        `tfp_glow.reversible`); the value is the same.
+        `tfp_glow.training.reversible`); the value is the same.
         """
         checks.choice(backprop, BACKPROP_MODES, "backprop")
         x = self.spec.data(x)

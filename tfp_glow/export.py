@@ -51,7 +51,7 @@ import types
 import numpy as np
 import tensorflow as tf
 
-from tfp_glow.flow_model import FlowModel
+from tfp_glow.training.flow_model import FlowModel
 
 __all__ = ["export_saved_model", "load_exported", "ExportedFlow", "SIGNATURE_NAMES"]
 

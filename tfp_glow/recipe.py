@@ -242,7 +242,7 @@ def _callbacks(model, paths, sample_every, seed, averaged):
     checkpoints and the sample grids see the averaged weights, the backup the
     raw ones with their average."""
     import keras
-    from tfp_glow.callbacks import SampleGrid, WithAveragedWeights
+    from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
     # No per-epoch copy of the last weights: the backup already holds them
     # (each Keras weights file costs about 0.5 s at the digits' size, as much
     # as the epoch's training); `last.weights.h5` is written when `fit` ends.
@@ -386,7 +386,7 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     export_path = None
     # Under a multi-worker strategy every worker trains and evaluates, but only
     # the chief writes the run directory they share (no racing writers).
-    from tfp_glow.distributed import is_chief
+    from tfp_glow.training.distributed import is_chief
     if is_chief(model.distribute_strategy):
         model.save_weights(paths["last"])
         _write_json(paths["metrics"], metrics)

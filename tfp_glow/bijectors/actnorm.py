@@ -94,7 +94,7 @@ class ActNorm(FlowBijector):
         axes = list(range(x.shape.rank - 1))
         # Moments of the global batch under tf.distribute (every replica's and
         # worker's part together), so all replicas and workers get one init.
-        from tfp_glow.distributed import global_moments
+        from tfp_glow.training.distributed import global_moments
         mean, variance = global_moments(x, axes)
         log_scale = -tf.math.log(tf.sqrt(variance) + self._epsilon)
         self.log_scale.assign(log_scale)

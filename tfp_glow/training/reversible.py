@@ -42,7 +42,7 @@ constants for the gradient (no gradient flows to labels).
 #### Examples
 
 ```python
-from tfp_glow import reversible
+from tfp_glow.training import reversible
 with tf.GradientTape() as tape:
     z, ldj = reversible.forward_and_log_det(flow, x, backprop="reversible")
     loss = -tf.reduce_mean(base.log_prob(z) + ldj)
@@ -64,7 +64,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks
-from tfp_glow._reversible_blocks import custom_gradient_block
+from tfp_glow.training._reversible_blocks import custom_gradient_block
 from tfp_glow.bijectors import base as _base
 from tfp_glow.bijectors.coupling import CouplingBase
 from tfp_glow.bijectors.multi_scale import MultiScaleFlow

@@ -3,7 +3,7 @@
 The density (`tfp_glow.density.FlowDensity`) holds the flow and answers
 `log_prob`, `bits_per_dim`, `encode`, `decode`, `sample` and `interpolate`;
 the input rules live in its `InputSpec`; the NaN/inf guard of the training
-step is a `tfp_glow.guard.NonfiniteGuard`. This class only makes a Keras
+step is a `tfp_glow.training.guard.NonfiniteGuard`. This class only makes a Keras
 model of them: it tracks every Keras layer inside the flow, so stock `fit`,
 `evaluate`, `save_weights`, `ModelCheckpoint`, `BackupAndRestore` and
 `tf.distribute` need no custom variable plumbing, and trains on the negative
@@ -23,15 +23,15 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
-from tfp_glow.distributed import (first_step_batch, fit_callbacks, step_logs,
+from tfp_glow.training.distributed import (first_step_batch, fit_callbacks, step_logs,
                                   symbolic_build_iterator)
-from tfp_glow.flow_config import FlowConfigMethods, unique_layer_names
-from tfp_glow.flow_variables import (FlowVariables, check_trainable, collect, flow_dtype,
+from tfp_glow.training.flow_config import FlowConfigMethods, unique_layer_names
+from tfp_glow.training.flow_variables import (FlowVariables, check_trainable, collect, flow_dtype,
                                      zeros_batch)
-from tfp_glow.guard import NonfiniteGuard
-from tfp_glow.initialization import ActNormInitialization, actnorms_of
+from tfp_glow.training.guard import NonfiniteGuard
+from tfp_glow.training.initialization import ActNormInitialization, actnorms_of
 from tfp_glow.variational_dequantization import VariationalDequantizer
-from tfp_glow.xla import warn_if_partial_last_batch
+from tfp_glow.training.xla import warn_if_partial_last_batch
 
 tfb = tfp.bijectors
 
@@ -79,10 +79,10 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         `MaskedAutoregressiveFlow` for MAF, the flow itself for IAF,
         `tfb.RealNVP`, `tfb.Glow`, `tfb.FFJORD`), elementwise and matrix
         bijectors with `tf.Variable` parameters ... Every variable the flow
-        holds becomes a model weight (`tfp_glow.flow_variables`); the density
+        holds becomes a model weight (`tfp_glow.training.flow_variables`); the density
         equals `tfd.TransformedDistribution(N(0, I), tfb.Invert(flow))`. A
         builder registered with `@keras.saving.register_keras_serializable()`
-        makes `.keras` saving possible (`tfp_glow.flow_config`).
+        makes `.keras` saving possible (`tfp_glow.training.flow_config`).
       event_shape: shape of one data point, e.g. `(8, 8, 1)` or `(2,)`.
       num_bins: number of discrete levels of the data (256 for 8-bit images,
         17 for the built-in digits); used by `bits_per_dim`. For continuous

@@ -1,7 +1,7 @@
-"""The custom-gradient block behind `tfp_glow.reversible` ("checkpoint", "reversible").
+"""The custom-gradient block behind `tfp_glow.training.reversible` ("checkpoint", "reversible").
 
 A block is a list of steps (objects with `apply(x, kwargs) -> (y, ldj)`,
-`undo(y, kwargs) -> x` and a `stored` flag; see `tfp_glow.reversible.Step`).
+`undo(y, kwargs) -> x` and a `stored` flag; see `tfp_glow.training.reversible.Step`).
 Its forward runs with every gradient tape paused and returns `(y, ldj)`; its
 gradient function recomputes what it needs:
 

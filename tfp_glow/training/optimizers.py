@@ -1,12 +1,12 @@
-"""Training helpers: a warmup schedule, and the NaN/inf guard re-exported.
+"""Optimizers and schedules for flows (the NaN/inf guard is `tfp_glow.training.guard`).
 
 Flows blow up in two ways that cost users days: a step with a NaN/inf loss or
 gradient silently poisons every weight (and every checkpoint written after
 it), and a large learning rate at the start of training overshoots before
 ActNorm and the coupling scales have settled.
 
-* The guard against the first lives in `tfp_glow.guard` (`NonfiniteGuard`,
-  `NonfiniteCounter`, `all_finite`, `apply_if`, ...); it is re-exported here.
+* The guard against the first lives in `tfp_glow.training.guard` (`NonfiniteGuard`,
+  `NonfiniteCounter`, `all_finite`, `apply_if`, ...), re-exported by `tfp_glow.training`.
 * `WarmupSchedule`: linear warmup to a base learning rate, then constant or
   cosine decay, against the second.
 * `adamw`: AdamW whose weight decay reaches the networks only (a regulariser
@@ -28,23 +28,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_glow import checks
-from tfp_glow.guard import (NONFINITE_MODES, NonfiniteCounter, NonfiniteGuard,
-                            TrainPosition, all_finite, any_replica, apply_if,
-                            check_nonfinite_mode, nonfinite_error_message)
 
 __all__ = [
-    "NONFINITE_MODES",
-    "NonfiniteCounter",
-    "NonfiniteGuard",
-    "TrainPosition",
     "WarmupAdam",
     "WarmupSchedule",
     "adamw",
-    "all_finite",
-    "any_replica",
-    "apply_if",
-    "check_nonfinite_mode",
-    "nonfinite_error_message",
+    "network_variables",
     "recommended_optimizer",
 ]
 

@@ -91,7 +91,7 @@ class SampleGrid(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         epoch = epoch + 1  # Keras counts from 0; file names count from 1.
-        from tfp_glow.distributed import is_chief  # one writer under multi-worker
+        from tfp_glow.training.distributed import is_chief  # one writer under multi-worker
         if epoch % self.every_n_epochs == 0 and is_chief(self.model.distribute_strategy):
             self.write(epoch)
 

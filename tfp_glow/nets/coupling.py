@@ -19,6 +19,8 @@ compute dtype and its output back to the flow's dtype.
 
 import contextlib
 import zlib
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -34,7 +36,7 @@ _DROPOUT = ThreadFlag()
 
 
 @contextlib.contextmanager
-def dropout_active(seed=None):
+def dropout_active(seed: tf.Tensor | None = None) -> Iterator[None]:
     """Inside the block, networks built with `dropout > 0` drop units.
 
     `FlowModel.train_step` computes its loss and its gradient inside this
@@ -58,7 +60,7 @@ def dropout_active(seed=None):
         yield
 
 
-def is_dropout_active():
+def is_dropout_active() -> bool:
     """True inside `dropout_active()` (in this thread)."""
     return _DROPOUT.is_on()
 
@@ -93,7 +95,8 @@ class ZeroConv2D(layers.Layer):
     starts. `logs` is a float32 variable read in the compute dtype.
     """
 
-    def __init__(self, filters, kernel_size=3, logscale_factor=3.0, **kwargs):
+    def __init__(self, filters: int, kernel_size: int = 3, logscale_factor: float = 3.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.filters = checks.positive_int(filters, "filters")
         self.kernel_size = checks.positive_int(kernel_size, "kernel_size")
@@ -136,8 +139,8 @@ class GlowCouplingNet(layers.Layer):
     1 keeps a coupling with many outputs per channel, such as a spline, small).
     """
 
-    def __init__(self, hidden_channels, out_channels, dropout=0.0, last_kernel=3, seed=None,
-                 **kwargs):
+    def __init__(self, hidden_channels: int, out_channels: int, dropout: float = 0.0,
+                 last_kernel: int = 3, seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
@@ -180,7 +183,8 @@ class ResNetCouplingNet(layers.Layer):
         -> ReLU -> ZeroConv2D(out)
     """
 
-    def __init__(self, hidden_channels, out_channels, num_blocks=2, **kwargs):
+    def __init__(self, hidden_channels: int, out_channels: int, num_blocks: int = 2,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
@@ -223,7 +227,8 @@ class MLPCouplingNet(layers.Layer):
         num_hidden_layers x Dense(hidden_units, ReLU) -> Dense(out, zeros)
     """
 
-    def __init__(self, hidden_units, out_units, num_hidden_layers=2, **kwargs):
+    def __init__(self, hidden_units: int, out_units: int, num_hidden_layers: int = 2,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hidden_units = checks.positive_int(hidden_units, "hidden_units")
         self.out_units = checks.positive_int(out_units, "out_units")

@@ -6,6 +6,9 @@ counterpart with the same call contract (`[..., D] -> [..., D, params]`), so
 works as with TFP's.
 """
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -146,9 +149,12 @@ class MADE(TFPConditioner):
 
     LISTED_SUBLAYERS = ("_kernels", "_biases")
 
-    def __init__(self, params, event_size, hidden_units, input_order="left-to-right",
-                 hidden_degrees="equal", activation="relu", seed=None, context_size=None,
-                 zero_init_last=True, dtype=None, **kwargs):
+    def __init__(self, params: int, event_size: int, hidden_units: int | Sequence[int],
+                 input_order: str | Sequence[int] = "left-to-right",
+                 hidden_degrees: str = "equal", activation: str | Callable = "relu",
+                 seed: int | None = None, context_size: int | None = None,
+                 zero_init_last: bool = True, dtype: str | tf.DType | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.params = checks.positive_int(params, "params")
         self.event_size = checks.positive_int(event_size, "event_size")

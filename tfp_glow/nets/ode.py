@@ -1,6 +1,8 @@
 """`ODENet` and `ffjord_trace`: a Keras 3 vector field for TFP's `tfb.FFJORD`."""
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -56,8 +58,9 @@ class ODENet(TFPConditioner):
 
     LISTED_SUBLAYERS = ("hidden",)
 
-    def __init__(self, event_size, hidden_units, activation="tanh", context_size=None,
-                 dtype=None, **kwargs):
+    def __init__(self, event_size: int, hidden_units: int | Sequence[int],
+                 activation: str | Callable = "tanh", context_size: int | None = None,
+                 dtype: str | tf.DType | None = None, **kwargs: Any) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.event_size = checks.positive_int(event_size, "event_size")
         self.hidden_units = units_list(hidden_units, "hidden_units")
@@ -95,7 +98,8 @@ class ODENet(TFPConditioner):
                 "activation": self._activation_config(), "context_size": self.context_size}
 
 
-def ffjord_trace(exact=True, num_samples=1, seed=None):
+def ffjord_trace(exact: bool = True, num_samples: int = 1,
+                 seed: int | None = None) -> Callable[..., Any]:
     """The `trace_augmentation_fn` for `tfb.FFJORD`.
 
     The log-det of a continuous flow is `integral of tr(df/dz) dt`.

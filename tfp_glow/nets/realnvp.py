@@ -1,5 +1,8 @@
 """`RealNVPNet`: a Keras 3 `shift_and_log_scale_fn` for TFP's `tfb.RealNVP`."""
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -53,9 +56,10 @@ class RealNVPNet(TFPConditioner):
 
     LISTED_SUBLAYERS = ("hidden",)
 
-    def __init__(self, hidden_units, output_units, input_units, activation="relu",
-                 context_size=None, scale_bound=3.0, zero_init_last=True, dtype=None,
-                 **kwargs):
+    def __init__(self, hidden_units: int | Sequence[int], output_units: int, input_units: int,
+                 activation: str | Callable = "relu", context_size: int | None = None,
+                 scale_bound: float = 3.0, zero_init_last: bool = True,
+                 dtype: str | tf.DType | None = None, **kwargs: Any) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.hidden_units = units_list(hidden_units, "hidden_units")
         self.output_units = checks.positive_int(output_units, "output_units")

@@ -63,7 +63,8 @@ class AutoregressiveSplineFn(tf.Module):
          NeurIPS 2019. https://arxiv.org/abs/1906.04032
     """
 
-    def __init__(self, made, num_bins=8, bound=4.0, min_bin_size=1e-3, min_derivative=1e-3):
+    def __init__(self, made: MADE, num_bins: int = 8, bound: float = 4.0,
+                 min_bin_size: float = 1e-3, min_derivative: float = 1e-3) -> None:
         super().__init__(name="autoregressive_spline_fn")
         if not isinstance(made, MADE):
             raise TypeError(f"`made` must be a tfp_glow.nets.MADE; received {made!r}.")

@@ -28,7 +28,8 @@ from tfp_glow import nets
 from tfp_glow import training
 from tfp_glow.training.flow_model import FlowModel
 from tfp_glow import models
-from tfp_glow.models import DEFAULT_DROPOUT, NICE, Glow, RealNVP
+from tfp_glow.models import (DEFAULT_DROPOUT, FFJORD, IAF, MAF, NICE, Glow,
+                             NeuralSplineFlow, RealNVP)
 from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
 from tfp_glow.export import export_saved_model, load_exported
@@ -38,9 +39,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_DROPOUT",
+    "FFJORD",
     "FlowModel",
     "Glow",
+    "IAF",
+    "MAF",
     "NICE",
+    "NeuralSplineFlow",
     "RealNVP",
     "SampleGrid",
     "VariationalDequantizer",

@@ -45,9 +45,21 @@ MODEL_DEFAULTS = {
                  dropout=DEFAULT_DROPOUT, dequantization="variational"),
     "realnvp": dict(levels=2, steps=8, width=64),
     "nice": dict(steps=4, width=256),
+    "maf": dict(steps=5, width=100, permutation="reverse"),
+    "iaf": dict(steps=5, width=100, permutation="reverse"),
+    # None: NeuralSplineFlow's per-variant default.
+    "nsf": dict(steps=None, width=None, permutation="reverse", variant="autoregressive"),
+    "ffjord": dict(width=240, trace="auto"),
 }
+# The vector families flatten images; their permutations are fixed ones.
+VECTOR_MODELS = ("maf", "iaf", "nsf", "ffjord")
+_VECTOR_PERMUTATIONS = ("reverse", "shuffle")
 _APPLIES_TO = {"levels": ("glow", "realnvp"), "coupling": ("glow",),
-               "permutation": ("glow",), "dropout": ("glow",), "dequantization": ("glow",)}
+               "steps": tuple(m for m in MODELS if m != "ffjord"),
+               "permutation": ("glow", "maf", "iaf", "nsf"), "dropout": ("glow",),
+               "dequantization": ("glow",), "variant": ("nsf",), "trace": ("ffjord",)}
+_ARCHITECTURE_FLAGS = ("levels", "steps", "width", "coupling", "permutation", "dropout",
+                       "dequantization", "variant", "trace")
 
 
 class UsageError(ValueError):
@@ -103,8 +115,8 @@ def check_train_args(args):
                     f"{args.dataset}" + (" (17 native levels)" if kind == "digits" else ""))
     if kind == "toy" and args.model == "glow":
         raise UsageError(
-            f"--dataset {args.dataset} is a 2-D toy density: use --model realnvp or "
-            f"--model nice (glow needs images).")
+            f"--dataset {args.dataset} is a 2-D toy density: use any --model but glow "
+            f"(glow needs images).")
     arch = _check_architecture(args, kind)
     info = _dataset_info(vars(args))
     if args.conditional and info["num_classes"] is None:
@@ -120,8 +132,7 @@ def _check_architecture(args, kind):
     data of `kind`."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
-    for key in ("levels", "steps", "width", "coupling", "permutation", "dropout",
-                "dequantization"):
+    for key in _ARCHITECTURE_FLAGS:
         value = getattr(args, key)
         if value is not None and args.model not in _APPLIES_TO.get(key, MODELS):
             raise UsageError(
@@ -137,6 +148,12 @@ def _check_architecture(args, kind):
         raise UsageError(
             f"--steps for --model nice must be >= 2 (NICE alternates which half is "
             f"transformed); got {arch['steps']}.")
+    if args.model in VECTOR_MODELS and arch.get("permutation") not in (
+            None, *_VECTOR_PERMUTATIONS):
+        raise UsageError(
+            f"--permutation for --model {args.model} must be one of "
+            f"{', '.join(_VECTOR_PERMUTATIONS)} (a fixed permutation between layers); "
+            f"got {arch['permutation']}.")
     return arch
 
 
@@ -237,9 +254,28 @@ def _build_model(args, info, arch):
                        hidden_channels=arch["width"], coupling_layers=arch["steps"],
                        num_classes=num_classes, num_bins=info["num_bins"],
                        backprop=args.backprop)
-    return NICE(input_shape=shape, coupling_layers=arch["steps"],
-                hidden_units=arch["width"], num_classes=num_classes,
-                num_bins=info["num_bins"], backprop=args.backprop)
+    if args.model == "nice":
+        return NICE(input_shape=shape, coupling_layers=arch["steps"],
+                    hidden_units=arch["width"], num_classes=num_classes,
+                    num_bins=info["num_bins"], backprop=args.backprop)
+    return _build_vector_model(args, shape, num_classes, info["num_bins"], arch)
+
+
+def _build_vector_model(args, shape, num_classes, num_bins, arch):
+    """MAF, IAF, NeuralSplineFlow or FFJORD (images flattened to vectors)."""
+    from tfp_glow import FFJORD, IAF, MAF, NeuralSplineFlow
+    common = dict(input_shape=shape, num_classes=num_classes, num_bins=num_bins,
+                  backprop=args.backprop)
+    width = arch["width"]
+    if args.model in ("maf", "iaf"):
+        cls = MAF if args.model == "maf" else IAF
+        return cls(num_layers=arch["steps"], hidden_units=[width, width],
+                   permutation=arch["permutation"], seed=args.seed, **common)
+    if args.model == "nsf":
+        return NeuralSplineFlow(variant=arch["variant"], num_layers=arch["steps"],
+                                hidden_units=None if width is None else [width, width],
+                                permutation=arch["permutation"], seed=args.seed, **common)
+    return FFJORD(hidden_units=[width] * 3, trace=arch["trace"], **common)
 
 
 def _strategy(name):

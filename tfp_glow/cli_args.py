@@ -13,7 +13,10 @@ from tfp_glow.models import COUPLINGS, DEQUANTIZATIONS, PERMUTATIONS
 from tfp_glow.training import RECOMMENDED_EMA_MOMENTUM
 
 PROG = "tfp-glow"
-MODELS = ("glow", "realnvp", "nice")
+# The vector families (maf, iaf, nsf, ffjord) flatten images to vectors.
+MODELS = ("glow", "realnvp", "nice", "maf", "iaf", "nsf", "ffjord")
+NSF_VARIANTS = ("autoregressive", "coupling")
+FFJORD_TRACES = ("auto", "exact", "hutchinson")
 SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
 
 
@@ -63,23 +66,27 @@ class _HelpFormatter(argparse.HelpFormatter):
 _SIZE_FLAGS = (
     ("--levels", "scales L (glow: 2, realnvp: 2)"),
     ("--steps", "flow steps per level K (glow: 8); coupling layers for realnvp on "
-                "vectors (8) and nice (4)"),
+                "vectors (8) and nice (4); autoregressive or spline layers for maf, "
+                "iaf (5) and nsf (autoregressive 3, coupling 4)"),
     ("--width", "hidden channels of the coupling networks (glow, realnvp: 64; nice: "
-                "256 hidden units)"),
+                "256 hidden units); hidden units of each of the 2 layers of the maf/iaf "
+                "MADEs (100) and nsf networks (autoregressive 32, coupling 48), of each "
+                "of the 3 layers of ffjord's ODE network (240)"),
 )
 
 
 def _add_train_parser(sub):
     p = sub.add_parser(
         "train", help="train a flow with Keras fit",
-        description="Train Glow, RealNVP or NICE with Keras fit. With no arguments: "
+        description="Train Glow, RealNVP, NICE, MAF, IAF, a neural spline flow (nsf) or "
+                    "FFJORD with Keras fit. With no arguments: "
                     "Glow on the built-in 8x8 digits (a few minutes on a laptop CPU).",
         formatter_class=_HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="glow", help="flow architecture")
     p.add_argument("--dataset", default="digits",
                    help="'digits' (built in), a tensorflow-datasets image data set "
                         "(mnist, fashion_mnist, cifar10, celeb_a, svhn_cropped, ...) or a "
-                        "2-D toy density for realnvp/nice (two_moons, 8gaussians, "
+                        "2-D toy density for every model but glow (two_moons, 8gaussians, "
                         "checkerboard)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding the prepared tensorflow-datasets data set (`tfds "
@@ -96,7 +103,13 @@ def _add_train_parser(sub):
     p.add_argument("--coupling", choices=COUPLINGS, default=None,
                    help="glow only (default affine)")
     p.add_argument("--permutation", choices=PERMUTATIONS, default=None,
-                   help="glow only (default conv_lu)")
+                   help="glow (default conv_lu); maf, iaf, nsf between layers: reverse "
+                        "(default) or shuffle")
+    p.add_argument("--variant", choices=NSF_VARIANTS, default=None,
+                   help="nsf only: autoregressive (default, NSF-AR) or coupling splines")
+    p.add_argument("--trace", choices=FFJORD_TRACES, default=None,
+                   help="ffjord only: the divergence's trace, exact or Hutchinson's "
+                        "estimate; auto (default) is exact up to 16 features")
     p.add_argument("--dropout", type=_rate, default=None,
                    help="glow only: dropout rate in the coupling networks while training "
                         "(default 0.2; 0 turns it off)")
@@ -164,8 +177,8 @@ def _add_model_source(p):
 def build_parser():
     """The `tfp-glow` argument parser: one sub-command per `cmd_*` function."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Glow, RealNVP and NICE normalizing flows for TensorFlow "
-                               "Probability with Keras 3.")
+        prog=PROG, description="Glow, RealNVP, NICE, MAF, IAF, neural spline and FFJORD "
+                               "normalizing flows for TensorFlow Probability with Keras 3.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)

@@ -50,8 +50,9 @@ def run_paths(run_dir):
 
 
 def _model_classes():
-    from tfp_glow import NICE, Glow, RealNVP
-    return {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE}
+    from tfp_glow import FFJORD, IAF, MAF, NICE, Glow, NeuralSplineFlow, RealNVP
+    return {cls.__name__: cls for cls in (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow,
+                                          FFJORD)}
 
 
 # Variable dtypes of a tfp_glow model: FlowModel's `dtype` is float32, float64 or
@@ -65,7 +66,8 @@ def read_config(run_dir):
 
     Raises `RunNotFoundError` if `run_dir` or its config.json is missing and
     `RunDamagedError` if config.json is not a JSON object naming one of
-    Glow, RealNVP and NICE with its `model_config`.
+    the model classes (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow,
+    FFJORD) with its `model_config`.
     """
     if run_dir is None or not os.path.isdir(run_dir):
         raise RunNotFoundError(run_dir, "is not a directory.")

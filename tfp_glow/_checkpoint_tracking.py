@@ -27,7 +27,7 @@ def _flat(value):
 class ListedSublayers:
     """Mixin (before `keras.layers.Layer`): see the module docstring."""
 
-    LISTED_SUBLAYERS = ()
+    LISTED_SUBLAYERS: tuple[str, ...] = ()
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)

@@ -191,8 +191,10 @@ def _next_version(export_dir):
     return max(versions, default=0) + 1
 
 
-def export_saved_model(model, export_dir, version=None, input_signature_dtype=tf.float32,
-                       overwrite=False):
+def export_saved_model(model: FlowModel, export_dir: str | os.PathLike,
+                       version: int | None = None,
+                       input_signature_dtype: tf.DType = tf.float32,
+                       overwrite: bool = False) -> str:
     """Writes `model` as a TF Serving SavedModel at `<export_dir>/<version>/`.
 
     Args:
@@ -417,7 +419,7 @@ class ExportedFlow:
         return self.signatures["sample"](**inputs)["samples"]
 
 
-def load_exported(path):
+def load_exported(path: str | os.PathLike) -> "ExportedFlow":
     """Loads an export as an `ExportedFlow` (checked inputs, one output each).
 
     `path` is a version directory (`.../export/3`) or the base directory, in

@@ -97,7 +97,7 @@ class TrainResult:
     metrics: dict
     history: dict
     paths: dict
-    export_path: str = None
+    export_path: str | None = None
     resumed: bool = False
 
 

@@ -41,6 +41,8 @@ and the bin-centre images (`v = 1/2`, `dequantize=False`) map to `eps = 0`.
 """
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -82,7 +84,8 @@ class VariationalDequantizer(ListedSublayers, layers.Layer):
 
     LISTED_SUBLAYERS = ("context", "step_nets")
 
-    def __init__(self, event_shape, num_bins, hidden_channels=16, num_steps=3, **kwargs):
+    def __init__(self, event_shape: Sequence[int], num_bins: int, hidden_channels: int = 16,
+                 num_steps: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         shape = checks.shape(event_shape, "event_shape")
         if len(shape) != 3:

@@ -90,7 +90,7 @@ def _same_value(a, b):
         return False
 
 
-class FlowBijector(tfb.Bijector):
+class FlowBijector(tfp.bijectors.Bijector):  # tfp.bijectors, not tfb: mypy reads the base
     """Base class: subclasses implement the two one-pass methods.
 
     Subclasses define

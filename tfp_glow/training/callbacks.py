@@ -1,6 +1,7 @@
 """Keras callbacks for flow models."""
 
 import os
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -41,8 +42,10 @@ class SampleGrid(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, directory, num_samples=16, temperature=0.7, seed=0,
-                 every_n_epochs=1, rows=None, upscale=4, labels=None):
+    def __init__(self, directory: str | os.PathLike, num_samples: int = 16,
+                 temperature: float = 0.7, seed: int = 0, every_n_epochs: int = 1,
+                 rows: int | None = None, upscale: int = 4,
+                 labels: int | Sequence[int] | None = None) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise ValueError(f"`directory` must be a non-empty path; got {directory!r}.")
@@ -56,7 +59,7 @@ class SampleGrid(keras.callbacks.Callback):
         self.rows = checks.positive_int(rows, "rows", allow_none=True)
         self.upscale = checks.positive_int(upscale, "upscale")
         self.labels = labels
-        self.written = []  # paths written so far, in order
+        self.written: list[str] = []  # paths written so far, in order
 
     def path_for_epoch(self, epoch):
         """The PNG path for 1-based `epoch`."""
@@ -137,7 +140,7 @@ class WithAveragedWeights(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, *callbacks):
+    def __init__(self, *callbacks: keras.callbacks.Callback) -> None:
         super().__init__()
         for cb in callbacks:
             if not isinstance(cb, keras.callbacks.Callback):

@@ -334,7 +334,9 @@ def fit_callbacks(callbacks, strategy=None):
     return ready
 
 
-def multi_worker_strategy(cluster_resolver=None, communication="auto"):
+def multi_worker_strategy(
+        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None = None,
+        communication: str = "auto") -> tf.distribute.MultiWorkerMirroredStrategy:
     """A `tf.distribute.MultiWorkerMirroredStrategy` for this process.
 
     The cluster comes from `cluster_resolver` if given; else from the

@@ -15,6 +15,9 @@ or, with a `VariationalDequantizer` `q(u | k)` (Flow++), on the negative
 variational bound `-(log p(x_q) - log q(u | k))`, `x_q = (k + u) / B - 0.5`.
 """
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -126,9 +129,14 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
     are subclasses that build `flow` from a config.
     """
 
-    def __init__(self, flow=None, event_shape=None, num_bins=256, num_classes=None,
-                 nonfinite="raise", validate_args=False, backprop="standard",
-                 dequantizer=None, **kwargs):
+    def __init__(self, flow: tfp.bijectors.Bijector | Callable[[], tfp.bijectors.Bijector]
+                 | None = None,
+                 event_shape: Sequence[int] | None = None, num_bins: int | None = 256,
+                 num_classes: int | None = None, nonfinite: str = "raise",
+                 validate_args: bool = False, backprop: str = "standard",
+                 dequantizer: VariationalDequantizer | Callable[..., VariationalDequantizer]
+                 | None = None,
+                 **kwargs: Any) -> None:
         guard = NonfiniteGuard(nonfinite)
         checks.boolean(validate_args, "validate_args")
         checks.choice(backprop, BACKPROP_MODES, "backprop")

@@ -15,6 +15,8 @@ logs it and goes on (`mode="skip"`).
 """
 
 import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -38,7 +40,7 @@ _LOG = logging.getLogger("tfp_glow")
 NONFINITE_MODES = ("raise", "skip")
 
 
-def check_nonfinite_mode(mode):
+def check_nonfinite_mode(mode: str) -> str:
     """Validates the `nonfinite` option of `FlowModel`."""
     return checks.choice(mode, NONFINITE_MODES, "nonfinite")
 
@@ -47,7 +49,7 @@ def _values(g):
     return g.values if isinstance(g, tf.IndexedSlices) else g
 
 
-def all_finite(tensors):
+def all_finite(tensors: Iterable[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """Scalar bool: every element of every (non-None) tensor is finite."""
     checks = [tf.reduce_all(tf.math.is_finite(_values(t))) for t in tensors
               if t is not None]
@@ -56,7 +58,7 @@ def all_finite(tensors):
     return tf.reduce_all(tf.stack(checks))
 
 
-def any_replica(flag):
+def any_replica(flag: tf.Tensor) -> tf.Tensor:
     """`flag` OR-ed over the replicas of the current strategy (replica context).
 
     A replica whose batch is poisoned must stop the update on *every* replica,
@@ -69,7 +71,8 @@ def any_replica(flag):
     return total > 0.0
 
 
-def apply_if(optimizer, ok, grads, variables):
+def apply_if(optimizer: keras.optimizers.Optimizer, ok: tf.Tensor,
+             grads: Sequence[tf.Tensor | None], variables: Sequence[tf.Variable]) -> tf.Tensor:
     """`optimizer.apply(grads, variables)` only when the scalar bool `ok` holds.
 
     When `ok` is False nothing changes: not the weights, not Adam's moments,
@@ -118,7 +121,7 @@ class NonfiniteCounter(keras.metrics.Metric):
     summing over replicas.
     """
 
-    def __init__(self, name="nonfinite_steps", **kwargs):
+    def __init__(self, name: str = "nonfinite_steps", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.steps = self.add_variable(shape=(), initializer="zeros", dtype="float32",
                                        aggregation="only_first_replica", name="steps")
@@ -138,7 +141,7 @@ class NonfiniteCounter(keras.metrics.Metric):
         self.loss_steps.assign(0.0)
 
 
-def nonfinite_error_message(where, loss_nonfinite, mode="raise"):
+def nonfinite_error_message(where: str, loss_nonfinite: bool, mode: str = "raise") -> str:
     """The text of the `FloatingPointError` of `nonfinite="raise"`."""
     what = ("a non-finite loss (NaN or inf)" if loss_nonfinite
             else "a finite loss but a non-finite gradient (NaN or inf)")
@@ -157,7 +160,7 @@ class TrainPosition(keras.callbacks.Callback):
     """Tells a `NonfiniteGuard` which epoch and batch `fit` is on, so its error
     can name the batch. `FlowModel.fit` adds one for its guard."""
 
-    def __init__(self, guard):
+    def __init__(self, guard: "NonfiniteGuard") -> None:
         super().__init__()
         self.guard = guard
 
@@ -180,7 +183,7 @@ class NonfiniteGuard:
         step) or `"skip"` (count it, log it, keep training).
     """
 
-    def __init__(self, mode="raise"):
+    def __init__(self, mode: str = "raise") -> None:
         self._mode = check_nonfinite_mode(mode)
         self.counter = NonfiniteCounter()
         self.position = None  # (epoch, batch), kept up to date by `callback()`

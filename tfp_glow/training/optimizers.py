@@ -22,6 +22,7 @@ Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 """
 
 import math
+from typing import Any
 
 import keras
 import numpy as np
@@ -72,8 +73,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     ```
     """
 
-    def __init__(self, learning_rate, warmup_steps, decay_steps=None, alpha=0.0,
-                 name="warmup"):
+    def __init__(self, learning_rate: float, warmup_steps: int, decay_steps: int | None = None,
+                 alpha: float = 0.0, name: str = "warmup") -> None:
         super().__init__()
         if isinstance(learning_rate, bool) or not isinstance(
                 learning_rate, (int, float, np.integer, np.floating)) or not (
@@ -140,9 +141,9 @@ class WarmupAdam(keras.optimizers.Adam):
     `TypeError`), which is why `compile()` uses this one.
     """
 
-    def __init__(self, learning_rate=RECOMMENDED_LEARNING_RATE,
-                 warmup_steps=RECOMMENDED_WARMUP_STEPS, decay_steps=None, alpha=0.0,
-                 **kwargs):
+    def __init__(self, learning_rate: float = RECOMMENDED_LEARNING_RATE,
+                 warmup_steps: int = RECOMMENDED_WARMUP_STEPS, decay_steps: int | None = None,
+                 alpha: float = 0.0, **kwargs: Any) -> None:
         schedule = WarmupSchedule(learning_rate, warmup_steps, decay_steps, alpha)
         super().__init__(learning_rate=float(learning_rate), **kwargs)
         self.schedule = schedule
@@ -173,7 +174,9 @@ def network_variables(model):
             ] + (list(dequantizer.trainable_variables) if dequantizer is not None else [])
 
 
-def adamw(model, learning_rate, weight_decay, **kwargs):
+def adamw(model: keras.Model,
+          learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+          weight_decay: float, **kwargs: Any) -> keras.optimizers.AdamW:
     """Keras `AdamW` that decays `model`'s network weights only.
 
     Decoupled weight decay (Loshchilov & Hutter 2019), at each step besides
@@ -198,10 +201,12 @@ def adamw(model, learning_rate, weight_decay, **kwargs):
 
 
 # ----------------------------------------------------------------- recommended
-def recommended_optimizer(decay_steps=None, learning_rate=RECOMMENDED_LEARNING_RATE,
-                          warmup_steps=RECOMMENDED_WARMUP_STEPS,
-                          ema_momentum=RECOMMENDED_EMA_MOMENTUM, weight_decay=0.0,
-                          model=None, **kwargs):
+def recommended_optimizer(decay_steps: int | None = None,
+                          learning_rate: float = RECOMMENDED_LEARNING_RATE,
+                          warmup_steps: int = RECOMMENDED_WARMUP_STEPS,
+                          ema_momentum: float | None = RECOMMENDED_EMA_MOMENTUM,
+                          weight_decay: float = 0.0, model: keras.Model | None = None,
+                          **kwargs: Any) -> keras.optimizers.Optimizer:
     """`WarmupAdam` (Adam on `WarmupSchedule(learning_rate, warmup_steps,
     decay_steps)`, its peak rate a variable that Keras's learning-rate callbacks
     can set) with Polyak averaging of the weights.

@@ -153,6 +153,15 @@ def radial(beta_raw=None):
     return Case(make, VECTOR)
 
 
+def residual(shape):
+    """ResidualBlock with the exact log-det (the contract checks it exactly)."""
+    def make(dtype):
+        net = (nets.ResidualCNN(shape, 8, seed=1, dtype=_dt(dtype)) if len(shape) == 3
+               else nets.ResidualMLP(shape[0], 8, seed=1, dtype=_dt(dtype)))
+        return B.ResidualBlock(net, log_det="exact", dtype=dtype)
+    return Case(make, shape)
+
+
 REGISTRY = {
     "actnorm_image": Case(lambda d: B.ActNorm(4, dtype=d), IMAGE),
     "actnorm_vector": Case(lambda d: B.ActNorm(6, event_ndims=1, dtype=d), VECTOR),
@@ -191,6 +200,8 @@ REGISTRY = {
         lambda d: B.LearnedPrior(IMAGE, num_classes=3, dtype=d), IMAGE, conditional=3),
     "planar_near_limit": planar(raw_wu=-5.0),
     "radial_near_limit": radial(beta_raw=-3.0),
+    "residual_vector": residual(VECTOR),
+    "residual_image": residual(IMAGE),
     "multi_scale": Case(small_multi_scale, (4, 4, 2)),
     "multi_scale_class_conditional": Case(
         lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3),

@@ -19,6 +19,7 @@ from tfp_glow.bijectors.multi_scale import MultiScaleFlow
 from tfp_glow.bijectors.permutation import channel_permutation
 from tfp_glow.bijectors.planar import PlanarFlow
 from tfp_glow.bijectors.radial import RadialFlow
+from tfp_glow.bijectors.residual_block import ResidualBlock
 from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
 from tfp_glow.bijectors.squeeze import Squeeze
 
@@ -37,6 +38,7 @@ __all__ = [
     "PlanarFlow",
     "RadialFlow",
     "RationalQuadraticSplineCoupling",
+    "ResidualBlock",
     "Squeeze",
     "channel_permutation",
     "checkerboard_mask",

@@ -20,16 +20,26 @@ from tfp_glow.nets.made import MADE
 from tfp_glow.nets.ode import ODENet
 from tfp_glow.nets.ode import ffjord_trace
 from tfp_glow.nets.realnvp import RealNVPNet
+from tfp_glow.nets.residual import LipSwish
+from tfp_glow.nets.residual import ResidualCNN
+from tfp_glow.nets.residual import ResidualMLP
+from tfp_glow.nets.residual import SpectralConv2D
+from tfp_glow.nets.residual import SpectralDense
 from tfp_glow.nets.spline import AutoregressiveSplineFn
 
 __all__ = [
     "AutoregressiveSplineFn",
     "GlowCouplingNet",
+    "LipSwish",
     "MADE",
     "MLPCouplingNet",
     "ODENet",
     "RealNVPNet",
+    "ResidualCNN",
+    "ResidualMLP",
     "ResNetCouplingNet",
+    "SpectralConv2D",
+    "SpectralDense",
     "ZeroConv2D",
     "dropout_active",
     "ffjord_trace",

@@ -1,9 +1,13 @@
 """Argument and input checks of the bijectors on vectors `[D]` (planar, radial)."""
 
+from typing import Any
+
+import tensorflow as tf
+
 from tfp_glow import checks
 
 
-def event_size(value, owner):
+def event_size(value: Any, owner: str) -> int:
     """`D` from an int or a one-element shape `(D,)`; a ValueError otherwise."""
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
@@ -18,12 +22,12 @@ def event_size(value, owner):
     return int(value)
 
 
-def seed(value):
+def seed(value: Any) -> int | None:
     """An int seed >= 0, or None (fresh entropy)."""
     return checks.positive_int(value, "seed", minimum=0, allow_none=True)
 
 
-def check(t, size, arg_name, owner):
+def check(t: tf.Tensor, size: int, arg_name: str, owner: str) -> None:
     """Raises ValueError unless `t` is a batch of vectors of `size` coordinates."""
     if t.shape.rank is not None and t.shape.rank < 1:
         raise ValueError(f"{owner}: `{arg_name}` must be vectors of shape [..., {size}]; "

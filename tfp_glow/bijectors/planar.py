@@ -70,8 +70,9 @@ class PlanarFlow(FlowBijector):
         Flows. ICML 2015, section 4.1 and appendix A. https://arxiv.org/abs/1505.05770
     """
 
-    def __init__(self, event_size, seed=None, dtype=tf.float32, validate_args=False,
-                 name="planar_flow"):
+    def __init__(self, event_size: int, seed: int | None = None,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "planar_flow") -> None:
         parameters = dict(locals())
         self._event_size = _vector_event.event_size(event_size, type(self).__name__)
         dtype = tf.as_dtype(dtype)
@@ -89,10 +90,10 @@ class PlanarFlow(FlowBijector):
         self._track_layers(state)
 
     @property
-    def event_size(self):
+    def event_size(self) -> int:
         return self._event_size
 
-    def constrained_u(self):
+    def constrained_u(self) -> tf.Tensor:
         """`u_hat`, with `w . u_hat = -1 + softplus(w . u) > -1` (appendix A)."""
         w = tf.convert_to_tensor(self.w)
         u = tf.convert_to_tensor(self.u)
@@ -102,7 +103,7 @@ class PlanarFlow(FlowBijector):
         # divide_no_nan: at w = 0 the map is a shift and needs no correction.
         return u + correction * tf.math.divide_no_nan(w, tf.reduce_sum(w * w))
 
-    def w_dot_u_hat(self):
+    def w_dot_u_hat(self) -> tf.Tensor:
         """`c = w . u_hat = -1 + softplus(w . u)`, from the formula: `>= -1` in
         floating point too (the dot product of the rounded `u_hat` with `w` may
         fall below by rounding when `|w . u|` is large)."""

@@ -70,8 +70,9 @@ class RadialFlow(FlowBijector):
         Estimation Algorithms. Communications on Pure and Applied Mathematics, 2013.
     """
 
-    def __init__(self, event_size, seed=None, dtype=tf.float32, validate_args=False,
-                 name="radial_flow"):
+    def __init__(self, event_size: int, seed: int | None = None,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "radial_flow") -> None:
         parameters = dict(locals())
         self._event_size = _vector_event.event_size(event_size, type(self).__name__)
         dtype = tf.as_dtype(dtype)
@@ -88,10 +89,10 @@ class RadialFlow(FlowBijector):
         self._track_layers(state)
 
     @property
-    def event_size(self):
+    def event_size(self) -> int:
         return self._event_size
 
-    def alpha_and_beta(self):
+    def alpha_and_beta(self) -> tuple[tf.Tensor, tf.Tensor]:
         """`(alpha, beta)` with `alpha > 0` and `beta > -alpha`."""
         alpha, s = self._alpha_and_s()
         return alpha, s - alpha

@@ -1,6 +1,7 @@
 """Activation normalisation (Glow, Kingma & Dhariwal 2018, section 3.1)."""
 
 import contextlib
+from collections.abc import Iterator
 
 import tensorflow as tf
 
@@ -15,7 +16,7 @@ _INIT_SCOPE = ThreadFlag()
 
 
 @contextlib.contextmanager
-def data_dependent_init():
+def data_dependent_init() -> Iterator[None]:
     """Inside this context, an uninitialised `ActNorm` initialises itself
     from the first (eager) batch that reaches it, then applies itself.
 
@@ -58,8 +59,9 @@ class ActNorm(FlowBijector):
         Invertible 1x1 Convolutions. NeurIPS 2018. https://arxiv.org/abs/1807.03039
     """
 
-    def __init__(self, channels, event_ndims=3, epsilon=1e-6, dtype=tf.float32,
-                 validate_args=False, name="act_norm"):
+    def __init__(self, channels: int, event_ndims: int = 3, epsilon: float = 1e-6,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "act_norm") -> None:
         parameters = dict(locals())
         self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
             channels, event_ndims)

@@ -1,5 +1,8 @@
 """NICE's additive coupling layer (Dinh, Krueger & Bengio 2014)."""
 
+from collections.abc import Callable, Sequence
+
+import keras
 import tensorflow as tf
 
 from tfp_glow.bijectors.coupling import CouplingBase
@@ -36,9 +39,12 @@ class AdditiveCoupling(CouplingBase):
 
     _outputs_per_channel = 1
 
-    def __init__(self, shift_fn, mask="channel", parity=0, event_shape=None,
-                 event_ndims=3, dtype=tf.float32, validate_args=False,
-                 name="additive_coupling"):
+    def __init__(self,
+                 shift_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+                 mask: str = "channel",
+                 parity: int = 0, event_shape: Sequence[int] | None = None,
+                 event_ndims: int = 3, dtype: tf.DType | str = tf.float32,
+                 validate_args: bool = False, name: str = "additive_coupling") -> None:
         parameters = dict(locals())
         super().__init__(shift_fn, mask=mask, parity=parity,
                          event_shape=event_shape, event_ndims=event_ndims,

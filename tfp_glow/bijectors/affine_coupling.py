@@ -1,7 +1,9 @@
 """RealNVP / Glow affine coupling layer with a scale bounded on both sides."""
 
 import math
+from collections.abc import Callable, Sequence
 
+import keras
 import tensorflow as tf
 
 from tfp_glow import checks
@@ -76,9 +78,12 @@ class AffineCoupling(CouplingBase):
 
     _outputs_per_channel = 2
 
-    def __init__(self, shift_and_log_scale_fn, mask="channel", parity=0,
-                 event_shape=None, event_ndims=3, min_scale=0.1, dtype=tf.float32,
-                 validate_args=False, name="affine_coupling"):
+    def __init__(self,
+                 shift_and_log_scale_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+                 mask: str = "channel", parity: int = 0,
+                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
+                 min_scale: float = 0.1, dtype: tf.DType | str = tf.float32,
+                 validate_args: bool = False, name: str = "affine_coupling") -> None:
         parameters = dict(locals())
         min_scale = checks.number(min_scale, "min_scale", minimum=0.0, maximum=_INIT_SCALE,
                                   exclusive_minimum=True, exclusive_maximum=True)

@@ -27,6 +27,8 @@ And it keeps TFP's own contract: scalar batch shape (`_parameter_properties`),
 input of unknown rank or channel count.
 """
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -117,10 +119,11 @@ class FlowBijector(tfp.bijectors.Bijector):  # tfp.bijectors, not tfb: mypy read
     # variables (their shapes, dtype, initial values or networks).
     _copy_overridable = ("name", "validate_args")
 
-    def __init__(self, *, forward_min_event_ndims, inverse_min_event_ndims=None,
-                 is_constant_jacobian=False, validate_args=False, dtype=None,
-                 parameters=None, name=None):
-        self._keras_layers = []
+    def __init__(self, *, forward_min_event_ndims: int,
+                 inverse_min_event_ndims: int | None = None, is_constant_jacobian: bool = False,
+                 validate_args: bool = False, dtype: tf.DType | str | None = None,
+                 parameters: dict[str, Any] | None = None, name: str | None = None) -> None:
+        self._keras_layers: list[keras.layers.Layer] = []
         if inverse_min_event_ndims is None:
             inverse_min_event_ndims = forward_min_event_ndims
         super().__init__(
@@ -384,7 +387,9 @@ def _default_ndims(bijector, event_ndims, inverse):
 
 
 @_no_autograph
-def forward_and_log_det(bijector, x, event_ndims=None, **kwargs):
+def forward_and_log_det(bijector: tfp.bijectors.Bijector, x: tf.Tensor,
+                        event_ndims: int | None = None,
+                        **kwargs: Any) -> tuple[tf.Tensor, tf.Tensor]:
     """One pass of `bijector.forward` on `x`: `(y, fldj)`, fldj over `event_ndims`.
 
     `event_ndims` defaults to `bijector.forward_min_event_ndims`, which is
@@ -398,7 +403,9 @@ def forward_and_log_det(bijector, x, event_ndims=None, **kwargs):
 
 
 @_no_autograph
-def inverse_and_log_det(bijector, y, event_ndims=None, **kwargs):
+def inverse_and_log_det(bijector: tfp.bijectors.Bijector, y: tf.Tensor,
+                        event_ndims: int | None = None,
+                        **kwargs: Any) -> tuple[tf.Tensor, tf.Tensor]:
     """One pass of `bijector.inverse` on `y`: `(x, ildj)`, ildj over `event_ndims`
     (default `bijector.inverse_min_event_ndims`); see `forward_and_log_det`."""
     return _walk(bijector, y, _default_ndims(bijector, event_ndims, True), True, kwargs)
@@ -419,7 +426,7 @@ def walk_bijectors(bijector):
         yield from walk_bijectors(child)
 
 
-def keras_layers_of(bijector):
+def keras_layers_of(bijector: tfp.bijectors.Bijector) -> list[keras.layers.Layer]:
     """Every Keras layer held by `bijector` or its sub-bijectors, in order."""
     seen, layers = set(), []
 

@@ -36,6 +36,8 @@ first, see `_precision.to_flow_dtype`), so the flow math and log-dets keep the
 bijector's dtype.
 """
 
+from collections.abc import Sequence
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -59,7 +61,8 @@ def checkerboard_mask_np(event_shape, parity=0):
     return ((np.arange(event_shape[0]) + parity) % 2 == 0).astype(np.float64)
 
 
-def checkerboard_mask(event_shape, parity=0, dtype=tf.float32):
+def checkerboard_mask(event_shape: Sequence[int], parity: int = 0,
+                      dtype: tf.DType | str = tf.float32) -> tf.Tensor:
     """Binary mask `b` (1 = conditioning, copied), shaped to broadcast.
 
     Images `[H, W, C]`: `b[h, w, 0] = (h + w + parity) % 2 == 0`, shape

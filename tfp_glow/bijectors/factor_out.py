@@ -33,9 +33,11 @@ class FactorOut(StandardizeBase):
     standardisation and its log-det are computed.
     """
 
-    def __init__(self, channels, split_fraction=0.5, prior_net=None,
-                 num_classes=None, event_ndims=3, dtype=tf.float32,
-                 validate_args=False, name="factor_out", net_dtype=None):
+    def __init__(self, channels: int, split_fraction: float = 0.5,
+                 prior_net: keras.layers.Layer | None = None, num_classes: int | None = None,
+                 event_ndims: int = 3, dtype: tf.DType | str = tf.float32,
+                 validate_args: bool = False, name: str = "factor_out",
+                 net_dtype: str | keras.DTypePolicy | None = None) -> None:
         parameters = dict(locals())
         _shapes.validate_positive_int(channels, "channels")
         if not 0.0 < float(split_fraction) < 1.0:

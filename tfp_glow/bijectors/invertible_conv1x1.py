@@ -62,8 +62,9 @@ class InvertibleConv1x1(FlowBijector):
         Convolutions. NeurIPS 2018, table 1. https://arxiv.org/abs/1807.03039
     """
 
-    def __init__(self, channels, lu=True, event_ndims=3, seed=None,
-                 dtype=tf.float32, validate_args=False, name="invertible_conv1x1"):
+    def __init__(self, channels: int, lu: bool = True, event_ndims: int = 3,
+                 seed: int | None = None, dtype: tf.DType | str = tf.float32,
+                 validate_args: bool = False, name: str = "invertible_conv1x1") -> None:
         parameters = dict(locals())
         self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
             channels, event_ndims)

@@ -1,5 +1,7 @@
 """The learned top prior of Glow (`learntop`), as a bijector."""
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
 from tfp_glow import checks
@@ -30,8 +32,9 @@ class LearnedPrior(StandardizeBase):
     distribution per label.
     """
 
-    def __init__(self, event_shape, num_classes=None, dtype=tf.float32,
-                 validate_args=False, name="learned_prior"):
+    def __init__(self, event_shape: Sequence[int], num_classes: int | None = None,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "learned_prior") -> None:
         parameters = dict(locals())
         event_shape = checks.shape(event_shape, "event_shape")
         self._event_shape_in = event_shape

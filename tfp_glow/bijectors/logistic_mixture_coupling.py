@@ -1,5 +1,8 @@
 """Mixture-of-logistics CDF coupling (Flow++)."""
 
+from collections.abc import Callable, Sequence
+
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -91,10 +94,14 @@ class LogisticMixtureCoupling(CouplingBase):
         https://arxiv.org/abs/1902.00275
     """
 
-    def __init__(self, net, num_components=4, bisection_steps=48, mask="channel",
-                 parity=0, event_shape=None, event_ndims=3, dtype=tf.float32,
-                 validate_args=False, name="logistic_mixture_coupling",
-                 min_derivative=1e-3):
+    def __init__(self,
+                 net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+                 num_components: int = 4,
+                 bisection_steps: int = 48, mask: str = "channel", parity: int = 0,
+                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "logistic_mixture_coupling",
+                 min_derivative: float = 1e-3) -> None:
         parameters = dict(locals())
         self._num_components = checks.positive_int(num_components, "num_components")
         self._bisection_steps = checks.positive_int(bisection_steps, "bisection_steps")

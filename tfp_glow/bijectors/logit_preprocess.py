@@ -32,7 +32,8 @@ class LogitPreprocess(FlowBijector):
         Density Estimation. NeurIPS 2017. https://arxiv.org/abs/1705.07057
     """
 
-    def __init__(self, alpha=0.05, validate_args=False, name="logit_preprocess"):
+    def __init__(self, alpha: float = 0.05, validate_args: bool = False,
+                 name: str = "logit_preprocess") -> None:
         parameters = dict(locals())
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
             raise TypeError(f"`alpha` must be a float in [0, 0.5); got {alpha!r}.")

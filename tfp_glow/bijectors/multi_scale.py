@@ -1,5 +1,7 @@
 """Multi-scale architecture (RealNVP section 3.6, Glow figure 2b)."""
 
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -36,8 +38,10 @@ class MultiScaleFlow(FlowBijector):
     as `conditional_input` reach every tfp_glow bijector inside.
     """
 
-    def __init__(self, event_shape, levels, top_prior=None, validate_args=False,
-                 name="multi_scale_flow"):
+    def __init__(self, event_shape: Sequence[int],
+                 levels: Sequence[tuple[tfp.bijectors.Bijector, FactorOut | None]],
+                 top_prior: tfp.bijectors.Bijector | None = None, validate_args: bool = False,
+                 name: str = "multi_scale_flow") -> None:
         parameters = dict(locals())
         event_shape = checks.shape(event_shape, "event_shape", rank=(1, 3))
         if not levels:

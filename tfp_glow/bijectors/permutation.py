@@ -13,7 +13,8 @@ __all__ = ["channel_permutation"]
 PERMUTATIONS = ("reverse", "shuffle")
 
 
-def channel_permutation(kind, channels, seed=None):
+def channel_permutation(kind: str, channels: int,
+                        seed: int | None = None) -> tfp.bijectors.Bijector:
     """`tfb.Permute` of the last axis: `"reverse"` or a seeded `"shuffle"`.
 
     A permutation is volume preserving (log-det 0) and has no variables; the

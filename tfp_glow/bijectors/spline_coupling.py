@@ -1,7 +1,9 @@
 """Rational-quadratic spline coupling (neural spline flows)."""
 
 import math
+from collections.abc import Callable, Sequence
 
+import keras
 import tensorflow as tf
 
 from tfp_glow import checks
@@ -192,10 +194,16 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         interpolation to monotonic data. IMA J. Numer. Anal. 2(2), 1982.
     """
 
-    def __init__(self, net, num_bins=8, tail_bound=4.0, min_bin_width=1e-3,
-                 min_bin_height=1e-3, min_derivative=1e-3, mask="channel", parity=0,
-                 event_shape=None, event_ndims=3, dtype=tf.float32, validate_args=False,
-                 name="spline_coupling", max_derivative_ratio=10.0):
+    def __init__(self,
+                 net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+                 num_bins: int = 8,
+                 tail_bound: float = 4.0, min_bin_width: float = 1e-3,
+                 min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
+                 mask: str = "channel", parity: int = 0,
+                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
+                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
+                 name: str = "spline_coupling",
+                 max_derivative_ratio: float | None = 10.0) -> None:
         parameters = dict(locals())
         num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
         self._tail_bound = checks.number(tail_bound, "tail_bound", minimum=0.0,

@@ -1,5 +1,7 @@
 """Squeeze: trade spatial resolution for channels (RealNVP section 3.6)."""
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
 from tfp_glow.bijectors import _shapes
@@ -20,8 +22,8 @@ class Squeeze(FlowBijector):
     `forward_event_shape` keeps any batch prefix, as `tfb.Reshape` does.
     """
 
-    def __init__(self, factor=2, event_shape=None, validate_args=False,
-                 name="squeeze"):
+    def __init__(self, factor: int = 2, event_shape: Sequence[int] | None = None,
+                 validate_args: bool = False, name: str = "squeeze") -> None:
         parameters = dict(locals())
         factor = _shapes.validate_positive_int(factor, "factor")
         if factor < 2:

@@ -25,6 +25,8 @@ real part), so `log|det| = log det`.
     eq. 6 (Russian roulette) and eq. 8 (Neumann gradient series).
 """
 
+import math
+
 import tensorflow as tf
 
 from tfp_glow.bijectors.invertible_conv1x1 import _log_abs_det
@@ -71,21 +73,53 @@ def _vjp(fn, x, weights, cotangent):
     return tape.gradient(gx, x, output_gradients=cotangent)
 
 
+def _mix32(h):
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit
+    with probability ~1/2."""
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(shift, tf.uint32)))
+        h = h * tf.constant(factor, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
+
+
+def _hashed_bits(seed, count):
+    """`count` uint32 words hashed from a `[2]` integer seed and their index.
+
+    A counter-based generator of plain integer ops: unlike TF's stateless
+    generators (whose XLA kernels draw other numbers than the CPU/GPU ones), it
+    gives the same draws in eager mode, in a graph and under XLA, so a block's
+    estimate does not depend on how its step was compiled.
+    """
+    words = tf.cast(tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), 0xFFFFFFFF), tf.uint32)
+    high = tf.cast(tf.bitwise.right_shift(tf.cast(seed, tf.int64), 32), tf.uint32)
+    key = _mix32(_mix32(words[0] ^ tf.constant(0x9E3779B9, tf.uint32)) ^ high[0])
+    key = _mix32(_mix32(key ^ words[1]) ^ high[1])
+    index = tf.cast(tf.range(count), tf.uint32)
+    return _mix32(_mix32(index ^ key) + tf.constant(0x7F4A7C15, tf.uint32) * key)
+
+
+def _hashed_uniform(seed, shape, dtype):
+    """Uniform on (0, 1) (24 random bits, never 0 or 1) of `shape`."""
+    bits = _hashed_bits(seed, tf.reduce_prod(shape))
+    top = tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), dtype)
+    return tf.reshape((top + 0.5) * 2.0**-24, shape)
+
+
 def draw_series_length(seed, geometric_p):
-    """`N ~ Geometric(p)` on `{1, 2, ...}` from a stateless seed:
+    """`N ~ Geometric(p)` on `{1, 2, ...}` from a `[2]` seed:
     `N = 1 + floor(log U / log(1 - p))`, so `P(N >= m) = (1 - p)^(m - 1)`."""
-    u = tf.random.stateless_uniform([], seed=seed, minval=1e-7, maxval=1.0,
-                                    dtype=tf.float64)
+    u = _hashed_uniform(seed, [], tf.float64)
     log_keep = tf.math.log1p(tf.constant(-geometric_p, tf.float64))
     return 1 + tf.cast(tf.floor(tf.math.log(u) / log_keep), tf.int32)
 
 
 def draw_probe(seed, shape, dtype, noise):
-    """Hutchinson's probe `v` (`E[v v^T] = I`): N(0, I) or Rademacher (+-1)."""
+    """Hutchinson's probe `v` (`E[v v^T] = I`): N(0, I) (Box-Muller) or Rademacher."""
     if noise == "normal":
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
-    bits = tf.random.stateless_uniform(shape, seed=seed, dtype=dtype) < 0.5
-    return tf.where(bits, tf.ones(shape, dtype), -tf.ones(shape, dtype))
+        u = _hashed_uniform(seed, tf.concat([[2], shape], 0), dtype)
+        return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos(2.0 * math.pi * u[1])
+    return tf.where(_hashed_uniform(seed, shape, dtype) < 0.5, tf.ones(shape, dtype),
+                    -tf.ones(shape, dtype))
 
 
 def _power_series(fn, x, weights, probe, num_terms, n_exact, geometric_p):

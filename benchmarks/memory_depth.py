@@ -55,6 +55,8 @@ VARIANTS = ("standard", "checkpoint", "reversible", "tfb.Glow")
 # Opt-in (`--variants loop:standard loop:reversible`): a user's own eager
 # GradientTape loop over `FlowModel.log_prob(x, backprop=...)`, the same flow.
 LOOP_VARIANTS = ("loop:standard", "loop:checkpoint", "loop:reversible")
+# Opt-in: one step of `model.fit` (optimizer update, guard, metrics); memory only.
+FIT_VARIANTS = ("fit:standard", "fit:checkpoint", "fit:reversible")
 DEPTHS = (2, 4, 8, 16, 32)
 CONFIG = dict(image_shape=(32, 32, 3), levels=2, width=64, num_bins=256, batch=32)
 
@@ -109,16 +111,21 @@ def build_step(variant, steps, x, jit_compile=False):
     return tf.function(step, jit_compile=jit_compile), params
 
 
+def _flow(steps):
+    from tfp_glow import models
+    return models.build_glow_flow(
+        image_shape=CONFIG["image_shape"], levels=CONFIG["levels"], steps_per_level=steps,
+        hidden_channels=CONFIG["width"], coupling="affine", permutation="conv_lu",
+        learn_top_prior=False, seed=0)
+
+
 def _custom_loop_step(mode, steps, x):
     """`(step, parameter count)` for an eager custom loop: `FlowModel.log_prob`
     (a compiled function per backprop mode) under the user's GradientTape."""
     import tensorflow as tf
-    from tfp_glow import FlowModel, models
-    flow = models.build_glow_flow(
-        image_shape=CONFIG["image_shape"], levels=CONFIG["levels"], steps_per_level=steps,
-        hidden_channels=CONFIG["width"], coupling="affine", permutation="conv_lu",
-        learn_top_prior=False, seed=0)
-    model = FlowModel(flow, event_shape=CONFIG["image_shape"], num_bins=CONFIG["num_bins"])
+    from tfp_glow import FlowModel
+    model = FlowModel(_flow(steps), event_shape=CONFIG["image_shape"],
+                      num_bins=CONFIG["num_bins"])
     model.initialize(x)
     variables = list(model.trainable_variables)
 
@@ -136,6 +143,9 @@ def memory_point(variant, steps, jit_compile, calls=2):
     import tensorflow as tf
     import common
     x = common.batch_of(_size(steps), batch=CONFIG["batch"])
+    if variant in FIT_VARIANTS:
+        from memory_fit import fit_memory_point
+        return fit_memory_point(variant.split(":")[1], lambda: _flow(steps), x, CONFIG, calls)
     step, params = build_step(variant, steps, x, jit_compile)
     t0 = time.perf_counter()
     common._block(step(x))
@@ -362,9 +372,14 @@ def table(result, budget_mb):
                          else f"{peak / mb:.1f}")
         for v in variants:
             t = tim.get(v, {})
-            cells.append("error" if "cpu_median_ms" not in t else
+            cells.append(("error" if t else "-") if "cpu_median_ms" not in t else
                          f"{t['cpu_median_ms']:.0f} ({t['min_ms']:.0f})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    first, last = str(min(depths)), str(max(depths))
+    lines.append(f"| peak K={last} / K={first} | " + " | ".join(
+        f"{result['memory'][last][v]['peak_bytes'] / result['memory'][first][v]['peak_bytes']:.2f}"
+        if "peak_bytes" in result["memory"][last][v] and "peak_bytes" in result["memory"][first][v]
+        else "-" for v in variants) + " |")
     lines.append("")
     lines.append(f"| largest K within {budget_mb:g} MB | " + " | ".join(
         f"{v}: {result['largest_k'][v]['measured']} (fit {result['largest_k'][v]['fit']})"
@@ -376,7 +391,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=VARIANTS + LOOP_VARIANTS)
+                        choices=VARIANTS + LOOP_VARIANTS + FIT_VARIANTS)
+    parser.add_argument("--no-timing", action="store_true",
+                        help="peak memory only (the fit: variants are never timed)")
     parser.add_argument("--budget-mb", type=float, default=64.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
@@ -412,10 +429,14 @@ def main(argv=None):
                                      + jit, {"TF_CPU_ALLOCATOR_USE_BFC": "true"})
                 print(f"[memory] K={k} {v}: {mem[v]} ({time.time() - t0:.0f} s)", flush=True)
             result["memory"][str(k)] = mem
+            timed = [v for v in args.variants if v not in FIT_VARIANTS]
+            if args.no_timing or not timed:
+                result["timing"][str(k)] = {}
+                continue
             t0 = time.time()
             result["timing"][str(k)] = _subprocess(
                 ["--worker", "timing", "--depths", str(k), "--repeats", str(args.repeats),
-                 "--variants"] + args.variants + jit)
+                 "--variants"] + timed + jit)
             print(f"[timing] K={k}: {result['timing'][str(k)]} ({time.time() - t0:.0f} s)",
                   flush=True)
         budget = args.budget_mb * 2 ** 20

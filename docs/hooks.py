@@ -6,6 +6,10 @@
 * `<!-- tfp-glow-cli-reference -->` in a page is replaced by the reference of
   the `tfp-glow` command, generated from `tfp_glow.cli_args.build_parser()`:
   the reference cannot drift from the flags the command accepts.
+* `<!-- tfp-glow-readme -->` (the home page) is replaced by the repository's
+  README.md, its links rewritten from the repository's layout to the site's
+  (`docs/guide/cli.md` -> `guide/cli.md`, BENCHMARKS.md, CHANGELOG.md): the
+  front page of the site and of the repository are one text.
 """
 
 import argparse
@@ -13,6 +17,10 @@ import glob
 import os
 
 CLI_MARKER = "<!-- tfp-glow-cli-reference -->"
+README_MARKER = "<!-- tfp-glow-readme -->"
+# README link targets (repository paths) -> the site's pages, relative to docs/.
+README_LINKS = (("](docs/", "]("), ("](BENCHMARKS.md", "](results/benchmarks.md"),
+                ("](CHANGELOG.md)", "](changelog.md)"))
 GUIDE_SECTION = "User guide"
 
 
@@ -89,7 +97,19 @@ def cli_reference_markdown():
     return "\n".join(lines)
 
 
+def readme_markdown(config):
+    """README.md with its links pointing into the site (for docs/index.md)."""
+    root = os.path.dirname(os.path.abspath(config["config_file_path"]))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    for old, new in README_LINKS:
+        text = text.replace(old, new)
+    return text
+
+
 def on_page_markdown(markdown, page, config, files):
+    if README_MARKER in markdown:
+        markdown = markdown.replace(README_MARKER, readme_markdown(config))
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_reference_markdown())
     return markdown

@@ -24,7 +24,8 @@ optimizer update, the same for every variant). For K = 2, 4, 8, 16, 32:
 
 `--variants loop:standard loop:reversible` (opt-in) adds a user's own eager
 loop: `-mean FlowModel.log_prob(x, backprop=...)` under a GradientTape (the
-same flow, a compiled function per mode). At K = 4 on a 2-core Xeon
+same flow, a compiled function per mode); `fit:standard fit:reversible` (opt-in,
+memory only) one step of `model.fit` (`memory_fit.py`). At K = 4 on a 2-core Xeon
 (2026-12-07, BFC peak MB): loop:standard 124.9, loop:reversible 74.0, against
 standard 86.3 and reversible 71.4 in one tf.function.
 
@@ -77,7 +78,8 @@ def build_step(variant, steps, x, jit_compile=False):
     import tensorflow as tf
     import common
     if variant in LOOP_VARIANTS:
-        return _custom_loop_step(variant.split(":")[1], steps, x)
+        from memory_fit import custom_loop_step
+        return custom_loop_step(variant.split(":")[1], _flow(steps), x, CONFIG)
     if variant == "tfb.Glow":
         model = common.TFPGlow(_size(steps)).initialize(x)
         variables = list(model.trainable_variables)
@@ -117,24 +119,6 @@ def _flow(steps):
         image_shape=CONFIG["image_shape"], levels=CONFIG["levels"], steps_per_level=steps,
         hidden_channels=CONFIG["width"], coupling="affine", permutation="conv_lu",
         learn_top_prior=False, seed=0)
-
-
-def _custom_loop_step(mode, steps, x):
-    """`(step, parameter count)` for an eager custom loop: `FlowModel.log_prob`
-    (a compiled function per backprop mode) under the user's GradientTape."""
-    import tensorflow as tf
-    from tfp_glow import FlowModel
-    model = FlowModel(_flow(steps), event_shape=CONFIG["image_shape"],
-                      num_bins=CONFIG["num_bins"])
-    model.initialize(x)
-    variables = list(model.trainable_variables)
-
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(model.log_prob(x, backprop=mode))
-        return loss, tape.gradient(loss, variables)
-
-    return step, int(sum(v.shape.num_elements() for v in variables))
 
 
 def memory_point(variant, steps, jit_compile, calls=2):

@@ -1,5 +1,6 @@
-"""Peak memory of a training step through `model.fit` (memory_depth.py's
-opt-in `fit:standard`, `fit:checkpoint`, `fit:reversible` variants).
+"""A user's training step for memory_depth.py: an eager custom loop (its
+`loop:` variants) and `model.fit` (its `fit:standard`, `fit:checkpoint`,
+`fit:reversible` variants, memory only).
 
 The flow of memory_depth.py in a `FlowModel(backprop=mode)` compiled with
 the default optimizer (`compile()`: Adam on the warmup schedule with an
@@ -25,6 +26,24 @@ stats (`TF_CPU_ALLOCATOR_USE_BFC=true`, set by memory_depth.py's driver):
 """
 
 import gc
+
+
+def custom_loop_step(mode, flow, x, config):
+    """`(step, parameter count)` for an eager custom loop: `FlowModel.log_prob`
+    (a compiled function per backprop mode) under the user's GradientTape
+    (memory_depth.py's `loop:` variants)."""
+    import tensorflow as tf
+    from tfp_glow import FlowModel
+    model = FlowModel(flow, event_shape=config["image_shape"], num_bins=config["num_bins"])
+    model.initialize(x)
+    variables = list(model.trainable_variables)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(model.log_prob(x, backprop=mode))
+        return loss, tape.gradient(loss, variables)
+
+    return step, int(sum(v.shape.num_elements() for v in variables))
 
 
 def conv_workspace_bytes():

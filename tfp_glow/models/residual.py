@@ -8,8 +8,14 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
-from tfp_glow.bijectors import (ActNorm, FactorOut, LogitPreprocess, MultiScaleFlow,
-                                ResidualBlock, Squeeze)
+from tfp_glow.bijectors import (
+    ActNorm,
+    FactorOut,
+    LogitPreprocess,
+    MultiScaleFlow,
+    ResidualBlock,
+    Squeeze,
+)
 from tfp_glow.bijectors.residual_block import LOG_DET_MODES
 from tfp_glow.models._common import _image_shape, _maybe_prior, _positive_int
 from tfp_glow.training.flow_model import FlowModel

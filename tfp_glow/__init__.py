@@ -29,7 +29,7 @@ from tfp_glow import training
 from tfp_glow.training.flow_model import FlowModel
 from tfp_glow import models
 from tfp_glow.models import (DEFAULT_DROPOUT, FFJORD, IAF, MAF, NICE, Glow,
-                             NeuralSplineFlow, RealNVP)
+                             NeuralSplineFlow, RealNVP, ResidualFlow)
 from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
 from tfp_glow.export import export_saved_model, load_exported
@@ -47,6 +47,7 @@ __all__ = [
     "NICE",
     "NeuralSplineFlow",
     "RealNVP",
+    "ResidualFlow",
     "SampleGrid",
     "VariationalDequantizer",
     "WithAveragedWeights",

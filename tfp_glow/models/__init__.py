@@ -13,7 +13,7 @@ from tfp_glow.models.maf import IAF, MAF, build_maf_flow
 from tfp_glow.models.nice import NICE, build_nice_flow
 from tfp_glow.models.nsf import NeuralSplineFlow, build_nsf_flow
 from tfp_glow.models.realnvp import RealNVP, build_realnvp_flow
-# ResidualFlow (tfp_glow/models/residual.py) joins here when it lands (issue 28).
+from tfp_glow.models.residual import ResidualFlow, build_residual_flow
 
 __all__ = [
     "COUPLINGS",
@@ -27,10 +27,12 @@ __all__ = [
     "NeuralSplineFlow",
     "PERMUTATIONS",
     "RealNVP",
+    "ResidualFlow",
     "build_ffjord_flow",
     "build_glow_flow",
     "build_maf_flow",
     "build_nice_flow",
     "build_nsf_flow",
     "build_realnvp_flow",
+    "build_residual_flow",
 ]

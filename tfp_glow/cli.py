@@ -50,11 +50,13 @@ MODEL_DEFAULTS = {
     # None: NeuralSplineFlow's per-variant default.
     "nsf": dict(steps=None, width=None, permutation="reverse", variant="autoregressive"),
     "ffjord": dict(width=240, trace="auto"),
+    # width None: ResidualFlow's default (hidden channels on images, units on vectors).
+    "resflow": dict(levels=2, steps=4, width=None),
 }
 # The vector families flatten images; their permutations are fixed ones.
 VECTOR_MODELS = ("maf", "iaf", "nsf", "ffjord")
 _VECTOR_PERMUTATIONS = ("reverse", "shuffle")
-_APPLIES_TO = {"levels": ("glow", "realnvp"), "coupling": ("glow",),
+_APPLIES_TO = {"levels": ("glow", "realnvp", "resflow"), "coupling": ("glow",),
                "steps": tuple(m for m in MODELS if m != "ffjord"),
                "permutation": ("glow", "maf", "iaf", "nsf"), "dropout": ("glow",),
                "dequantization": ("glow",), "variant": ("nsf",), "trace": ("ffjord",)}
@@ -258,6 +260,13 @@ def _build_model(args, info, arch):
         return NICE(input_shape=shape, coupling_layers=arch["steps"],
                     hidden_units=arch["width"], num_classes=num_classes,
                     num_bins=info["num_bins"], backprop=args.backprop)
+    if args.model == "resflow":
+        from tfp_glow import ResidualFlow
+        width = {} if arch["width"] is None else {
+            "hidden_channels" if len(shape) == 3 else "hidden_units": arch["width"]}
+        return ResidualFlow(input_shape=shape, levels=arch["levels"], blocks=arch["steps"],
+                            num_classes=num_classes, num_bins=info["num_bins"],
+                            backprop=args.backprop, **width)
     return _build_vector_model(args, shape, num_classes, info["num_bins"], arch)
 
 

@@ -14,7 +14,7 @@ from tfp_glow.training import RECOMMENDED_EMA_MOMENTUM
 
 PROG = "tfp-glow"
 # The vector families (maf, iaf, nsf, ffjord) flatten images to vectors.
-MODELS = ("glow", "realnvp", "nice", "maf", "iaf", "nsf", "ffjord")
+MODELS = ("glow", "realnvp", "nice", "maf", "iaf", "nsf", "ffjord", "resflow")
 NSF_VARIANTS = ("autoregressive", "coupling")
 FFJORD_TRACES = ("auto", "exact", "hutchinson")
 SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
@@ -64,14 +64,16 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 # The architecture's size flags of `train`.
 _SIZE_FLAGS = (
-    ("--levels", "scales L (glow: 2, realnvp: 2)"),
+    ("--levels", "scales L (glow, realnvp, resflow: 2)"),
     ("--steps", "flow steps per level K (glow: 8); coupling layers for realnvp on "
                 "vectors (8) and nice (4); autoregressive or spline layers for maf, "
-                "iaf (5) and nsf (autoregressive 3, coupling 4)"),
+                "iaf (5) and nsf (autoregressive 3, coupling 4); residual blocks per "
+                "scale for resflow (4)"),
     ("--width", "hidden channels of the coupling networks (glow, realnvp: 64; nice: "
                 "256 hidden units); hidden units of each of the 2 layers of the maf/iaf "
                 "MADEs (100) and nsf networks (autoregressive 32, coupling 48), of each "
-                "of the 3 layers of ffjord's ODE network (240)"),
+                "of the 3 layers of ffjord's ODE network (240); resflow: hidden channels "
+                "on images (32), hidden units on vectors (64)"),
 )
 
 
@@ -79,7 +81,7 @@ def _add_train_parser(sub):
     p = sub.add_parser(
         "train", help="train a flow with Keras fit",
         description="Train Glow, RealNVP, NICE, MAF, IAF, a neural spline flow (nsf) or "
-                    "FFJORD with Keras fit. With no arguments: "
+                    "FFJORD or a residual flow (resflow) with Keras fit. With no arguments: "
                     "Glow on the built-in 8x8 digits (a few minutes on a laptop CPU).",
         formatter_class=_HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="glow", help="flow architecture")
@@ -177,8 +179,9 @@ def _add_model_source(p):
 def build_parser():
     """The `tfp-glow` argument parser: one sub-command per `cmd_*` function."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Glow, RealNVP, NICE, MAF, IAF, neural spline and FFJORD "
-                               "normalizing flows for TensorFlow Probability with Keras 3.")
+        prog=PROG, description="Glow, RealNVP, NICE, MAF, IAF, neural spline, FFJORD and "
+                               "residual normalizing flows for TensorFlow Probability with "
+                               "Keras 3.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)

@@ -50,9 +50,9 @@ def run_paths(run_dir):
 
 
 def _model_classes():
-    from tfp_glow import FFJORD, IAF, MAF, NICE, Glow, NeuralSplineFlow, RealNVP
+    from tfp_glow import FFJORD, IAF, MAF, NICE, Glow, NeuralSplineFlow, RealNVP, ResidualFlow
     return {cls.__name__: cls for cls in (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow,
-                                          FFJORD)}
+                                          FFJORD, ResidualFlow)}
 
 
 # Variable dtypes of a tfp_glow model: FlowModel's `dtype` is float32, float64 or
@@ -67,7 +67,7 @@ def read_config(run_dir):
     Raises `RunNotFoundError` if `run_dir` or its config.json is missing and
     `RunDamagedError` if config.json is not a JSON object naming one of
     the model classes (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow,
-    FFJORD) with its `model_config`.
+    FFJORD, ResidualFlow) with its `model_config`.
     """
     if run_dir is None or not os.path.isdir(run_dir):
         raise RunNotFoundError(run_dir, "is not a directory.")

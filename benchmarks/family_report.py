@@ -1,9 +1,9 @@
-"""table.md and table.json of the family table, from the rows in runs/.
+"""table.md and table.json of the family table, from the JSON files in rows/.
 
 Each peer (zuko) row follows the tfp_glow row that names it as its `peer`;
 that row's last column is the difference to it: test bits/dim (ours minus
 zuko's, negative = ours better) and the train step ratio (ours / zuko's,
-below 1 = ours faster). Every row carries its own date and load (runs/*.json).
+below 1 = ours faster). Every row carries its own date and load (rows/*.json).
 """
 
 import glob
@@ -50,6 +50,20 @@ def _implementation(name, run, families, peers):
                        if k not in ("image_shape", "input_shape"))
     opt = "library defaults" if spec["optimizer"] == "default" else "Adam 1e-3"
     return f"tfp_glow `{spec['builder']}({kwargs})`, {opt}"
+
+
+def _kl_budgets(runs):
+    """'390 steps of batch 512 (ffjord: 100 steps of batch 256)': the KL fits' budgets."""
+    budgets = {}
+    for name, run in runs.items():
+        if run.get("kl_2d"):
+            kl = run["kl_2d"]
+            budgets.setdefault(f"{kl['steps']} steps of batch {kl['batch']}", []).append(name)
+    if not budgets:
+        return "no KL fits"
+    common = max(budgets, key=lambda b: len(budgets[b]))
+    others = [f"{', '.join(names)}: {b}" for b, names in budgets.items() if b != common]
+    return common + (f" ({'; '.join(others)})" if others else "")
 
 
 def _row(name, run, families, peers, runs):
@@ -106,18 +120,38 @@ def _peer_check(runs, peers):
     return lines if len(lines) > 2 else []
 
 
-def _vi_note(vi_dir):
-    files = sorted(glob.glob(os.path.join(vi_dir, "*.json"))) if os.path.isdir(vi_dir) else []
-    if not files:
-        return ("Planar and radial flows: no density-fitting row (they are VI flows); "
+def _vi_table(vi_dir):
+    """The planar and radial rows: benchmarks/vi_energy.py's results.json, merged
+    (ELBO and KL(q || p) per energy density, per flow and K)."""
+    path = os.path.join(vi_dir, "results.json")
+    if not os.path.exists(path):
+        return ["Planar and radial flows: no density-fitting row (they are VI flows); "
                 "their ELBO and KL to the energy densities come from "
-                "benchmarks/vi_energy.py (no results in benchmarks/results/vi_energy/ "
-                "when this table was written).")
-    rel = ", ".join(os.path.relpath(f, os.path.dirname(os.path.dirname(vi_dir)))
-                    for f in files)
-    return ("Planar and radial flows: no density-fitting row (they are VI flows); their "
-            f"ELBO and KL to the energy densities of Rezende & Mohamed: {rel} "
-            "(benchmarks/vi_energy.py).")
+                "benchmarks/vi_energy.py (no benchmarks/results/vi_energy/results.json "
+                "when this table was written)."]
+    with open(path) as f:
+        report = json.load(f)
+    results = report.get("results", [])
+    energies = sorted({r["energy"] for r in results})
+    flows = []
+    for r in results:
+        if (r["flow"], r["K"]) not in flows:
+            flows.append((r["flow"], r["K"]))
+    cell = {(r["flow"], r["K"], r["energy"]): r for r in results}
+    lines = ["Planar and radial flows are VI flows (`tfp_glow.vi.flow_surrogate_posterior`): "
+             "their rows are benchmarks/vi_energy.py's fits to the energy densities of "
+             "Rezende & Mohamed (2015), merged from benchmarks/results/vi_energy/"
+             "results.json (its table.md has the command, machine and load): "
+             "ELBO ± se / KL(q || p) in nats, with `coupling` the library's default "
+             "surrogate for reference.", "",
+             "| flow | K | params | " + " | ".join(energies) + " |",
+             "|---|---|---|" + "---|" * len(energies)]
+    for flow, k in flows:
+        params = next(r["parameters"] for r in results if (r["flow"], r["K"]) == (flow, k))
+        cells = [f"{c['elbo']:.3f} ± {c['elbo_se']:.3f} / {c['kl']:.3f}"
+                 if (c := cell.get((flow, k, e))) else "–" for e in energies]
+        lines.append(f"| {flow} | {k} | {params:,} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(invocation, runs, families, peers, vi_dir):
@@ -127,7 +161,7 @@ def markdown(invocation, runs, families, peers, vi_dir):
             f"{', '.join(f'{v:.1f}' for v in inv['loadavg_start'])} at the start, "
             f"{', '.join(f'{v:.1f}' for v in inv['loadavg_end'])} at the end. "
             "Each row ran in its own process with 2 threads, one row at a time "
-            "(dates and loads per row in runs/*.json).", ""]
+            "(dates and loads per row in rows/*.json).", ""]
     order = _order(runs, families, peers)
     table = ["| " + COLUMNS + " |", "|" + "---|" * (COLUMNS.count("|") + 1)]
     table += [_row(n, runs[n], families, peers, runs) for n in order]
@@ -138,10 +172,10 @@ def markdown(invocation, runs, families, peers, vi_dir):
              "noise figure in brackets. Best: minimum over epochs 1, 10, 20, ..., end. "
              "Train step: median wall time after the first epoch (CPU time of the "
              "process in brackets). Sample 64: median of 3 calls after a first. KL: "
-             "the family's 2-D member fitted to 8 Gaussians (390 steps of batch 512, "
-             "Adam with warm-up to 3e-3 and cosine decay, toy_kl.py's recipe), "
-             "± one standard error on 20,000 held-out draws.", "",
-             _vi_note(vi_dir)]
+             "the family's 2-D member (its parameters in brackets) fitted to 8 Gaussians "
+             f"({_kl_budgets(runs)}; Adam with a linear warm-up to 3e-3 and cosine decay, "
+             "toy_kl.py's recipe), ± one standard error on 20,000 held-out draws.",
+             ""] + _vi_table(vi_dir)
     versions = {}
     for run in runs.values():
         versions.update(run.get("versions", {}))
@@ -158,7 +192,7 @@ def markdown(invocation, runs, families, peers, vi_dir):
 
 
 def write(out_dir, invocation, families, peers, vi_dir):
-    runs = _load_runs(os.path.join(out_dir, "runs"))
+    runs = _load_runs(os.path.join(out_dir, "rows"))
     text = markdown(invocation, runs, families, peers, vi_dir)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text)

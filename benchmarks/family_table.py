@@ -1,11 +1,11 @@
 """The family table: every flow family on the digits protocol, zuko beside it.
 
 One command regenerates `benchmarks/results/family_table/` (table.md,
-table.json and one JSON per row under runs/):
+table.json and one JSON per row under rows/):
 
     python benchmarks/family_table.py                  # every family and peer
     python benchmarks/family_table.py --families glow,maf --peers none --epochs 1
-    python benchmarks/family_table.py --report-only    # rebuild table.md from runs/
+    python benchmarks/family_table.py --report-only    # rebuild table.md from rows/
 
 Each row runs in its own process, one after the other, with 2 threads:
 `family_run.py` for tfp_glow's families (TensorFlow), `family_zuko.py` for the

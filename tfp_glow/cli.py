@@ -26,9 +26,10 @@ import math
 import os
 import sys
 
-from tfp_glow import recipe
+from tfp_glow import cli_models, recipe
 from tfp_glow.cli_args import COUPLINGS, MODELS, PERMUTATIONS, PROG, build_parser
-from tfp_glow.models import DEFAULT_DROPOUT
+from tfp_glow.cli_models import MODEL_DEFAULTS
+from tfp_glow.cli_models import build_model as _build_model  # tests build through it
 
 __all__ = ["COUPLINGS", "MODELS", "PERMUTATIONS", "PROG", "TrainPlan", "UsageError",
            "build_parser", "check_train_args", "load_run_model", "main"]
@@ -37,31 +38,6 @@ TOY_DATASETS = ("two_moons", "8gaussians", "checkerboard")
 TEMPERATURES = recipe.TEMPERATURES
 SAMPLE_TEMPERATURE = recipe.SAMPLE_TEMPERATURE
 EVAL_BATCH = 256  # the test batch of `train`; any batch gives the same figure
-
-# Per-model defaults of the architecture flags (None on the command line means
-# "not given", so flags that do not apply to a model can be refused).
-MODEL_DEFAULTS = {
-    "glow": dict(levels=2, steps=8, width=64, coupling="affine", permutation="conv_lu",
-                 dropout=DEFAULT_DROPOUT, dequantization="variational"),
-    "realnvp": dict(levels=2, steps=8, width=64),
-    "nice": dict(steps=4, width=256),
-    "maf": dict(steps=5, width=100, permutation="reverse"),
-    "iaf": dict(steps=5, width=100, permutation="reverse"),
-    # None: NeuralSplineFlow's per-variant default.
-    "nsf": dict(steps=None, width=None, permutation="reverse", variant="autoregressive"),
-    "ffjord": dict(width=240, trace="auto"),
-    # width None: ResidualFlow's default (hidden channels on images, units on vectors).
-    "resflow": dict(levels=2, steps=4, width=None),
-}
-# The vector families flatten images; their permutations are fixed ones.
-VECTOR_MODELS = ("maf", "iaf", "nsf", "ffjord")
-_VECTOR_PERMUTATIONS = ("reverse", "shuffle")
-_APPLIES_TO = {"levels": ("glow", "realnvp", "resflow"), "coupling": ("glow",),
-               "steps": tuple(m for m in MODELS if m != "ffjord"),
-               "permutation": ("glow", "maf", "iaf", "nsf"), "dropout": ("glow",),
-               "dequantization": ("glow",), "variant": ("nsf",), "trace": ("ffjord",)}
-_ARCHITECTURE_FLAGS = ("levels", "steps", "width", "coupling", "permutation", "dropout",
-                       "dequantization", "variant", "trace")
 
 
 class UsageError(ValueError):
@@ -134,12 +110,12 @@ def _check_architecture(args, kind):
     data of `kind`."""
     defaults = MODEL_DEFAULTS[args.model]
     arch = {}
-    for key in _ARCHITECTURE_FLAGS:
+    for key in cli_models.ARCHITECTURE_FLAGS:
         value = getattr(args, key)
-        if value is not None and args.model not in _APPLIES_TO.get(key, MODELS):
+        if value is not None and args.model not in cli_models.APPLIES_TO.get(key, MODELS):
             raise UsageError(
                 f"--{key} does not apply to --model {args.model} (it applies to "
-                f"{', '.join(_APPLIES_TO[key])}).")
+                f"{', '.join(cli_models.APPLIES_TO[key])}).")
         arch[key] = defaults.get(key) if value is None else value
     if args.model == "realnvp" and args.steps is not None and kind != "toy":
         raise UsageError(
@@ -150,12 +126,12 @@ def _check_architecture(args, kind):
         raise UsageError(
             f"--steps for --model nice must be >= 2 (NICE alternates which half is "
             f"transformed); got {arch['steps']}.")
-    if args.model in VECTOR_MODELS and arch.get("permutation") not in (
-            None, *_VECTOR_PERMUTATIONS):
+    fixed = cli_models.VECTOR_PERMUTATIONS
+    if args.model in cli_models.VECTOR_MODELS and arch.get("permutation") not in (
+            None, *fixed):
         raise UsageError(
-            f"--permutation for --model {args.model} must be one of "
-            f"{', '.join(_VECTOR_PERMUTATIONS)} (a fixed permutation between layers); "
-            f"got {arch['permutation']}.")
+            f"--permutation for --model {args.model} must be one of {', '.join(fixed)} "
+            f"(a fixed permutation between layers); got {arch['permutation']}.")
     return arch
 
 
@@ -237,54 +213,6 @@ def _make_dataset(cfg, split, batch_size, training, dequantize=True, data_dir=No
 
 
 # ------------------------------------------------------------------- models
-
-
-def _build_model(args, info, arch):
-    """The model `args` asks for on data described by `info`, with the
-    architecture `arch` from `check_train_args`."""
-    from tfp_glow import NICE, Glow, RealNVP
-    shape = tuple(info["image_shape"])
-    num_classes = info["num_classes"] if args.conditional else None
-    if args.model == "glow":
-        return Glow(image_shape=shape, levels=arch["levels"], steps_per_level=arch["steps"],
-                    hidden_channels=arch["width"], coupling=arch["coupling"],
-                    permutation=arch["permutation"], num_classes=num_classes,
-                    num_bins=info["num_bins"], seed=args.seed, dropout=arch["dropout"],
-                    dequantization=arch["dequantization"], backprop=args.backprop)
-    if args.model == "realnvp":
-        return RealNVP(input_shape=shape, levels=arch["levels"],
-                       hidden_channels=arch["width"], coupling_layers=arch["steps"],
-                       num_classes=num_classes, num_bins=info["num_bins"],
-                       backprop=args.backprop)
-    if args.model == "nice":
-        return NICE(input_shape=shape, coupling_layers=arch["steps"],
-                    hidden_units=arch["width"], num_classes=num_classes,
-                    num_bins=info["num_bins"], backprop=args.backprop)
-    if args.model == "resflow":
-        from tfp_glow import ResidualFlow
-        width = {} if arch["width"] is None else {
-            "hidden_channels" if len(shape) == 3 else "hidden_units": arch["width"]}
-        return ResidualFlow(input_shape=shape, levels=arch["levels"], blocks=arch["steps"],
-                            num_classes=num_classes, num_bins=info["num_bins"],
-                            backprop=args.backprop, **width)
-    return _build_vector_model(args, shape, num_classes, info["num_bins"], arch)
-
-
-def _build_vector_model(args, shape, num_classes, num_bins, arch):
-    """MAF, IAF, NeuralSplineFlow or FFJORD (images flattened to vectors)."""
-    from tfp_glow import FFJORD, IAF, MAF, NeuralSplineFlow
-    common = dict(input_shape=shape, num_classes=num_classes, num_bins=num_bins,
-                  backprop=args.backprop)
-    width = arch["width"]
-    if args.model in ("maf", "iaf"):
-        cls = MAF if args.model == "maf" else IAF
-        return cls(num_layers=arch["steps"], hidden_units=[width, width],
-                   permutation=arch["permutation"], seed=args.seed, **common)
-    if args.model == "nsf":
-        return NeuralSplineFlow(variant=arch["variant"], num_layers=arch["steps"],
-                                hidden_units=None if width is None else [width, width],
-                                permutation=arch["permutation"], seed=args.seed, **common)
-    return FFJORD(hidden_units=[width] * 3, trace=arch["trace"], **common)
 
 
 def _strategy(name):

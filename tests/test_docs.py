@@ -165,3 +165,14 @@ def test_readme_fifteen_lines_run(tmp_path):
     assert 2.0 < bits_per_dim < 5.0, bits_per_dim
     assert os.path.getsize(tmp_path / "samples.png") > 1000
     assert os.path.exists(tmp_path / "export" / "1" / "saved_model.pb")
+
+
+def test_published_text_names_no_issue_numbers():
+    # README, BENCHMARKS and the site are read by people who cannot see the
+    # project's issue tracker: "issue 14", "(issue 17, item 4)" mean nothing there.
+    pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "BENCHMARKS.md"),
+             os.path.join(ROOT, "CHANGELOG.md")]
+    pages += glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True)
+    pattern = re.compile(r"\bissue[- ]?#?\d+|(?<![&\w])#\d+\b", re.IGNORECASE)
+    found = {os.path.relpath(p, ROOT): pattern.findall(_read(p)) for p in pages}
+    assert {page: hits for page, hits in found.items() if hits} == {}

@@ -28,7 +28,7 @@ attribute), the layout, the builder's keyword arguments at ~150k parameters,
 and its 2-D flow for the KL column. Rows whose builder is not in the installed
 tfp_glow yet are skipped with a note. The planar and radial flows have no
 density-fitting row: their result is the VI benchmark (benchmarks/vi_energy.py),
-whose JSON the table links.
+whose results.json the table merges (ELBO and KL per energy density).
 """
 
 import argparse
@@ -55,7 +55,7 @@ TOY_AR = dict(input_shape=(2,), num_layers=8, hidden_units=(64, 64))
 # load 12-17, 2026-12-07): IAF's density takes 64 sequential passes per layer,
 # 935 ms a step (159 ms CPU) against MAF's 40 (10); FFJORD's Hutchinson-trace ODE
 # solve 515 ms (250 ms CPU) at initialisation, growing as the field learns;
-# ResidualFlow's Russian-roulette log-det 730 ms (load 4.6). The full table
+# ResidualFlow's Russian-roulette log-det 730-770 ms (load 2-5). The full table
 # must fit ~35 minutes.
 IAF_EPOCHS = 20
 FFJORD_EPOCHS = 10
@@ -80,6 +80,12 @@ FAMILIES = {
                  toy2d=dict(builder="NICE", kwargs=dict(input_shape=(2,), coupling_layers=8,
                                                         hidden_units=64,
                                                         num_hidden_layers=2))),
+    # Images, about 150k parameters: 4 residual blocks of 120 channels per scale.
+    "resflow": dict(builder="ResidualFlow", layout="image",
+                    digits=dict(input_shape=(8, 8, 1), levels=2, blocks=4, hidden_channels=120),
+                    epochs=RESFLOW_EPOCHS,
+                    toy2d=dict(builder="ResidualFlow",
+                               kwargs=dict(input_shape=(2,), blocks=8, hidden_units=64))),
     # The vector families at their defaults (~150k parameters on 64 features).
     "maf": dict(builder="MAF", layout="vector", digits=dict(input_shape=(64,)),
                 toy2d=dict(builder="MAF", kwargs=TOY_AR), peer="zuko_maf"),
@@ -95,12 +101,6 @@ FAMILIES = {
                          digits=dict(input_shape=(64,), variant="coupling"),
                          toy2d=dict(builder="NeuralSplineFlow",
                                     kwargs=dict(TOY_AR, variant="coupling"))),
-    # Images, about 150k parameters: 4 residual blocks of 120 channels per scale.
-    "resflow": dict(builder="ResidualFlow", layout="image",
-                    digits=dict(input_shape=(8, 8, 1), levels=2, blocks=4, hidden_channels=120),
-                    epochs=RESFLOW_EPOCHS,
-                    toy2d=dict(builder="ResidualFlow",
-                               kwargs=dict(input_shape=(2,), blocks=8, hidden_units=64))),
     # toy_kl's FFJORD budget: 100 steps of batch 256 (its steps cost ~20x).
     "ffjord": dict(builder="FFJORD", layout="vector", digits=dict(input_shape=(64,)),
                    epochs=FFJORD_EPOCHS,

@@ -28,6 +28,9 @@ draws = tfp.mcmc.sample_chain(1000, tfp_glow.vi.neutra_initial_state(q, 4, seed=
     Flows. ICML 2015. https://arxiv.org/abs/1505.05770
 """
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -191,9 +194,11 @@ def _static_shapes(model):
     return constrain, shapes
 
 
-def flow_surrogate_posterior(event_shape_or_model, num_layers=6, hidden_units=32,
-                             coupling="affine", dtype=None, seed=None, name=None,
-                             flow="coupling"):
+def flow_surrogate_posterior(
+        event_shape_or_model: Sequence[int] | tfp.distributions.Distribution,
+        num_layers: int = 6, hidden_units: int = 32, coupling: str = "affine",
+        dtype: tf.DType | None = None, seed: int | None = None, name: str | None = None,
+        flow: str = "coupling") -> tfp.distributions.TransformedDistribution:
     """A normalizing-flow surrogate posterior for `tfp.vi.fit_surrogate_posterior`.
 
         q(x) = N(z; 0, I_D) |det dg/dz|^-1,   x = c(u(g(z)))
@@ -331,8 +336,11 @@ def _latent_bijector(surrogate):
     return tfb.Chain([surrogate.bijector, tfb.Invert(unflatten)])
 
 
-def neutra_kernel(target_log_prob_fn, surrogate, kernel="hmc", step_size=0.5,
-                  num_leapfrog_steps=2, num_adaptation_steps=0, target_accept_prob=None):
+def neutra_kernel(target_log_prob_fn: Callable[..., tf.Tensor],
+                  surrogate: tfp.distributions.Distribution, kernel: str = "hmc",
+                  step_size: float = 0.5, num_leapfrog_steps: int = 2,
+                  num_adaptation_steps: int = 0,
+                  target_accept_prob: float | None = None) -> tfp.mcmc.TransitionKernel:
     """HMC or NUTS in the latent space of a fitted flow surrogate (NeuTra).
 
     With `x = g(z)` the surrogate's bijector, the sampler runs on
@@ -405,7 +413,8 @@ def neutra_kernel(target_log_prob_fn, surrogate, kernel="hmc", step_size=0.5,
         target_accept_prob=tf.constant(target_accept_prob, dtype))
 
 
-def neutra_initial_state(surrogate, num_chains=None, seed=None):
+def neutra_initial_state(surrogate: tfp.distributions.Distribution, num_chains: int | None = None,
+                         seed: int | tf.Tensor | None = None) -> Any:
     """Draws from the surrogate to start `num_chains` chains of `neutra_kernel`.
 
     Returns `surrogate.sample(num_chains)` (one unbatched state for None), in

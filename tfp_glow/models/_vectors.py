@@ -6,6 +6,8 @@ These families act on vectors: an image `(H, W, C)` is flattened to
 trains on 2-D toy points and on the 8x8 digits as 64-D vectors.
 """
 
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow_probability as tfp
 
@@ -73,7 +75,7 @@ def vector_flow(input_shape, steps, num_classes, dtype, name):
                           top_prior=_maybe_prior((dim,), num_classes, dtype), name=name)
 
 
-def hidden_units_of(value, arg_name="hidden_units"):
+def hidden_units_of(value: Sequence[int], arg_name: str = "hidden_units") -> list[int]:
     """`value` as a list of positive ints (a network's hidden layer sizes)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"`{arg_name}` must be a list of positive ints (hidden layer "

@@ -1,6 +1,9 @@
 """FFJORD (Grathwohl et al. 2019) as a `FlowModel`: a continuous flow, TFP's
 `tfb.FFJORD` with a Keras 3 `ODENet`, on (flattened) vectors."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import tensorflow_probability as tfp
 
@@ -88,10 +91,12 @@ class FFJORD(FlowModel):
          ICLR 2019. https://arxiv.org/abs/1810.01367
     """
 
-    def __init__(self, input_shape=(8, 8, 1), hidden_units=DEFAULT_HIDDEN_UNITS,
-                 trace="auto", trace_samples=1, rtol=1e-3, atol=1e-6,
-                 solver="dormand_prince", activation="tanh", num_classes=None,
-                 num_bins=256, **kwargs):
+    def __init__(self, input_shape: Sequence[int] = (8, 8, 1),
+                 hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
+                 trace: str = "auto", trace_samples: int = 1, rtol: float = 1e-3,
+                 atol: float = 1e-6, solver: str = "dormand_prince", activation: str = "tanh",
+                 num_classes: int | None = None, num_bins: int | None = 256,
+                 **kwargs: Any) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         self._config = dict(
             input_shape=input_shape, hidden_units=_vectors.hidden_units_of(hidden_units),

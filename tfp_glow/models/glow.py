@@ -1,5 +1,8 @@
 """Glow (Kingma & Dhariwal 2018) as a `FlowModel`: multi-scale ActNorm, 1x1 conv, coupling."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import tensorflow_probability as tfp
 
@@ -70,11 +73,14 @@ class Glow(FlowModel):
     ```
     """
 
-    def __init__(self, image_shape=(32, 32, 3), levels=3, steps_per_level=8,
-                 hidden_channels=512, coupling="affine", permutation="conv_lu",
-                 learn_top_prior=True, num_classes=None, split_fraction=0.5,
-                 num_bins=256, seed=0, dropout=None, last_kernel=3, coupling_kwargs=None,
-                 dequantization=None, dequantizer_kwargs=None, **kwargs):
+    def __init__(self, image_shape: Sequence[int] = (32, 32, 3), levels: int = 3,
+                 steps_per_level: int = 8, hidden_channels: int = 512, coupling: str = "affine",
+                 permutation: str = "conv_lu", learn_top_prior: bool = True,
+                 num_classes: int | None = None, split_fraction: float = 0.5,
+                 num_bins: int | None = 256, seed: int = 0, dropout: float | None = None,
+                 last_kernel: int = 3, coupling_kwargs: dict[str, Any] | None = None,
+                 dequantization: str | None = None,
+                 dequantizer_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         levels = _positive_int(levels, "levels")
         dropout = DEFAULT_DROPOUT if dropout is None else dropout
         dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,

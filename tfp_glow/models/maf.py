@@ -1,6 +1,9 @@
 """MAF (Papamakarios et al. 2017) and IAF (Kingma et al. 2016) as `FlowModel`s:
 affine autoregressive layers with `MADE` conditioners on (flattened) vectors."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import tensorflow_probability as tfp
 
@@ -25,9 +28,11 @@ class _AutoregressiveModel(FlowModel):
 
     _INVERSE_AUTOREGRESSIVE = False
 
-    def __init__(self, input_shape=(8, 8, 1), num_layers=5,
-                 hidden_units=DEFAULT_HIDDEN_UNITS, permutation="reverse", actnorm=False,
-                 activation="relu", seed=0, num_classes=None, num_bins=256, **kwargs):
+    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), num_layers: int = 5,
+                 hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
+                 permutation: str = "reverse", actnorm: bool = False, activation: str = "relu",
+                 seed: int = 0, num_classes: int | None = None, num_bins: int | None = 256,
+                 **kwargs: Any) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         self._config = dict(
             input_shape=input_shape, num_layers=_positive_int(num_layers, "num_layers"),

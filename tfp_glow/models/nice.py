@@ -2,6 +2,9 @@
 
 import functools
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow_probability as tfp
@@ -23,8 +26,10 @@ class NICE(FlowModel):
     Works on images (`input_shape=(H, W, C)`) and vectors (`(D,)`).
     """
 
-    def __init__(self, input_shape=(8, 8, 1), coupling_layers=4, hidden_units=256,
-                 num_hidden_layers=3, num_classes=None, num_bins=256, **kwargs):
+    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), coupling_layers: int = 4,
+                 hidden_units: int = 256, num_hidden_layers: int = 3,
+                 num_classes: int | None = None, num_bins: int | None = 256,
+                 **kwargs: Any) -> None:
         input_shape = tuple(int(d) for d in input_shape)
         if len(input_shape) not in (1, 3):
             raise ValueError(

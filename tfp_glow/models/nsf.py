@@ -4,6 +4,9 @@ rational-quadratic splines, autoregressive (NSF-AR) or coupling (NSF-C), on
 
 import functools
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import tensorflow_probability as tfp
 
@@ -78,9 +81,11 @@ class NeuralSplineFlow(FlowModel):
          NeurIPS 2019. https://arxiv.org/abs/1906.04032
     """
 
-    def __init__(self, input_shape=(8, 8, 1), variant="autoregressive", num_layers=None,
-                 hidden_units=None, spline_bins=8, tail_bound=4.0, permutation="reverse",
-                 actnorm=False, seed=0, num_classes=None, num_bins=256, **kwargs):
+    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), variant: str = "autoregressive",
+                 num_layers: int | None = None, hidden_units: Sequence[int] | None = None,
+                 spline_bins: int = 8, tail_bound: float = 4.0, permutation: str = "reverse",
+                 actnorm: bool = False, seed: int = 0, num_classes: int | None = None,
+                 num_bins: int | None = 256, **kwargs: Any) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         variant = checks.choice(variant, VARIANTS, "variant")
         default_layers, default_units = DEFAULTS[variant]

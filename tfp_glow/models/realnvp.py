@@ -1,5 +1,8 @@
 """RealNVP (Dinh et al. 2017) as a `FlowModel`, on images (multi-scale) and vectors."""
 
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -30,9 +33,11 @@ class RealNVP(FlowModel):
     images only. `coupling` is `"affine"` (the paper's) or one of `COUPLINGS`.
     """
 
-    def __init__(self, input_shape=(8, 8, 1), levels=2, hidden_channels=64,
-                 num_blocks=2, coupling_layers=8, logit_alpha=0.05,
-                 num_classes=None, num_bins=256, coupling="affine", **kwargs):
+    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), levels: int = 2,
+                 hidden_channels: int = 64, num_blocks: int = 2, coupling_layers: int = 8,
+                 logit_alpha: float = 0.05, num_classes: int | None = None,
+                 num_bins: int | None = 256, coupling: str = "affine",
+                 **kwargs: Any) -> None:
         input_shape = tuple(int(d) for d in input_shape)
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:

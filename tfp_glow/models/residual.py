@@ -127,7 +127,7 @@ def build_residual_flow(input_shape: Sequence[int], blocks: int = 4, hidden_unit
         return MultiScaleFlow(shape, [(tfb.Chain(list(reversed(steps))), None)],
                               top_prior=_maybe_prior(shape, num_classes, dtype),
                               name="residual_flow")
-    stages = []
+    stages: list[tuple[tfp.bijectors.Bijector, FactorOut | None]] = []
     for level in range(levels):
         steps = []
         if level == 0 and logit_alpha is not None:

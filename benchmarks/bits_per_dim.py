@@ -34,10 +34,10 @@ def _bpd(log_prob, num_dims, num_bins):
 
 def train_and_evaluate(lib, epochs, eval_every=5, seed=0, jit_compile=False):
     from tfp_glow import data
+
     cfg = common.SIZES[SIZE]
     num_dims = int(np.prod(cfg["image_shape"]))
-    train = data.digits_dataset("train", batch_size=common.BATCH, seed=seed,
-                                drop_remainder=True)
+    train = data.digits_dataset("train", batch_size=common.BATCH, seed=seed, drop_remainder=True)
     test_images, _ = data.load_digits("test")
     x_test = data.preprocess(tf.constant(test_images), cfg["num_bins"], True, seed=1234)
     x_init = next(iter(train))
@@ -60,14 +60,19 @@ def train_and_evaluate(lib, epochs, eval_every=5, seed=0, jit_compile=False):
         if epoch % eval_every == 0 or epoch == epochs:
             bpd = float(_bpd(evaluate(x_test), num_dims, cfg["num_bins"]))
             history.append({"epoch": epoch, "test_bits_per_dim": bpd})
-            print(f"  {lib} epoch {epoch}: test bits/dim {bpd:.3f} "
-                  f"({epoch_times[-1]:.1f} s/epoch)", flush=True)
-    finite = [h["test_bits_per_dim"] for h in history
-              if math.isfinite(h["test_bits_per_dim"])]
-    return {"epochs": epochs, "test_bits_per_dim": history[-1]["test_bits_per_dim"],
-            "best_test_bits_per_dim": min(finite) if finite else float("nan"),
-            "history": history, "first_step_s": first_step,
-            "median_epoch_s": float(np.median(epoch_times))}
+            print(
+                f"  {lib} epoch {epoch}: test bits/dim {bpd:.3f} ({epoch_times[-1]:.1f} s/epoch)",
+                flush=True,
+            )
+    finite = [h["test_bits_per_dim"] for h in history if math.isfinite(h["test_bits_per_dim"])]
+    return {
+        "epochs": epochs,
+        "test_bits_per_dim": history[-1]["test_bits_per_dim"],
+        "best_test_bits_per_dim": min(finite) if finite else float("nan"),
+        "history": history,
+        "first_step_s": first_step,
+        "median_epoch_s": float(np.median(epoch_times)),
+    }
 
 
 def main():
@@ -77,8 +82,12 @@ def main():
     parser.add_argument("--libs", default="ours,tfp")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    out = {"size": SIZE, "config": common.SIZES[SIZE], "optimizer": "Adam(1e-3)",
-           "batch": common.BATCH}
+    out = {
+        "size": SIZE,
+        "config": common.SIZES[SIZE],
+        "optimizer": "Adam(1e-3)",
+        "batch": common.BATCH,
+    }
     for lib in args.libs.split(","):
         name = {"ours": "tfp_glow", "tfp": "tfb.Glow"}[lib]
         out[name] = train_and_evaluate(lib, args.epochs, args.eval_every)

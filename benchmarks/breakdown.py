@@ -40,17 +40,21 @@ def run(size, repeats, lib="ours"):
 
         fwd_grad = tf.function(fwd_grad, jit_compile=jit)
         grads = [tf.identity(g) for g in fwd_grad(x)]
-        adam = tf.function(lambda g: opt.apply(g, variables) or tf.constant(0.0),
-                           jit_compile=jit)
-        calls = {"nets": (bench.nets_step, (x,)), "forward": (bench.log_prob, (x,)),
-                 "forward+gradient": (fwd_grad, (x,)), "adam": (adam, (grads,)),
-                 "train_step": (bench.train_step, (x,))}
+        adam = tf.function(lambda g: opt.apply(g, variables) or tf.constant(0.0), jit_compile=jit)
+        calls = {
+            "nets": (bench.nets_step, (x,)),
+            "forward": (bench.log_prob, (x,)),
+            "forward+gradient": (fwd_grad, (x,)),
+            "adam": (adam, (grads,)),
+            "train_step": (bench.train_step, (x,)),
+        }
         mode = "xla" if jit else "graph"
         print(f"[{size}] {mode} ...", flush=True)
         timed = common.time_interleaved(calls, repeats)
         for name, t in timed.items():
-            print(f"  {name:<18} {t['median_ms']:8.1f} ms (cpu {t['cpu_median_ms']:.1f})",
-                  flush=True)
+            print(
+                f"  {name:<18} {t['median_ms']:8.1f} ms (cpu {t['cpu_median_ms']:.1f})", flush=True
+            )
         out["modes"][mode] = {k: v["median_ms"] for k, v in timed.items()}
     return out
 

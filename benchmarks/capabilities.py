@@ -52,8 +52,7 @@ def check(lib, jit_compile=False, size="tiny"):
     model, variables, opt = bench.model, bench.variables, bench.optimizer
     spec = tf.TensorSpec([None] + list(common.SIZES[size]["image_shape"]), tf.float32)
 
-    log_prob = tf.function(model.log_prob, input_signature=[spec],
-                           jit_compile=jit_compile)
+    log_prob = tf.function(model.log_prob, input_signature=[spec], jit_compile=jit_compile)
 
     def train(x):
         with tf.GradientTape() as tape:
@@ -64,10 +63,13 @@ def check(lib, jit_compile=False, size="tiny"):
         else:
             opt.apply_gradients(zip(grads, variables))
         return loss
+
     train = tf.function(train, input_signature=[spec], jit_compile=jit_compile)
-    sample = tf.function(lambda n: model.sample(n),
-                         input_signature=[tf.TensorSpec([], tf.int32)],
-                         jit_compile=jit_compile)
+    sample = tf.function(
+        lambda n: model.sample(n),
+        input_signature=[tf.TensorSpec([], tf.int32)],
+        jit_compile=jit_compile,
+    )
 
     def run_log_prob():
         for x in (x3, x64):
@@ -86,12 +88,16 @@ def check(lib, jit_compile=False, size="tiny"):
             if out.shape[0] != n:
                 raise RuntimeError(f"sample({n}) gave shape {out.shape}")
 
-    return {"log_prob": _try(run_log_prob), "train_step": _try(run_train),
-            "sample": _try(run_sample)}
+    return {
+        "log_prob": _try(run_log_prob),
+        "train_step": _try(run_train),
+        "sample": _try(run_sample),
+    }
 
 
 def main():
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -34,12 +34,20 @@ PAPER_GLOW = dict(dropout=0.0, dequantization="uniform")
 def build_ours(size, seed=0):
     """tfp_glow's Glow at the matched architecture (a `FlowModel`)."""
     import tfp_glow
+
     cfg = SIZES[size]
-    return tfp_glow.Glow(image_shape=cfg["image_shape"], levels=cfg["levels"],
-                         steps_per_level=cfg["steps"], hidden_channels=cfg["width"],
-                         coupling="affine", permutation="conv_lu",
-                         learn_top_prior=False, num_bins=cfg["num_bins"], seed=seed,
-                         **PAPER_GLOW)
+    return tfp_glow.Glow(
+        image_shape=cfg["image_shape"],
+        levels=cfg["levels"],
+        steps_per_level=cfg["steps"],
+        hidden_channels=cfg["width"],
+        coupling="affine",
+        permutation="conv_lu",
+        learn_top_prior=False,
+        num_bins=cfg["num_bins"],
+        seed=seed,
+        **PAPER_GLOW,
+    )
 
 
 def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):
@@ -54,9 +62,17 @@ def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):
     import functools
 
     import tensorflow_probability as tfp
+
     from tfp_glow import FlowModel, nets
-    from tfp_glow.bijectors import (ActNorm, AffineCoupling, FactorOut,
-                                    InvertibleConv1x1, MultiScaleFlow, Squeeze)
+    from tfp_glow.bijectors import (
+        ActNorm,
+        AffineCoupling,
+        FactorOut,
+        InvertibleConv1x1,
+        MultiScaleFlow,
+        Squeeze,
+    )
+
     cfg = SIZES[size]
     shape, stages = tuple(cfg["image_shape"]), []
     for level in range(cfg["levels"]):
@@ -66,8 +82,11 @@ def build_ours_mixed(size, seed=0, policy="mixed_bfloat16"):
         # A factory: the coupling tells the network how many outputs it needs.
         net = functools.partial(nets.GlowCouplingNet, cfg["width"], dtype=policy)
         for k in range(cfg["steps"]):
-            steps += [ActNorm(c), InvertibleConv1x1(c, seed=seed * 100003 + level * 1000 + k),
-                      AffineCoupling(net, event_shape=shape)]
+            steps += [
+                ActNorm(c),
+                InvertibleConv1x1(c, seed=seed * 100003 + level * 1000 + k),
+                AffineCoupling(net, event_shape=shape),
+            ]
         factor_out = None
         if level < cfg["levels"] - 1:
             factor_out = FactorOut(c, 0.5)
@@ -85,21 +104,26 @@ class TFPGlow:
     """
 
     def __init__(self, size, seed=0):
-        import tf_keras  # noqa: F401  (TFP's Glow networks are tf_keras layers)
         import tensorflow_probability as tfp
+        import tf_keras  # noqa: F401  (TFP's Glow networks are tf_keras layers)
+
         tfb, tfd = tfp.bijectors, tfp.distributions
         cfg = SIZES[size]
         width = cfg["width"]
         self.cfg = cfg
         self.glow = tfb.Glow(
-            output_shape=cfg["image_shape"], num_glow_blocks=cfg["levels"],
+            output_shape=cfg["image_shape"],
+            num_glow_blocks=cfg["levels"],
             num_steps_per_block=cfg["steps"],
             coupling_bijector_fn=lambda shape: tfb.GlowDefaultNetwork(shape, num_hidden=width),
             exit_bijector_fn=tfb.GlowDefaultExitNetwork,
-            grab_after_block=tuple([0.5] * (cfg["levels"] - 1) + [0.0]), seed=seed)
+            grab_after_block=tuple([0.5] * (cfg["levels"] - 1) + [0.0]),
+            seed=seed,
+        )
         z_shape = self.glow.inverse_event_shape(cfg["image_shape"])
         self.distribution = tfd.TransformedDistribution(
-            tfd.Sample(tfd.Normal(0.0, 1.0), z_shape), self.glow)
+            tfd.Sample(tfd.Normal(0.0, 1.0), z_shape), self.glow
+        )
         self.nets = [layer for layer in _tfp_coupling_layers(self.glow)]
 
     @property
@@ -134,6 +158,7 @@ def _tfp_coupling_layers(glow):
         inner = getattr(b, "bijector", None) or getattr(b, "_bijector", None)
         if inner is not None and inner is not b:
             visit(inner)
+
     visit(glow)
     return found
 
@@ -142,6 +167,7 @@ def _tfp_coupling_layers(glow):
 def batch_of(size, batch=BATCH, seed=0):
     """A dequantized batch in [-0.5, 0.5]: digits for "small", noise images else."""
     from tfp_glow import data
+
     cfg = SIZES[size]
     if cfg["image_shape"] == (8, 8, 1):
         images, _ = data.load_digits("train")
@@ -214,10 +240,16 @@ def time_interleaved(calls, repeats, warmup=2, min_seconds=0.0):
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
         r += 1
-    return {n: {"median_ms": 1e3 * statistics.median(wall[n]),
-                "min_ms": 1e3 * min(wall[n]),
-                "cpu_median_ms": 1e3 * statistics.median(cpu[n]),
-                "first_call_s": first[n], "repeats": len(wall[n])} for n in names}
+    return {
+        n: {
+            "median_ms": 1e3 * statistics.median(wall[n]),
+            "min_ms": 1e3 * min(wall[n]),
+            "cpu_median_ms": 1e3 * statistics.median(cpu[n]),
+            "first_call_s": first[n],
+            "repeats": len(wall[n]),
+        }
+        for n in names
+    }
 
 
 def rss_bytes():
@@ -258,6 +290,7 @@ def _malloc_trim():
     """Returns freed heap memory to the OS (glibc), so RSS drops to what is live."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -288,6 +321,7 @@ def max_rss_bytes():
 
 def machine_info():
     import platform
+
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -299,15 +333,23 @@ def machine_info():
         pass
     import keras
     import tensorflow_probability as tfp
+
     try:
         import tf_keras
+
         tfk = tf_keras.__version__
     except ImportError:
         tfk = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "tensorflow_probability": tfp.__version__,
-            "keras": keras.__version__, "tf_keras": tfk,
-            "load_average_at_start": list(os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "tensorflow_probability": tfp.__version__,
+        "keras": keras.__version__,
+        "tf_keras": tfk,
+        "load_average_at_start": list(os.getloadavg()),
+    }
 
 
 # -- the measured functions ------------------------------------------------------
@@ -329,8 +371,8 @@ class Bench:
         self.lib, self.size, self.jit = lib, size, jit_compile
         if lib in ("ours", "ours_bf16"):
             import keras
-            self.model = (build_ours(size, seed) if lib == "ours"
-                          else build_ours_mixed(size, seed))
+
+            self.model = build_ours(size, seed) if lib == "ours" else build_ours_mixed(size, seed)
             self.model.initialize(x)
             self.optimizer = keras.optimizers.Adam(1e-3)
             self.optimizer.build(self.model.trainable_variables)
@@ -340,12 +382,14 @@ class Bench:
             self.net_shapes = [b._conditioning_shape(b._event_shape) for b in couplings]
         elif lib == "tfp":
             import tf_keras
+
             self.model = TFPGlow(size, seed).initialize(x)
             self.optimizer = tf_keras.optimizers.Adam(1e-3)
             self.optimizer.build(self.model.trainable_variables)
 
             def apply(grads, variables):
                 self.optimizer.apply_gradients(zip(grads, variables))
+
             self.nets = self.model.nets
             self.net_shapes = [tuple(net.input_shape[1:]) for net in self.nets]
         else:
@@ -404,6 +448,7 @@ class Bench:
             # The step `fit` runs: FlowModel.train_step, with its NaN/inf
             # guard and metrics, on a model compiled as a user would.
             import keras
+
             model.compile(keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
             model.optimizer.build(variables)
             self.model_train_step = fn(model.train_step)
@@ -412,13 +457,16 @@ class Bench:
         """One input per coupling network, shaped as inside the flow."""
         del x
         rng = np.random.default_rng(1)
-        return [tf.constant(rng.standard_normal((BATCH,) + shape), tf.float32)
-                for shape in self.net_shapes]
+        return [
+            tf.constant(rng.standard_normal((BATCH,) + shape), tf.float32)
+            for shape in self.net_shapes
+        ]
 
 
 def _our_couplings(flow):
     from tfp_glow.bijectors import AdditiveCoupling, AffineCoupling
     from tfp_glow.bijectors.base import sub_bijectors
+
     found = []
 
     def visit(b):
@@ -426,6 +474,7 @@ def _our_couplings(flow):
             found.append(b)
         for child in sub_bijectors(b):
             visit(child)
+
     visit(flow)
     return found
 

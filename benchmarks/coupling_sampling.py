@@ -27,22 +27,29 @@ import digits_protocol as protocol  # noqa: E402
 import digits_stream as stream  # noqa: E402
 import report  # noqa: E402
 
-VARIANTS = ("",
-            "--coupling spline --spline-bins 6 --last-kernel 1",
-            "--coupling mol --mol-components 5 --last-kernel 1")
+VARIANTS = (
+    "",
+    "--coupling spline --spline-bins 6 --last-kernel 1",
+    "--coupling mol --mol-components 5 --last-kernel 1",
+)
 NUM_SAMPLES = 64
 
 
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", nargs="*", default=list(VARIANTS),
-                   help="digits_protocol.py argument strings (default: affine, spline, mol)")
+    p.add_argument(
+        "variants",
+        nargs="*",
+        default=list(VARIANTS),
+        help="digits_protocol.py argument strings (default: affine, spline, mol)",
+    )
     p.add_argument("--epochs", type=int, default=5, help="protocol epochs before timing")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import tensorflow as tf
+
     train, test = stream.split(stream.load_levels(), 0)
     x_init = tf.constant(stream.init_batch(train))
     x_test = tf.constant(stream.test_draws(test)[0])
@@ -62,8 +69,14 @@ def main(argv=None):
                 model.fit(stream.epoch_batches(train, epoch), **kwargs)
         round_trip = model.decode(model.encode(x_test))
         model.sample(NUM_SAMPLES, seed=0)  # warm-up: traces the sampling function
-        runs.append(dict(text=text, model=model, times=[],
-                         round_trip=float(tf.reduce_max(tf.abs(round_trip - x_test)))))
+        runs.append(
+            dict(
+                text=text,
+                model=model,
+                times=[],
+                round_trip=float(tf.reduce_max(tf.abs(round_trip - x_test))),
+            )
+        )
     load_start = os.getloadavg()
     for r in range(args.rounds):
         for run in runs:
@@ -71,12 +84,22 @@ def main(argv=None):
             np.asarray(run["model"].sample(NUM_SAMPLES, seed=r + 1))
             run["times"].append(time.perf_counter() - t)
     base = float(np.median(runs[0]["times"]))
-    result = {"epochs": args.epochs, "rounds": args.rounds, "num_samples": NUM_SAMPLES,
-              "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-              "variants": [{"args": run["text"],
-                            "sample_median_ms": float(np.median(run["times"])) * 1e3,
-                            "ratio_to_first": float(np.median(run["times"])) / base,
-                            "max_round_trip_error": run["round_trip"]} for run in runs]}
+    result = {
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "num_samples": NUM_SAMPLES,
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+        "variants": [
+            {
+                "args": run["text"],
+                "sample_median_ms": float(np.median(run["times"])) * 1e3,
+                "ratio_to_first": float(np.median(run["times"])) / base,
+                "max_round_trip_error": run["round_trip"],
+            }
+            for run in runs
+        ],
+    }
     report.print_and_write(result, args.out)
 
 

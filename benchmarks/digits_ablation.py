@@ -55,8 +55,15 @@ def main(argv=None):
             if os.path.exists(out):
                 print(f"{out}: exists, skipped", flush=True)
                 continue
-            command = [sys.executable, os.path.join(HERE, "digits_protocol.py"),
-                       *ABLATIONS[name], "--seed", str(seed), "--out", out]
+            command = [
+                sys.executable,
+                os.path.join(HERE, "digits_protocol.py"),
+                *ABLATIONS[name],
+                "--seed",
+                str(seed),
+                "--out",
+                out,
+            ]
             print(" ".join(command), flush=True)
             subprocess.run(command, check=True)
 

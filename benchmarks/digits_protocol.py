@@ -66,10 +66,12 @@ PRESETS = {
 # The protocol's anchors (digits-protocol.md, split seed 0, init seeds 0 / 1):
 # test bits/dim after 100 epochs, best on the curve, train step.
 ANCHORS = {
-    "TFP 0.25 tfb.Glow (Adam 1e-3)": dict(params=151_532, end=(2.612, 2.686),
-                                          best=(2.474, 2.548), step="81-84 ms"),
-    "normflows 1.7.3 Glow (Adam 1e-3)": dict(params=152_320, end=(2.275, 2.329),
-                                             best=(2.243, 2.286), step="51-60 ms"),
+    "TFP 0.25 tfb.Glow (Adam 1e-3)": dict(
+        params=151_532, end=(2.612, 2.686), best=(2.474, 2.548), step="81-84 ms"
+    ),
+    "normflows 1.7.3 Glow (Adam 1e-3)": dict(
+        params=152_320, end=(2.275, 2.329), best=(2.243, 2.286), step="51-60 ms"
+    ),
 }
 TARGET_PARAMS = 150_000
 
@@ -80,63 +82,111 @@ def _per_level(kind, allowed=None):
         if allowed is not None and any(v not in allowed for v in values):
             raise argparse.ArgumentTypeError(f"each entry must be one of {allowed}")
         return values
+
     return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, nargs="+", default=[0, 1],
-                   help="model initialisation seeds, one run each (default: 0 1)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="model initialisation seeds, one run each (default: 0 1)",
+    )
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="optimizer defaults; --lr/--warmup-steps/--lr-decay override")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="optimizer defaults; --lr/--warmup-steps/--lr-decay override",
+    )
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--lr-decay", choices=("cosine", "none"), default=None)
-    p.add_argument("--decay-alpha", type=float, default=0.0,
-                   help="cosine decay ends at alpha * lr")
-    p.add_argument("--ema", type=float, default=None,
-                   help="Polyak averaging: momentum of the weights' moving average, "
-                        "used for evaluation (0 = off; default: the preset's)")
-    p.add_argument("--dropout", type=float, default=None,
-                   help="dropout rate in the coupling networks (0 = off; default: "
-                        "tfp_glow.Glow's, 0.2)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW decoupled weight decay on the coupling networks (0 = off)")
-    p.add_argument("--coupling", type=_per_level(str, ("affine", "spline", "mol")),
-                   default=("affine",),
-                   help="affine | spline | mol, or one per level: spline,affine")
+    p.add_argument("--decay-alpha", type=float, default=0.0, help="cosine decay ends at alpha * lr")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="Polyak averaging: momentum of the weights' moving average, "
+        "used for evaluation (0 = off; default: the preset's)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout rate in the coupling networks (0 = off; default: tfp_glow.Glow's, 0.2)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW decoupled weight decay on the coupling networks (0 = off)",
+    )
+    p.add_argument(
+        "--coupling",
+        type=_per_level(str, ("affine", "spline", "mol")),
+        default=("affine",),
+        help="affine | spline | mol, or one per level: spline,affine",
+    )
     p.add_argument("--spline-bins", type=int, default=4)
     p.add_argument("--tail-bound", type=float, default=4.0)
     p.add_argument("--mol-components", type=int, default=4)
-    p.add_argument("--last-kernel", type=_per_level(int), default=(3,),
-                   help="kernel of the zero-initialised last conv of each coupling net "
-                        "(or one per level: 1,3)")
+    p.add_argument(
+        "--last-kernel",
+        type=_per_level(int),
+        default=(3,),
+        help="kernel of the zero-initialised last conv of each coupling net "
+        "(or one per level: 1,3)",
+    )
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--dequantization", choices=("uniform", "variational"), default=None,
-                   help="default: tfp_glow.Glow's, variational; test bits/dim is then the "
-                        "variational bound, with the uniform figure beside it")
-    p.add_argument("--deq-width", type=int, default=None,
-                   help="hidden channels of the variational dequantizer (default: the "
-                        "library's, 16)")
-    p.add_argument("--deq-steps", type=int, default=None,
-                   help="coupling steps of the variational dequantizer (default: the "
-                        "library's, 3)")
-    p.add_argument("--builder", choices=("library", "bench"), default=None,
-                   help="library: tfp_glow.Glow; bench: digits_variants.build_glow "
-                        "(default: library unless a feature needs bench)")
+    p.add_argument(
+        "--dequantization",
+        choices=("uniform", "variational"),
+        default=None,
+        help="default: tfp_glow.Glow's, variational; test bits/dim is then the "
+        "variational bound, with the uniform figure beside it",
+    )
+    p.add_argument(
+        "--deq-width",
+        type=int,
+        default=None,
+        help="hidden channels of the variational dequantizer (default: the library's, 16)",
+    )
+    p.add_argument(
+        "--deq-steps",
+        type=int,
+        default=None,
+        help="coupling steps of the variational dequantizer (default: the library's, 3)",
+    )
+    p.add_argument(
+        "--builder",
+        choices=("library", "bench"),
+        default=None,
+        help="library: tfp_glow.Glow; bench: digits_variants.build_glow "
+        "(default: library unless a feature needs bench)",
+    )
     p.add_argument("--jit", action="store_true", help="compile the train step with XLA")
-    p.add_argument("--check-builder", action="store_true",
-                   help="only check that --builder bench reproduces tfp_glow.Glow")
-    p.add_argument("--out", default=None,
-                   help="JSON output path; with several seeds it must contain {seed}")
+    p.add_argument(
+        "--check-builder",
+        action="store_true",
+        help="only check that --builder bench reproduces tfp_glow.Glow",
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON output path; with several seeds it must contain {seed}"
+    )
     args = p.parse_args(argv)
     if args.out and len(args.seed) > 1 and "{seed}" not in args.out:
         p.error(f"--out must contain {{seed}} with several seeds (--seed {args.seed})")
     # The library's defaults, exactly: `model.compile()` with no optimizer.
-    args.compile_default = args.preset == "default" and all(
-        getattr(args, key) is None for key in PRESETS["default"]) and not args.weight_decay
+    args.compile_default = (
+        args.preset == "default"
+        and all(getattr(args, key) is None for key in PRESETS["default"])
+        and not args.weight_decay
+    )
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -164,51 +214,77 @@ def _dequantizer_kwargs(args):
 
 def build(args):
     """`(model, switch)`; `switch` turns dropout on while fitting (None without it)."""
-    import keras
-    import tfp_glow
     import digits_variants as variants
+    import keras
+
+    import tfp_glow
+
     keras.utils.set_random_seed(args.seed)
     if args.builder == "library":
-        options = {"affine": None,
-                   "spline": {"num_bins": args.spline_bins, "tail_bound": args.tail_bound},
-                   "mol": {"num_components": args.mol_components}}[args.coupling]
-        model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                              hidden_channels=args.width, num_bins=stream.NUM_BINS,
-                              seed=args.seed, coupling=args.coupling,
-                              coupling_kwargs=options, last_kernel=args.last_kernel,
-                              dropout=args.dropout, dequantization=args.dequantization,
-                              dequantizer_kwargs=_dequantizer_kwargs(args))
+        options = {
+            "affine": None,
+            "spline": {"num_bins": args.spline_bins, "tail_bound": args.tail_bound},
+            "mol": {"num_components": args.mol_components},
+        }[args.coupling]
+        model = tfp_glow.Glow(
+            image_shape=(8, 8, 1),
+            levels=2,
+            steps_per_level=8,
+            hidden_channels=args.width,
+            num_bins=stream.NUM_BINS,
+            seed=args.seed,
+            coupling=args.coupling,
+            coupling_kwargs=options,
+            last_kernel=args.last_kernel,
+            dropout=args.dropout,
+            dequantization=args.dequantization,
+            dequantizer_kwargs=_dequantizer_kwargs(args),
+        )
         return model, None
     return variants.build_model(
-        num_bins=stream.NUM_BINS, coupling=args.coupling, width=args.width, seed=args.seed,
-        dropout=args.dropout, spline_bins=args.spline_bins,
-        mol_components=args.mol_components, last_kernel=args.last_kernel,
-        tail_bound=args.tail_bound)
+        num_bins=stream.NUM_BINS,
+        coupling=args.coupling,
+        width=args.width,
+        seed=args.seed,
+        dropout=args.dropout,
+        spline_bins=args.spline_bins,
+        mol_components=args.mol_components,
+        last_kernel=args.last_kernel,
+        tail_bound=args.tail_bound,
+    )
 
 
 def make_optimizer(args, model, total_steps):
     """The run's optimizer; None for the library's `model.compile()` default."""
-    import keras
-    from tfp_glow.training import WarmupSchedule, recommended_optimizer
     import digits_variants as variants
+    import keras
+
+    from tfp_glow.training import WarmupSchedule, recommended_optimizer
+
     if args.compile_default and args.builder == "library":
         return None  # `model.compile()` picks `recommended_optimizer()`
     decay_steps = None
     if args.lr_decay == "cosine":
         decay_steps = max(total_steps - args.warmup_steps, 1)
     if args.builder == "library" and not args.decay_alpha:
-        return recommended_optimizer(decay_steps, learning_rate=args.lr,
-                                     warmup_steps=args.warmup_steps,
-                                     ema_momentum=args.ema or None,
-                                     weight_decay=args.weight_decay, model=model)
-    lr = WarmupSchedule(args.lr, warmup_steps=args.warmup_steps, decay_steps=decay_steps,
-                        alpha=args.decay_alpha)
+        return recommended_optimizer(
+            decay_steps,
+            learning_rate=args.lr,
+            warmup_steps=args.warmup_steps,
+            ema_momentum=args.ema or None,
+            weight_decay=args.weight_decay,
+            model=model,
+        )
+    lr = WarmupSchedule(
+        args.lr, warmup_steps=args.warmup_steps, decay_steps=decay_steps, alpha=args.decay_alpha
+    )
     ema = dict(use_ema=True, ema_momentum=args.ema) if args.ema else {}
     if args.weight_decay:
         opt = keras.optimizers.AdamW(lr, weight_decay=args.weight_decay, **ema)
         decayed = {id(v) for v in variants.coupling_net_variables(model)}
         opt.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables if id(v) not in decayed])
+            var_list=[v for v in model.trainable_variables if id(v) not in decayed]
+        )
         return opt
     return keras.optimizers.Adam(lr, **ema)
 
@@ -243,28 +319,39 @@ def _loadavg():
 def check_builder(args):
     """`--builder bench` with affine, no dropout == tfp_glow.Glow, same seeds."""
     import tensorflow as tf
+
     levels = stream.load_levels()
     train, _ = stream.split(levels, args.split_seed)
     x0 = tf.constant(stream.init_batch(train))
     out, weights = {}, {}
     for builder in ("library", "bench"):
-        a = argparse.Namespace(**{**vars(args), "builder": builder, "coupling": "affine",
-                                  "dropout": 0.0, "dequantization": "uniform",
-                                  "last_kernel": 3, "width": 64})
+        a = argparse.Namespace(
+            **{
+                **vars(args),
+                "builder": builder,
+                "coupling": "affine",
+                "dropout": 0.0,
+                "dequantization": "uniform",
+                "last_kernel": 3,
+                "width": 64,
+            }
+        )
         model, _ = build(a)
         model.initialize(x0)
         import digits_variants as variants
-        out[builder] = dict(params=variants.count_params(model),
-                            log_prob=model.log_prob(x0[:8]).numpy().tolist())
+
+        out[builder] = dict(
+            params=variants.count_params(model), log_prob=model.log_prob(x0[:8]).numpy().tolist()
+        )
         weights[builder] = [v.numpy() for v in model.trainable_variables]
-    diff = float(np.max(np.abs(np.subtract(out["library"]["log_prob"],
-                                           out["bench"]["log_prob"]))))
+    diff = float(np.max(np.abs(np.subtract(out["library"]["log_prob"], out["bench"]["log_prob"]))))
     out["max_abs_log_prob_diff"] = diff
     # Equal initial weights, variable by variable (the conv kernels do not show
     # in log_prob at init: every last layer is zero).
     same = len(weights["library"]) == len(weights["bench"]) and all(
         a.shape == b.shape and np.array_equal(a, b)
-        for a, b in zip(weights["library"], weights["bench"]))
+        for a, b in zip(weights["library"], weights["bench"])
+    )
     out["identical_initial_weights"] = bool(same)
     print(json.dumps(out, indent=1))
     return out
@@ -272,10 +359,12 @@ def check_builder(args):
 
 def run(args, partial_path=None):
     """Trains and evaluates; writes the result so far to `partial_path` at each curve point."""
+    import digits_variants as variants
     import keras
     import tensorflow as tf
+
     import tfp_glow
-    import digits_variants as variants
+
     t_start = time.perf_counter()
     load_start = _loadavg()
     levels = stream.load_levels()
@@ -287,8 +376,11 @@ def run(args, partial_path=None):
     model, switch = build(args)
     params = variants.count_params(model)
     # What the library's defaults resolved to (dropout, dequantization, ...).
-    model_config = json.loads(json.dumps(model.get_config(), default=str)) \
-        if args.builder == "library" else None
+    model_config = (
+        json.loads(json.dumps(model.get_config(), default=str))
+        if args.builder == "library"
+        else None
+    )
     if abs(params - TARGET_PARAMS) > 0.1 * TARGET_PARAMS:
         raise SystemExit(f"{params} trainable parameters: outside 150k +-10%")
     model.initialize(x_init)
@@ -299,15 +391,17 @@ def run(args, partial_path=None):
     # With variational dequantization the reported figure is the bound
     # `log p(x_q) - log q(u | k)`, its noise read off the protocol's own draws.
     variational = getattr(model, "dequantizer", None) is not None
-    log_prob = tf.function(lambda x: model.variational_log_prob(x) if variational
-                           else model.log_prob(x))
+    log_prob = tf.function(
+        lambda x: model.variational_log_prob(x) if variational else model.log_prob(x)
+    )
     uniform_log_prob = tf.function(lambda x: model.log_prob(x))
 
     def test_bpd(fn=log_prob):
         per_draw = -tf.reshape(fn(x_test), [stream.TEST_DRAWS, -1])
         nll = tf.reduce_mean(per_draw, axis=1).numpy()
-        return float(np.mean([stream.bits_per_dim(v) for v in nll])), \
-            [stream.bits_per_dim(float(v)) for v in nll]
+        return float(np.mean([stream.bits_per_dim(v) for v in nll])), [
+            stream.bits_per_dim(float(v)) for v in nll
+        ]
 
     def train_bpd():
         return stream.bits_per_dim(float(-tf.reduce_mean(log_prob(x_train_eval))))
@@ -331,19 +425,24 @@ def run(args, partial_path=None):
         curve_epochs.append(args.epochs)
 
     def summary(train_final, complete):
-        steps = np.array(timer.times[stream.STEPS_PER_EPOCH:]) * 1e3
+        steps = np.array(timer.times[stream.STEPS_PER_EPOCH :]) * 1e3
         finite = [c for c in curve if math.isfinite(c["test_bpd"])]
         best = min(finite, key=lambda c: c["test_bpd"]) if finite else None
         result = {
-            "protocol": "digits-protocol.md", "split_seed": args.split_seed,
-            "seed": args.seed, "epochs": args.epochs, "steps": len(timer.times),
+            "protocol": "digits-protocol.md",
+            "split_seed": args.split_seed,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "steps": len(timer.times),
             "complete": complete,
             "config": {k: v for k, v in vars(args).items() if k not in ("out", "check_builder")},
             "training": "one FlowModel.fit call, 23 batches per epoch in the stream's order",
             "params": params,
             "model_config": model_config,
-            "library": {"file": tfp_glow.__file__,
-                        "snapshot": os.environ.get("DIGITS_LIBRARY_SNAPSHOT")},
+            "library": {
+                "file": tfp_glow.__file__,
+                "snapshot": os.environ.get("DIGITS_LIBRARY_SNAPSHOT"),
+            },
             "test_bpd": curve[-1]["test_bpd"],
             "test_bpd_draws": draws,
             "best_test_bpd": best["test_bpd"] if best else None,
@@ -355,7 +454,8 @@ def run(args, partial_path=None):
             "fit_train_bpd_per_epoch": fit_bpd,
             "nonfinite_steps": model.nonfinite_steps,
             "wall_s": time.perf_counter() - t_start,
-            "loadavg_start": load_start, "loadavg_end": _loadavg(),
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
         }
         if args.ema:
             result["test_bpd_raw_weights"] = curve[-1]["test_bpd_raw_weights"]
@@ -374,10 +474,13 @@ def run(args, partial_path=None):
                 return
             point, draws = evaluate(epoch + 1)
             curve.append(point)
-            print(f"epoch {epoch + 1}: test {point['test_bpd']:.4f}"
-                  + (f" (raw {point['test_bpd_raw_weights']:.4f})" if args.ema else "")
-                  + (f" (uniform {point['test_bpd_uniform']:.4f})" if variational else "")
-                  + f" fit-train {fit_bpd[-1]:.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1}: test {point['test_bpd']:.4f}"
+                + (f" (raw {point['test_bpd_raw_weights']:.4f})" if args.ema else "")
+                + (f" (uniform {point['test_bpd_uniform']:.4f})" if variational else "")
+                + f" fit-train {fit_bpd[-1]:.4f}",
+                flush=True,
+            )
             if partial_path and epoch + 1 < args.epochs:
                 _write(partial_path, summary(None, complete=False))
 
@@ -387,8 +490,14 @@ def run(args, partial_path=None):
     stream_x = np.concatenate([stream.epoch_batches(train, e) for e in range(args.epochs)])
     batches = tf.data.Dataset.from_tensor_slices(stream_x.astype(np.float32)).batch(stream.BATCH)
     with switch.on() if switch is not None and args.dropout else contextlib.nullcontext():
-        model.fit(batches, epochs=args.epochs, steps_per_epoch=stream.STEPS_PER_EPOCH,
-                  shuffle=False, verbose=0, callbacks=[timer, Curve()])
+        model.fit(
+            batches,
+            epochs=args.epochs,
+            steps_per_epoch=stream.STEPS_PER_EPOCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[timer, Curve()],
+        )
     with variants.EMASwap(opt):
         train_final = train_bpd()
     if partial_path and os.path.exists(partial_path):
@@ -409,25 +518,32 @@ def _mean(values):
 def print_summary(results):
     """Ours beside the protocol's anchors: end and best test bits/dim per seed."""
     seeds = [r["seed"] for r in results]
-    print(f"\nDigits protocol, split seed {results[0]['split_seed']}, "
-          f"{results[0]['epochs']} epochs; init seeds {' / '.join(map(str, seeds))}")
-    print("| model | params | test bpd at the end | mean | best on the curve | mean "
-          "| train step |")
+    print(
+        f"\nDigits protocol, split seed {results[0]['split_seed']}, "
+        f"{results[0]['epochs']} epochs; init seeds {' / '.join(map(str, seeds))}"
+    )
+    print("| model | params | test bpd at the end | mean | best on the curve | mean | train step |")
     print("|---|---|---|---|---|---|---|")
     for name, anchor in ANCHORS.items():
-        print(f"| {name} (protocol anchor) | {anchor['params']:,} | "
-              f"{' / '.join(f'{v:.3f}' for v in anchor['end'])} | {_mean(anchor['end']):.3f} "
-              f"| {' / '.join(f'{v:.3f}' for v in anchor['best'])} "
-              f"| {_mean(anchor['best']):.3f} | {anchor['step']} |")
+        print(
+            f"| {name} (protocol anchor) | {anchor['params']:,} | "
+            f"{' / '.join(f'{v:.3f}' for v in anchor['end'])} | {_mean(anchor['end']):.3f} "
+            f"| {' / '.join(f'{v:.3f}' for v in anchor['best'])} "
+            f"| {_mean(anchor['best']):.3f} | {anchor['step']} |"
+        )
     end = [r["test_bpd"] for r in results]
     best = [r["best_test_bpd"] for r in results]
     # (1-epoch runs have no step time: the first epoch traces.)
-    steps = " / ".join("-" if r["train_step_ms_mean"] is None
-                       else f"{r['train_step_ms_mean']:.0f}" for r in results)
+    steps = " / ".join(
+        "-" if r["train_step_ms_mean"] is None else f"{r['train_step_ms_mean']:.0f}"
+        for r in results
+    )
     ends = " / ".join(f"{v:.3f}" for v in end)
     bests = " / ".join(f"{v:.3f} ({r['best_epoch']})" for v, r in zip(best, results))
-    print(f"| tfp_glow ({results[0]['config']['preset']} preset) | {results[0]['params']:,} "
-          f"| {ends} | {_mean(end):.3f} | {bests} | {_mean(best):.3f} | {steps} ms |")
+    print(
+        f"| tfp_glow ({results[0]['config']['preset']} preset) | {results[0]['params']:,} "
+        f"| {ends} | {_mean(end):.3f} | {bests} | {_mean(best):.3f} | {steps} ms |"
+    )
 
 
 def main(argv=None):
@@ -444,9 +560,24 @@ def main(argv=None):
         result = run(one, partial)
         if out:
             _write(out, result)
-        print(json.dumps({k: result[k] for k in (
-            "seed", "params", "test_bpd", "best_test_bpd", "best_epoch", "train_bpd",
-            "train_step_ms_mean", "wall_s")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: result[k]
+                    for k in (
+                        "seed",
+                        "params",
+                        "test_bpd",
+                        "best_test_bpd",
+                        "best_epoch",
+                        "train_bpd",
+                        "train_step_ms_mean",
+                        "wall_s",
+                    )
+                }
+            ),
+            flush=True,
+        )
         results.append(result)
     print_summary(results)
 

@@ -37,6 +37,7 @@ CURVE_EPOCHS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 def load_levels():
     """The 1,797 digits as float64 levels `[N, 8, 8, 1]` in 0..16."""
     from sklearn.datasets import load_digits
+
     images = load_digits().images  # float64, integer valued 0..16
     assert images.shape == (NUM_IMAGES, 8, 8) and images.max() == NUM_BINS - 1
     return images[..., None]
@@ -62,7 +63,7 @@ def epoch_batches(train, epoch, dtype=np.float32):
     rng = np.random.RandomState(1000 + epoch)
     perm = rng.permutation(len(train))
     x = dequantize(train, _noise(rng, train.shape))
-    return x[perm[:STEPS_PER_EPOCH * BATCH]].astype(dtype)
+    return x[perm[: STEPS_PER_EPOCH * BATCH]].astype(dtype)
 
 
 def init_batch(train, dtype=np.float32):
@@ -75,8 +76,12 @@ def init_batch(train, dtype=np.float32):
 
 def test_draws(test, dtype=np.float32):
     """The 4 fixed dequantizations of the test images, `[4, 300, 8, 8, 1]`."""
-    return np.stack([dequantize(test, _noise(np.random.RandomState(2024 + j), test.shape))
-                     for j in range(TEST_DRAWS)]).astype(dtype)
+    return np.stack(
+        [
+            dequantize(test, _noise(np.random.RandomState(2024 + j), test.shape))
+            for j in range(TEST_DRAWS)
+        ]
+    ).astype(dtype)
 
 
 def train_draw(train, dtype=np.float32):

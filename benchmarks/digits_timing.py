@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import tensorflow as tf
+
     train, _ = stream.split(stream.load_levels(), 0)
     x_init = tf.constant(stream.init_batch(train))
     runs = []
@@ -42,8 +43,11 @@ def main(argv=None):
         model, switch = protocol.build(cfg)
         model.initialize(x_init)
         model.compile(protocol.make_optimizer(cfg, model, 2300), jit_compile=cfg.jit)
-        runs.append(dict(text=text, cfg=cfg, model=model, switch=switch,
-                         timer=protocol.StepTimer(), times=[]))
+        runs.append(
+            dict(
+                text=text, cfg=cfg, model=model, switch=switch, timer=protocol.StepTimer(), times=[]
+            )
+        )
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     for r in range(args.rounds + 1):
@@ -51,8 +55,9 @@ def main(argv=None):
         for run in runs:
             timer = run["timer"]
             timer.times = []
-            kwargs = dict(batch_size=stream.BATCH, shuffle=False, epochs=1, verbose=0,
-                          callbacks=[timer])
+            kwargs = dict(
+                batch_size=stream.BATCH, shuffle=False, epochs=1, verbose=0, callbacks=[timer]
+            )
             t_fit = time.perf_counter()
             if run["switch"] is not None and run["cfg"].dropout:
                 with run["switch"].on():
@@ -64,16 +69,26 @@ def main(argv=None):
             else:  # tracing (and XLA compilation with --jit) happens here
                 run["first_epoch_s"] = time.perf_counter() - t_fit
     base = float(np.median(runs[0]["times"])) * 1e3
-    result = {"rounds": args.rounds, "steps_per_variant": len(runs[0]["times"]),
-              "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-              "wall_s": time.perf_counter() - t0, "variants": []}
+    result = {
+        "rounds": args.rounds,
+        "steps_per_variant": len(runs[0]["times"]),
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+        "wall_s": time.perf_counter() - t0,
+        "variants": [],
+    }
     for run in runs:
         ms = np.array(run["times"]) * 1e3
-        result["variants"].append({
-            "args": run["text"], "median_ms": float(np.median(ms)),
-            "mean_ms": float(ms.mean()), "p10_ms": float(np.percentile(ms, 10)),
-            "ratio_to_first": float(np.median(ms)) / base,
-            "first_epoch_s": run["first_epoch_s"]})
+        result["variants"].append(
+            {
+                "args": run["text"],
+                "median_ms": float(np.median(ms)),
+                "mean_ms": float(ms.mean()),
+                "p10_ms": float(np.percentile(ms, 10)),
+                "ratio_to_first": float(np.median(ms)) / base,
+                "first_epoch_s": run["first_epoch_s"],
+            }
+        )
     report.print_and_write(result, args.out)
 
 

@@ -20,15 +20,22 @@ Everything here is the benchmark's own code path (no library edits):
 
 import contextlib
 
-import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import layers
 
 from tfp_glow import FlowModel, nets
-from tfp_glow.bijectors import (ActNorm, AffineCoupling, FactorOut, InvertibleConv1x1,
-                                LearnedPrior, MultiScaleFlow, Squeeze, keras_layers_of)
+from tfp_glow.bijectors import (
+    ActNorm,
+    AffineCoupling,
+    FactorOut,
+    InvertibleConv1x1,
+    LearnedPrior,
+    MultiScaleFlow,
+    Squeeze,
+    keras_layers_of,
+)
 
 tfb = tfp.bijectors
 
@@ -63,8 +70,9 @@ class DropoutGlowNet(layers.Layer):
     `last_kernel` is the kernel size of the zero-initialised output conv.
     """
 
-    def __init__(self, hidden_channels, out_channels, rate=0.0, switch=None,
-                 last_kernel=3, **kwargs):
+    def __init__(
+        self, hidden_channels, out_channels, rate=0.0, switch=None, last_kernel=3, **kwargs
+    ):
         super().__init__(**kwargs)
         if rate and switch is None:
             raise ValueError("`switch` is required when `rate` > 0.")
@@ -73,8 +81,9 @@ class DropoutGlowNet(layers.Layer):
         self.rate = float(rate)
         self._switch = [switch]  # a list so Keras does not try to track it
         policy = self.dtype_policy
-        self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
-                                     activation="relu", dtype=policy)
+        self.conv_in = layers.Conv2D(
+            hidden_channels, 3, padding="same", activation="relu", dtype=policy
+        )
         self.conv_mid = layers.Conv2D(hidden_channels, 1, activation="relu", dtype=policy)
         self.conv_out = nets.ZeroConv2D(out_channels, last_kernel, dtype=policy)
 
@@ -100,8 +109,9 @@ class DropoutGlowNet(layers.Layer):
         return tuple(input_shape[:-1]) + (self.out_channels,)
 
 
-def _coupling(kind, shape, width, dtype, dropout, switch, spline_bins, mol_components,
-              last_kernel, tail_bound):
+def _coupling(
+    kind, shape, width, dtype, dropout, switch, spline_bins, mol_components, last_kernel, tail_bound
+):
     # Imported here so the affine path runs without the new modules.
     if kind == "spline":
         from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
@@ -116,24 +126,37 @@ def _coupling(kind, shape, width, dtype, dropout, switch, spline_bins, mol_compo
     else:
         per = LogisticMixtureCoupling.outputs_per_channel(mol_components)
     if dropout or last_kernel != 3:
-        net = DropoutGlowNet(width, per * c_a, rate=dropout, switch=switch,
-                             last_kernel=last_kernel, dtype=dtype)
+        net = DropoutGlowNet(
+            width, per * c_a, rate=dropout, switch=switch, last_kernel=last_kernel, dtype=dtype
+        )
     else:
         net = nets.GlowCouplingNet(width, per * c_a, dtype=dtype)
     if kind == "affine":
         return AffineCoupling(net, event_shape=shape, dtype=dtype)
     if kind == "spline":
-        return RationalQuadraticSplineCoupling(net, num_bins=spline_bins,
-                                               tail_bound=tail_bound,
-                                               event_shape=shape, dtype=dtype)
-    return LogisticMixtureCoupling(net, num_components=mol_components,
-                                   event_shape=shape, dtype=dtype)
+        return RationalQuadraticSplineCoupling(
+            net, num_bins=spline_bins, tail_bound=tail_bound, event_shape=shape, dtype=dtype
+        )
+    return LogisticMixtureCoupling(
+        net, num_components=mol_components, event_shape=shape, dtype=dtype
+    )
 
 
-def build_glow_flow(coupling="affine", width=64, levels=2, steps=8, seed=0,
-                    dropout=0.0, switch=None, spline_bins=4, mol_components=4,
-                    last_kernel=3, tail_bound=4.0, image_shape=(8, 8, 1),
-                    dtype="float32"):
+def build_glow_flow(
+    coupling="affine",
+    width=64,
+    levels=2,
+    steps=8,
+    seed=0,
+    dropout=0.0,
+    switch=None,
+    spline_bins=4,
+    mol_components=4,
+    last_kernel=3,
+    tail_bound=4.0,
+    image_shape=(8, 8, 1),
+    dtype="float32",
+):
     """The normalizing bijector (see the module docstring).
 
     `coupling` and `last_kernel` may also be sequences with one entry per
@@ -155,11 +178,22 @@ def build_glow_flow(coupling="affine", width=64, levels=2, steps=8, seed=0,
         for k in range(steps):
             # The seeds of tfp_glow.models.build_glow_flow, so the rotations match.
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
-            chain += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
-                      InvertibleConv1x1(c, lu=True, seed=step_seed, dtype=dtype),
-                      _coupling(per_level["coupling"][level], shape, width, dtype, dropout,
-                                switch, spline_bins, mol_components,
-                                per_level["last_kernel"][level], tail_bound)]
+            chain += [
+                ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
+                InvertibleConv1x1(c, lu=True, seed=step_seed, dtype=dtype),
+                _coupling(
+                    per_level["coupling"][level],
+                    shape,
+                    width,
+                    dtype,
+                    dropout,
+                    switch,
+                    spline_bins,
+                    mol_components,
+                    per_level["last_kernel"][level],
+                    tail_bound,
+                ),
+            ]
         fo = None
         if level < levels - 1:
             fo = FactorOut(c, 0.5, dtype=dtype, name=f"factor_out_{level}")
@@ -173,8 +207,9 @@ def build_model(num_bins=17, image_shape=(8, 8, 1), **kwargs):
     """`(FlowModel, Switch)` around `build_glow_flow(**kwargs)`."""
     switch = Switch()
     kwargs = dict(kwargs, switch=switch, image_shape=image_shape)
-    model = FlowModel(flow=lambda: build_glow_flow(**kwargs), event_shape=image_shape,
-                      num_bins=num_bins)
+    model = FlowModel(
+        flow=lambda: build_glow_flow(**kwargs), event_shape=image_shape, num_bins=num_bins
+    )
     return model, switch
 
 
@@ -224,4 +259,3 @@ class EMASwap:
 
 def count_params(model):
     return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
-

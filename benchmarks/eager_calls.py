@@ -39,19 +39,27 @@ def _calls(model, x):
         "bits_per_dim": (lambda a: model.bits_per_dim(a), (x,)),
         "encode": (lambda a: model.encode(a), (x,)),
         "decode": (lambda a: model.decode(a), (z,)),
-        "interpolate": (lambda a, b: model.interpolate(a, b, num_steps=4),
-                        (x[:half], x[half:2 * half])),
+        "interpolate": (
+            lambda a, b: model.interpolate(a, b, num_steps=4),
+            (x[:half], x[half : 2 * half]),
+        ),
     }
 
 
 def run(size, repeats):
     import tfp_glow
+
     cfg = SIZES[size]
     common.SIZES["_eager"] = cfg
-    model = tfp_glow.Glow(image_shape=cfg["image_shape"], levels=cfg["levels"],
-                          steps_per_level=cfg["steps"], hidden_channels=cfg["width"],
-                          num_bins=cfg["num_bins"], learn_top_prior=False,
-                          **common.PAPER_GLOW)
+    model = tfp_glow.Glow(
+        image_shape=cfg["image_shape"],
+        levels=cfg["levels"],
+        steps_per_level=cfg["steps"],
+        hidden_channels=cfg["width"],
+        num_bins=cfg["num_bins"],
+        learn_top_prior=False,
+        **common.PAPER_GLOW,
+    )
     x = common.batch_of("_eager")
     model.initialize(x)
     calls = {}
@@ -61,12 +69,20 @@ def run(size, repeats):
     glow = common.TFPGlow("_eager").initialize(x)
     calls["tfb.Glow sample/tf.function"] = (tf.function(lambda: glow.sample(64)), ())
     times = common.time_interleaved(calls, repeats)
-    ratios = {name: times[f"{name}/eager"]["median_ms"] / times[f"{name}/tf.function"]
-              ["median_ms"] for name in _calls(model, x)}
+    ratios = {
+        name: times[f"{name}/eager"]["median_ms"] / times[f"{name}/tf.function"]["median_ms"]
+        for name in _calls(model, x)
+    }
     ratios["eager sample / tfb.Glow sample (tf.function)"] = (
-        times["sample/eager"]["median_ms"] / times["tfb.Glow sample/tf.function"]["median_ms"])
-    return {"size": size, "config": cfg, "times": times,
-            "eager_over_compiled": ratios, "machine": common.machine_info()}
+        times["sample/eager"]["median_ms"] / times["tfb.Glow sample/tf.function"]["median_ms"]
+    )
+    return {
+        "size": size,
+        "config": cfg,
+        "times": times,
+        "eager_over_compiled": ratios,
+        "machine": common.machine_info(),
+    }
 
 
 def main(argv=None):

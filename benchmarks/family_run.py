@@ -65,7 +65,9 @@ def write_toy_data(path, train_samples, eval_samples, seed=0):
     """toy_kl.py's draws of 8 Gaussians (train: seed (s, 1); held out: (s, 2))
     and the exact log p of the held-out draws, for every row of the table."""
     import toy_kl
+
     from tfp_glow.data import toy_density
+
     train = toy_density(TOY_DENSITY, train_samples, seed=(seed, 1))
     x, log_p = toy_kl.eval_set(TOY_DENSITY, eval_samples, seed)
     np.savez(path, train=train, eval=x, log_p=log_p, density=TOY_DENSITY)
@@ -73,6 +75,7 @@ def write_toy_data(path, train_samples, eval_samples, seed=0):
 
 def set_threads():
     import tensorflow as tf
+
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
 
@@ -81,10 +84,13 @@ def build(builder, kwargs, num_bins, seed):
     """`builder` is a `tfp_glow` attribute (a FlowModel subclass) or
     `toy_flows:<kind>` (benchmarks/toy_flows.py's 2-D flows)."""
     import keras
+
     import tfp_glow
+
     keras.utils.set_random_seed(seed)
     if builder.startswith("toy_flows:"):
         import toy_flows
+
         return toy_flows.build_flow(builder.split(":", 1)[1], **kwargs)[0]
     cls = getattr(tfp_glow, builder)
     return cls(**kwargs, num_bins=num_bins)
@@ -116,11 +122,14 @@ class StepTimer:
                 wall, cpu = np.array(self.wall[skip:]) * 1e3, np.array(self.cpu[skip:]) * 1e3
                 if not wall.size:
                     return {"train_step_ms_median": None, "train_step_cpu_ms_median": None}
-                return {"train_step_ms_median": float(np.median(wall)),
-                        "train_step_ms_p10": float(np.percentile(wall, 10)),
-                        "train_step_ms_p90": float(np.percentile(wall, 90)),
-                        "train_step_cpu_ms_median": float(np.median(cpu)),
-                        "first_step_s": float(self.wall[0]), "steps_timed": int(wall.size)}
+                return {
+                    "train_step_ms_median": float(np.median(wall)),
+                    "train_step_ms_p10": float(np.percentile(wall, 10)),
+                    "train_step_ms_p90": float(np.percentile(wall, 90)),
+                    "train_step_cpu_ms_median": float(np.median(cpu)),
+                    "first_step_s": float(self.wall[0]),
+                    "steps_timed": int(wall.size),
+                }
 
         return _Timer()
 
@@ -142,6 +151,7 @@ def digits(spec, partial_path=None):
     import keras
     import tensorflow as tf
     from digits_variants import EMASwap
+
     t_start, load_start = time.perf_counter(), loadavg()
     shape = (8, 8, 1) if spec["layout"] == "image" else (stream.NUM_DIMS,)
 
@@ -161,13 +171,15 @@ def digits(spec, partial_path=None):
     variational = getattr(model, "dequantizer", None) is not None
     x_test = lay_out(stream.test_draws(test))
     x_train_eval = lay_out(stream.train_draw(train))
-    bound_fn = tf.function(lambda x: model.variational_log_prob(x) if variational
-                           else model.log_prob(x))
+    bound_fn = tf.function(
+        lambda x: model.variational_log_prob(x) if variational else model.log_prob(x)
+    )
     uniform_fn = tf.function(lambda x: model.log_prob(x))
 
     def mean_log_prob(fn, x, chunk=300):
-        return np.concatenate([fn(tf.constant(x[i:i + chunk])).numpy()
-                               for i in range(0, len(x), chunk)])
+        return np.concatenate(
+            [fn(tf.constant(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)]
+        )
 
     def test_bpd(fn):
         per = -mean_log_prob(fn, x_test).reshape(stream.TEST_DRAWS, -1).mean(axis=1)
@@ -180,22 +192,32 @@ def digits(spec, partial_path=None):
     def summary(complete, train_bpd=None):
         finite = [c for c in curve if math.isfinite(c["test_bpd"])]
         best = min(finite, key=lambda c: c["test_bpd"]) if finite else None
-        out = {"name": spec["name"], "spec": spec, "complete": complete,
-               "input": "x".join(map(str, shape)), "params": params,
-               "model_config": json.loads(json.dumps(model.get_config(), default=str)),
-               "optimizer": ("library default: model.compile() with no optimizer "
-                             "(recommended_optimizer)" if spec["optimizer"] == "default"
-                             else f"Adam {spec['lr']:g}"),
-               "variational_dequantization": variational,
-               "epochs": epochs, "steps": len(timer.wall),
-               "test_bpd": curve[-1]["test_bpd"] if curve else None,
-               "best_test_bpd": best["test_bpd"] if best else None,
-               "best_epoch": best["epoch"] if best else None,
-               "train_bpd": train_bpd, "curve": curve,
-               **timer.summary(stream.STEPS_PER_EPOCH if epochs > 1 else 1),
-               "nonfinite_steps": int(model.nonfinite_steps),
-               "digits_wall_s": time.perf_counter() - t_start,
-               "loadavg_start": load_start, "loadavg_end": loadavg()}
+        out = {
+            "name": spec["name"],
+            "spec": spec,
+            "complete": complete,
+            "input": "x".join(map(str, shape)),
+            "params": params,
+            "model_config": json.loads(json.dumps(model.get_config(), default=str)),
+            "optimizer": (
+                "library default: model.compile() with no optimizer (recommended_optimizer)"
+                if spec["optimizer"] == "default"
+                else f"Adam {spec['lr']:g}"
+            ),
+            "variational_dequantization": variational,
+            "epochs": epochs,
+            "steps": len(timer.wall),
+            "test_bpd": curve[-1]["test_bpd"] if curve else None,
+            "best_test_bpd": best["test_bpd"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "train_bpd": train_bpd,
+            "curve": curve,
+            **timer.summary(stream.STEPS_PER_EPOCH if epochs > 1 else 1),
+            "nonfinite_steps": int(model.nonfinite_steps),
+            "digits_wall_s": time.perf_counter() - t_start,
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
+        }
         if variational:
             out["test_bpd_uniform"] = curve[-1]["test_bpd_uniform"] if curve else None
         return out
@@ -210,16 +232,24 @@ def digits(spec, partial_path=None):
                     point["test_bpd_uniform"] = test_bpd(uniform_fn)
             point["fit_train_bpd"] = float(logs.get("bits_per_dim", float("nan")))
             curve.append(point)
-            print(f"  {spec['name']} epoch {epoch + 1}: test {point['test_bpd']:.4f}"
-                  f" (fit-train {point['fit_train_bpd']:.4f})", flush=True)
+            print(
+                f"  {spec['name']} epoch {epoch + 1}: test {point['test_bpd']:.4f}"
+                f" (fit-train {point['fit_train_bpd']:.4f})",
+                flush=True,
+            )
             if partial_path:
                 write_json(partial_path, summary(complete=False))
 
-    stream_x = np.concatenate([lay_out(stream.epoch_batches(train, e))
-                               for e in range(epochs)])
+    stream_x = np.concatenate([lay_out(stream.epoch_batches(train, e)) for e in range(epochs)])
     batches = tf.data.Dataset.from_tensor_slices(stream_x).batch(stream.BATCH)
-    model.fit(batches, epochs=epochs, steps_per_epoch=stream.STEPS_PER_EPOCH,
-              shuffle=False, verbose=0, callbacks=[timer, Curve()])
+    model.fit(
+        batches,
+        epochs=epochs,
+        steps_per_epoch=stream.STEPS_PER_EPOCH,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer, Curve()],
+    )
     with EMASwap(opt):
         train_bpd = stream.bits_per_dim(float(-mean_log_prob(bound_fn, x_train_eval).mean()))
         timing = time_sample(model)
@@ -230,32 +260,51 @@ def toy_kl(spec, toy_data):
     """KL(p || q) of the family's 2-D member fitted to 8 Gaussians (toy_kl.py's recipe)."""
     import keras
     import tensorflow as tf
+
     from tfp_glow.training import WarmupSchedule
+
     t_start = time.perf_counter()
     toy = spec["toy2d"]
     data = np.load(toy_data)
     train, x_eval, log_p = data["train"], data["eval"], data["log_p"]
-    train = train[:toy["train_samples"]]
+    train = train[: toy["train_samples"]]
     keras.backend.clear_session()
     model = build(toy["builder"], toy["kwargs"], None, spec["seed"])
     model.initialize(tf.constant(train[:4096]))
     steps = (len(train) // toy["batch"]) * toy["epochs"]
     warmup = min(200, steps // 10)
-    model.compile(keras.optimizers.Adam(WarmupSchedule(
-        toy["lr"], warmup_steps=warmup, decay_steps=max(steps - warmup, 1))))
+    model.compile(
+        keras.optimizers.Adam(
+            WarmupSchedule(toy["lr"], warmup_steps=warmup, decay_steps=max(steps - warmup, 1))
+        )
+    )
     timer = StepTimer()
-    model.fit(train, batch_size=toy["batch"], epochs=toy["epochs"], shuffle=True, verbose=0,
-              callbacks=[timer])
-    log_q = np.concatenate([model.log_prob(tf.constant(c)).numpy()
-                            for c in np.array_split(x_eval, 10)]).astype(np.float64)
+    model.fit(
+        train,
+        batch_size=toy["batch"],
+        epochs=toy["epochs"],
+        shuffle=True,
+        verbose=0,
+        callbacks=[timer],
+    )
+    log_q = np.concatenate(
+        [model.log_prob(tf.constant(c)).numpy() for c in np.array_split(x_eval, 10)]
+    ).astype(np.float64)
     diff = log_p - log_q
-    return {"density": str(data["density"]), "builder": toy["builder"],
-            "kwargs": toy["kwargs"], "params": count_params(model), "steps": steps,
-            "batch": toy["batch"], "lr": toy["lr"], "eval_samples": int(len(x_eval)),
-            "kl_nats": float(diff.mean()),
-            "kl_standard_error": float(diff.std() / math.sqrt(len(diff))),
-            "step_ms_median": timer.summary(min(5, steps - 1))["train_step_ms_median"],
-            "wall_s": time.perf_counter() - t_start}
+    return {
+        "density": str(data["density"]),
+        "builder": toy["builder"],
+        "kwargs": toy["kwargs"],
+        "params": count_params(model),
+        "steps": steps,
+        "batch": toy["batch"],
+        "lr": toy["lr"],
+        "eval_samples": int(len(x_eval)),
+        "kl_nats": float(diff.mean()),
+        "kl_standard_error": float(diff.std() / math.sqrt(len(diff))),
+        "step_ms_median": timer.summary(min(5, steps - 1))["train_step_ms_median"],
+        "wall_s": time.perf_counter() - t_start,
+    }
 
 
 def main(argv=None):
@@ -279,17 +328,36 @@ def main(argv=None):
         write_json(partial, result)
     if spec.get("toy2d") and args.toy_data:
         result["kl_2d"] = toy_kl(spec, args.toy_data)
-    import tensorflow as tf
     import keras
+    import tensorflow as tf
     import tensorflow_probability as tfp
-    result["versions"] = {"tensorflow": tf.__version__, "tfp": tfp.__version__,
-                          "keras": keras.__version__, "python": sys.version.split()[0]}
+
+    result["versions"] = {
+        "tensorflow": tf.__version__,
+        "tfp": tfp.__version__,
+        "keras": keras.__version__,
+        "python": sys.version.split()[0],
+    }
     write_json(args.out, result)
     if os.path.exists(partial):
         os.remove(partial)
-    print(json.dumps({k: result.get(k) for k in (
-        "name", "params", "test_bpd", "best_test_bpd", "train_step_ms_median",
-        "sample_64_ms")} | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: result.get(k)
+                for k in (
+                    "name",
+                    "params",
+                    "test_bpd",
+                    "best_test_bpd",
+                    "train_step_ms_median",
+                    "sample_64_ms",
+                )
+            }
+            | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

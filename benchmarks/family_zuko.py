@@ -41,6 +41,7 @@ from family_run import THREADS, loadavg, write_json  # noqa: E402  (no TF import
 def build(flow, features, kwargs, seed):
     import torch
     import zuko
+
     torch.manual_seed(seed)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return getattr(zuko.flows, flow)(features, **kwargs)
@@ -52,17 +53,25 @@ def count_params(flow):
 
 def _log_prob(flow, x, chunk=300):
     import torch
+
     with torch.no_grad():
-        return np.concatenate([flow().log_prob(torch.from_numpy(
-            np.ascontiguousarray(x[i:i + chunk]))).numpy() for i in range(0, len(x), chunk)])
+        return np.concatenate(
+            [
+                flow().log_prob(torch.from_numpy(np.ascontiguousarray(x[i : i + chunk]))).numpy()
+                for i in range(0, len(x), chunk)
+            ]
+        )
 
 
 def _step_summary(wall, cpu):
     wall, cpu = np.array(wall) * 1e3, np.array(cpu) * 1e3
-    return {"train_step_ms_median": float(np.median(wall)),
-            "train_step_ms_p10": float(np.percentile(wall, 10)),
-            "train_step_ms_p90": float(np.percentile(wall, 90)),
-            "train_step_cpu_ms_median": float(np.median(cpu)), "steps_timed": int(wall.size)}
+    return {
+        "train_step_ms_median": float(np.median(wall)),
+        "train_step_ms_p10": float(np.percentile(wall, 10)),
+        "train_step_ms_p90": float(np.percentile(wall, 90)),
+        "train_step_cpu_ms_median": float(np.median(cpu)),
+        "steps_timed": int(wall.size),
+    }
 
 
 def _train_step(flow, opt, x):
@@ -75,6 +84,7 @@ def _train_step(flow, opt, x):
 
 def digits(spec, partial_path=None):
     import torch
+
     t_start, load_start = time.perf_counter(), loadavg()
     levels = stream.load_levels()
     train, test = stream.split(levels, spec.get("split_seed", 0))
@@ -97,34 +107,49 @@ def digits(spec, partial_path=None):
         finite = [c for c in curve if math.isfinite(c["test_bpd"])]
         best = min(finite, key=lambda c: c["test_bpd"]) if finite else None
         skip = stream.STEPS_PER_EPOCH if epochs > 1 else 1
-        return {"name": spec["name"], "spec": spec, "complete": complete,
-                "input": str(flat), "params": params, "model": repr(flow),
-                "optimizer": f"Adam {spec['lr']:g} (torch.optim.Adam defaults otherwise)",
-                "epochs": epochs, "steps": len(wall),
-                "test_bpd": curve[-1]["test_bpd"] if curve else None,
-                "best_test_bpd": best["test_bpd"] if best else None,
-                "best_epoch": best["epoch"] if best else None,
-                "train_bpd": train_bpd, "curve": curve,
-                **(_step_summary(wall[skip:], cpu[skip:]) if len(wall) > skip else {}),
-                "first_step_s": wall[0] if wall else None,
-                "digits_wall_s": time.perf_counter() - t_start,
-                "loadavg_start": load_start, "loadavg_end": loadavg()}
+        return {
+            "name": spec["name"],
+            "spec": spec,
+            "complete": complete,
+            "input": str(flat),
+            "params": params,
+            "model": repr(flow),
+            "optimizer": f"Adam {spec['lr']:g} (torch.optim.Adam defaults otherwise)",
+            "epochs": epochs,
+            "steps": len(wall),
+            "test_bpd": curve[-1]["test_bpd"] if curve else None,
+            "best_test_bpd": best["test_bpd"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "train_bpd": train_bpd,
+            "curve": curve,
+            **(_step_summary(wall[skip:], cpu[skip:]) if len(wall) > skip else {}),
+            "first_step_s": wall[0] if wall else None,
+            "digits_wall_s": time.perf_counter() - t_start,
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
+        }
 
     for epoch in range(epochs):
         x = torch.from_numpy(stream.epoch_batches(train, epoch).reshape(-1, flat))
         fit_loss = []
         for b in range(stream.STEPS_PER_EPOCH):
             t0, c0 = time.perf_counter(), time.process_time()
-            loss = _train_step(flow, opt, x[b * stream.BATCH:(b + 1) * stream.BATCH])
+            loss = _train_step(flow, opt, x[b * stream.BATCH : (b + 1) * stream.BATCH])
             fit_loss.append(float(loss.detach()))  # (inside the timed step, as a user logs it)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         if epoch + 1 in curve_epochs:
-            point = {"epoch": epoch + 1, "test_bpd": test_bpd(),
-                     "fit_train_bpd": stream.bits_per_dim(float(np.mean(fit_loss)))}
+            point = {
+                "epoch": epoch + 1,
+                "test_bpd": test_bpd(),
+                "fit_train_bpd": stream.bits_per_dim(float(np.mean(fit_loss))),
+            }
             curve.append(point)
-            print(f"  {spec['name']} epoch {epoch + 1}: test {point['test_bpd']:.4f}"
-                  f" (fit-train {point['fit_train_bpd']:.4f})", flush=True)
+            print(
+                f"  {spec['name']} epoch {epoch + 1}: test {point['test_bpd']:.4f}"
+                f" (fit-train {point['fit_train_bpd']:.4f})",
+                flush=True,
+            )
             if partial_path:
                 write_json(partial_path, summary(complete=False))
     train_bpd = stream.bits_per_dim(float(-_log_prob(flow, x_train_eval).mean()))
@@ -133,22 +158,23 @@ def digits(spec, partial_path=None):
 
 def time_sample(flow, n=64, repeats=3):
     import torch
+
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
             flow().sample((n,)).numpy()
             times.append(time.perf_counter() - t0)
-    return {"sample_64_ms": 1e3 * statistics.median(times[1:]),
-            "sample_64_first_call_s": times[0]}
+    return {"sample_64_ms": 1e3 * statistics.median(times[1:]), "sample_64_first_call_s": times[0]}
 
 
 def toy_kl(spec, toy_data):
     import torch
+
     t_start = time.perf_counter()
     toy = spec["toy2d"]
     data = np.load(toy_data)
-    train = torch.from_numpy(data["train"][:toy["train_samples"]].astype(np.float32))
+    train = torch.from_numpy(data["train"][: toy["train_samples"]].astype(np.float32))
     x_eval, log_p = data["eval"].astype(np.float32), data["log_p"]
     flow = build(spec["flow"], 2, toy["kwargs"], spec["seed"])
     per_epoch = len(train) // toy["batch"]
@@ -159,8 +185,9 @@ def toy_kl(spec, toy_data):
     def rate(step):  # toy_kl.py's WarmupSchedule: linear warm-up, then cosine to 0
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, steps - warmup)
-                                   / max(steps - warmup, 1)))
+        return 0.5 * (
+            1 + math.cos(math.pi * min(step - warmup, steps - warmup) / max(steps - warmup, 1))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -169,21 +196,29 @@ def toy_kl(spec, toy_data):
         perm = torch.randperm(len(train), generator=gen)
         for b in range(per_epoch):
             t0 = time.perf_counter()
-            _train_step(flow, opt, train[perm[b * toy["batch"]:(b + 1) * toy["batch"]]])
+            _train_step(flow, opt, train[perm[b * toy["batch"] : (b + 1) * toy["batch"]]])
             sched.step()
             wall.append(time.perf_counter() - t0)
     diff = log_p - _log_prob(flow, x_eval, chunk=2000).astype(np.float64)
-    return {"density": str(data["density"]), "builder": f"zuko.flows.{spec['flow']}",
-            "kwargs": toy["kwargs"], "params": count_params(flow), "steps": steps,
-            "batch": toy["batch"], "lr": toy["lr"], "eval_samples": int(len(x_eval)),
-            "kl_nats": float(diff.mean()),
-            "kl_standard_error": float(diff.std() / math.sqrt(len(diff))),
-            "step_ms_median": float(np.median(wall[5:]) * 1e3),
-            "wall_s": time.perf_counter() - t_start}
+    return {
+        "density": str(data["density"]),
+        "builder": f"zuko.flows.{spec['flow']}",
+        "kwargs": toy["kwargs"],
+        "params": count_params(flow),
+        "steps": steps,
+        "batch": toy["batch"],
+        "lr": toy["lr"],
+        "eval_samples": int(len(x_eval)),
+        "kl_nats": float(diff.mean()),
+        "kl_standard_error": float(diff.std() / math.sqrt(len(diff))),
+        "step_ms_median": float(np.median(wall[5:]) * 1e3),
+        "wall_s": time.perf_counter() - t_start,
+    }
 
 
 def main(argv=None):
     import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", required=True, help="the registry entry, as JSON")
     p.add_argument("--out", required=True)
@@ -200,14 +235,32 @@ def main(argv=None):
     if spec.get("toy2d") and args.toy_data:
         result["kl_2d"] = toy_kl(spec, args.toy_data)
     import zuko
-    result["versions"] = {"torch": torch.__version__, "zuko": zuko.__version__,
-                          "python": sys.version.split()[0]}
+
+    result["versions"] = {
+        "torch": torch.__version__,
+        "zuko": zuko.__version__,
+        "python": sys.version.split()[0],
+    }
     write_json(args.out, result)
     if os.path.exists(partial):
         os.remove(partial)
-    print(json.dumps({k: result.get(k) for k in (
-        "name", "params", "test_bpd", "best_test_bpd", "train_step_ms_median",
-        "sample_64_ms")} | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: result.get(k)
+                for k in (
+                    "name",
+                    "params",
+                    "test_bpd",
+                    "best_test_bpd",
+                    "train_step_ms_median",
+                    "sample_64_ms",
+                )
+            }
+            | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PAPER_GLOW  # noqa: E402
 import report  # noqa: E402
+from common import PAPER_GLOW  # noqa: E402
 
 STEPS_PER_EPOCH = 23
 BATCH = 64
@@ -53,24 +53,35 @@ BATCH = 64
 
 def _model(jit=False, steps_per_execution=1):
     import keras
+
     import tfp_glow
     from tfp_glow.data import DIGITS_NUM_BINS
+
     keras.utils.set_random_seed(0)
-    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                          hidden_channels=64, num_bins=DIGITS_NUM_BINS, **PAPER_GLOW)
-    model.compile(keras.optimizers.Adam(1e-4), jit_compile=jit,
-                  steps_per_execution=steps_per_execution)
+    model = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=8,
+        hidden_channels=64,
+        num_bins=DIGITS_NUM_BINS,
+        **PAPER_GLOW,
+    )
+    model.compile(
+        keras.optimizers.Adam(1e-4), jit_compile=jit, steps_per_execution=steps_per_execution
+    )
     return model
 
 
 def _data():
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
     images, _ = load_digits("train")
     return np.asarray(preprocess(images, DIGITS_NUM_BINS, seed=0), np.float32)
 
 
 def _bare_step(model, jit=False):
     import tensorflow as tf
+
     density, variables, optimizer = model._density, model.trainable_variables, model.optimizer
 
     @tf.function(jit_compile=jit, reduce_retracing=True)
@@ -79,15 +90,17 @@ def _bare_step(model, jit=False):
             loss = -tf.reduce_mean(density.log_prob_of(x, None))
         optimizer.apply(tape.gradient(loss, variables), variables)
         return loss
+
     return step
 
 
 def _batches(x):
-    return [x[i:i + BATCH] for i in range(0, len(x), BATCH)][:STEPS_PER_EPOCH]
+    return [x[i : i + BATCH] for i in range(0, len(x), BATCH)][:STEPS_PER_EPOCH]
 
 
 def _step_variants(x):
     import tensorflow as tf
+
     batches = [tf.constant(b) for b in _batches(x)]
     bare_model = _model()
     bare_model.initialize(x[:BATCH])
@@ -102,14 +115,19 @@ def _step_variants(x):
         for _ in range(STEPS_PER_EPOCH):
             logs = train_function(iterator)
         return float(logs["loss"])
-    return {"bare": lambda: [bare(b).numpy() for b in batches][-1],
-            "train_function": call_train_function}
+
+    return {
+        "bare": lambda: [bare(b).numpy() for b in batches][-1],
+        "train_function": call_train_function,
+    }
 
 
 def _epoch_configs(x, workdir):
     import keras
+
     from tfp_glow import recipe
     from tfp_glow.data import digits_dataset
+
     train = digits_dataset("train", batch_size=BATCH)
     test = digits_dataset("test", batch_size=360, shuffle=False)
     paths = recipe.run_paths(workdir)
@@ -119,20 +137,23 @@ def _epoch_configs(x, workdir):
         return [keras.callbacks.BackupAndRestore(os.path.join(workdir, f"backup_{id(m)}"))]
 
     def last(m):
-        return backup(m) + [keras.callbacks.ModelCheckpoint(paths["last"],
-                                                            save_weights_only=True)]
+        return backup(m) + [keras.callbacks.ModelCheckpoint(paths["last"], save_weights_only=True)]
+
     def cli(m):
         return recipe._callbacks(m, paths, 0, 0)
+
     arrays = dict(batch_size=BATCH, shuffle=True)
     # name: (data, validation, callbacks, fit kwargs, steps_per_execution)
-    return {"fit, arrays": (x, None, lambda m: [], arrays, 1),
-            "fit, arrays, steps_per_execution=4": (x, None, lambda m: [], arrays, 4),
-            "fit, digits_dataset": (train, None, lambda m: [], {}, 1),
-            "+ validation": (train, test, lambda m: [], {}, 1),
-            "+ BackupAndRestore": (train, test, backup, {}, 1),
-            "+ ModelCheckpoint (last)": (train, test, last, {}, 1),
-            "CLI epoch": (train, test, cli, {}, 1),
-            "CLI epoch, steps_per_execution=4": (train, test, cli, {}, 4)}
+    return {
+        "fit, arrays": (x, None, lambda m: [], arrays, 1),
+        "fit, arrays, steps_per_execution=4": (x, None, lambda m: [], arrays, 4),
+        "fit, digits_dataset": (train, None, lambda m: [], {}, 1),
+        "+ validation": (train, test, lambda m: [], {}, 1),
+        "+ BackupAndRestore": (train, test, backup, {}, 1),
+        "+ ModelCheckpoint (last)": (train, test, last, {}, 1),
+        "CLI epoch": (train, test, cli, {}, 1),
+        "CLI epoch, steps_per_execution=4": (train, test, cli, {}, 4),
+    }
 
 
 def _epoch_clock():
@@ -146,6 +167,7 @@ def _epoch_clock():
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter())
+
     return EpochClock()
 
 
@@ -166,26 +188,40 @@ def run_timing(rounds):
             variants[name]()
             times[name].append((time.perf_counter() - t0) / STEPS_PER_EPOCH * 1e3)
     bare = float(np.median(times["bare"]))
-    result = {name: {"median_ms_per_step": float(np.median(t)), "min_ms_per_step": float(min(t)),
-                     "over_bare": float(np.median(t)) / bare, "first_call_s": first[name]}
-              for name, t in times.items()}
+    result = {
+        name: {
+            "median_ms_per_step": float(np.median(t)),
+            "min_ms_per_step": float(min(t)),
+            "over_bare": float(np.median(t)) / bare,
+            "first_call_s": first[name],
+        }
+        for name, t in times.items()
+    }
     with tempfile.TemporaryDirectory() as workdir:
         for name, (data, val, callbacks, kwargs, spe) in _epoch_configs(x, workdir).items():
             model, clock = _model(steps_per_execution=spe), _epoch_clock()
-            model.fit(data, validation_data=val, epochs=rounds + 1, verbose=0,
-                      callbacks=callbacks(model) + [clock], **kwargs)
+            model.fit(
+                data,
+                validation_data=val,
+                epochs=rounds + 1,
+                verbose=0,
+                callbacks=callbacks(model) + [clock],
+                **kwargs,
+            )
             epoch_ms = np.diff(clock.times) * 1e3
-            result[name] = {"median_epoch_ms": float(np.median(epoch_ms)),
-                            "median_ms_per_step": float(np.median(epoch_ms)) / STEPS_PER_EPOCH,
-                            "epoch_over_bare_steps":
-                                float(np.median(epoch_ms)) / (STEPS_PER_EPOCH * bare)}
+            result[name] = {
+                "median_epoch_ms": float(np.median(epoch_ms)),
+                "median_ms_per_step": float(np.median(epoch_ms)) / STEPS_PER_EPOCH,
+                "epoch_over_bare_steps": float(np.median(epoch_ms)) / (STEPS_PER_EPOCH * bare),
+            }
     return result
 
 
 def run_jit():
     import tensorflow as tf
+
     x = _data()
-    full = x[:(len(x) // BATCH) * BATCH]
+    full = x[: (len(x) // BATCH) * BATCH]
     out = {}
     model = _model()
     model.initialize(x[:BATCH])
@@ -194,7 +230,7 @@ def run_jit():
     step(tf.constant(x[:BATCH])).numpy()
     out["bare_first_call_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step(tf.constant(x[BATCH:2 * BATCH])).numpy()
+    step(tf.constant(x[BATCH : 2 * BATCH])).numpy()
     out["bare_second_call_s"] = time.perf_counter() - t0
 
     model = _model(jit=True)
@@ -204,8 +240,11 @@ def run_jit():
         t0 = time.perf_counter()
         model.fit(data, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         epochs.append(time.perf_counter() - t0)
-    out["fit_epoch_s"] = {"first (compiles)": epochs[0], "second": epochs[1],
-                          "with a partial last batch": epochs[2]}
+    out["fit_epoch_s"] = {
+        "first (compiles)": epochs[0],
+        "second": epochs[1],
+        "with a partial last batch": epochs[2],
+    }
     out["fit_compile_s"] = epochs[0] - epochs[1]
     out["fit_compile_over_bare"] = out["fit_compile_s"] / out["bare_first_call_s"]
     out["partial_batch_extra_s"] = epochs[2] - epochs[1]
@@ -219,6 +258,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import common
+
     load_start = os.getloadavg()
     result = {"machine": common.machine_info(), "loadavg_start": list(load_start)}
     if args.jit:

@@ -23,6 +23,7 @@ from fit_overhead import BATCH, _data, _model  # noqa: E402
 
 def save():
     import tensorflow as tf
+
     x = _data()
     model = _model()
     model.initialize(x[:BATCH])
@@ -43,7 +44,9 @@ def save():
 
 def xla(which):
     import tensorflow as tf
+
     from tfp_glow.training.guard import all_finite, apply_if
+
     x = _data()
     model = _model()
     model.initialize(x[:BATCH])
@@ -67,7 +70,7 @@ def xla(which):
     t0 = time.perf_counter()
     step(tf.constant(x[:BATCH]))
     t1 = time.perf_counter()
-    step(tf.constant(x[BATCH:2 * BATCH]))
+    step(tf.constant(x[BATCH : 2 * BATCH]))
     t2 = time.perf_counter()
     print(f"{which}: first call {t1 - t0:.1f} s, second {1e3 * (t2 - t1):.0f} ms")
 

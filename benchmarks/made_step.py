@@ -26,7 +26,6 @@ import statistics
 import time
 
 import numpy as np
-
 import report  # benchmarks/, the script's own folder
 
 CONFIGS = {"d8": dict(event_size=8, hidden=64), "d64": dict(event_size=64, hidden=256)}
@@ -35,8 +34,10 @@ ORDERS = ("left-to-right", "right-to-left")
 
 def build(kind, event_size, hidden, layers):
     import tensorflow_probability as tfp
+
     import tfp_glow
     from tfp_glow import nets
+
     tfb = tfp.bijectors
 
     def flow():
@@ -44,15 +45,24 @@ def build(kind, event_size, hidden, layers):
         for i in range(layers):
             order = ORDERS[i % 2]
             if kind == "made":
-                net = nets.MADE(params=2, event_size=event_size,
-                                hidden_units=[hidden, hidden], input_order=order,
-                                activation="relu")
+                net = nets.MADE(
+                    params=2,
+                    event_size=event_size,
+                    hidden_units=[hidden, hidden],
+                    input_order=order,
+                    activation="relu",
+                )
             else:
-                net = tfb.AutoregressiveNetwork(params=2, event_shape=[event_size],
-                                                hidden_units=[hidden, hidden],
-                                                input_order=order, activation="relu")
+                net = tfb.AutoregressiveNetwork(
+                    params=2,
+                    event_shape=[event_size],
+                    hidden_units=[hidden, hidden],
+                    input_order=order,
+                    activation="relu",
+                )
             mafs.append(tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=net))
         return tfb.Invert(tfb.Chain(list(reversed(mafs))))
+
     return tfp_glow.FlowModel(flow, event_shape=(event_size,), num_bins=None)
 
 
@@ -60,7 +70,8 @@ def data(event_size, batch, seed=0):
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((event_size, event_size)) / np.sqrt(event_size)
     return (rng.standard_normal((batch, event_size)) @ (np.eye(event_size) + mix)).astype(
-        np.float32)
+        np.float32
+    )
 
 
 def count_params(model):
@@ -69,6 +80,7 @@ def count_params(model):
 
 def time_config(name, cfg, args):
     import keras
+
     x = data(cfg["event_size"], args.batch)
     models = {}
     for kind in ("made", "tfp"):
@@ -97,12 +109,20 @@ def time_config(name, cfg, args):
             rounds[kind].append(1e3 * (time.perf_counter() - t0) / args.steps)
     med = {kind: statistics.median(v) for kind, v in rounds.items()}
     pair = [a / b for a, b in zip(rounds["made"], rounds["tfp"])]
-    return {"config": name, **cfg, "layers": args.layers, "batch": args.batch,
-            "params": params["made"], "first_step_s": first,
-            "step_ms_median": med, "step_ms_min": {k: min(v) for k, v in rounds.items()},
-            "step_ms_rounds": rounds, "ratio_made_over_tfp": med["made"] / med["tfp"],
-            "ratio_paired_median": statistics.median(pair),
-            "final_loss": float(logs["loss"])}
+    return {
+        "config": name,
+        **cfg,
+        "layers": args.layers,
+        "batch": args.batch,
+        "params": params["made"],
+        "first_step_s": first,
+        "step_ms_median": med,
+        "step_ms_min": {k: min(v) for k, v in rounds.items()},
+        "step_ms_rounds": rounds,
+        "ratio_made_over_tfp": med["made"] / med["tfp"],
+        "ratio_paired_median": statistics.median(pair),
+        "final_loss": float(logs["loss"]),
+    }
 
 
 def main(argv=None):
@@ -119,15 +139,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     t0, load_start = time.perf_counter(), os.getloadavg()
     results = [time_config(name, CONFIGS[name], args) for name in args.configs.split(",")]
-    lines = ["", f"{'config':8} {'params':>9} {'MADE ms':>9} {'TFP ms':>9} "
-             f"{'MADE/TFP':>9} {'paired':>7}"]
+    lines = [
+        "",
+        f"{'config':8} {'params':>9} {'MADE ms':>9} {'TFP ms':>9} {'MADE/TFP':>9} {'paired':>7}",
+    ]
     for r in results:
-        lines.append(f"{r['config']:8} {r['params']:9,} {r['step_ms_median']['made']:9.2f} "
-                     f"{r['step_ms_median']['tfp']:9.2f} {r['ratio_made_over_tfp']:9.3f} "
-                     f"{r['ratio_paired_median']:7.3f}")
-    report.print_and_write({"results": results, "wall_s": time.perf_counter() - t0,
-                            "loadavg_start": list(load_start),
-                            "loadavg_end": list(os.getloadavg())}, args.out)
+        lines.append(
+            f"{r['config']:8} {r['params']:9,} {r['step_ms_median']['made']:9.2f} "
+            f"{r['step_ms_median']['tfp']:9.2f} {r['ratio_made_over_tfp']:9.3f} "
+            f"{r['ratio_paired_median']:7.3f}"
+        )
+    report.print_and_write(
+        {
+            "results": results,
+            "wall_s": time.perf_counter() - t0,
+            "loadavg_start": list(load_start),
+            "loadavg_end": list(os.getloadavg()),
+        },
+        args.out,
+    )
     print("\n".join(lines))
 
 

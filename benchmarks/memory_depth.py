@@ -66,19 +66,26 @@ CONFIG = dict(image_shape=(32, 32, 3), levels=2, width=64, num_bins=256, batch=3
 def _size(steps):
     """Registers this depth in `common.SIZES` (for `TFPGlow` and `batch_of`)."""
     import common
+
     name = f"depth_{steps}"
-    common.SIZES[name] = dict(image_shape=CONFIG["image_shape"], levels=CONFIG["levels"],
-                              steps=steps, width=CONFIG["width"],
-                              num_bins=CONFIG["num_bins"])
+    common.SIZES[name] = dict(
+        image_shape=CONFIG["image_shape"],
+        levels=CONFIG["levels"],
+        steps=steps,
+        width=CONFIG["width"],
+        num_bins=CONFIG["num_bins"],
+    )
     return name
 
 
 def build_step(variant, steps, x, jit_compile=False):
     """`(step, parameter count)`: `step(x)` returns the loss and the gradients."""
-    import tensorflow as tf
     import common
+    import tensorflow as tf
+
     if variant in LOOP_VARIANTS:
         from memory_fit import custom_loop_step
+
         return custom_loop_step(variant.split(":")[1], _flow(steps), x, CONFIG)
     if variant == "tfb.Glow":
         model = common.TFPGlow(_size(steps)).initialize(x)
@@ -88,12 +95,19 @@ def build_step(variant, steps, x, jit_compile=False):
             return -tf.reduce_mean(model.log_prob(x))
     else:
         from tfp_glow import models
-        from tfp_glow.training import reversible
         from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
+        from tfp_glow.training import reversible
+
         flow = models.build_glow_flow(
-            image_shape=CONFIG["image_shape"], levels=CONFIG["levels"],
-            steps_per_level=steps, hidden_channels=CONFIG["width"], coupling="affine",
-            permutation="conv_lu", learn_top_prior=False, seed=0)
+            image_shape=CONFIG["image_shape"],
+            levels=CONFIG["levels"],
+            steps_per_level=steps,
+            hidden_channels=CONFIG["width"],
+            coupling="affine",
+            permutation="conv_lu",
+            learn_top_prior=False,
+            seed=0,
+        )
         with data_dependent_init():
             forward_and_log_det(flow, x)
         variables = list(flow.trainable_variables)
@@ -115,20 +129,30 @@ def build_step(variant, steps, x, jit_compile=False):
 
 def _flow(steps):
     from tfp_glow import models
+
     return models.build_glow_flow(
-        image_shape=CONFIG["image_shape"], levels=CONFIG["levels"], steps_per_level=steps,
-        hidden_channels=CONFIG["width"], coupling="affine", permutation="conv_lu",
-        learn_top_prior=False, seed=0)
+        image_shape=CONFIG["image_shape"],
+        levels=CONFIG["levels"],
+        steps_per_level=steps,
+        hidden_channels=CONFIG["width"],
+        coupling="affine",
+        permutation="conv_lu",
+        learn_top_prior=False,
+        seed=0,
+    )
 
 
 def memory_point(variant, steps, jit_compile, calls=2):
     """Peak tensor bytes of one step above those live before it (BFC stats)."""
     import gc
-    import tensorflow as tf
+
     import common
+    import tensorflow as tf
+
     x = common.batch_of(_size(steps), batch=CONFIG["batch"])
     if variant in FIT_VARIANTS:
         from memory_fit import fit_memory_point
+
         return fit_memory_point(variant.split(":")[1], lambda: _flow(steps), x, CONFIG, calls)
     step, params = build_step(variant, steps, x, jit_compile)
     t0 = time.perf_counter()
@@ -149,6 +173,7 @@ def memory_point(variant, steps, jit_compile, calls=2):
 def timing_point(steps, variants, jit_compile, repeats):
     """Every variant at one depth in this process: RSS growth, then interleaved timing."""
     import common
+
     x = common.batch_of(_size(steps), batch=CONFIG["batch"])
     calls, out = {}, {}
     for variant in variants:
@@ -161,8 +186,9 @@ def timing_point(steps, variants, jit_compile, repeats):
         out[variant]["rss_peak_bytes"] = common.step_memory(calls[variant][0], (x,))
     timed = common.time_interleaved(calls, repeats, warmup=1)
     for variant in variants:
-        out[variant].update({k: timed[variant][k] for k in
-                             ("median_ms", "min_ms", "cpu_median_ms", "repeats")})
+        out[variant].update(
+            {k: timed[variant][k] for k in ("median_ms", "min_ms", "cpu_median_ms", "repeats")}
+        )
     return out
 
 
@@ -170,6 +196,7 @@ def timing_point(steps, variants, jit_compile, repeats):
 def _actnorms(flow):
     from tfp_glow.bijectors import ActNorm
     from tfp_glow.bijectors.base import sub_bijectors
+
     found = []
 
     def visit(b):
@@ -177,6 +204,7 @@ def _actnorms(flow):
             found.append(b)
         for child in sub_bijectors(b):
             visit(child)
+
     visit(flow)
     return found
 
@@ -185,8 +213,9 @@ def _evaluate(f32, f64, x32, x64, **row):
     """Rebuild errors of `f32` on `x32`, and each mode's float32 gradient error
     against float64 standard backprop of `f64` (the same weights)."""
     import tensorflow as tf
-    from tfp_glow.training import reversible
+
     from tfp_glow.bijectors import forward_and_log_det
+    from tfp_glow.training import reversible
 
     def grads(flow, x, mode):
         variables = list(flow.trainable_variables)
@@ -201,19 +230,30 @@ def _evaluate(f32, f64, x32, x64, **row):
 
     blocks = reversible.reconstruction_errors(f32, x32)
     ldj64 = forward_and_log_det(f64, x64)[1].numpy()
-    row.update({"blocks": blocks, "rebuild_rel_max": max(b["rel_max"] for b in blocks),
-                "ldj_float32_vs_float64_rel": float(
-                    np.max(np.abs(forward_and_log_det(f32, x32)[1].numpy() - ldj64))
-                    / np.max(np.abs(ldj64)))})
+    row.update(
+        {
+            "blocks": blocks,
+            "rebuild_rel_max": max(b["rel_max"] for b in blocks),
+            "ldj_float32_vs_float64_rel": float(
+                np.max(np.abs(forward_and_log_det(f32, x32)[1].numpy() - ldj64))
+                / np.max(np.abs(ldj64))
+            ),
+        }
+    )
     truth = grads(f64, x64, "standard")
     for mode in ("standard", "checkpoint", "reversible"):
         g = grads(f32, x32, mode)
         errs = [rel(a, b) for a, b in zip(g, truth)]
-        whole = rel(np.concatenate([a.ravel() for a in g]),
-                    np.concatenate([b.ravel() for b in truth]))
-        row[mode] = {"worst_tensor_rel": max(errs), "median_tensor_rel": float(np.median(errs)),
-                     "all_params_rel": whole, "input_grad_rel": errs[0],
-                     "finite": bool(all(np.all(np.isfinite(a)) for a in g))}
+        whole = rel(
+            np.concatenate([a.ravel() for a in g]), np.concatenate([b.ravel() for b in truth])
+        )
+        row[mode] = {
+            "worst_tensor_rel": max(errs),
+            "median_tensor_rel": float(np.median(errs)),
+            "all_params_rel": whole,
+            "input_grad_rel": errs[0],
+            "finite": bool(all(np.all(np.isfinite(a)) for a in g)),
+        }
     print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
     return row
 
@@ -227,9 +267,20 @@ def _float64_twin(build, f32):
     return f64
 
 
-def reconstruction(levels=3, steps=32, width=64, batch=4,
-                   settings=(("normalized", 0.01), ("normalized", 0.03), ("normalized", 0.1),
-                             ("normalized", 0.3), ("raw", 0.01), ("raw", 0.03))):
+def reconstruction(
+    levels=3,
+    steps=32,
+    width=64,
+    batch=4,
+    settings=(
+        ("normalized", 0.01),
+        ("normalized", 0.03),
+        ("normalized", 0.1),
+        ("normalized", 0.3),
+        ("raw", 0.01),
+        ("raw", 0.03),
+    ),
+):
     """Float32 rebuild and gradient errors on a deep Glow with moved weights.
 
     Weights: every trainable variable moved by `scale * N(0, 1)` from its
@@ -240,13 +291,20 @@ def reconstruction(levels=3, steps=32, width=64, batch=4,
     """
     import keras
     import tensorflow as tf
+
     from tfp_glow import models
     from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
 
     def build(dtype):
-        return models.build_glow_flow(image_shape=(32, 32, 3), levels=levels,
-                                      steps_per_level=steps, hidden_channels=width,
-                                      learn_top_prior=True, seed=1, dtype=dtype)
+        return models.build_glow_flow(
+            image_shape=(32, 32, 3),
+            levels=levels,
+            steps_per_level=steps,
+            hidden_channels=width,
+            learn_top_prior=True,
+            seed=1,
+            dtype=dtype,
+        )
 
     results = []
     for protocol, scale in settings:
@@ -265,26 +323,45 @@ def reconstruction(levels=3, steps=32, width=64, batch=4,
                 act.initialized.assign(0.0)
             with data_dependent_init():
                 forward_and_log_det(f32, x32)
-        results.append(_evaluate(f32, _float64_twin(build, f32), x32,
-                                 tf.constant(x, tf.float64), protocol=protocol, scale=scale))
-    return {"levels": levels, "steps_per_level": steps, "width": width, "batch": batch,
-            "results": results}
+        results.append(
+            _evaluate(
+                f32,
+                _float64_twin(build, f32),
+                x32,
+                tf.constant(x, tf.float64),
+                protocol=protocol,
+                scale=scale,
+            )
+        )
+    return {
+        "levels": levels,
+        "steps_per_level": steps,
+        "width": width,
+        "batch": batch,
+        "results": results,
+    }
 
 
-def trained_reconstruction(train_steps=(0, 300, 1000), levels=2, steps=8, width=64,
-                           batch=64):
+def trained_reconstruction(train_steps=(0, 300, 1000), levels=2, steps=8, width=64, batch=64):
     """The same errors on the digits Glow (8x8x1) trained with Adam(1e-3), batch 64."""
     import keras
     import tensorflow as tf
+
     from tfp_glow import models
-    from tfp_glow.training import reversible
     from tfp_glow.bijectors import data_dependent_init, forward_and_log_det
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+    from tfp_glow.training import reversible
 
     def build(dtype):
-        return models.build_glow_flow(image_shape=(8, 8, 1), levels=levels,
-                                      steps_per_level=steps, hidden_channels=width,
-                                      learn_top_prior=True, seed=1, dtype=dtype)
+        return models.build_glow_flow(
+            image_shape=(8, 8, 1),
+            levels=levels,
+            steps_per_level=steps,
+            hidden_channels=width,
+            learn_top_prior=True,
+            seed=1,
+            dtype=dtype,
+        )
 
     keras.utils.set_random_seed(3)
     images = load_digits("train")[0]
@@ -310,17 +387,29 @@ def trained_reconstruction(train_steps=(0, 300, 1000), levels=2, steps=8, width=
             train(preprocess(tf.constant(images[idx]), DIGITS_NUM_BINS, True, done))
             done += 1
         x = preprocess(tf.constant(images[-8:]), DIGITS_NUM_BINS, True, 1)
-        results.append(_evaluate(flow, _float64_twin(build, flow), tf.cast(x, tf.float32),
-                                 tf.cast(x, tf.float64), protocol="digits_trained",
-                                 train_steps=target))
+        results.append(
+            _evaluate(
+                flow,
+                _float64_twin(build, flow),
+                tf.cast(x, tf.float32),
+                tf.cast(x, tf.float64),
+                protocol="digits_trained",
+                train_steps=target,
+            )
+        )
     return {"levels": levels, "steps_per_level": steps, "width": width, "results": results}
 
 
 # -- driver ---------------------------------------------------------------------
 def _subprocess(args, env_extra=None, timeout=3600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args,
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)] + args,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:] or ["rc != 0"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -333,51 +422,82 @@ def largest_within(points, budget_bytes):
     estimate = None
     if len(ks) >= 2:
         slope, intercept = np.polyfit(ks, [points[k] for k in ks], 1)
-        estimate = (float("inf") if slope <= 0
-                    else max(0.0, float((budget_bytes - intercept) / slope)))
+        estimate = (
+            float("inf") if slope <= 0 else max(0.0, float((budget_bytes - intercept) / slope))
+        )
     return (max(ok) if ok else None), estimate
 
 
 def table(result, budget_mb):
-    mb = 2.0 ** 20
+    mb = 2.0**20
     variants, depths = result["variants"], result["depths"]
-    lines = ["| K (steps/level) | " + " | ".join(
-        f"{v} peak MB (RSS MB)" for v in variants) + " | " + " | ".join(
-        f"{v} step CPU ms (wall min)" for v in variants) + " |",
-        "|---" * (1 + 2 * len(variants)) + "|"]
+    lines = [
+        "| K (steps/level) | "
+        + " | ".join(f"{v} peak MB (RSS MB)" for v in variants)
+        + " | "
+        + " | ".join(f"{v} step CPU ms (wall min)" for v in variants)
+        + " |",
+        "|---" * (1 + 2 * len(variants)) + "|",
+    ]
     for k in depths:
         mem, tim = result["memory"][str(k)], result["timing"][str(k)]
         cells = []
         for v in variants:
             peak = mem[v].get("peak_bytes")
             rss = tim.get(v, {}).get("rss_peak_bytes")
-            cells.append("error" if peak is None else
-                         f"{peak / mb:.1f} ({rss / mb:.1f})" if rss is not None
-                         else f"{peak / mb:.1f}")
+            cells.append(
+                "error"
+                if peak is None
+                else f"{peak / mb:.1f} ({rss / mb:.1f})"
+                if rss is not None
+                else f"{peak / mb:.1f}"
+            )
         for v in variants:
             t = tim.get(v, {})
-            cells.append(("error" if t else "-") if "cpu_median_ms" not in t else
-                         f"{t['cpu_median_ms']:.0f} ({t['min_ms']:.0f})")
+            cells.append(
+                ("error" if t else "-")
+                if "cpu_median_ms" not in t
+                else f"{t['cpu_median_ms']:.0f} ({t['min_ms']:.0f})"
+            )
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     first, last = str(min(depths)), str(max(depths))
-    lines.append(f"| peak K={last} / K={first} | " + " | ".join(
-        f"{result['memory'][last][v]['peak_bytes'] / result['memory'][first][v]['peak_bytes']:.2f}"
-        if "peak_bytes" in result["memory"][last][v] and "peak_bytes" in result["memory"][first][v]
-        else "-" for v in variants) + " |")
+    lines.append(
+        f"| peak K={last} / K={first} | "
+        + " | ".join(
+            f"{result['memory'][last][v]['peak_bytes'] / result['memory'][first][v]['peak_bytes']:.2f}"
+            if "peak_bytes" in result["memory"][last][v]
+            and "peak_bytes" in result["memory"][first][v]
+            else "-"
+            for v in variants
+        )
+        + " |"
+    )
     lines.append("")
-    lines.append(f"| largest K within {budget_mb:g} MB | " + " | ".join(
-        f"{v}: {result['largest_k'][v]['measured']} (fit {result['largest_k'][v]['fit']})"
-        for v in variants) + " |")
+    lines.append(
+        f"| largest K within {budget_mb:g} MB | "
+        + " | ".join(
+            f"{v}: {result['largest_k'][v]['measured']} (fit {result['largest_k'][v]['fit']})"
+            for v in variants
+        )
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=VARIANTS + LOOP_VARIANTS + FIT_VARIANTS)
-    parser.add_argument("--no-timing", action="store_true",
-                        help="peak memory only (the fit: variants are never timed)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS + LOOP_VARIANTS + FIT_VARIANTS,
+    )
+    parser.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="peak memory only (the fit: variants are never timed)",
+    )
     parser.add_argument("--budget-mb", type=float, default=64.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
@@ -396,21 +516,33 @@ def main(argv=None):
         print(json.dumps(timing_point(args.depths[0], args.variants, args.jit, args.repeats)))
         return
     import common
+
     if args.reconstruction:
-        result = {"machine": common.machine_info(),
-                  "deep_glow": reconstruction(steps=args.recon_steps, width=args.recon_width),
-                  "trained_digits_glow": trained_reconstruction()}
+        result = {
+            "machine": common.machine_info(),
+            "deep_glow": reconstruction(steps=args.recon_steps, width=args.recon_width),
+            "trained_digits_glow": trained_reconstruction(),
+        }
     else:
-        result = {"machine": common.machine_info(), "config": CONFIG, "jit": args.jit,
-                  "variants": args.variants, "depths": args.depths,
-                  "budget_mb": args.budget_mb, "memory": {}, "timing": {}}
+        result = {
+            "machine": common.machine_info(),
+            "config": CONFIG,
+            "jit": args.jit,
+            "variants": args.variants,
+            "depths": args.depths,
+            "budget_mb": args.budget_mb,
+            "memory": {},
+            "timing": {},
+        }
         jit = ["--jit"] if args.jit else []
         for k in args.depths:
             mem = {}
             for v in args.variants:
                 t0 = time.time()
-                mem[v] = _subprocess(["--worker", "memory", "--variant", v, "--depths", str(k)]
-                                     + jit, {"TF_CPU_ALLOCATOR_USE_BFC": "true"})
+                mem[v] = _subprocess(
+                    ["--worker", "memory", "--variant", v, "--depths", str(k)] + jit,
+                    {"TF_CPU_ALLOCATOR_USE_BFC": "true"},
+                )
                 print(f"[memory] K={k} {v}: {mem[v]} ({time.time() - t0:.0f} s)", flush=True)
             result["memory"][str(k)] = mem
             timed = [v for v in args.variants if v not in FIT_VARIANTS]
@@ -419,17 +551,30 @@ def main(argv=None):
                 continue
             t0 = time.time()
             result["timing"][str(k)] = _subprocess(
-                ["--worker", "timing", "--depths", str(k), "--repeats", str(args.repeats),
-                 "--variants"] + timed + jit)
-            print(f"[timing] K={k}: {result['timing'][str(k)]} ({time.time() - t0:.0f} s)",
-                  flush=True)
-        budget = args.budget_mb * 2 ** 20
+                [
+                    "--worker",
+                    "timing",
+                    "--depths",
+                    str(k),
+                    "--repeats",
+                    str(args.repeats),
+                    "--variants",
+                ]
+                + timed
+                + jit
+            )
+            print(
+                f"[timing] K={k}: {result['timing'][str(k)]} ({time.time() - t0:.0f} s)", flush=True
+            )
+        budget = args.budget_mb * 2**20
         result["largest_k"] = {}
         for v in args.variants:
             points = {k: result["memory"][str(k)][v].get("peak_bytes") for k in args.depths}
             measured, fit = largest_within(points, budget)
-            result["largest_k"][v] = {"measured": measured,
-                                      "fit": None if fit is None else round(fit, 1)}
+            result["largest_k"][v] = {
+                "measured": measured,
+                "fit": None if fit is None else round(fit, 1),
+            }
         result["load_average_at_end"] = list(os.getloadavg())
         print(table(result, args.budget_mb))
     if args.out:

@@ -33,7 +33,9 @@ def custom_loop_step(mode, flow, x, config):
     (a compiled function per backprop mode) under the user's GradientTape
     (memory_depth.py's `loop:` variants)."""
     import tensorflow as tf
+
     from tfp_glow import FlowModel
+
     model = FlowModel(flow, event_shape=config["image_shape"], num_bins=config["num_bins"])
     model.initialize(x)
     variables = list(model.trainable_variables)
@@ -49,9 +51,13 @@ def custom_loop_step(mode, flow, x, config):
 def conv_workspace_bytes():
     """Peak tensor bytes of one tiny `Conv2DBackpropFilter` (its working buffer)."""
     import tensorflow as tf
+
     x, dy = tf.ones([1, 4, 4, 1]), tf.ones([1, 4, 4, 1])
-    grad = tf.function(lambda x, dy: tf.compat.v1.nn.conv2d_backprop_filter(
-        x, [3, 3, 1, 1], dy, [1, 1, 1, 1], "SAME"))
+    grad = tf.function(
+        lambda x, dy: tf.compat.v1.nn.conv2d_backprop_filter(
+            x, [3, 3, 1, 1], dy, [1, 1, 1, 1], "SAME"
+        )
+    )
     grad(x, dy).numpy()
     tf.config.experimental.reset_memory_stats("CPU:0")
     live = tf.config.experimental.get_memory_info("CPU:0")["current"]
@@ -63,9 +69,12 @@ def fit_memory_point(mode, build_flow, x, config, calls=2):
     """Peak tensor bytes of one `fit` step of `FlowModel(build_flow(), backprop=mode)`."""
     import numpy as np
     import tensorflow as tf
+
     from tfp_glow import FlowModel
-    model = FlowModel(build_flow(), event_shape=config["image_shape"],
-                      num_bins=config["num_bins"], backprop=mode)
+
+    model = FlowModel(
+        build_flow(), event_shape=config["image_shape"], num_bins=config["num_bins"], backprop=mode
+    )
     model.compile()
     data = np.asarray(x)
 
@@ -84,8 +93,10 @@ def fit_memory_point(mode, build_flow, x, config, calls=2):
     def nbytes(variables):
         return int(sum(v.shape.num_elements() * np.dtype(v.dtype).itemsize for v in variables))
 
-    return {"peak_bytes": max(peaks),
-            "parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
-            "weight_bytes": nbytes(model.trainable_variables),
-            "optimizer_state_bytes": nbytes(model.optimizer.variables),
-            "conv_workspace_bytes": conv_workspace_bytes()}
+    return {
+        "peak_bytes": max(peaks),
+        "parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
+        "weight_bytes": nbytes(model.trainable_variables),
+        "optimizer_state_bytes": nbytes(model.optimizer.variables),
+        "conv_workspace_bytes": conv_workspace_bytes(),
+    }

@@ -43,10 +43,18 @@ class _StepTimer(keras.callbacks.Callback):
 def run(policy, epochs, seed=0):
     import tfp_glow
     from tfp_glow import data
+
     keras.utils.set_random_seed(seed)
-    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                          hidden_channels=64, num_bins=data.DIGITS_NUM_BINS, seed=seed,
-                          dtype=policy, **common.PAPER_GLOW)
+    model = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=8,
+        hidden_channels=64,
+        num_bins=data.DIGITS_NUM_BINS,
+        seed=seed,
+        dtype=policy,
+        **common.PAPER_GLOW,
+    )
     train = data.digits_dataset("train", batch_size=64, seed=seed)
     test = data.digits_dataset("test", batch_size=360, shuffle=False, seed=seed)
     steps = epochs * 23
@@ -55,11 +63,14 @@ def run(policy, epochs, seed=0):
     timer = _StepTimer()
     model.fit(train, epochs=epochs, callbacks=[timer], verbose=0)
     result = model.evaluate(test, return_dict=True, verbose=0)
-    return {"policy": policy, "epochs": epochs,
-            "optimizer": type(model.optimizer).__name__,
-            "median_step_ms": 1e3 * statistics.median(timer.times[5:] or timer.times),
-            "test_bits_per_dim": float(result["bits_per_dim"]),
-            "nonfinite_steps": model.nonfinite_steps}
+    return {
+        "policy": policy,
+        "epochs": epochs,
+        "optimizer": type(model.optimizer).__name__,
+        "median_step_ms": 1e3 * statistics.median(timer.times[5:] or timer.times),
+        "test_bits_per_dim": float(result["bits_per_dim"]),
+        "nonfinite_steps": model.nonfinite_steps,
+    }
 
 
 def main(argv=None):
@@ -70,8 +81,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = [run(p, args.epochs) for p in args.policies]
     for r in rows:
-        print(f"{r['policy']:15s} {r['optimizer']:20s} step {r['median_step_ms']:7.1f} ms   "
-              f"test bits/dim {r['test_bits_per_dim']:.4f}   skipped {r['nonfinite_steps']}")
+        print(
+            f"{r['policy']:15s} {r['optimizer']:20s} step {r['median_step_ms']:7.1f} ms   "
+            f"test bits/dim {r['test_bits_per_dim']:.4f}   skipped {r['nonfinite_steps']}"
+        )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -27,13 +27,21 @@ import sys
 import time
 
 import numpy as np
-
 import report  # benchmarks/, the script's own folder
 
 
 def _train(run, epochs):
-    cmd = [sys.executable, "-c", "from tfp_glow.cli import main; main()", "train",
-           "--output", run, "--no-export", "--verbose", "2"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from tfp_glow.cli import main; main()",
+        "train",
+        "--output",
+        run,
+        "--no-export",
+        "--verbose",
+        "2",
+    ]
     if epochs is not None:
         cmd += ["--epochs", str(epochs)]
     print("training:", " ".join(cmd[3:]), file=sys.stderr)
@@ -43,6 +51,7 @@ def _train(run, epochs):
 def _min_scales(model):
     """The `min_scale` of every affine coupling (None where the class has none)."""
     from tfp_glow.bijectors import AffineCoupling
+
     found = [m for m in model.bijector.submodules if isinstance(m, AffineCoupling)]
     return sorted({getattr(m, "min_scale", None) for m in found}, key=str), len(found)
 
@@ -61,16 +70,27 @@ def count_nonfinite(model, num, batch, temperature, seed):
         if good.size:
             max_abs = max(max_abs, float(good.max()))
             big += int((good.max(axis=1) > 10.0).sum())
-    return dict(nonfinite_values=values, nonfinite_samples=samples,
-                max_abs_finite=max_abs, samples_abs_gt_10=big)
+    return dict(
+        nonfinite_values=values,
+        nonfinite_samples=samples,
+        max_abs_finite=max_abs,
+        samples_abs_gt_10=big,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=os.path.join("runs", "digits-glow"),
-                        help="tfp-glow train run directory (default runs/digits-glow)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs if the run must be trained first (default: the CLI's)")
+    parser.add_argument(
+        "--run",
+        default=os.path.join("runs", "digits-glow"),
+        help="tfp-glow train run directory (default runs/digits-glow)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs if the run must be trained first (default: the CLI's)",
+    )
     parser.add_argument("--num", type=int, default=1_000_000, help="samples (default 1e6)")
     parser.add_argument("--batch", type=int, default=10_000, help="samples per call")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -83,6 +103,7 @@ def main(argv=None):
 
     import keras
     import tensorflow as tf
+
     import tfp_glow  # noqa: F401  (registers the classes load_model needs)
 
     path = os.path.join(args.run, "model.keras")
@@ -93,11 +114,18 @@ def main(argv=None):
     t0 = time.perf_counter()
     result = count_nonfinite(model, args.num, args.batch, args.temperature, args.seed)
     result.update(
-        run=os.path.abspath(args.run), num_samples=args.num, values_per_sample=int(
-            np.prod(model.event_shape)), temperature=args.temperature, seed=args.seed,
-        affine_couplings=couplings, min_scale=min_scales,
-        seconds=round(time.perf_counter() - t0, 1), tensorflow=tf.__version__,
-        cpu_count=os.cpu_count(), load_average=[round(x, 2) for x in os.getloadavg()])
+        run=os.path.abspath(args.run),
+        num_samples=args.num,
+        values_per_sample=int(np.prod(model.event_shape)),
+        temperature=args.temperature,
+        seed=args.seed,
+        affine_couplings=couplings,
+        min_scale=min_scales,
+        seconds=round(time.perf_counter() - t0, 1),
+        tensorflow=tf.__version__,
+        cpu_count=os.cpu_count(),
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
     report.print_and_write(result, args.out)
 
 

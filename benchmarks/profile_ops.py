@@ -24,6 +24,7 @@ import common  # noqa: E402
 def op_time_by_type(logdir):
     """{op type: (total microseconds, count)} from the newest XPlane file."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
     path = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1]
     space = xplane_pb2.XSpace()
     with open(path, "rb") as f:
@@ -67,8 +68,9 @@ def format_breakdown(per_step, top=12):
         lines.append(f"{name:<28}{us / 1000:>9.2f}{100 * us / total:>7.1f}%{n:>10}")
     rest = sum(us for _, (us, _) in rows[top:])
     lines.append(f"{'(other)':<28}{rest / 1000:>9.2f}{100 * rest / total:>7.1f}%")
-    lines.append(f"{'total op time':<28}{total / 1000:>9.2f}"
-                 f"{'':>8}{sum(n for _, (_, n) in rows):>10}")
+    lines.append(
+        f"{'total op time':<28}{total / 1000:>9.2f}{'':>8}{sum(n for _, (_, n) in rows):>10}"
+    )
     return "\n".join(lines)
 
 

@@ -35,8 +35,9 @@ def _run_part(name, args, out_path, log):
     t0 = time.perf_counter()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        )
         f.write(proc.stdout)
     elapsed = time.perf_counter() - t0
     for line in proc.stdout.splitlines():
@@ -55,11 +56,16 @@ def _run_part(name, args, out_path, log):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="few repeats, 1 epoch: checks that everything runs")
-    parser.add_argument("--skip", default="", help="comma-separated parts not to run "
-                        "(their latest results/<part>.json, if any, is reused): "
-                        "capabilities,xla_check,small,cifar,breakdown,bits_per_dim")
+    parser.add_argument(
+        "--quick", action="store_true", help="few repeats, 1 epoch: checks that everything runs"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts not to run "
+        "(their latest results/<part>.json, if any, is reused): "
+        "capabilities,xla_check,small,cifar,breakdown,bits_per_dim",
+    )
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
@@ -69,21 +75,37 @@ def main():
     parts = {
         "capabilities": ["capabilities.py"],
         "xla_check": ["xla_check.py"],
-        "small": ["timing.py", "--size", "small", "--repeats", "5" if quick else "30",
-                  "--profile"],
-        "cifar": ["timing.py", "--size", "cifar", "--repeats", "2" if quick else "6",
-                  "--warmup", "1", "--profile"],
+        "small": ["timing.py", "--size", "small", "--repeats", "5" if quick else "30", "--profile"],
+        "cifar": [
+            "timing.py",
+            "--size",
+            "cifar",
+            "--repeats",
+            "2" if quick else "6",
+            "--warmup",
+            "1",
+            "--profile",
+        ],
         "breakdown": ["breakdown.py", "--size", "small", "--repeats", "5" if quick else "20"],
-        "bits_per_dim": ["bits_per_dim.py", "--epochs", str(epochs),
-                         "--eval-every", "1" if quick else "5"],
+        "bits_per_dim": [
+            "bits_per_dim.py",
+            "--epochs",
+            str(epochs),
+            "--eval-every",
+            "1" if quick else "5",
+        ],
     }
     previous = {}
     if os.path.exists(os.path.join(RESULTS, "results.json")):
         with open(os.path.join(RESULTS, "results.json")) as f:
             previous = json.load(f).get("parts", {})
     started = time.perf_counter()
-    results = {"generated": datetime.datetime.now().isoformat(timespec="seconds"),
-               "quick": quick, "machine": common.machine_info(), "parts": {}}
+    results = {
+        "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": quick,
+        "machine": common.machine_info(),
+        "parts": {},
+    }
     for name, part in parts.items():
         if name in skip:
             # Reuse the part's latest results, if any, in the tables.
@@ -106,13 +128,19 @@ def main():
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     write_markdown(results, os.path.join(ROOT, "BENCHMARKS.md"))
-    print(f"wrote {os.path.relpath(path, ROOT)} and BENCHMARKS.md "
-          f"({results['total_seconds'] / 60:.1f} min)")
+    print(
+        f"wrote {os.path.relpath(path, ROOT)} and BENCHMARKS.md "
+        f"({results['total_seconds'] / 60:.1f} min)"
+    )
 
 
 # -- markdown -------------------------------------------------------------------
-VARIANT_LABELS = {"tfp_glow": "tfp_glow", "tfp_glow_xla": "tfp_glow (XLA)",
-                  "tfp_glow_bf16": "tfp_glow (bf16 nets)", "tfb.Glow": "tfb.Glow"}
+VARIANT_LABELS = {
+    "tfp_glow": "tfp_glow",
+    "tfp_glow_xla": "tfp_glow (XLA)",
+    "tfp_glow_bf16": "tfp_glow (bf16 nets)",
+    "tfb.Glow": "tfb.Glow",
+}
 
 
 def _fmt(value, digits=1):
@@ -160,20 +188,23 @@ def timing_table(part):
     ]
     names = [n for n in VARIANT_LABELS if n in v]
     ours = [n for n in names if n != "tfb.Glow"]
-    head = (f"**{h}x{w}x{c}, L={cfg['levels']}, K={cfg['steps']}, width {cfg['width']}, "
-            f"batch {part['batch']}** ({_fmt(part['parameters'].get('tfp_glow'), 0)} "
-            f"parameters in tfp_glow, {_fmt(part['parameters'].get('tfb.Glow'), 0)} in "
-            f"tfb.Glow)\n\n")
+    head = (
+        f"**{h}x{w}x{c}, L={cfg['levels']}, K={cfg['steps']}, width {cfg['width']}, "
+        f"batch {part['batch']}** ({_fmt(part['parameters'].get('tfp_glow'), 0)} "
+        f"parameters in tfp_glow, {_fmt(part['parameters'].get('tfb.Glow'), 0)} in "
+        f"tfb.Glow)\n\n"
+    )
     cols = [VARIANT_LABELS[n] for n in names]
     ratio_cols = [f"{VARIANT_LABELS[n]} / tfb.Glow" for n in ours] if "tfb.Glow" in v else []
-    lines = ["| | " + " | ".join(cols + ratio_cols) + " |",
-             "|---" * (len(cols) + len(ratio_cols) + 1) + "|"]
+    lines = [
+        "| | " + " | ".join(cols + ratio_cols) + " |",
+        "|---" * (len(cols) + len(ratio_cols) + 1) + "|",
+    ]
     for label, keys, digits in rows:
         vals = [_get(v[n], *keys) for n in names]
         tfp = _get(v.get("tfb.Glow", {}), *keys)
         ratios = [_ratio(_get(v[n], *keys), tfp) for n in ours] if ratio_cols else []
-        lines.append(f"| {label} | " + " | ".join([_fmt(x, digits) for x in vals] + ratios)
-                     + " |")
+        lines.append(f"| {label} | " + " | ".join([_fmt(x, digits) for x in vals] + ratios) + " |")
     return head + "\n".join(lines)
 
 
@@ -185,10 +216,14 @@ def profile_table(part, name, kind="train_step", top=6):
     rows = sorted(prof.items(), key=lambda kv: -kv[1]["ms"])
     conv = sum(p["ms"] for k, p in prof.items() if "Conv2D" in k)
     per = "step" if kind == "train_step" else "call"
-    lines = [f"*{VARIANT_LABELS[name]}*: {_fmt(total)} ms of op time per {per} "
-             f"({sum(p['count'] for p in prof.values())} ops), convolutions "
-             f"{100 * conv / total:.0f}%", "",
-             f"| op type | ms/{per} | share | ops/{per} |", "|---|---|---|---|"]
+    lines = [
+        f"*{VARIANT_LABELS[name]}*: {_fmt(total)} ms of op time per {per} "
+        f"({sum(p['count'] for p in prof.values())} ops), convolutions "
+        f"{100 * conv / total:.0f}%",
+        "",
+        f"| op type | ms/{per} | share | ops/{per} |",
+        "|---|---|---|---|",
+    ]
     for op, p in rows[:top]:
         lines.append(f"| {op} | {p['ms']:.2f} | {100 * p['ms'] / total:.0f}% | {p['count']} |")
     rest = sum(p["ms"] for _, p in rows[top:])
@@ -198,6 +233,7 @@ def profile_table(part, name, kind="train_step", top=6):
 
 def targets_table(parts):
     """Each target per size: float32 tfp_glow (plain, XLA) and bf16 nets."""
+
     def factor(size, name, kind, invert):
         p = parts.get(size, {})
         if kind == "flow_overhead":
@@ -207,83 +243,108 @@ def targets_table(parts):
         return tfp / ours if ours and tfp else None
 
     def cell(size, kind):
-        vals = {n: factor(size, n, kind, True)
-                for n in ("tfp_glow", "tfp_glow_xla", "tfp_glow_bf16")}
+        vals = {
+            n: factor(size, n, kind, True) for n in ("tfp_glow", "tfp_glow_xla", "tfp_glow_bf16")
+        }
         if vals["tfp_glow"] is None:
             return "–", None, None
         suffix = "" if kind == "flow_overhead" else "x"
         text = f"{vals['tfp_glow']:.2f}{suffix}"
-        extra = [f"{lab} {vals[n]:.2f}{suffix}" for n, lab in
-                 (("tfp_glow_xla", "XLA"), ("tfp_glow_bf16", "bf16 nets")) if vals[n]]
+        extra = [
+            f"{lab} {vals[n]:.2f}{suffix}"
+            for n, lab in (("tfp_glow_xla", "XLA"), ("tfp_glow_bf16", "bf16 nets"))
+            if vals[n]
+        ]
         if extra:
             text += " (" + ", ".join(extra) + ")"
         fp32 = [vals[n] for n in ("tfp_glow", "tfp_glow_xla") if vals[n] is not None]
         bf16 = vals["tfp_glow_bf16"]
         return text, fp32, bf16
 
-    lines = ["| target | small (8x8x1) | 32x32x3 | met in float32? | met with bf16 nets? |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| target | small (8x8x1) | 32x32x3 | met in float32? | met with bf16 nets? |",
+        "|---|---|---|---|---|",
+    ]
     for label, kind, goal, lower in (
-            ("train step ≥ 1.5x faster than tfb.Glow", "train_step", 1.5, False),
-            ("sampling ≥ 2x faster than tfb.Glow", "sample", 2.0, False),
-            ("flow overhead over its bare nets < 1.3", "flow_overhead", 1.3, True)):
+        ("train step ≥ 1.5x faster than tfb.Glow", "train_step", 1.5, False),
+        ("sampling ≥ 2x faster than tfb.Glow", "sample", 2.0, False),
+        ("flow overhead over its bare nets < 1.3", "flow_overhead", 1.3, True),
+    ):
         cells, met32, met16 = [], True, True
         for size in ("small", "cifar"):
             text, fp32, bf16 = cell(size, kind)
             cells.append(text)
             ok = (lambda x: x < goal) if lower else (lambda x: x >= goal)
             met32 = met32 and bool(fp32) and any(ok(x) for x in fp32)
-            met16 = met16 and bool(fp32) and (any(ok(x) for x in fp32)
-                                              or (bf16 is not None and ok(bf16)))
-        lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {'yes' if met32 else 'no'} | {'yes' if met16 else 'no'} |")
+            met16 = (
+                met16
+                and bool(fp32)
+                and (any(ok(x) for x in fp32) or (bf16 is not None and ok(bf16)))
+            )
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {'yes' if met32 else 'no'} | {'yes' if met16 else 'no'} |"
+        )
     return "\n".join(lines)
 
 
 def breakdown_table(part):
     modes = part.get("modes", {})
     rows = ("nets", "forward", "forward+gradient", "adam", "train_step")
-    labels = {"nets": "bare coupling nets, fwd+bwd (sequential)",
-              "forward": "log_prob (forward)", "forward+gradient": "forward + gradient",
-              "adam": "Adam update alone", "train_step": "train step (all)"}
+    labels = {
+        "nets": "bare coupling nets, fwd+bwd (sequential)",
+        "forward": "log_prob (forward)",
+        "forward+gradient": "forward + gradient",
+        "adam": "Adam update alone",
+        "train_step": "train step (all)",
+    }
     lines = ["| ms, median | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {labels[r]} | " + " | ".join(_fmt(modes[m].get(r)) for m in modes)
-                     + " |")
+        lines.append(f"| {labels[r]} | " + " | ".join(_fmt(modes[m].get(r)) for m in modes) + " |")
     return "\n".join(lines)
 
 
 def capabilities_table(part):
     libs = [k for k in ("tfp_glow", "tfp_glow (XLA)", "tfb.Glow") if k in part]
-    lines = ["| dynamic batch (`None`) under `tf.function` | " + " | ".join(libs) + " |",
-             "|---" * (len(libs) + 1) + "|"]
+    lines = [
+        "| dynamic batch (`None`) under `tf.function` | " + " | ".join(libs) + " |",
+        "|---" * (len(libs) + 1) + "|",
+    ]
     for check in ("log_prob", "train_step", "sample"):
-        lines.append(f"| {check} | " + " | ".join(
-            part[lib][check].replace("|", "/") for lib in libs) + " |")
+        lines.append(
+            f"| {check} | " + " | ".join(part[lib][check].replace("|", "/") for lib in libs) + " |"
+        )
     return "\n".join(lines)
 
 
 def bpd_table(part):
-    lines = ["| library | epochs | test bits/dim at the end | best on the way | "
-             "s/epoch (median) | first step: trace + compile (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| library | epochs | test bits/dim at the end | best on the way | "
+        "s/epoch (median) | first step: trace + compile (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for lib in ("tfp_glow", "tfb.Glow"):
         r = part.get(lib)
         if not r:
             continue
-        lines.append(f"| {lib} | {r['epochs']} | {r['test_bits_per_dim']:.3f} | "
-                     f"{r['best_test_bits_per_dim']:.3f} | {r['median_epoch_s']:.2f} | "
-                     f"{r['first_step_s']:.1f} |")
+        lines.append(
+            f"| {lib} | {r['epochs']} | {r['test_bits_per_dim']:.3f} | "
+            f"{r['best_test_bits_per_dim']:.3f} | {r['median_epoch_s']:.2f} | "
+            f"{r['first_step_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def xla_line(part):
     bij, models = part.get("bijectors", {}), part.get("models", {})
     bad = {k: v for k, v in {**bij, **models}.items() if v != "ok"}
-    text = (f"XLA (`jit_compile=True`): {sum(v == 'ok' for v in bij.values())}/{len(bij)} "
-            f"contract-registry bijectors compile and match the plain graph "
-            f"(forward, inverse, log-dets, gradients, unknown batch); training steps "
-            f"of " + ", ".join(f"{k} {v}" for k, v in models.items()) + ".")
+    text = (
+        f"XLA (`jit_compile=True`): {sum(v == 'ok' for v in bij.values())}/{len(bij)} "
+        f"contract-registry bijectors compile and match the plain graph "
+        f"(forward, inverse, log-dets, gradients, unknown batch); training steps "
+        f"of " + ", ".join(f"{k} {v}" for k, v in models.items()) + "."
+    )
     if bad:
         text += " Failing: " + "; ".join(f"{k}: {v}" for k, v in bad.items())
     return text
@@ -294,14 +355,17 @@ def results_markdown(results):
     parts = results["parts"]
     reused = [n for n, p in parts.items() if p.get("reused")]
     total = results.get("all_parts_seconds", results["total_seconds"])
-    out = [f"Generated {results['generated']} by `python benchmarks/run_all.py"
-           f"{' --quick' if results['quick'] else ''}`; all parts together take "
-           f"{total / 60:.1f} min"
-           + (f" ({', '.join(reused)} reused from the previous run)" if reused else "")
-           + f" on {m['cpu']}, {m['cores']} cores; "
-           f"TensorFlow {m['tensorflow']}, TFP {m['tensorflow_probability']}, Keras "
-           f"{m['keras']}, tf_keras {m['tf_keras']}, Python {m['python']}. Load average "
-           f"(1 min) at the start: {m['load_average_at_start'][0]:.1f}.", ""]
+    out = [
+        f"Generated {results['generated']} by `python benchmarks/run_all.py"
+        f"{' --quick' if results['quick'] else ''}`; all parts together take "
+        f"{total / 60:.1f} min"
+        + (f" ({', '.join(reused)} reused from the previous run)" if reused else "")
+        + f" on {m['cpu']}, {m['cores']} cores; "
+        f"TensorFlow {m['tensorflow']}, TFP {m['tensorflow_probability']}, Keras "
+        f"{m['keras']}, tf_keras {m['tf_keras']}, Python {m['python']}. Load average "
+        f"(1 min) at the start: {m['load_average_at_start'][0]:.1f}.",
+        "",
+    ]
     if results["quick"]:
         out += ["**Quick run: few repeats and 1 epoch; use the full run for numbers.**", ""]
     if any(p in parts for p in ("small", "cifar")):
@@ -313,11 +377,19 @@ def results_markdown(results):
         elif p:
             out += [f"### {size}: failed ({p.get('error')})", ""]
     if "breakdown" in parts and "modes" in parts["breakdown"]:
-        out += ["### Breakdown of tfp_glow's small train step", "",
-                breakdown_table(parts["breakdown"]), ""]
+        out += [
+            "### Breakdown of tfp_glow's small train step",
+            "",
+            breakdown_table(parts["breakdown"]),
+            "",
+        ]
     if "bits_per_dim" in parts and "tfp_glow" in parts["bits_per_dim"]:
-        out += ["### Test bits/dim on the built-in digits (8x8x1, 17 levels)", "",
-                bpd_table(parts["bits_per_dim"]), ""]
+        out += [
+            "### Test bits/dim on the built-in digits (8x8x1, 17 levels)",
+            "",
+            bpd_table(parts["bits_per_dim"]),
+            "",
+        ]
     if "capabilities" in parts and "tfp_glow" in parts["capabilities"]:
         out += ["### Capabilities", "", capabilities_table(parts["capabilities"]), ""]
     if "xla_check" in parts and "bijectors" in parts["xla_check"]:

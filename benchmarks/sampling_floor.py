@@ -30,8 +30,14 @@ import common  # noqa: E402
 import profile_ops  # noqa: E402
 
 # Op types of forming W^-1 from the LU factors (InvertibleConv1x1.inverse_weight).
-INVERSE_OPS = ("MatrixTriangularSolve", "MatrixBandPart", "MatrixSetDiagV3",
-               "MatrixSetDiag", "Exp", "Transpose")
+INVERSE_OPS = (
+    "MatrixTriangularSolve",
+    "MatrixBandPart",
+    "MatrixSetDiagV3",
+    "MatrixSetDiag",
+    "Exp",
+    "Transpose",
+)
 
 
 def _op_type(name):
@@ -42,14 +48,16 @@ def _op_type(name):
 def _convs(flow):
     from tfp_glow.bijectors import InvertibleConv1x1
     from tfp_glow.bijectors.base import walk_bijectors
+
     return [b for b in walk_bijectors(flow) if isinstance(b, InvertibleConv1x1)]
 
 
 def constant_inverses(convs):
     """Every conv's `(W^-1, log|det W|)` now, as NumPy arrays: the inverses
     become constants of the graph a `tf.function` traces with them."""
-    return {id(conv): tuple(t.numpy() for t in conv._matrix_and_log_det(inverse=True))
-            for conv in convs}
+    return {
+        id(conv): tuple(t.numpy() for t in conv._matrix_and_log_det(inverse=True)) for conv in convs
+    }
 
 
 @contextlib.contextmanager
@@ -65,6 +73,7 @@ def inverses_from(flow, table_fn):
             if inverse:
                 return tuple(tf.convert_to_tensor(t) for t in _entry)
             return _orig(inverse)
+
         conv._matrix_and_log_det = patched
     try:
         yield
@@ -85,16 +94,21 @@ def batched_inverses(convs):
         groups.setdefault(conv.channels, []).append(conv)
     out = {}
     for c, group in groups.items():
+
         def stack(name):
             return tf.stack([tf.convert_to_tensor(getattr(g, name)) for g in group])
+
         log_s = stack("log_s")
-        lower = tf.linalg.set_diag(tf.linalg.band_part(stack("lower"), -1, 0),
-                                   tf.ones([len(group), c], log_s.dtype))
-        upper = tf.linalg.set_diag(tf.linalg.band_part(stack("upper"), 0, -1),
-                                   stack("sign") * tf.exp(log_s))
+        lower = tf.linalg.set_diag(
+            tf.linalg.band_part(stack("lower"), -1, 0), tf.ones([len(group), c], log_s.dtype)
+        )
+        upper = tf.linalg.set_diag(
+            tf.linalg.band_part(stack("upper"), 0, -1), stack("sign") * tf.exp(log_s)
+        )
         p_t = tf.linalg.matrix_transpose(stack("permutation"))
         w_inv = tf.linalg.triangular_solve(
-            upper, tf.linalg.triangular_solve(lower, p_t, lower=True), lower=False)
+            upper, tf.linalg.triangular_solve(lower, p_t, lower=True), lower=False
+        )
         log_det = tf.reduce_sum(log_s, axis=-1)
         for g, m, ld in zip(group, tf.unstack(w_inv), tf.unstack(log_det)):
             out[id(g)] = (m, ld)
@@ -103,14 +117,24 @@ def batched_inverses(convs):
 
 def grouped(per_op):
     """Op time per call (ms) in four groups, from `profile_ops.profile_step`."""
-    groups = {"networks' convolutions": 0.0, "random draw": 0.0,
-              "forming W^-1": 0.0, "everything else": 0.0}
+    groups = {
+        "networks' convolutions": 0.0,
+        "random draw": 0.0,
+        "forming W^-1": 0.0,
+        "everything else": 0.0,
+    }
     ops = {k: 0 for k in groups}
     for name, (us, n) in per_op.items():
         op = _op_type(name)
-        key = ("networks' convolutions" if "Conv2D" in op else
-               "random draw" if "Random" in op else
-               "forming W^-1" if op in INVERSE_OPS else "everything else")
+        key = (
+            "networks' convolutions"
+            if "Conv2D" in op
+            else "random draw"
+            if "Random" in op
+            else "forming W^-1"
+            if op in INVERSE_OPS
+            else "everything else"
+        )
         groups[key] += us / 1000
         ops[key] += n
     return {k: {"ms": groups[k], "ops": ops[k]} for k in groups}
@@ -136,27 +160,38 @@ def run(size, repeats):
     with inverses_from(model.flow, constant_inverses):
         cached = tf.function(sample)
         cached(seed)  # trace now, with the constants baked in
+
     @tf.function
     def batched(seed):
         with inverses_from(model.flow, batched_inverses):
             return sample(seed)
 
     xla = tf.function(sample, jit_compile=True)
-    calls = {"sample": (plain, (seed,)), "sample/cached_inverse": (cached, (seed,)),
-             "sample/batched_inverse": (batched, (seed,)),
-             "sample/xla": (xla, (seed,)), "decode": (tf.function(decode), (z,)),
-             "nets_forward": (bench.nets_forward, (x,)),
-             "nets_forward/xla": (tf.function(bench.nets_forward.python_function,
-                                              jit_compile=True), (x,))}
+    calls = {
+        "sample": (plain, (seed,)),
+        "sample/cached_inverse": (cached, (seed,)),
+        "sample/batched_inverse": (batched, (seed,)),
+        "sample/xla": (xla, (seed,)),
+        "decode": (tf.function(decode), (z,)),
+        "nets_forward": (bench.nets_forward, (x,)),
+        "nets_forward/xla": (
+            tf.function(bench.nets_forward.python_function, jit_compile=True),
+            (x,),
+        ),
+    }
     timed = common.time_interleaved(calls, repeats, warmup=3)
     floor = timed["nets_forward"]["median_ms"]
-    out = {"size": size, "config": common.SIZES[size], "batch": common.BATCH,
-           "machine": common.machine_info(), "repeats": repeats,
-           "timings": timed,
-           "vs_nets_forward": {k: v["median_ms"] / floor for k, v in timed.items()},
-           "profile": {}}
-    for name in ("sample", "sample/cached_inverse", "sample/batched_inverse",
-                 "nets_forward"):
+    out = {
+        "size": size,
+        "config": common.SIZES[size],
+        "batch": common.BATCH,
+        "machine": common.machine_info(),
+        "repeats": repeats,
+        "timings": timed,
+        "vs_nets_forward": {k: v["median_ms"] / floor for k, v in timed.items()},
+        "profile": {},
+    }
+    for name in ("sample", "sample/cached_inverse", "sample/batched_inverse", "nets_forward"):
         fn, args = calls[name]
         out["profile"][name] = grouped(profile_ops.profile_step(fn, args, steps=10))
     return out
@@ -165,8 +200,7 @@ def run(size, repeats):
 def report(out):
     lines = [f"{out['size']}: median ms (x nets forward)"]
     for name, t in out["timings"].items():
-        lines.append(f"  {name:<24}{t['median_ms']:>9.2f}  "
-                     f"({out['vs_nets_forward'][name]:.3f}x)")
+        lines.append(f"  {name:<24}{t['median_ms']:>9.2f}  ({out['vs_nets_forward'][name]:.3f}x)")
     for name, groups in out["profile"].items():
         total = sum(g["ms"] for g in groups.values())
         lines.append(f"  op time of {name}: {total:.2f} ms")

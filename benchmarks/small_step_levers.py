@@ -43,12 +43,11 @@ import common  # noqa: E402
 class FusedAdam:
     """Adam as one `ResourceApplyAdam` kernel per variable (Keras' rule).
 
-        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
-        w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+    w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
     """
 
-    def __init__(self, variables, learning_rate=1e-3, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-7):
+    def __init__(self, variables, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         self.variables = [getattr(v, "value", v) for v in variables]
         self.m = [tf.Variable(tf.zeros_like(v)) for v in self.variables]
         self.v = [tf.Variable(tf.zeros_like(v)) for v in self.variables]
@@ -61,9 +60,17 @@ class FusedAdam:
         b1_power, b2_power = tf.pow(b1, t), tf.pow(b2, t)
         for var, m, v, g in zip(self.variables, self.m, self.v, grads):
             tf.raw_ops.ResourceApplyAdam(
-                var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
-                beta2_power=b2_power, lr=tf.constant(lr), beta1=tf.constant(b1),
-                beta2=tf.constant(b2), epsilon=tf.constant(eps), grad=g)
+                var=var.handle,
+                m=m.handle,
+                v=v.handle,
+                beta1_power=b1_power,
+                beta2_power=b2_power,
+                lr=tf.constant(lr),
+                beta1=tf.constant(b1),
+                beta2=tf.constant(b2),
+                epsilon=tf.constant(eps),
+                grad=g,
+            )
 
 
 def _packed_shapes(variables):
@@ -75,6 +82,7 @@ def _packed_shapes(variables):
 def adam_alone(shapes):
     """A `tf.function` running one Keras Adam update on variables of `shapes`."""
     import keras
+
     variables = [keras.Variable(np.zeros(s, np.float32)) for s in shapes]
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(variables)
@@ -86,6 +94,7 @@ def adam_alone(shapes):
         grads = [tf.fill(tf.shape(v), 1e-3) for v in variables]
         optimizer.apply(grads, variables)
         return tf.constant(0.0)
+
     return update, len(variables)
 
 
@@ -99,6 +108,7 @@ def fused_train_step(bench):
             loss = -tf.reduce_mean(bench.model.log_prob(x))
         fused.apply(tape.gradient(loss, bench.variables))
         return loss
+
     return step
 
 
@@ -113,8 +123,10 @@ def check_fused_matches_keras(x, steps=(1, 3)):
         a.train_step(x)
         fused_step(x)
         if n in steps:
-            out[str(n)] = max(float(np.max(np.abs(va.numpy() - vb.numpy())))
-                              for va, vb in zip(a.variables, b.variables))
+            out[str(n)] = max(
+                float(np.max(np.abs(va.numpy() - vb.numpy())))
+                for va, vb in zip(a.variables, b.variables)
+            )
     return out
 
 
@@ -130,18 +142,26 @@ def run_step(repeats):
     adam_all, n_all = adam_alone(shapes)
     adam_packed, n_packed = adam_alone(packed)
     tfp_bench = common.Bench("tfp", "small", x)
-    calls = {"keras_adam": (keras_bench.train_step, (x,)),
-             "tfb.Glow": (tfp_bench.train_step, (x,)),
-             "fused_adam": (fused_step, (x,)),
-             "nets_step": (keras_bench.nets_step, (x,)),
-             f"adam/{n_all}_variables": (adam_all, ()),
-             f"adam/packed_{n_packed}_variables": (adam_packed, ())}
+    calls = {
+        "keras_adam": (keras_bench.train_step, (x,)),
+        "tfb.Glow": (tfp_bench.train_step, (x,)),
+        "fused_adam": (fused_step, (x,)),
+        "nets_step": (keras_bench.nets_step, (x,)),
+        f"adam/{n_all}_variables": (adam_all, ()),
+        f"adam/packed_{n_packed}_variables": (adam_packed, ()),
+    }
     timed = common.time_interleaved(calls, repeats, warmup=3)
     floor = timed["nets_step"]["median_ms"]
-    return {"mode": "step", "size": "small", "config": common.SIZES["small"],
-            "machine": common.machine_info(), "repeats": repeats, "timings": timed,
-            "vs_nets_step": {k: v["median_ms"] / floor for k, v in timed.items()},
-            "fused_vs_keras_max_abs_weight_diff": check_fused_matches_keras(x)}
+    return {
+        "mode": "step",
+        "size": "small",
+        "config": common.SIZES["small"],
+        "machine": common.machine_info(),
+        "repeats": repeats,
+        "timings": timed,
+        "vs_nets_step": {k: v["median_ms"] / floor for k, v in timed.items()},
+        "fused_vs_keras_max_abs_weight_diff": check_fused_matches_keras(x),
+    }
 
 
 class _EpochTimes:
@@ -154,6 +174,7 @@ class _EpochTimes:
 
             def on_epoch_end(cb, epoch, logs=None):
                 self.times.append(time.perf_counter() - cb.t0)
+
         self.times, self.callback = [], Callback()
 
 
@@ -161,23 +182,34 @@ def run_fit(epochs, values=(1, 4, 22)):
     import keras
 
     from tfp_glow import data
+
     images, _ = data.load_digits("train")
     images = images[:1408]  # 22 whole batches of 64: no partial last batch
     x = data.preprocess(tf.constant(images), common.SIZES["small"]["num_bins"], True, 0).numpy()
-    out = {"mode": "fit", "size": "small", "config": common.SIZES["small"],
-           "machine": common.machine_info(), "epochs": epochs, "steps_per_epoch": 22,
-           "runs": {}}
+    out = {
+        "mode": "fit",
+        "size": "small",
+        "config": common.SIZES["small"],
+        "machine": common.machine_info(),
+        "epochs": epochs,
+        "steps_per_epoch": 22,
+        "runs": {},
+    }
     for spe in values:
         keras.utils.set_random_seed(0)
         model = common.build_ours("small")
         model.initialize(x[:64])
         model.compile(keras.optimizers.Adam(1e-3), steps_per_execution=spe)
         timer = _EpochTimes()
-        model.fit(x, batch_size=64, epochs=epochs, shuffle=False, verbose=0,
-                  callbacks=[timer.callback])
+        model.fit(
+            x, batch_size=64, epochs=epochs, shuffle=False, verbose=0, callbacks=[timer.callback]
+        )
         per_epoch = statistics.median(timer.times[1:])
-        out["runs"][str(spe)] = {"epoch_s": timer.times, "median_epoch_s": per_epoch,
-                                 "ms_per_step": 1e3 * per_epoch / 22}
+        out["runs"][str(spe)] = {
+            "epoch_s": timer.times,
+            "median_epoch_s": per_epoch,
+            "ms_per_step": 1e3 * per_epoch / 22,
+        }
         print(f"steps_per_execution={spe}: {1e3 * per_epoch / 22:.1f} ms/step", flush=True)
     return out
 
@@ -193,8 +225,10 @@ def main():
     if args.mode == "step":
         for name, t in out["timings"].items():
             print(f"{name:<28}{t['median_ms']:>8.2f} ms  ({out['vs_nets_step'][name]:.3f}x nets)")
-        print("fused vs Keras Adam, max |weight diff| after n steps:",
-              out["fused_vs_keras_max_abs_weight_diff"])
+        print(
+            "fused vs Keras Adam, max |weight diff| after n steps:",
+            out["fused_vs_keras_max_abs_weight_diff"],
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

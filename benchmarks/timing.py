@@ -34,20 +34,25 @@ VARIANTS = {
     "tfp_glow_bf16": ("ours_bf16", False),
     "tfb.Glow": ("tfp", False),
 }
-KINDS = ("train_step", "model_train_step", "log_prob", "sample", "nets_step",
-         "nets_forward")
+KINDS = ("train_step", "model_train_step", "log_prob", "sample", "nets_step", "nets_forward")
 
 
 def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=False):
     x = common.batch_of(size)
-    benches = {name: common.Bench(*VARIANTS[name][:1], size, x,
-                                  jit_compile=VARIANTS[name][1])
-               for name in variants}
-    out = {"size": size, "config": common.SIZES[size], "batch": common.BATCH,
-           "variables": {n: len(b.variables) for n, b in benches.items()},
-           "parameters": {n: int(sum(v.shape.num_elements() for v in b.variables))
-                          for n, b in benches.items()},
-           "variants": {n: {} for n in variants}}
+    benches = {
+        name: common.Bench(*VARIANTS[name][:1], size, x, jit_compile=VARIANTS[name][1])
+        for name in variants
+    }
+    out = {
+        "size": size,
+        "config": common.SIZES[size],
+        "batch": common.BATCH,
+        "variables": {n: len(b.variables) for n, b in benches.items()},
+        "parameters": {
+            n: int(sum(v.shape.num_elements() for v in b.variables)) for n, b in benches.items()
+        },
+        "variants": {n: {} for n in variants},
+    }
     for kind in kinds:
         calls = {}
         for name, bench in benches.items():
@@ -62,12 +67,15 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
             if kind == "train_step":
                 t["peak_memory_mb"] = common.step_memory(calls[name][0], (x,)) / 2**20
             out["variants"][name][kind] = t
-            print(f"  {name:<14} {t['median_ms']:9.1f} ms (min {t['min_ms']:.1f}, "
-                  f"cpu {t['cpu_median_ms']:.1f}, first call {t['first_call_s']:.1f} s)"
-                  + (f", peak +{t['peak_memory_mb']:.1f} MB" if "peak_memory_mb" in t else ""),
-                  flush=True)
+            print(
+                f"  {name:<14} {t['median_ms']:9.1f} ms (min {t['min_ms']:.1f}, "
+                f"cpu {t['cpu_median_ms']:.1f}, first call {t['first_call_s']:.1f} s)"
+                + (f", peak +{t['peak_memory_mb']:.1f} MB" if "peak_memory_mb" in t else ""),
+                flush=True,
+            )
     if profile:
         import profile_ops
+
         for kind in ("train_step", "sample"):
             if kind not in kinds:
                 continue
@@ -80,15 +88,14 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
                 args = () if kind == "sample" else (x,)
                 per_op = profile_ops.profile_step(getattr(bench, kind), args, steps=3)
                 out["variants"][name][f"{kind}_profile"] = {
-                    op: {"ms": us / 1000, "count": n} for op, (us, n) in per_op.items()}
+                    op: {"ms": us / 1000, "count": n} for op, (us, n) in per_op.items()
+                }
                 print(profile_ops.format_breakdown(per_op, top=8), flush=True)
     for name, res in out["variants"].items():
         if "train_step" in res and "nets_step" in res:
-            res["flow_overhead"] = (res["train_step"]["median_ms"]
-                                    / res["nets_step"]["median_ms"])
+            res["flow_overhead"] = res["train_step"]["median_ms"] / res["nets_step"]["median_ms"]
         if "sample" in res and "nets_forward" in res:
-            res["sampling_overhead"] = (res["sample"]["median_ms"]
-                                        / res["nets_forward"]["median_ms"])
+            res["sampling_overhead"] = res["sample"]["median_ms"] / res["nets_forward"]["median_ms"]
     return out
 
 
@@ -99,13 +106,21 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--profile", action="store_true",
-                        help="also break the graph-mode train step and sampling down "
-                             "by op type")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also break the graph-mode train step and sampling down by op type",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    out = run(args.size, args.repeats, tuple(args.variants.split(",")),
-              tuple(args.kinds.split(",")), args.warmup, args.profile)
+    out = run(
+        args.size,
+        args.repeats,
+        tuple(args.variants.split(",")),
+        tuple(args.kinds.split(",")),
+        args.warmup,
+        args.profile,
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

@@ -45,25 +45,37 @@ def _coupling_stack(kind, layers, hidden, bins, tail_bound):
     import functools
 
     import tensorflow_probability as tfp
+
     from tfp_glow import nets
     from tfp_glow.bijectors import ActNorm, AffineCoupling, InvertibleConv1x1, MultiScaleFlow
     from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
+
     steps = []
     for i in range(layers):
         if kind == "spline":
             per = RationalQuadraticSplineCoupling.outputs_per_channel(bins)
-            steps += [RationalQuadraticSplineCoupling(
-                          nets.MLPCouplingNet(hidden, per, num_hidden_layers=2),
-                          num_bins=bins, tail_bound=tail_bound, parity=i % 2,
-                          event_shape=(2,)),
-                      InvertibleConv1x1(2, event_ndims=1, seed=i),
-                      ActNorm(2, event_ndims=1)]
+            steps += [
+                RationalQuadraticSplineCoupling(
+                    nets.MLPCouplingNet(hidden, per, num_hidden_layers=2),
+                    num_bins=bins,
+                    tail_bound=tail_bound,
+                    parity=i % 2,
+                    event_shape=(2,),
+                ),
+                InvertibleConv1x1(2, event_ndims=1, seed=i),
+                ActNorm(2, event_ndims=1),
+            ]
         else:  # glow: ActNorm -> 1x1 "conv" (LU 2x2 map) -> affine coupling
-            steps += [ActNorm(2, event_ndims=1),
-                      InvertibleConv1x1(2, lu=True, event_ndims=1, seed=i),
-                      AffineCoupling(functools.partial(nets.MLPCouplingNet, hidden,
-                                                       num_hidden_layers=2),
-                                     mask="channel", parity=i % 2, event_shape=(2,))]
+            steps += [
+                ActNorm(2, event_ndims=1),
+                InvertibleConv1x1(2, lu=True, event_ndims=1, seed=i),
+                AffineCoupling(
+                    functools.partial(nets.MLPCouplingNet, hidden, num_hidden_layers=2),
+                    mask="channel",
+                    parity=i % 2,
+                    event_shape=(2,),
+                ),
+            ]
     chain = tfp.bijectors.Chain(list(reversed(steps)))  # steps[0] is applied first
     return MultiScaleFlow((2,), [(chain, None)])
 
@@ -73,20 +85,31 @@ def build_flow(kind, layers=8, hidden=64, bins=8, tail_bound=3.0, unroll_loop=Fa
     `unroll_loop`: TFP's option of `MaskedAutoregressiveFlow` (a Python loop of
     D passes in its sequential direction, in place of a `tf.while_loop`)."""
     import tensorflow_probability as tfp
+
     import tfp_glow
     from tfp_glow import FlowModel, nets
+
     tfb = tfp.bijectors
     if kind == "realnvp":
-        return tfp_glow.RealNVP(input_shape=(2,), coupling_layers=layers,
-                                hidden_channels=hidden, num_bins=None), 0
+        return tfp_glow.RealNVP(
+            input_shape=(2,), coupling_layers=layers, hidden_channels=hidden, num_bins=None
+        ), 0
     if kind in ("spline", "glow"):
-        return FlowModel(lambda: _coupling_stack(kind, layers, hidden, bins, tail_bound),
-                         event_shape=(2,), num_bins=None), 0
+        return FlowModel(
+            lambda: _coupling_stack(kind, layers, hidden, bins, tail_bound),
+            event_shape=(2,),
+            num_bins=None,
+        ), 0
     if kind == "ffjord":
+
         def flow():
-            return tfb.Invert(tfb.FFJORD(
-                state_time_derivative_fn=nets.ODENet(2, [hidden] * ODE_HIDDEN_LAYERS),
-                trace_augmentation_fn=nets.ffjord_trace(exact=True)))
+            return tfb.Invert(
+                tfb.FFJORD(
+                    state_time_derivative_fn=nets.ODENet(2, [hidden] * ODE_HIDDEN_LAYERS),
+                    trace_augmentation_fn=nets.ffjord_trace(exact=True),
+                )
+            )
+
         return FlowModel(flow, event_shape=(2,), num_bins=None), 0
     if kind not in ("maf", "iaf", "nsf_ar"):
         raise ValueError(f"unknown flow {kind!r}; one of {FLOWS}")
@@ -96,21 +119,26 @@ def build_flow(kind, layers=8, hidden=64, bins=8, tail_bound=3.0, unroll_loop=Fa
         mafs = []
         for order in _orders(layers):
             if kind == "nsf_ar":
-                fn = nets.AutoregressiveSplineFn.build(2, [hidden, hidden], num_bins=bins,
-                                                       bound=tail_bound, input_order=order)
+                fn = nets.AutoregressiveSplineFn.build(
+                    2, [hidden, hidden], num_bins=bins, bound=tail_bound, input_order=order
+                )
                 mades.append(fn.made)
-                mafs.append(tfb.MaskedAutoregressiveFlow(bijector_fn=fn,
-                                                         unroll_loop=unroll_loop))
+                mafs.append(tfb.MaskedAutoregressiveFlow(bijector_fn=fn, unroll_loop=unroll_loop))
             else:
-                made = nets.MADE(params=2, event_size=2, hidden_units=[hidden, hidden],
-                                 input_order=order)
+                made = nets.MADE(
+                    params=2, event_size=2, hidden_units=[hidden, hidden], input_order=order
+                )
                 mades.append(made)
-                mafs.append(tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=made,
-                                                         unroll_loop=unroll_loop))
+                mafs.append(
+                    tfb.MaskedAutoregressiveFlow(
+                        shift_and_log_scale_fn=made, unroll_loop=unroll_loop
+                    )
+                )
         chain = tfb.Chain(list(reversed(mafs)))  # mafs[0] nearest the data
         # MAF: the MAF bijector maps noise to data (sequential), so the
         # normalizing flow is its inverse; IAF: the bijector itself normalizes.
         return chain if kind == "iaf" else tfb.Invert(chain)
+
     model = FlowModel(flow, event_shape=(2,), num_bins=None)
     masked = sum(int((~m).sum()) for made in mades for m in made.masks)
     return model, masked
@@ -154,14 +182,16 @@ def step_timer():
             skip = max(5, len(gaps) // 10) if skip is None else skip
             kept = gaps[skip:] if len(gaps) > skip else gaps[-1:]
             kept_cpu = cpu[skip:] if len(cpu) > skip else cpu[-1:]
-            return {"step_ms_median": float(np.median(kept)),
-                    # this process's CPU time (all threads) per step: less
-                    # sensitive to other load on the machine than wall time
-                    "step_cpu_ms_median": float(np.median(kept_cpu)),
-                    "step_ms_p10": float(np.percentile(kept, 10)),
-                    "step_ms_p90": float(np.percentile(kept, 90)),
-                    "first_step_s": float(gaps[0] / 1e3) if len(gaps) else None,
-                    "steps_timed": int(len(kept))}
+            return {
+                "step_ms_median": float(np.median(kept)),
+                # this process's CPU time (all threads) per step: less
+                # sensitive to other load on the machine than wall time
+                "step_cpu_ms_median": float(np.median(kept_cpu)),
+                "step_ms_p10": float(np.percentile(kept, 10)),
+                "step_ms_p90": float(np.percentile(kept, 90)),
+                "first_step_s": float(gaps[0] / 1e3) if len(gaps) else None,
+                "steps_timed": int(len(kept)),
+            }
 
     return StepTimer()
 
@@ -170,10 +200,13 @@ def time_directions(model, x, n=1000, repeats=3, seed=7):
     """Medians (ms) of `model.sample(n)` and `model.log_prob(x[:n])`, each
     after one untimed call (tracing); results forced to NumPy."""
     import tensorflow as tf
+
     x = tf.constant(x[:n])
     out = {}
-    for name, fn in (("sample", lambda: model.sample(n, seed=seed)),
-                     ("log_prob", lambda: model.log_prob(x))):
+    for name, fn in (
+        ("sample", lambda: model.sample(n, seed=seed)),
+        ("log_prob", lambda: model.log_prob(x)),
+    ):
         t0 = time.perf_counter()
         np.asarray(fn())
         first = time.perf_counter() - t0

@@ -34,14 +34,19 @@ STEPS = 2000
 
 def _targets():
     import vi_neutra
+
     schools = vi_neutra.eight_schools()
-    return {"funnel": (vi_neutra.funnel_log_prob, [10]),
-            "schools": (schools.unnormalized_log_prob, schools)}
+    return {
+        "funnel": (vi_neutra.funnel_log_prob, [10]),
+        "schools": (schools.unnormalized_log_prob, schools),
+    }
 
 
 def surrogate(seeds=(0, 1)):
     import vi_neutra
+
     from tfp_glow import vi
+
     configs = {f"{n} layers": dict(num_layers=n) for n in (2, 4, 6, 8)}
     configs["4 layers, width 64"] = dict(num_layers=4, hidden_units=64)
     configs["4 layers, additive"] = dict(num_layers=4, coupling="additive")
@@ -57,8 +62,11 @@ def surrogate(seeds=(0, 1)):
                 q = vi.flow_surrogate_posterior(model, seed=seed, **kwargs)
                 vi_neutra.fit(target, q, lr, STEPS, (seed, 1), True)
                 elbos.append(vi_neutra.elbo(target, q))
-                print(f"{name:8s} {label:22s} seed {seed}: ELBO {elbos[-1]:.3f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"{name:8s} {label:22s} seed {seed}: ELBO {elbos[-1]:.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
             out[f"{name}: {label}"] = {"elbo_mean": float(np.mean(elbos)), "elbos": elbos}
     return out
 
@@ -67,7 +75,9 @@ def leapfrog(chains=128, chain_seeds=(9, 19, 29), steps=(2, 3, 4, 6, 8, 12)):
     import tensorflow as tf
     import tensorflow_probability as tfp
     import vi_neutra
+
     from tfp_glow import vi
+
     target, _ = _targets()["funnel"]
     q = vi.flow_surrogate_posterior([10], seed=0)
     vi_neutra.fit(target, q, 1e-3, STEPS, (0, 1), True)
@@ -78,11 +88,16 @@ def leapfrog(chains=128, chain_seeds=(9, 19, 29), steps=(2, 3, 4, 6, 8, 12)):
         rows = []
         for seed in chain_seeds:
             runs = {
-                "neutra": (vi.neutra_kernel(target, q, num_leapfrog_steps=num_steps,
-                                            num_adaptation_steps=adapt),
-                           vi.neutra_initial_state(q, chains, seed=(1, 7))),
-                "hmc": (vi_neutra.hmc(target, num_steps, adapt),
-                        tf.random.stateless_normal([chains, 10], seed=(1, 7))),
+                "neutra": (
+                    vi.neutra_kernel(
+                        target, q, num_leapfrog_steps=num_steps, num_adaptation_steps=adapt
+                    ),
+                    vi.neutra_initial_state(q, chains, seed=(1, 7)),
+                ),
+                "hmc": (
+                    vi_neutra.hmc(target, num_steps, adapt),
+                    tf.random.stateless_normal([chains, 10], seed=(1, 7)),
+                ),
             }
             row = {}
             for name, (kernel, init) in runs.items():
@@ -91,8 +106,11 @@ def leapfrog(chains=128, chain_seeds=(9, 19, 29), steps=(2, 3, 4, 6, 8, 12)):
                 row[name] = 1000 * ess / grads
                 row[f"{name}_sd_v"] = float(np.std(x[..., 0].numpy()))
             rows.append(row)
-            print(f"L={num_steps:2d} chain seed {seed}: ESS of v per 1000 gradients NeuTra "
-                  f"{row['neutra']:.3f}, HMC {row['hmc']:.3f}", flush=True)
+            print(
+                f"L={num_steps:2d} chain seed {seed}: ESS of v per 1000 gradients NeuTra "
+                f"{row['neutra']:.3f}, HMC {row['hmc']:.3f}",
+                flush=True,
+            )
         out[str(num_steps)] = rows
     return out
 
@@ -105,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import common
+
     result = {"machine": common.machine_info(), "loadavg_start": list(os.getloadavg())}
     if args.what == "surrogate":
         result["surrogate"] = surrogate()

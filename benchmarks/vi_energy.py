@@ -41,8 +41,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "results", "vi_energy")
 ENERGIES = ("U1", "U2", "U3", "U4")
-FLOWS = (("planar", 2), ("planar", 8), ("planar", 32), ("radial", 2), ("radial", 8),
-         ("radial", 32), ("coupling", 6))
+FLOWS = (
+    ("planar", 2),
+    ("planar", 8),
+    ("planar", 32),
+    ("radial", 2),
+    ("radial", 8),
+    ("radial", 32),
+    ("coupling", 6),
+)
 GRID_HALF_WIDTH = 10.0
 
 
@@ -56,25 +63,29 @@ def energy(name, z, xp):
         return -xp.logaddexp(-a, -b)
 
     if name == "U1":
-        ring = 0.5 * ((xp.sqrt(z1 ** 2 + z2 ** 2) - 2.0) / 0.4) ** 2
-        return ring + neg_logaddexp(0.5 * ((z1 - 2.0) / 0.6) ** 2,
-                                    0.5 * ((z1 + 2.0) / 0.6) ** 2)
-    envelope = (z1 ** 4 + z2 ** 4) / 512.0
+        ring = 0.5 * ((xp.sqrt(z1**2 + z2**2) - 2.0) / 0.4) ** 2
+        return ring + neg_logaddexp(0.5 * ((z1 - 2.0) / 0.6) ** 2, 0.5 * ((z1 + 2.0) / 0.6) ** 2)
+    envelope = (z1**4 + z2**4) / 512.0
     if name == "U2":
         return 0.5 * ((z2 - w1) / 0.4) ** 2 + envelope
     if name == "U3":
         w2 = 3.0 * xp.exp(-0.5 * ((z1 - 1.0) / 0.6) ** 2)
-        return neg_logaddexp(0.5 * ((z2 - w1) / 0.35) ** 2,
-                             0.5 * ((z2 - w1 + w2) / 0.35) ** 2) + envelope
+        return (
+            neg_logaddexp(0.5 * ((z2 - w1) / 0.35) ** 2, 0.5 * ((z2 - w1 + w2) / 0.35) ** 2)
+            + envelope
+        )
     if name == "U4":
         w3 = 3.0 * xp.sigmoid((z1 - 1.0) / 0.3)
-        return neg_logaddexp(0.5 * ((z2 - w1) / 0.4) ** 2,
-                             0.5 * ((z2 - w1 + w3) / 0.35) ** 2) + envelope
+        return (
+            neg_logaddexp(0.5 * ((z2 - w1) / 0.4) ** 2, 0.5 * ((z2 - w1 + w3) / 0.35) ** 2)
+            + envelope
+        )
     raise ValueError(f"`name` must be one of {ENERGIES}; received {name!r}.")
 
 
 class _NumPy:
     """NumPy under the names `energy` uses."""
+
     sin, exp, sqrt, logaddexp = np.sin, np.exp, np.sqrt, np.logaddexp
 
     @staticmethod
@@ -115,14 +126,22 @@ def fit_one(name, flow, k, args):
     q = vi.flow_surrogate_posterior([2], num_layers=k, flow=flow, seed=0)
     start = time.time()
     losses = tfp.vi.fit_surrogate_posterior(
-        target_log_prob, q, keras.optimizers.Adam(args.lr), args.steps,
-        sample_size=args.sample_size, jit_compile=True, seed=(0, 1)).numpy()
+        target_log_prob,
+        q,
+        keras.optimizers.Adam(args.lr),
+        args.steps,
+        sample_size=args.sample_size,
+        jit_compile=True,
+        seed=(0, 1),
+    ).numpy()
     fit_seconds = time.time() - start
     z, log_q = q.experimental_sample_and_log_prob(args.eval_draws, seed=(2, 3))
     terms = (target_log_prob(z) - log_q).numpy().astype(np.float64)
     finite = np.isfinite(terms)
     return {
-        "energy": name, "flow": flow, "K": k,
+        "energy": name,
+        "flow": flow,
+        "K": k,
         "parameters": int(sum(np.prod(v.shape) for v in q.trainable_variables)),
         "elbo": float(np.mean(terms[finite])),
         "elbo_se": float(np.std(terms[finite]) / np.sqrt(finite.sum())),
@@ -133,32 +152,49 @@ def fit_one(name, flow, k, args):
 
 
 def markdown(results, log_z):
-    lines = ["| energy | log Z | flow | K | params | ELBO (+- se) | KL(q \\|\\| p) | fit s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| energy | log Z | flow | K | params | ELBO (+- se) | KL(q \\|\\| p) | fit s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
             f"| {r['energy']} | {log_z[r['energy']]['fine']:.4f} | {r['flow']} | {r['K']} "
             f"| {r['parameters']} | {r['elbo']:.3f} +- {r['elbo_se']:.3f} | {r['kl']:.3f} "
-            f"| {r['fit_seconds']} |")
+            f"| {r['fit_seconds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def machine(load_start):
     import tensorflow as tf
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+    }
 
 
 def write_report(out_dir):
     """results.json and table.md from every `<energy>.json` in `out_dir`."""
-    runs = [json.load(open(os.path.join(out_dir, f"{e}.json"))) for e in ENERGIES
-            if os.path.exists(os.path.join(out_dir, f"{e}.json"))]
+    runs = [
+        json.load(open(os.path.join(out_dir, f"{e}.json")))
+        for e in ENERGIES
+        if os.path.exists(os.path.join(out_dir, f"{e}.json"))
+    ]
     results = [r for run in runs for r in run["results"]]
     log_z = {run["energy"]: run["log_z"] for run in runs}
-    report = {"runs": [{k: run[k] for k in ("energy", "command", "settings", "machine",
-                                            "wall_seconds")} for run in runs],
-              "log_z": log_z, "results": results}
+    report = {
+        "runs": [
+            {k: run[k] for k in ("energy", "command", "settings", "machine", "wall_seconds")}
+            for run in runs
+        ],
+        "log_z": log_z,
+        "results": results,
+    }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(results, log_z)
@@ -168,7 +204,8 @@ def write_report(out_dir):
         f"{run['machine']['loadavg_start'][0]:.1f} at the start, "
         f"{run['machine']['loadavg_end'][0]:.1f} at the end "
         f"({run['machine']['cpu_count']} CPUs, {run['machine']['platform']})"
-        for run in runs)
+        for run in runs
+    )
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("\n".join(f"`{c}`" for c in commands) + f"\n\n{table}\n{notes}\n")
     print(table)
@@ -182,15 +219,17 @@ def main(argv=None):
     parser.add_argument("--eval-draws", type=int, default=100_000)
     parser.add_argument("--energies", nargs="+", default=list(ENERGIES), choices=ENERGIES)
     parser.add_argument("--out-dir", default=OUT_DIR)
-    parser.add_argument("--report-only", action="store_true",
-                        help="only rebuild results.json and table.md from <energy>.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild results.json and table.md from <energy>.json",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.report_only:
         write_report(args.out_dir)
         return
-    command = "python benchmarks/vi_energy.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/vi_energy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for name in args.energies:  # one file per energy, written as each finishes
         load_start, wall = os.getloadavg(), time.time()
         log_z = {"fine": log_normaliser(name, 2001), "coarse": log_normaliser(name, 1001)}
@@ -200,12 +239,20 @@ def main(argv=None):
             r["kl"] = log_z["fine"] - r["elbo"]
             results.append(r)
             print(json.dumps(r), flush=True)
-        run = {"energy": name, "command": command,
-               "settings": {k: v for k, v in vars(args).items()
-                            if k not in ("energies", "out_dir", "report_only")}
-               | {"jit_compile": True, "optimizer": "Adam", "seed": 0},
-               "machine": machine(load_start), "wall_seconds": round(time.time() - wall, 1),
-               "log_z": log_z, "results": results}
+        run = {
+            "energy": name,
+            "command": command,
+            "settings": {
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("energies", "out_dir", "report_only")
+            }
+            | {"jit_compile": True, "optimizer": "Adam", "seed": 0},
+            "machine": machine(load_start),
+            "wall_seconds": round(time.time() - wall, 1),
+            "log_z": log_z,
+            "results": results,
+        }
         with open(os.path.join(args.out_dir, f"{name}.json"), "w") as f:
             json.dump(run, f, indent=1)
     write_report(args.out_dir)

@@ -22,8 +22,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def _bijector_check(name, case):
-    from tfp_glow.bijectors import forward_and_log_det, inverse_and_log_det
     from bijector_registry import perturb
+
+    from tfp_glow.bijectors import forward_and_log_det, inverse_and_log_det
+
     rng = np.random.default_rng(0)
     bij = case.make(tf.float32)
     x = case.draw(rng, 5, tf.float32)
@@ -36,7 +38,7 @@ def _bijector_check(name, case):
         with tf.GradientTape() as tape:
             y, fldj = forward_and_log_det(bij, x, **kw)
             x_back, ildj = inverse_and_log_det(bij, tf.identity(y), **kw)
-            total = tf.reduce_sum(fldj) + tf.reduce_sum(ildj) + tf.reduce_sum(y ** 2)
+            total = tf.reduce_sum(fldj) + tf.reduce_sum(ildj) + tf.reduce_sum(y**2)
         grads = tape.gradient(total, variables) if variables else []
         return [y, fldj, x_back, ildj] + [g for g in grads if g is not None]
 
@@ -54,6 +56,7 @@ def _bijector_check(name, case):
 
 def _model_check(name, make, shape):
     import keras
+
     model = make()
     x = tf.random.uniform((8,) + shape, -0.45, 0.45, seed=0)
     model.initialize(x)
@@ -76,22 +79,36 @@ def _model_check(name, make, shape):
 
 
 def main():
-    import tfp_glow
     from bijector_registry import REGISTRY
+
+    import tfp_glow
+
     results = {"bijectors": {}, "models": {}}
     for name, case in REGISTRY.items():
         results["bijectors"][name] = _bijector_check(name, case)
         print(f"{name:<34} {results['bijectors'][name]}", flush=True)
     models = {
-        "Glow": (lambda: tfp_glow.Glow((8, 8, 1), levels=2, steps_per_level=2,
-                                       hidden_channels=16, num_bins=17, dropout=0.0,
-                                       dequantization="uniform"), (8, 8, 1)),
-        "RealNVP": (lambda: tfp_glow.RealNVP((8, 8, 1), levels=2, hidden_channels=16,
-                                             num_bins=17), (8, 8, 1)),
-        "NICE": (lambda: tfp_glow.NICE((8, 8, 1), hidden_units=32, num_bins=17),
-                 (8, 8, 1)),
-        "RealNVP (2-D)": (lambda: tfp_glow.RealNVP((2,), hidden_channels=16,
-                                                   coupling_layers=4, num_bins=None), (2,)),
+        "Glow": (
+            lambda: tfp_glow.Glow(
+                (8, 8, 1),
+                levels=2,
+                steps_per_level=2,
+                hidden_channels=16,
+                num_bins=17,
+                dropout=0.0,
+                dequantization="uniform",
+            ),
+            (8, 8, 1),
+        ),
+        "RealNVP": (
+            lambda: tfp_glow.RealNVP((8, 8, 1), levels=2, hidden_channels=16, num_bins=17),
+            (8, 8, 1),
+        ),
+        "NICE": (lambda: tfp_glow.NICE((8, 8, 1), hidden_units=32, num_bins=17), (8, 8, 1)),
+        "RealNVP (2-D)": (
+            lambda: tfp_glow.RealNVP((2,), hidden_channels=16, coupling_layers=4, num_bins=None),
+            (2,),
+        ),
     }
     for name, (make, shape) in models.items():
         results["models"][name] = _model_check(name, make, shape)

@@ -19,8 +19,11 @@ import os
 CLI_MARKER = "<!-- tfp-glow-cli-reference -->"
 README_MARKER = "<!-- tfp-glow-readme -->"
 # README link targets (repository paths) -> the site's pages, relative to docs/.
-README_LINKS = (("](docs/", "]("), ("](BENCHMARKS.md", "](results/benchmarks.md"),
-                ("](CHANGELOG.md)", "](changelog.md)"))
+README_LINKS = (
+    ("](docs/", "]("),
+    ("](BENCHMARKS.md", "](results/benchmarks.md"),
+    ("](CHANGELOG.md)", "](changelog.md)"),
+)
 GUIDE_SECTION = "User guide"
 
 
@@ -44,8 +47,10 @@ def _nav_paths(items):
 
 def on_config(config):
     nav = config["nav"]
-    section = next((item[GUIDE_SECTION] for item in nav
-                    if isinstance(item, dict) and GUIDE_SECTION in item), None)
+    section = next(
+        (item[GUIDE_SECTION] for item in nav if isinstance(item, dict) and GUIDE_SECTION in item),
+        None,
+    )
     if section is None:
         raise ValueError(f"mkdocs.yml's nav has no {GUIDE_SECTION!r} section for docs/guide/")
     listed = set(_nav_paths(nav))
@@ -113,4 +118,3 @@ def on_page_markdown(markdown, page, config, files):
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_reference_markdown())
     return markdown
-

@@ -12,8 +12,9 @@ import numpy as np
 from tfp_glow.images import image_grid, label_grid, save_png
 
 # Five anchors of matplotlib's "viridis", interpolated linearly.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
-                     [253, 231, 37]], np.float64)
+_VIRIDIS = np.array(
+    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64
+)
 
 
 def matplotlib_pyplot():
@@ -26,6 +27,7 @@ def matplotlib_pyplot():
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -45,8 +47,9 @@ def _upscale(image, factor):
 def _histogram(points, extent, bins):
     points = np.asarray(points, np.float64)
     points = points[np.all(np.isfinite(points), axis=1)]
-    hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=bins,
-                                range=[[-extent, extent], [-extent, extent]])
+    hist, _, _ = np.histogram2d(
+        points[:, 1], points[:, 0], bins=bins, range=[[-extent, extent], [-extent, extent]]
+    )
     return hist[::-1]  # row 0 at the top: y grows upwards
 
 

@@ -20,6 +20,7 @@ moons and recovers sigma = 0.25. No Keras model is involved: a plain
 import argparse
 import os
 
+import _plots
 import keras
 import numpy as np
 import tensorflow as tf
@@ -27,8 +28,6 @@ import tensorflow_probability as tfp
 
 from tfp_glow import bijectors as B
 from tfp_glow import data, nets
-
-import _plots
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 TRUE_SIGMA = 0.25
@@ -38,10 +37,13 @@ def build_flow(num_layers, hidden_units, seed=0):
     """The normalizing bijector f: data -> latent (the Glow table's direction)."""
     steps = []
     for i in range(num_layers):
-        steps += [B.ActNorm(2, event_ndims=1, name=f"act_norm_{i}"),
-                  B.InvertibleConv1x1(2, event_ndims=1, seed=seed + i),
-                  B.AffineCoupling(nets.MLPCouplingNet(hidden_units, 2), mask="channel",
-                                   parity=i % 2, event_shape=(2,))]
+        steps += [
+            B.ActNorm(2, event_ndims=1, name=f"act_norm_{i}"),
+            B.InvertibleConv1x1(2, event_ndims=1, seed=seed + i),
+            B.AffineCoupling(
+                nets.MLPCouplingNet(hidden_units, 2), mask="channel", parity=i % 2, event_shape=(2,)
+            ),
+        ]
     return tfb.Chain(list(reversed(steps)))  # Chain applies its last element first
 
 
@@ -55,14 +57,16 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
 
-    flow = build_flow(num_layers=2 if args.smoke else 6,
-                      hidden_units=16 if args.smoke else 64, seed=args.seed)
+    flow = build_flow(
+        num_layers=2 if args.smoke else 6, hidden_units=16 if args.smoke else 64, seed=args.seed
+    )
     sigma = tfp.util.TransformedVariable(1.0, tfb.Softplus(), name="sigma")
 
     @tfd.JointDistributionCoroutineAutoBatched
     def program():
         x = yield tfd.TransformedDistribution(
-            tfd.Sample(tfd.Normal(0.0, 1.0), [2]), tfb.Invert(flow), name="x")
+            tfd.Sample(tfd.Normal(0.0, 1.0), [2]), tfb.Invert(flow), name="x"
+        )
         yield tfd.Independent(tfd.Normal(x, sigma), 1, name="y")
 
     rng = np.random.default_rng(args.seed)
@@ -76,8 +80,10 @@ def main(argv=None):
 
     variables = program.trainable_variables
     names = sorted({v.name.split(":")[0] for v in variables})
-    print(f"{len(variables)} trainable variables, e.g. {names[:3]} ... and sigma: "
-          f"{any('sigma' in n for n in names)}")
+    print(
+        f"{len(variables)} trainable variables, e.g. {names[:3]} ... and sigma: "
+        f"{any('sigma' in n for n in names)}"
+    )
     optimizer = keras.optimizers.Adam(2e-3)
 
     @tf.function
@@ -93,15 +99,18 @@ def main(argv=None):
         index = rng.integers(0, len(x_data), 256)
         loss = train_step(tf.constant(x_data[index]), tf.constant(y_data[index]))
         if step % 500 == 0 or step == steps - 1:
-            print(f"step {step:5d}  -log p(x, y) = {float(loss):.3f}  "
-                  f"sigma = {float(tf.convert_to_tensor(sigma)):.3f}")
+            print(
+                f"step {step:5d}  -log p(x, y) = {float(loss):.3f}  "
+                f"sigma = {float(tf.convert_to_tensor(sigma)):.3f}"
+            )
     print(f"learned sigma {float(tf.convert_to_tensor(sigma)):.3f} (true {TRUE_SIGMA})")
 
     x_samples, y_samples = program.sample(4000, seed=args.seed)
     path = _plots.scatter_png(
         [x_data[:4000], x_samples.numpy(), y_samples.numpy()],
         ["data x", "program samples x", "program samples y"],
-        os.path.join(args.output, "joint_samples.png"))
+        os.path.join(args.output, "joint_samples.png"),
+    )
     print(f"wrote {path}")
 
 

@@ -32,9 +32,13 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     bins = data.DIGITS_NUM_BINS
 
-    model = tfp_glow.NICE(input_shape=(8, 8, 1), coupling_layers=4,
-                          hidden_units=32 if args.smoke else 256,
-                          num_hidden_layers=1 if args.smoke else 3, num_bins=bins)
+    model = tfp_glow.NICE(
+        input_shape=(8, 8, 1),
+        coupling_layers=4,
+        hidden_units=32 if args.smoke else 256,
+        num_hidden_layers=1 if args.smoke else 3,
+        num_bins=bins,
+    )
     train = data.digits_dataset("train", batch_size=64, seed=args.seed)
     test = data.digits_dataset("test", batch_size=360, shuffle=False)
     model.compile(keras.optimizers.Adam(WarmupSchedule(1e-3, warmup_steps=100)))
@@ -47,14 +51,25 @@ def main(argv=None):
 
     caption = f"NICE on digits, test {bpd:.3f} bits/dim"
     x = model.sample(64, temperature=0.7, seed=args.seed)
-    tfp_glow.save_image_grid(x, os.path.join(args.output, "samples.png"), num_bins=bins,
-                             rows=8, upscale=4, title=f"{caption}, T = 0.7")
+    tfp_glow.save_image_grid(
+        x,
+        os.path.join(args.output, "samples.png"),
+        num_bins=bins,
+        rows=8,
+        upscale=4,
+        title=f"{caption}, T = 0.7",
+    )
     temperatures = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
     rows = [model.sample(10, temperature=t, seed=args.seed) for t in temperatures]
-    tfp_glow.save_image_grid(np.concatenate(rows),
-                             os.path.join(args.output, "temperature_sweep.png"),
-                             num_bins=bins, rows=len(temperatures), upscale=4,
-                             title=caption, row_labels=[f"T = {t:g}" for t in temperatures])
+    tfp_glow.save_image_grid(
+        np.concatenate(rows),
+        os.path.join(args.output, "temperature_sweep.png"),
+        num_bins=bins,
+        rows=len(temperatures),
+        upscale=4,
+        title=caption,
+        row_labels=[f"T = {t:g}" for t in temperatures],
+    )
     print(f"wrote samples.png and temperature_sweep.png to {args.output}")
 
 

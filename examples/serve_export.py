@@ -32,9 +32,13 @@ URL = "http://localhost:8501/v1/models/glow:predict"
 
 def train_small_glow(smoke, seed):
     keras.utils.set_random_seed(seed)
-    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2 if smoke else 4,
-                          hidden_channels=16 if smoke else 32,
-                          num_bins=data.DIGITS_NUM_BINS)
+    model = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2 if smoke else 4,
+        hidden_channels=16 if smoke else 32,
+        num_bins=data.DIGITS_NUM_BINS,
+    )
     train = data.digits_dataset("train", batch_size=64, seed=seed)
     if smoke:
         # Seconds-long: ActNorm's data-dependent init only (an export needs it).
@@ -55,6 +59,7 @@ def main(argv=None):
 
     if args.run:
         from tfp_glow import recipe
+
         model, _ = recipe.load_run(args.run)  # model.keras, else the last checkpoint
     else:
         model = train_small_glow(args.smoke, args.seed)
@@ -68,11 +73,17 @@ def main(argv=None):
     print("signatures:", sorted(served.signatures.keys()))
 
     samples = served.signatures["sample"](
-        num=tf.constant(16), temperature=tf.constant(0.7),
-        seed=tf.constant(args.seed, tf.int64))["samples"]
+        num=tf.constant(16), temperature=tf.constant(0.7), seed=tf.constant(args.seed, tf.int64)
+    )["samples"]
     png = os.path.join(args.output, "served_samples.png")
-    tfp_glow.save_image_grid(samples, png, num_bins=model.num_bins, rows=4, upscale=4,
-                             title="served 'sample' signature, T = 0.7")
+    tfp_glow.save_image_grid(
+        samples,
+        png,
+        num_bins=model.num_bins,
+        rows=4,
+        upscale=4,
+        title="served 'sample' signature, T = 0.7",
+    )
     print(f"wrote {png}")
 
     x = next(iter(data.digits_dataset("test", 4, dequantize=False, shuffle=False)))
@@ -86,20 +97,25 @@ def main(argv=None):
 
     # --- what a client would POST to TF Serving's REST API ----------------
     bodies = {
-        "sample": {"signature_name": "sample",
-                   "inputs": {"num": 4, "temperature": 0.7, "seed": 1}},
-        "log_prob": {"signature_name": "log_prob",
-                     "inputs": {"x": np.round(x[:1].numpy().astype(np.float64), 3).tolist()}},
-        "bits_per_dim": {"signature_name": "bits_per_dim",
-                         "inputs": {"x": np.round(x[:1].numpy().astype(np.float64), 3).tolist()}},
+        "sample": {"signature_name": "sample", "inputs": {"num": 4, "temperature": 0.7, "seed": 1}},
+        "log_prob": {
+            "signature_name": "log_prob",
+            "inputs": {"x": np.round(x[:1].numpy().astype(np.float64), 3).tolist()},
+        },
+        "bits_per_dim": {
+            "signature_name": "bits_per_dim",
+            "inputs": {"x": np.round(x[:1].numpy().astype(np.float64), 3).tolist()},
+        },
     }
     for name, body in bodies.items():
         text = json.dumps(body)
         print(f"\n# {name}\ncurl -s -X POST {URL} -d '{text}'")
     with open(os.path.join(args.output, "requests.json"), "w") as f:
         json.dump(bodies, f, indent=1)
-    print(f"\n# or, with no server: saved_model_cli run --dir {version_dir} --tag_set serve "
-          "--signature_def sample --input_exprs 'num=4;temperature=0.7;seed=1'")
+    print(
+        f"\n# or, with no server: saved_model_cli run --dir {version_dir} --tag_set serve "
+        "--signature_def sample --input_exprs 'num=4;temperature=0.7;seed=1'"
+    )
 
 
 if __name__ == "__main__":

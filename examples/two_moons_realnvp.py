@@ -12,14 +12,13 @@ Pillow otherwise.
 import argparse
 import os
 
+import _plots
 import keras
 import numpy as np
 
 import tfp_glow
 from tfp_glow import data
 from tfp_glow.training import WarmupSchedule
-
-import _plots
 
 EXTENT = 3.0  # the toy densities are standardised: most mass is in [-3, 3]^2
 
@@ -36,16 +35,18 @@ def main(argv=None):
 
     # A vector RealNVP: 8 affine couplings on alternating coordinates, ActNorm
     # between them. num_bins=None: continuous data, bits/dim is plain NLL in bits.
-    model = tfp_glow.RealNVP(input_shape=(2,), coupling_layers=4 if args.smoke else 8,
-                             hidden_channels=16 if args.smoke else 64, num_bins=None)
+    model = tfp_glow.RealNVP(
+        input_shape=(2,),
+        coupling_layers=4 if args.smoke else 8,
+        hidden_channels=16 if args.smoke else 64,
+        num_bins=None,
+    )
     train = data.make_dataset("two_moons", "train", batch_size=256, seed=args.seed)
-    test = data.make_dataset("two_moons", "test", batch_size=1000, seed=args.seed,
-                             shuffle=False)
+    test = data.make_dataset("two_moons", "test", batch_size=1000, seed=args.seed, shuffle=False)
     epochs = 1 if args.smoke else args.epochs
     steps = 5 if args.smoke else int(train.cardinality())
     # Linear warmup, then cosine decay to 0 over the rest of the run.
-    schedule = WarmupSchedule(2e-3, warmup_steps=100,
-                              decay_steps=max(epochs * steps - 100, 1))
+    schedule = WarmupSchedule(2e-3, warmup_steps=100, decay_steps=max(epochs * steps - 100, 1))
     model.compile(keras.optimizers.Adam(schedule))
     model.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=2)
     nll = model.evaluate(test, verbose=0, return_dict=True)["loss"]
@@ -59,14 +60,22 @@ def main(argv=None):
     density = np.exp(model.log_prob(grid).numpy()).reshape(n, n)
 
     points = data.toy_density("two_moons", 20_000, seed=1)
-    hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=n,
-                                range=[[-EXTENT, EXTENT], [-EXTENT, EXTENT]])
+    hist, _, _ = np.histogram2d(
+        points[:, 1], points[:, 0], bins=n, range=[[-EXTENT, EXTENT], [-EXTENT, EXTENT]]
+    )
     density_png = _plots.density_panels_png(
-        [hist[::-1], density], ["data (histogram)", "RealNVP density"],
-        os.path.join(args.output, "density.png"), EXTENT)
+        [hist[::-1], density],
+        ["data (histogram)", "RealNVP density"],
+        os.path.join(args.output, "density.png"),
+        EXTENT,
+    )
     samples = model.sample(5000 if not args.smoke else 500, seed=args.seed).numpy()
-    samples_png = _plots.scatter_png([points[:5000], samples], ["data", "RealNVP samples"],
-                                     os.path.join(args.output, "samples.png"), EXTENT)
+    samples_png = _plots.scatter_png(
+        [points[:5000], samples],
+        ["data", "RealNVP samples"],
+        os.path.join(args.output, "samples.png"),
+        EXTENT,
+    )
     print(f"wrote {density_png} and {samples_png}")
 
 

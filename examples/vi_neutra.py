@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+import _plots
 import keras
 import numpy as np
 import tensorflow as tf
@@ -35,19 +36,18 @@ from scipy.special import logsumexp
 
 from tfp_glow import vi
 
-import _plots
-
 tfb, tfd = tfp.bijectors, tfp.distributions
-SCHOOLS_Y = np.array([28., 8., -3., 7., -1., 1., 18., 12.])
-SCHOOLS_SIGMA = np.array([15., 10., 16., 11., 9., 11., 10., 18.])
+SCHOOLS_Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SCHOOLS_SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 MEAN_FIELD_LR = {"funnel": 3e-2, "schools": 1e-1}  # best of {1e-2, 3e-2, 1e-1}, measured
 
 
 def funnel_log_prob(z):
     """log N(v; 0, 3) + sum_i log N(x_i; 0, exp(v / 2)), z = (v, x_1..x_9)."""
     v, x = z[..., 0], z[..., 1:]
-    return (tfd.Normal(0.0, 3.0).log_prob(v)
-            + tf.reduce_sum(tfd.Normal(0.0, tf.exp(v / 2)[..., None]).log_prob(x), -1))
+    return tfd.Normal(0.0, 3.0).log_prob(v) + tf.reduce_sum(
+        tfd.Normal(0.0, tf.exp(v / 2)[..., None]).log_prob(x), -1
+    )
 
 
 def eight_schools():
@@ -70,17 +70,21 @@ def schools_truth(n=1500):
     log_tau = np.linspace(-14, 9, n)
     m, lt = np.meshgrid(mu, log_tau, indexing="ij")
     tau = np.exp(lt)
-    var = tau[..., None] ** 2 + SCHOOLS_SIGMA ** 2
-    log_joint = (-0.5 * (m / 5) ** 2 - np.log(5 * np.sqrt(2 * np.pi))
-                 + np.log(2 / (np.pi * 5)) - np.log1p((tau / 5) ** 2) + lt
-                 + np.sum(-0.5 * (SCHOOLS_Y - m[..., None]) ** 2 / var
-                          - 0.5 * np.log(2 * np.pi * var), -1))
+    var = tau[..., None] ** 2 + SCHOOLS_SIGMA**2
+    log_joint = (
+        -0.5 * (m / 5) ** 2
+        - np.log(5 * np.sqrt(2 * np.pi))
+        + np.log(2 / (np.pi * 5))
+        - np.log1p((tau / 5) ** 2)
+        + lt
+        + np.sum(-0.5 * (SCHOOLS_Y - m[..., None]) ** 2 / var - 0.5 * np.log(2 * np.pi * var), -1)
+    )
     cell = (mu[1] - mu[0]) * (log_tau[1] - log_tau[0])
     w = np.exp(log_joint - logsumexp(log_joint))
     moments = {}
     for name, values in (("mu", m), ("tau", tau)):
         mean = float(np.sum(w * values))
-        moments[name] = (mean, float(np.sqrt(np.sum(w * values ** 2) - mean ** 2)))
+        moments[name] = (mean, float(np.sqrt(np.sum(w * values**2) - mean**2)))
     density = w.sum(0) / (log_tau[1] - log_tau[0])
     return float(logsumexp(log_joint) + np.log(cell)), moments, (log_tau, density)
 
@@ -93,15 +97,18 @@ def elbo(target, q, num_draws=20_000, seed=(11, 12)):
 
 def fit(target, q, lr, steps, seed, jit):
     losses = tfp.vi.fit_surrogate_posterior(
-        target, q, keras.optimizers.Adam(lr), steps, sample_size=16, jit_compile=jit,
-        seed=seed)
+        target, q, keras.optimizers.Adam(lr), steps, sample_size=16, jit_compile=jit, seed=seed
+    )
     return -losses.numpy()  # the ELBO estimate of each step
 
 
 def sample_chain(kernel, init, num_results, num_burnin, seed, jit):
-    return tf.function(lambda: tfp.mcmc.sample_chain(
-        num_results, init, kernel=kernel, num_burnin_steps=num_burnin, seed=seed,
-        trace_fn=None), jit_compile=jit)()
+    return tf.function(
+        lambda: tfp.mcmc.sample_chain(
+            num_results, init, kernel=kernel, num_burnin_steps=num_burnin, seed=seed, trace_fn=None
+        ),
+        jit_compile=jit,
+    )()
 
 
 def hmc(target, leapfrog, adapt, bijector=None):
@@ -127,7 +134,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plt = _plots.matplotlib_pyplot()
     if plt is None:
-        sys.exit("examples/vi_neutra.py needs matplotlib: pip install -e \".[examples]\"")
+        sys.exit('examples/vi_neutra.py needs matplotlib: pip install -e ".[examples]"')
     os.makedirs(args.output, exist_ok=True)
     smoke = args.smoke
     steps = 20 if smoke else args.steps
@@ -142,14 +149,24 @@ def main(argv=None):
     log_z, moments, (log_tau_grid, log_tau_density) = schools_truth(300 if smoke else 1500)
     schools = eight_schools()
     problems = {
-        "funnel": (funnel_log_prob, 0.0, [10],
-                   lambda: tfp.experimental.vi.build_factored_surrogate_posterior(
-                       [10], seed=(args.seed, 5))),
-        "schools": (schools.unnormalized_log_prob, log_z, schools,
-                    lambda: tfp.experimental.vi.build_factored_surrogate_posterior(
-                        schools.event_shape,
-                        bijector=schools.experimental_default_event_space_bijector(),
-                        seed=(args.seed, 5))),
+        "funnel": (
+            funnel_log_prob,
+            0.0,
+            [10],
+            lambda: tfp.experimental.vi.build_factored_surrogate_posterior(
+                [10], seed=(args.seed, 5)
+            ),
+        ),
+        "schools": (
+            schools.unnormalized_log_prob,
+            log_z,
+            schools,
+            lambda: tfp.experimental.vi.build_factored_surrogate_posterior(
+                schools.event_shape,
+                bijector=schools.experimental_default_event_space_bijector(),
+                seed=(args.seed, 5),
+            ),
+        ),
     }
     curves, surrogates, table = {}, {}, []
     for name, (target, truth, model, mean_field) in problems.items():
@@ -164,47 +181,66 @@ def main(argv=None):
             surrogates[name, kind] = q
             value = elbo(target, q, 2000 if smoke else 20_000)
             table.append((name, kind, lr, value, truth, time.time() - start))
-    print(f"\n{'problem':8s} {'surrogate':10s} {'lr':>6s} {'ELBO':>8s} {'log p':>7s} "
-          f"{'KL':>6s} {'time':>6s}")
+    print(
+        f"\n{'problem':8s} {'surrogate':10s} {'lr':>6s} {'ELBO':>8s} {'log p':>7s} "
+        f"{'KL':>6s} {'time':>6s}"
+    )
     for name, kind, lr, value, truth, seconds in table:
-        print(f"{name:8s} {kind:10s} {lr:6.0e} {value:8.3f} {truth:7.2f} "
-              f"{truth - value:6.3f} {seconds:5.0f}s")
+        print(
+            f"{name:8s} {kind:10s} {lr:6.0e} {value:8.3f} {truth:7.2f} "
+            f"{truth - value:6.3f} {seconds:5.0f}s"
+        )
 
     # ---- MCMC: the same gradients for plain HMC and NeuTra HMC
     flow_f, flow_s = surrogates["funnel", "flow"], surrogates["schools", "flow"]
     constrain = schools.experimental_default_event_space_bijector()
     shapes = constrain.inverse_event_shape(schools.event_shape)
-    schools_init = constrain(tf.nest.map_structure(
-        lambda s: tf.random.stateless_normal([args.chains] + s.as_list(), seed=(args.seed, 3)),
-        shapes))
+    schools_init = constrain(
+        tf.nest.map_structure(
+            lambda s: tf.random.stateless_normal([args.chains] + s.as_list(), seed=(args.seed, 3)),
+            shapes,
+        )
+    )
     runs = {
-        ("funnel", "HMC"): (hmc(funnel_log_prob, leapfrog, adapt),
-                            tf.random.stateless_normal([args.chains, 10], seed=(args.seed, 3))),
+        ("funnel", "HMC"): (
+            hmc(funnel_log_prob, leapfrog, adapt),
+            tf.random.stateless_normal([args.chains, 10], seed=(args.seed, 3)),
+        ),
         ("funnel", "NeuTra HMC"): (
             vi.neutra_kernel(funnel_log_prob, flow_f, num_adaptation_steps=adapt),
-            vi.neutra_initial_state(flow_f, args.chains, seed=(args.seed, 3))),
-        ("schools", "HMC"): (hmc(schools.unnormalized_log_prob, leapfrog, adapt, constrain),
-                             schools_init),
+            vi.neutra_initial_state(flow_f, args.chains, seed=(args.seed, 3)),
+        ),
+        ("schools", "HMC"): (
+            hmc(schools.unnormalized_log_prob, leapfrog, adapt, constrain),
+            schools_init,
+        ),
         ("schools", "NeuTra HMC"): (
-            vi.neutra_kernel(schools.unnormalized_log_prob, flow_s,
-                             num_adaptation_steps=adapt),
-            vi.neutra_initial_state(flow_s, args.chains, seed=(args.seed, 3))),
+            vi.neutra_kernel(schools.unnormalized_log_prob, flow_s, num_adaptation_steps=adapt),
+            vi.neutra_initial_state(flow_s, args.chains, seed=(args.seed, 3)),
+        ),
     }
     draws = {}
-    print(f"\n{'problem':8s} {'sampler':11s} {'gradients':>9s} {'ESS':>7s} {'ESS/1k grad':>11s} "
-          f"{'mean':>6s} {'sd':>6s} {'true mean, sd':>14s} {'time':>6s}")
+    print(
+        f"\n{'problem':8s} {'sampler':11s} {'gradients':>9s} {'ESS':>7s} {'ESS/1k grad':>11s} "
+        f"{'mean':>6s} {'sd':>6s} {'true mean, sd':>14s} {'time':>6s}"
+    )
     for (name, sampler), (kernel, init) in runs.items():
         start = time.time()
         states = sample_chain(kernel, init, results, burnin, (args.seed, 9), jit)
         x = states[..., 0] if name == "funnel" else states.tau
         draws[name, sampler] = states
-        ess = float(tfp.mcmc.effective_sample_size(x, cross_chain_dims=1)) \
-            if args.chains > 1 else float(tfp.mcmc.effective_sample_size(x)[0])
+        ess = (
+            float(tfp.mcmc.effective_sample_size(x, cross_chain_dims=1))
+            if args.chains > 1
+            else float(tfp.mcmc.effective_sample_size(x)[0])
+        )
         true_mean, true_sd = (0.0, 3.0) if name == "funnel" else moments["tau"]
         label = "v" if name == "funnel" else "tau"
-        print(f"{name:8s} {sampler:11s} {grads:9d} {ess:7.1f} {1000 * ess / grads:11.3f} "
-              f"{float(np.mean(x)):6.2f} {float(np.std(x)):6.2f} "
-              f"{label:>3s} {true_mean:4.2f}, {true_sd:4.2f} {time.time() - start:5.0f}s")
+        print(
+            f"{name:8s} {sampler:11s} {grads:9d} {ess:7.1f} {1000 * ess / grads:11.3f} "
+            f"{float(np.mean(x)):6.2f} {float(np.std(x)):6.2f} "
+            f"{label:>3s} {true_mean:4.2f}, {true_sd:4.2f} {time.time() - start:5.0f}s"
+        )
 
     # ---- pictures
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -213,8 +249,7 @@ def main(argv=None):
             curve = smoothed(curves[name, kind], 50)
             ax.plot(np.arange(len(curve)), curve, label=kind)
         ax.axhline(truth, color="k", ls="--", lw=1, label="log p(y)" if truth else "log Z = 0")
-        low = min(np.percentile(smoothed(curves[name, k], 50), 20)
-                  for k in ("mean-field", "flow"))
+        low = min(np.percentile(smoothed(curves[name, k], 50), 20) for k in ("mean-field", "flow"))
         ax.set_ylim(low - 0.5, truth + 0.5)
         ax.set_xlabel("step")
         ax.set_ylabel("ELBO (16 draws, moving average of 50)")
@@ -248,13 +283,21 @@ def main(argv=None):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(log_tau_grid, log_tau_density, "k", lw=2, label="exact (quadrature)")
-    samples = {kind: surrogates["schools", kind].sample(20_000, seed=(2, 2)).tau
-               for kind in ("mean-field", "flow")}
+    samples = {
+        kind: surrogates["schools", kind].sample(20_000, seed=(2, 2)).tau
+        for kind in ("mean-field", "flow")
+    }
     samples["NeuTra HMC"] = draws["schools", "NeuTra HMC"].tau
     bins = np.linspace(-6, 4, 60)
     for label, tau in samples.items():
-        ax.hist(np.log(np.ravel(tau.numpy())), bins=bins, density=True, histtype="step",
-                lw=1.5, label=label)
+        ax.hist(
+            np.log(np.ravel(tau.numpy())),
+            bins=bins,
+            density=True,
+            histtype="step",
+            lw=1.5,
+            label=label,
+        )
     ax.set_xlim(-6, 4)
     ax.set_xlabel("log tau")
     ax.set_title("Eight Schools: posterior of log tau")

@@ -29,7 +29,7 @@ import numpy as np
 
 WORKERS = 2
 PER_WORKER = 16
-STEPS = 4          # per epoch
+STEPS = 4  # per epoch
 EPOCHS = 3
 LEARNING_RATE = 1e-3
 POISONED = (1, 1)  # (worker, batch): a NaN pixel here in every epoch
@@ -38,7 +38,8 @@ POISONED = (1, 1)  # (worker, batch): a NaN pixel here in every epoch
 def global_batches():
     """`[STEPS, WORKERS * PER_WORKER, 8, 8, 1]`: the global batch of each step."""
     from tfp_glow import data
-    images = data.load_digits("train")[0][:STEPS * WORKERS * PER_WORKER]
+
+    images = data.load_digits("train")[0][: STEPS * WORKERS * PER_WORKER]
     x = data.preprocess(images, data.DIGITS_NUM_BINS, dequantize=True, seed=1234).numpy()
     x = x.reshape(STEPS, WORKERS * PER_WORKER, 8, 8, 1)
     worker, batch = POISONED
@@ -48,7 +49,7 @@ def global_batches():
 
 def worker_batches(task):
     """Worker `task`'s part of every global batch: `[STEPS, PER_WORKER, 8, 8, 1]`."""
-    return global_batches()[:, task * PER_WORKER:(task + 1) * PER_WORKER]
+    return global_batches()[:, task * PER_WORKER : (task + 1) * PER_WORKER]
 
 
 def probe_images():
@@ -77,19 +78,29 @@ def build_model():
     Without dropout: with it every replica draws masks of its own, so the
     workers' steps would not be one process's step on the global batch."""
     import keras
+
     import tfp_glow
     from tfp_glow import data
+
     keras.utils.set_random_seed(0)
-    model = tfp_glow.Glow((8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8,
-                          num_bins=data.DIGITS_NUM_BINS, nonfinite="skip", dropout=0.0)
+    model = tfp_glow.Glow(
+        (8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=8,
+        num_bins=data.DIGITS_NUM_BINS,
+        nonfinite="skip",
+        dropout=0.0,
+    )
     model.compile(keras.optimizers.SGD(LEARNING_RATE))
     return model
 
 
 # Keyed by position: Keras numbers layer names per process, positions are stable.
 def actnorm_values(model):
-    return {f"{i:03d}": np.array(v.numpy()) for i, v in enumerate(model.weights)
-            if "act_norm" in v.path}
+    return {
+        f"{i:03d}": np.array(v.numpy()) for i, v in enumerate(model.weights) if "act_norm" in v.path
+    }
 
 
 def weight_values(model):
@@ -139,29 +150,42 @@ def train(model, batches, strategy=None, **callback_args):
     `eval_loss`, `log_prob` (of `probe_images()`).
     """
     out = {}
-    history = model.fit(dataset(batches, strategy), epochs=EPOCHS, verbose=0,
-                        callbacks=_callbacks(out, **callback_args))
+    history = model.fit(
+        dataset(batches, strategy),
+        epochs=EPOCHS,
+        verbose=0,
+        callbacks=_callbacks(out, **callback_args),
+    )
     out.update({f"weight/{k}": v for k, v in weight_values(model).items()})
     out["losses"] = np.asarray(history.history.get("loss", []), np.float64)
     out["nonfinite_steps"] = np.asarray(model.nonfinite_steps)
-    out["eval_loss"] = np.asarray(model.evaluate(
-        dataset(np.nan_to_num(batches, nan=0.0), strategy), verbose=0,
-        return_dict=True)["loss"])
+    out["eval_loss"] = np.asarray(
+        model.evaluate(
+            dataset(np.nan_to_num(batches, nan=0.0), strategy), verbose=0, return_dict=True
+        )["loss"]
+    )
     out["log_prob"] = model.log_prob(probe_images()).numpy()
     return out
 
 
 def main(out_dir, backup_dir, sleep):
     import tensorflow as tf
+
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from tfp_glow.training.distributed import first_step_batch, multi_worker_strategy
+
     strategy = multi_worker_strategy()  # from TF_CONFIG, before any other TF work
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     with strategy.scope():
         model = build_model()
-    out = train(model, worker_batches(task), strategy,
-                log_path=os.path.join(out_dir, f"worker_{task}.log"), sleep=sleep,
-                backup_dir=backup_dir)
+    out = train(
+        model,
+        worker_batches(task),
+        strategy,
+        log_path=os.path.join(out_dir, f"worker_{task}.log"),
+        sleep=sleep,
+        backup_dir=backup_dir,
+    )
     out["num_replicas"] = np.asarray(strategy.num_replicas_in_sync)
     # A plain pipeline with autosharding off: fit's first-batch peek warns
     # (each epoch would see 1/num_workers of the data).

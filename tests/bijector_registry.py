@@ -8,16 +8,15 @@ log-det is 0 whatever the parameters) instead of tests matching names.
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import perturb  # noqa: F401  (re-exported: tests and benchmarks import it here)
 
 from tfp_glow import bijectors as B
 from tfp_glow import nets
-
-from helpers import perturb  # noqa: F401  (re-exported: tests and benchmarks import it here)
 
 tfb = tfp.bijectors
 IMAGE = (4, 4, 4)
@@ -28,9 +27,9 @@ VECTOR = (6,)
 class Case:
     make: Callable  # dtype -> bijector
     event_shape: tuple
-    sample: Optional[Callable] = None  # (rng, shape) -> x in the domain
-    conditional: Optional[int] = None  # num_classes when class-conditional
-    codomain: Optional[Callable] = None  # (rng, shape) -> y in the range of forward
+    sample: Callable | None = None  # (rng, shape) -> x in the domain
+    conditional: int | None = None  # num_classes when class-conditional
+    codomain: Callable | None = None  # (rng, shape) -> y in the range of forward
     volume_preserving: bool = False  # log|det J| == 0 for any parameters
     elementwise: bool = False  # maps each element alone: any rank works, even unknown
 
@@ -48,8 +47,11 @@ class Case:
     def kwargs(self, rng, batch):
         if self.conditional is None:
             return {}
-        return {"conditional_input": tf.constant(
-            rng.integers(0, self.conditional, size=batch), tf.int32)}
+        return {
+            "conditional_input": tf.constant(
+                rng.integers(0, self.conditional, size=batch), tf.int32
+            )
+        }
 
 
 def _dt(dtype):
@@ -64,52 +66,75 @@ def coupling_net(shape, dtype):
 
 def affine(mask, parity, shape=IMAGE):
     def make(dtype):
-        return B.AffineCoupling(coupling_net(shape, dtype), mask=mask, parity=parity,
-                                event_shape=shape, dtype=dtype)
+        return B.AffineCoupling(
+            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype
+        )
+
     return Case(make, shape)
 
 
 def additive(mask, parity, shape=IMAGE):
     def make(dtype):
-        return B.AdditiveCoupling(coupling_net(shape, dtype), mask=mask, parity=parity,
-                                  event_shape=shape, dtype=dtype)
+        return B.AdditiveCoupling(
+            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype
+        )
+
     return Case(make, shape, volume_preserving=True)
 
 
 def spline(mask, parity, shape=IMAGE):
     def make(dtype):
         return B.RationalQuadraticSplineCoupling(
-            coupling_net(shape, dtype), num_bins=5, tail_bound=3.0, mask=mask, parity=parity,
-            event_shape=shape, dtype=dtype)
+            coupling_net(shape, dtype),
+            num_bins=5,
+            tail_bound=3.0,
+            mask=mask,
+            parity=parity,
+            event_shape=shape,
+            dtype=dtype,
+        )
+
     return Case(make, shape)
 
 
 def mol(mask, parity, shape=IMAGE):
     def make(dtype):
-        return B.LogisticMixtureCoupling(coupling_net(shape, dtype), num_components=3,
-                                         mask=mask, parity=parity, event_shape=shape,
-                                         dtype=dtype)
+        return B.LogisticMixtureCoupling(
+            coupling_net(shape, dtype),
+            num_components=3,
+            mask=mask,
+            parity=parity,
+            event_shape=shape,
+            dtype=dtype,
+        )
+
     return Case(make, shape)
 
 
 def small_multi_scale(dtype, num_classes=None):
     """Two levels of squeeze + (ActNorm, LU conv, affine coupling), a split."""
+
     def level(shape, seed):
         c = shape[-1] * 4
         squeezed = (shape[0] // 2, shape[1] // 2, c)
-        steps = tfb.Chain([
-            B.AffineCoupling(coupling_net(squeezed, dtype), event_shape=squeezed,
-                             dtype=dtype),
-            B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
-            B.ActNorm(c, dtype=dtype),
-            B.Squeeze(event_shape=shape)])
+        steps = tfb.Chain(
+            [
+                B.AffineCoupling(coupling_net(squeezed, dtype), event_shape=squeezed, dtype=dtype),
+                B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
+                B.ActNorm(c, dtype=dtype),
+                B.Squeeze(event_shape=shape),
+            ]
+        )
         return steps, squeezed
+
     steps1, s1 = level((4, 4, 2), 1)
     fo = B.FactorOut(s1[-1], num_classes=num_classes, dtype=dtype)
     steps2, s2 = level(s1[:2] + (s1[-1] - fo.num_factored,), 2)
-    return B.MultiScaleFlow((4, 4, 2), [(steps1, fo), (steps2, None)],
-                            top_prior=B.LearnedPrior(s2, num_classes=num_classes,
-                                                     dtype=dtype))
+    return B.MultiScaleFlow(
+        (4, 4, 2),
+        [(steps1, fo), (steps2, None)],
+        top_prior=B.LearnedPrior(s2, num_classes=num_classes, dtype=dtype),
+    )
 
 
 def _unit_interval(rng, shape):
@@ -127,38 +152,48 @@ def _logit_range(alpha):
         y = rng.uniform(-edge, edge, size=shape)
         y.flat[:2] = [-edge, edge]
         return y
+
     return sample
 
 
 def planar(raw_wu=None):
     """PlanarFlow on VECTOR; `raw_wu` sets `w . u` (e.g. -5: w . u_hat = -0.993,
     close to the invertibility limit -1)."""
+
     def make(dtype):
         b = B.PlanarFlow(VECTOR[0], seed=3, dtype=dtype)
         if raw_wu is not None:
             w = b.w.numpy()
             b.u.assign(raw_wu * w / np.dot(w, w))
         return b
+
     return Case(make, VECTOR)
 
 
 def radial(beta_raw=None):
     """RadialFlow on VECTOR; `beta_raw` -3 gives beta = -alpha + 0.049 (a strong
     contraction towards z0, close to the invertibility limit)."""
+
     def make(dtype):
         b = B.RadialFlow(VECTOR[0], seed=3, dtype=dtype)
         if beta_raw is not None:
             b.beta_raw.assign(beta_raw)
         return b
+
     return Case(make, VECTOR)
 
 
 def residual(shape):
     """ResidualBlock with the exact log-det (the contract checks it exactly)."""
+
     def make(dtype):
-        net = (nets.ResidualCNN(shape, 8, seed=1, dtype=_dt(dtype)) if len(shape) == 3
-               else nets.ResidualMLP(shape[0], 8, seed=1, dtype=_dt(dtype)))
+        net = (
+            nets.ResidualCNN(shape, 8, seed=1, dtype=_dt(dtype))
+            if len(shape) == 3
+            else nets.ResidualMLP(shape[0], 8, seed=1, dtype=_dt(dtype))
+        )
         return B.ResidualBlock(net, log_det="exact", dtype=dtype)
+
     return Case(make, shape)
 
 
@@ -168,9 +203,11 @@ REGISTRY = {
     "conv1x1_lu": Case(lambda d: B.InvertibleConv1x1(4, seed=0, dtype=d), IMAGE),
     "conv1x1_full": Case(lambda d: B.InvertibleConv1x1(4, lu=False, seed=0, dtype=d), IMAGE),
     "linear_lu_vector": Case(
-        lambda d: B.InvertibleConv1x1(6, event_ndims=1, seed=0, dtype=d), VECTOR),
+        lambda d: B.InvertibleConv1x1(6, event_ndims=1, seed=0, dtype=d), VECTOR
+    ),
     "linear_full_vector": Case(
-        lambda d: B.InvertibleConv1x1(6, lu=False, event_ndims=1, seed=0, dtype=d), VECTOR),
+        lambda d: B.InvertibleConv1x1(6, lu=False, event_ndims=1, seed=0, dtype=d), VECTOR
+    ),
     "affine_channel_p0": affine("channel", 0),
     "affine_channel_p1": affine("channel", 1),
     "affine_checkerboard_p0": affine("checkerboard", 0),
@@ -188,22 +225,29 @@ REGISTRY = {
     "mol_channel_p1": mol("channel", 1),
     "mol_vector_checkerboard": mol("checkerboard", 0, VECTOR),
     "squeeze": Case(lambda d: B.Squeeze(event_shape=IMAGE), IMAGE, volume_preserving=True),
-    "logit_preprocess": Case(lambda d: B.LogitPreprocess(0.05), IMAGE, _unit_interval,
-                             codomain=_logit_range(0.05), elementwise=True),
+    "logit_preprocess": Case(
+        lambda d: B.LogitPreprocess(0.05),
+        IMAGE,
+        _unit_interval,
+        codomain=_logit_range(0.05),
+        elementwise=True,
+    ),
     "factor_out_half": Case(lambda d: B.FactorOut(4, dtype=d), IMAGE),
     "factor_out_quarter": Case(lambda d: B.FactorOut(4, 0.25, dtype=d), IMAGE),
     "factor_out_vector": Case(lambda d: B.FactorOut(6, event_ndims=1, dtype=d), VECTOR),
     "factor_out_class_conditional": Case(
-        lambda d: B.FactorOut(4, num_classes=3, dtype=d), IMAGE, conditional=3),
+        lambda d: B.FactorOut(4, num_classes=3, dtype=d), IMAGE, conditional=3
+    ),
     "learned_prior": Case(lambda d: B.LearnedPrior(IMAGE, dtype=d), IMAGE),
     "learned_prior_class_conditional": Case(
-        lambda d: B.LearnedPrior(IMAGE, num_classes=3, dtype=d), IMAGE, conditional=3),
+        lambda d: B.LearnedPrior(IMAGE, num_classes=3, dtype=d), IMAGE, conditional=3
+    ),
     "planar_near_limit": planar(raw_wu=-5.0),
     "radial_near_limit": radial(beta_raw=-3.0),
     "residual_vector": residual(VECTOR),
     "residual_image": residual(IMAGE),
     "multi_scale": Case(small_multi_scale, (4, 4, 2)),
     "multi_scale_class_conditional": Case(
-        lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3),
+        lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3
+    ),
 }
-

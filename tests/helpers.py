@@ -11,8 +11,13 @@ through `tf.identity` so TFP's cache cannot answer `inverse(forward(x))` with
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["assert_bijective_and_finite", "perturb", "randomize", "stateless_draw",
-           "theoretical_log_det"]
+__all__ = [
+    "assert_bijective_and_finite",
+    "perturb",
+    "randomize",
+    "stateless_draw",
+    "theoretical_log_det",
+]
 
 
 def perturb(obj, rng=0, scale=0.1):
@@ -47,8 +52,9 @@ def _assert_finite(name, value):
         raise AssertionError(f"{name} is not finite: {value.ravel()[:10]}")
 
 
-def assert_bijective_and_finite(bijector, x, y, event_ndims, kwargs=None,
-                                atol=0.0, rtol=1e-5, ldj_atol=None):
+def assert_bijective_and_finite(
+    bijector, x, y, event_ndims, kwargs=None, atol=0.0, rtol=1e-5, ldj_atol=None
+):
     """Asserts `f^-1(f(x)) = x`, `f(f^-1(y)) = y`, `fldj(x) = -ildj(f(x))`,
     `fldj(f^-1(y)) = -ildj(y)`, with every value finite.
 
@@ -70,23 +76,32 @@ def assert_bijective_and_finite(bijector, x, y, event_ndims, kwargs=None,
         "f(g(y))": bijector.forward(tf.identity(g_y), **kwargs),
         "fldj(x)": bijector.forward_log_det_jacobian(x, event_ndims=event_ndims, **kwargs),
         "ildj(f(x))": bijector.inverse_log_det_jacobian(
-            tf.identity(f_x), event_ndims=y_ndims, **kwargs),
+            tf.identity(f_x), event_ndims=y_ndims, **kwargs
+        ),
         "ildj(y)": bijector.inverse_log_det_jacobian(y, event_ndims=y_ndims, **kwargs),
         "fldj(g(y))": bijector.forward_log_det_jacobian(
-            tf.identity(g_y), event_ndims=event_ndims, **kwargs),
+            tf.identity(g_y), event_ndims=event_ndims, **kwargs
+        ),
     }
     for name, value in values.items():
         _assert_finite(name, value)
     np.testing.assert_allclose(values["g(f(x))"], x, atol=atol, rtol=rtol, err_msg="g(f(x))")
     np.testing.assert_allclose(values["f(g(y))"], y, atol=atol, rtol=rtol, err_msg="f(g(y))")
-    batch = np.shape(x)[:np.ndim(x) - event_ndims]
+    batch = np.shape(x)[: np.ndim(x) - event_ndims]
     np.testing.assert_allclose(
         np.broadcast_to(-np.asarray(values["ildj(f(x))"]), batch),
-        np.broadcast_to(values["fldj(x)"], batch), atol=ldj_atol, rtol=rtol, err_msg="ldj at x")
+        np.broadcast_to(values["fldj(x)"], batch),
+        atol=ldj_atol,
+        rtol=rtol,
+        err_msg="ldj at x",
+    )
     np.testing.assert_allclose(
         np.broadcast_to(-np.asarray(values["ildj(y)"]), batch),
-        np.broadcast_to(values["fldj(g(y))"], batch), atol=ldj_atol, rtol=rtol,
-        err_msg="ldj at y")
+        np.broadcast_to(values["fldj(g(y))"], batch),
+        atol=ldj_atol,
+        rtol=rtol,
+        err_msg="ldj at y",
+    )
 
 
 def theoretical_log_det(fn, t, event_ndims, pfor=True):
@@ -99,7 +114,7 @@ def theoretical_log_det(fn, t, event_ndims, pfor=True):
     batch shape of `t`.
     """
     t = tf.convert_to_tensor(t)
-    batch_shape = t.shape[:t.shape.rank - event_ndims]
+    batch_shape = t.shape[: t.shape.rank - event_ndims]
     n = int(np.prod(batch_shape))
     flat = tf.reshape(t, [n, -1])
     # `pfor=True` vectorises the rows (one graph); `False` runs one eager

@@ -33,8 +33,9 @@ def channel_stats(y):
 
 
 def variables_of(act):
-    return {name: getattr(act, name).numpy().copy()
-            for name in ("log_scale", "bias", "initialized")}
+    return {
+        name: getattr(act, name).numpy().copy() for name in ("log_scale", "bias", "initialized")
+    }
 
 
 def assert_variables_equal(act, expected):
@@ -178,8 +179,7 @@ def _assert_restored_and_never_reinitialised(restored, saved, new_batch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_checkpoint_round_trip_restores_initialised_actnorm(tmp_path, dtype):
     act, new_batch = _initialised_pair(dtype)
-    path = tf.train.Checkpoint(layers=list(act.keras_layers)).save(
-        os.path.join(tmp_path, "ckpt"))
+    path = tf.train.Checkpoint(layers=list(act.keras_layers)).save(os.path.join(tmp_path, "ckpt"))
     saved_names = {name for name, _ in tf.train.list_variables(path)}
     for var in ("log_scale", "bias", "initialized"):
         assert any(var in name for name in saved_names), (var, saved_names)
@@ -221,11 +221,16 @@ def test_log_det_is_hw_times_sum_of_log_scale(dtype):
     bigger = skewed_batch((2, 8, 2, 3), dtype)
     np.testing.assert_allclose(
         np.broadcast_to(act.forward_log_det_jacobian(bigger, event_ndims=3), [2]),
-        16 * log_scale.sum(), rtol=1e-6)
+        16 * log_scale.sum(),
+        rtol=1e-6,
+    )
     # The forward map is exactly y = exp(log_scale) * x + b.
     np.testing.assert_allclose(
-        act.forward(x), np.exp(log_scale) * x.numpy() + np.array([1.0, -2.0, 0.5]),
-        rtol=1e-6, atol=1e-5 if dtype == tf.float32 else 1e-12)
+        act.forward(x),
+        np.exp(log_scale) * x.numpy() + np.array([1.0, -2.0, 0.5]),
+        rtol=1e-6,
+        atol=1e-5 if dtype == tf.float32 else 1e-12,
+    )
 
 
 def test_log_det_for_vectors_is_sum_of_log_scale():
@@ -235,4 +240,6 @@ def test_log_det_for_vectors_is_sum_of_log_scale():
     x = skewed_batch((7, 4), tf.float32)
     np.testing.assert_allclose(
         np.broadcast_to(act.forward_log_det_jacobian(x, event_ndims=1), [7]),
-        log_scale.sum(), rtol=1e-6)
+        log_scale.sum(),
+        rtol=1e-6,
+    )

@@ -4,6 +4,7 @@ gradients, context, config round trip, argument checks)."""
 
 import json
 
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import nets
-import helpers
 
 tfb = tfp.bijectors
 
@@ -28,16 +28,18 @@ def randomize(layer, scale=0.2):
 
 
 def spline_fn(dtype="float32", **kwargs):
-    fn = nets.AutoregressiveSplineFn.build(D, [16], num_bins=BINS, bound=BOUND, dtype=dtype,
-                                           **kwargs)
+    fn = nets.AutoregressiveSplineFn.build(
+        D, [16], num_bins=BINS, bound=BOUND, dtype=dtype, **kwargs
+    )
     randomize(fn.made)
     return fn
 
 
 def inside(shape, dtype=tf.float32, seed=0):
     """Points within (-BOUND, BOUND), where the spline acts."""
-    return tf.random.stateless_uniform(shape, seed=[seed, 3], minval=-0.95 * BOUND,
-                                       maxval=0.95 * BOUND, dtype=dtype)
+    return tf.random.stateless_uniform(
+        shape, seed=[seed, 3], minval=-0.95 * BOUND, maxval=0.95 * BOUND, dtype=dtype
+    )
 
 
 def test_build_sizes_the_made():
@@ -48,11 +50,13 @@ def test_build_sizes_the_made():
 
 def test_zero_init_is_the_identity():
     flow = tfb.MaskedAutoregressiveFlow(
-        bijector_fn=nets.AutoregressiveSplineFn.build(D, [16], num_bins=BINS, bound=BOUND))
+        bijector_fn=nets.AutoregressiveSplineFn.build(D, [16], num_bins=BINS, bound=BOUND)
+    )
     x = inside([4, D]) * 1.5  # some coordinates outside the bound too
     np.testing.assert_allclose(flow.forward(x), x, atol=2e-6)
-    np.testing.assert_allclose(flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(4),
-                               atol=2e-6)
+    np.testing.assert_allclose(
+        flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(4), atol=2e-6
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-5), ("float64", 1e-10)])
@@ -62,8 +66,9 @@ def test_round_trip_both_ways(dtype, tol):
     y = flow.forward(x)
     assert y.dtype == dtype and np.abs(y - x).max() > 0.05
     np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=tol, atol=tol)
-    np.testing.assert_allclose(flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x,
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x, rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])
@@ -91,7 +96,8 @@ def test_gradient_reaches_every_made_variable():
     fn = spline_fn()
     flow = tfb.MaskedAutoregressiveFlow(bijector_fn=fn)
     dist = tfp.distributions.TransformedDistribution(
-        tfp.distributions.MultivariateNormalDiag(tf.zeros(D)), tfb.Invert(flow))
+        tfp.distributions.MultivariateNormalDiag(tf.zeros(D)), tfb.Invert(flow)
+    )
     x = inside([8, D])
     with tf.GradientTape() as tape:
         loss = -tf.reduce_mean(dist.log_prob(x))
@@ -107,8 +113,9 @@ def test_context_changes_the_flow_and_round_trips():
     x, c = inside([5, D]), inside([5, 2], seed=1)
     y = flow.forward(x, conditional_input=c)
     assert np.abs(y - flow.forward(x, conditional_input=c + 0.5)).max() > 1e-3
-    np.testing.assert_allclose(flow.inverse(tf.identity(y), conditional_input=c), x,
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        flow.inverse(tf.identity(y), conditional_input=c), x, rtol=2e-5, atol=2e-5
+    )
 
 
 def test_config_round_trip_through_json():
@@ -142,8 +149,7 @@ def test_bad_arguments_raise_naming_the_argument():
 
 def test_tf_train_checkpoint_of_the_flow_restores_the_made(tmp_path):
     """A checkpoint of the MAF reaches the MADE through `_bijector_fn`."""
-    fn, fresh = spline_fn(), nets.AutoregressiveSplineFn.build(D, [16], num_bins=BINS,
-                                                               bound=BOUND)
+    fn, fresh = spline_fn(), nets.AutoregressiveSplineFn.build(D, [16], num_bins=BINS, bound=BOUND)
     flow = tfb.MaskedAutoregressiveFlow(bijector_fn=fn)
     path = tf.train.Checkpoint(flow=flow).write(str(tmp_path / "ckpt"))
     restored = tfb.MaskedAutoregressiveFlow(bijector_fn=fresh)

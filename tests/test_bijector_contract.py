@@ -12,7 +12,6 @@ no stale cached result, no cache shared between instances.
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from bijector_registry import REGISTRY
 from helpers import assert_bijective_and_finite, perturb, theoretical_log_det
 
@@ -37,15 +36,21 @@ def flat_event(t, event_ndims):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 class TestContract:
-
     def test_bijective_and_finite(self, name, dtype):
         """Round trips both ways, fldj == -ildj at x and at y, all finite (TFP's
         `assert_bijective_and_finite`), at the edges of the domain and range."""
         case, b, x, kw = build(name, dtype)
         y = case.draw_codomain(np.random.default_rng(5), BATCH, dtype, b)
-        assert_bijective_and_finite(b, x, y, len(case.event_shape), kw,
-                                    atol=ROUND_TRIP_ATOL[dtype], rtol=1e-5,
-                                    ldj_atol=LOG_DET_ATOL[dtype])
+        assert_bijective_and_finite(
+            b,
+            x,
+            y,
+            len(case.event_shape),
+            kw,
+            atol=ROUND_TRIP_ATOL[dtype],
+            rtol=1e-5,
+            ldj_atol=LOG_DET_ATOL[dtype],
+        )
         assert b.forward(x, **kw).dtype == dtype and b.inverse(y, **kw).dtype == dtype
 
     def test_log_det_matches_autodiff_jacobian(self, name, dtype):
@@ -66,9 +71,16 @@ class TestContract:
         # The one-pass API agrees with TFP's public methods.
         y_fast, ldj_fast = b.forward_and_log_det(x, **kw)
         np.testing.assert_allclose(y_fast, b.forward(x, **kw), atol=ROUND_TRIP_ATOL[dtype])
-        np.testing.assert_allclose(np.broadcast_to(
-            tf.reduce_sum(ldj_fast, axis=list(range(-(nd - b.forward_min_event_ndims), 0)))
-            if nd > b.forward_min_event_ndims else ldj_fast, [BATCH]), expected, **tol)
+        np.testing.assert_allclose(
+            np.broadcast_to(
+                tf.reduce_sum(ldj_fast, axis=list(range(-(nd - b.forward_min_event_ndims), 0)))
+                if nd > b.forward_min_event_ndims
+                else ldj_fast,
+                [BATCH],
+            ),
+            expected,
+            **tol,
+        )
         x_fast, ildj_fast = b.inverse_and_log_det(y, event_ndims=y_nd, **kw)
         np.testing.assert_allclose(x_fast, b.inverse(y, **kw), atol=ROUND_TRIP_ATOL[dtype])
         np.testing.assert_allclose(np.broadcast_to(ildj_fast, [BATCH]), expected_inverse, **tol)
@@ -93,7 +105,8 @@ class TestContract:
         np.testing.assert_allclose(
             np.broadcast_to(fldj, [BATCH]),
             np.broadcast_to(b.forward_log_det_jacobian(x, event_ndims=nd, **kw), [BATCH]),
-            atol=LOG_DET_ATOL[dtype])
+            atol=LOG_DET_ATOL[dtype],
+        )
         # A different batch size runs the same trace (no retracing).
         more = tf.concat([x, x], axis=0)
         more_args = [more] + ([tf.concat([kw["conditional_input"]] * 2, 0)] if kw else [])
@@ -107,12 +120,14 @@ class TestContract:
         if not variables:
             pytest.skip(f"{name} has no trainable variables")
         nd = len(case.event_shape)
-        weights = tf.constant(np.random.default_rng(1).standard_normal(
-            b.forward(x, **kw).shape), dtype)
+        weights = tf.constant(
+            np.random.default_rng(1).standard_normal(b.forward(x, **kw).shape), dtype
+        )
         with tf.GradientTape() as tape:
             y = b.forward(x, **kw)
             loss = tf.reduce_sum(y * weights) + tf.reduce_sum(
-                b.forward_log_det_jacobian(x, event_ndims=nd, **kw))
+                b.forward_log_det_jacobian(x, event_ndims=nd, **kw)
+            )
         grads = tape.gradient(loss, variables)
         for v, g in zip(variables, grads):
             assert g is not None, f"no gradient reaches {v.name}"

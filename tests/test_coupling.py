@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from helpers import perturb
+
 from tfp_glow import bijectors as B
 from tfp_glow import nets
 
@@ -46,8 +46,9 @@ def make_net(shape, dtype=tf.float32, hidden=8):
     return functools.partial(cls, hidden, dtype=dt)
 
 
-def make_coupling(kind, mask="channel", parity=0, shape=IMAGE, dtype=tf.float32, net=None,
-                  **kwargs):
+def make_coupling(
+    kind, mask="channel", parity=0, shape=IMAGE, dtype=tf.float32, net=None, **kwargs
+):
     cls = B.AffineCoupling if kind == "affine" else B.AdditiveCoupling
     net = make_net(shape, dtype) if net is None else net
     return cls(net, mask=mask, parity=parity, event_shape=shape, dtype=dtype, **kwargs)
@@ -80,8 +81,9 @@ def _seeded():
     keras.utils.set_random_seed(1234)  # the nets' Glorot init
 
 
-MASK_CASES = [(m, p, s) for m in ("channel", "checkerboard") for p in (0, 1)
-              for s in (IMAGE, VECTOR)]
+MASK_CASES = [
+    (m, p, s) for m in ("channel", "checkerboard") for p in (0, 1) for s in (IMAGE, VECTOR)
+]
 MASK_IDS = [f"{m}-p{p}-{'image' if len(s) == 3 else 'vector'}" for m, p, s in MASK_CASES]
 
 
@@ -98,7 +100,8 @@ def test_additive_is_exactly_the_identity_at_init(mask, parity, shape, dtype):
     np.testing.assert_array_equal(b.inverse(tf.identity(x)), x)
     np.testing.assert_array_equal(np.broadcast_to(ldj, [3]), 0.0)
     np.testing.assert_array_equal(
-        np.broadcast_to(b.inverse_log_det_jacobian(x, event_ndims=len(shape)), [3]), 0.0)
+        np.broadcast_to(b.inverse_log_det_jacobian(x, event_ndims=len(shape)), [3]), 0.0
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -117,16 +120,16 @@ def test_affine_at_init_scales_transformed_part_by_sigmoid_2(mask, parity, shape
     np.testing.assert_allclose(np.broadcast_to(ldj, [3]), n * np.log(SIGMOID_2), rtol=rtol)
     np.testing.assert_allclose(
         np.broadcast_to(b.forward_log_det_jacobian(x, event_ndims=len(shape)), [3]),
-        n * np.log(SIGMOID_2), rtol=rtol)
+        n * np.log(SIGMOID_2),
+        rtol=rtol,
+    )
 
 
 # ------------------------------------------------------------------ masks
 
 
 def test_checkerboard_mask_values_for_images():
-    expected = np.array([[1, 0, 1, 0, 1],
-                         [0, 1, 0, 1, 0],
-                         [1, 0, 1, 0, 1]], np.float32)[..., None]
+    expected = np.array([[1, 0, 1, 0, 1], [0, 1, 0, 1, 0], [1, 0, 1, 0, 1]], np.float32)[..., None]
     mask0 = B.checkerboard_mask((3, 5, 4), parity=0).numpy()
     mask1 = B.checkerboard_mask((3, 5, 4), parity=1).numpy()
     assert mask0.shape == (3, 5, 1)
@@ -149,8 +152,10 @@ def test_checkerboard_mask_has_requested_dtype(dtype):
 def test_channel_mask_parity_selects_unchanged_half(kind, shape):
     x = draw(shape)
     half = shape[-1] // 2
-    for parity, (kept, moved) in {0: (slice(0, half), slice(half, None)),
-                                  1: (slice(half, None), slice(0, half))}.items():
+    for parity, (kept, moved) in {
+        0: (slice(0, half), slice(half, None)),
+        1: (slice(half, None), slice(0, half)),
+    }.items():
         b = make_coupling(kind, "channel", parity, shape)
         perturb(b, scale=0.3)
         y = b.forward(x).numpy()
@@ -206,16 +211,19 @@ class RecordingFactory:
         return self.inner(output_units)
 
 
-@pytest.mark.parametrize("kind,mask,shape,expected", [
-    ("affine", "channel", IMAGE, 4),
-    ("affine", "checkerboard", IMAGE, 8),
-    ("additive", "channel", IMAGE, 2),
-    ("additive", "checkerboard", IMAGE, 4),
-    ("affine", "channel", VECTOR, 6),
-    ("affine", "checkerboard", VECTOR, 12),
-    ("additive", "channel", VECTOR, 3),
-    ("additive", "checkerboard", VECTOR, 6),
-])
+@pytest.mark.parametrize(
+    "kind,mask,shape,expected",
+    [
+        ("affine", "channel", IMAGE, 4),
+        ("affine", "checkerboard", IMAGE, 8),
+        ("additive", "channel", IMAGE, 2),
+        ("additive", "checkerboard", IMAGE, 4),
+        ("affine", "channel", VECTOR, 6),
+        ("affine", "checkerboard", VECTOR, 12),
+        ("additive", "channel", VECTOR, 3),
+        ("additive", "checkerboard", VECTOR, 6),
+    ],
+)
 def test_coupling_sizes_its_network_from_a_factory(kind, mask, shape, expected):
     cls = B.AffineCoupling if kind == "affine" else B.AdditiveCoupling
     assert cls.output_units_for(shape, mask) == expected
@@ -227,7 +235,8 @@ def test_coupling_sizes_its_network_from_a_factory(kind, mask, shape, expected):
     # The network's variables are the bijector's, created eagerly.
     # (the bijector lists the tf.Variables under the Keras variables)
     assert {id(v.value) for v in b.net.trainable_variables} <= {
-        id(v) for v in b.trainable_variables}
+        id(v) for v in b.trainable_variables
+    }
     assert len(b.net.trainable_variables) > 0
     y = b.forward(draw(shape))
     assert y.shape == (3,) + shape
@@ -249,14 +258,17 @@ def test_output_units_is_none_without_event_shape():
     assert b.forward(draw(IMAGE)).shape == (3,) + IMAGE  # sized right: runs
 
 
-@pytest.mark.parametrize("kind,mask,shape,expected", [
-    ("affine", "channel", IMAGE, 4),
-    ("affine", "checkerboard", IMAGE, 8),
-    ("additive", "channel", IMAGE, 2),
-    ("additive", "checkerboard", IMAGE, 4),
-    ("affine", "channel", VECTOR, 6),
-    ("additive", "checkerboard", VECTOR, 6),
-])
+@pytest.mark.parametrize(
+    "kind,mask,shape,expected",
+    [
+        ("affine", "channel", IMAGE, 4),
+        ("affine", "checkerboard", IMAGE, 8),
+        ("additive", "channel", IMAGE, 2),
+        ("additive", "checkerboard", IMAGE, 4),
+        ("affine", "channel", VECTOR, 6),
+        ("additive", "checkerboard", VECTOR, 6),
+    ],
+)
 def test_wrong_net_output_channels_raises_naming_expected_count(kind, mask, shape, expected):
     """A ready layer that cannot tell its output shape is checked on the first call."""
     wrong = ConstantNet(0.0, expected + 1)
@@ -267,39 +279,53 @@ def test_wrong_net_output_channels_raises_naming_expected_count(kind, mask, shap
         b.inverse(draw(shape))
 
 
-@pytest.mark.parametrize("kind,shape,wrong,expected", [
-    ("affine", IMAGE, nets.GlowCouplingNet, 4),
-    ("additive", IMAGE, nets.ResNetCouplingNet, 2),
-    ("affine", VECTOR, nets.MLPCouplingNet, 6),
-])
+@pytest.mark.parametrize(
+    "kind,shape,wrong,expected",
+    [
+        ("affine", IMAGE, nets.GlowCouplingNet, 4),
+        ("additive", IMAGE, nets.ResNetCouplingNet, 2),
+        ("affine", VECTOR, nets.MLPCouplingNet, 6),
+    ],
+)
 def test_wrong_ready_net_raises_at_construction(kind, shape, wrong, expected):
     """A ready layer with `compute_output_shape` is checked before any call."""
     net = wrong(8, expected + 2)
-    with pytest.raises(ValueError, match=rf"must return {expected} channels .*output "
-                                         rf"shape is \(None, .*{expected + 2}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"must return {expected} channels .*output "
+        rf"shape is \(None, .*{expected + 2}\)",
+    ):
         make_coupling(kind, "channel", 0, shape, net=net)
 
 
-@pytest.mark.parametrize("cls,arg", [(B.AffineCoupling, "shift_and_log_scale_fn"),
-                                     (B.AdditiveCoupling, "shift_fn")])
+@pytest.mark.parametrize(
+    "cls,arg", [(B.AffineCoupling, "shift_and_log_scale_fn"), (B.AdditiveCoupling, "shift_fn")]
+)
 def test_factory_needs_event_shape(cls, arg):
     with pytest.raises(ValueError, match=rf"`{arg}` is a network factory .*pass `event_shape`"):
         cls(functools.partial(nets.GlowCouplingNet, 8))
 
 
-@pytest.mark.parametrize("cls,arg", [(B.AffineCoupling, "shift_and_log_scale_fn"),
-                                     (B.AdditiveCoupling, "shift_fn")])
+@pytest.mark.parametrize(
+    "cls,arg", [(B.AffineCoupling, "shift_and_log_scale_fn"), (B.AdditiveCoupling, "shift_fn")]
+)
 def test_factory_must_return_a_keras_layer(cls, arg):
-    with pytest.raises(TypeError, match=rf"factory `{arg}` must return a keras.layers.Layer;"
-                                        rf" .*\(\d\) returned 'conv'"):
+    with pytest.raises(
+        TypeError,
+        match=rf"factory `{arg}` must return a keras.layers.Layer;"
+        rf" .*\(\d\) returned 'conv'",
+    ):
         cls(lambda units: "conv", event_shape=IMAGE)
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    ((4, 4, 3), ValueError, r"even number of channels .*\(4, 4, 3\)"),
-    ((4, 4), ValueError, r"`event_shape` must have \(1, 3\) dims"),
-    ("abc", TypeError, r"`event_shape` must be a sequence of positive ints"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        ((4, 4, 3), ValueError, r"even number of channels .*\(4, 4, 3\)"),
+        ((4, 4), ValueError, r"`event_shape` must have \(1, 3\) dims"),
+        ("abc", TypeError, r"`event_shape` must be a sequence of positive ints"),
+    ],
+)
 def test_output_units_for_rejects_bad_shapes(bad, error, match):
     with pytest.raises(error, match=match):
         B.AffineCoupling.output_units_for(bad, "channel")
@@ -370,8 +396,11 @@ def test_affine_huge_net_output_stays_finite_and_exact(mask, value, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("value", [200.0, -200.0, 1e4, -1e4, 1e30, -1e30],
-                         ids=["200", "-200", "1e4", "-1e4", "1e30", "-1e30"])
+@pytest.mark.parametrize(
+    "value",
+    [200.0, -200.0, 1e4, -1e4, 1e30, -1e30],
+    ids=["200", "-200", "1e4", "-1e4", "1e30", "-1e30"],
+)
 @pytest.mark.parametrize("mask", ["channel", "checkerboard"])
 def test_affine_scale_is_bounded_on_both_sides(mask, value, dtype):
     """A raw scale r = +-huge gives s = 1 or s = s_min exactly, both ways."""
@@ -405,15 +434,23 @@ def test_affine_init_scale_is_sigmoid_2_for_any_min_scale(min_scale):
     n = int(np.prod(IMAGE)) // 2
     np.testing.assert_allclose(ldj, n * np.log(SIGMOID_2), rtol=1e-13)
     # ... and the floor is the one asked for.
-    floor = make_coupling("affine", "channel", 0, IMAGE, tf.float64, min_scale=min_scale,
-                          net=constant_net(-1e4))
-    np.testing.assert_allclose(floor.forward_and_log_det(x)[1], n * np.log(min_scale),
-                               rtol=1e-12)
+    floor = make_coupling(
+        "affine", "channel", 0, IMAGE, tf.float64, min_scale=min_scale, net=constant_net(-1e4)
+    )
+    np.testing.assert_allclose(floor.forward_and_log_det(x)[1], n * np.log(min_scale), rtol=1e-12)
 
 
-@pytest.mark.parametrize("bad,error", [(0.0, ValueError), (-0.1, ValueError),
-                                       (SIGMOID_2, ValueError), (1.0, ValueError),
-                                       (True, TypeError), ("0.1", TypeError)])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (0.0, ValueError),
+        (-0.1, ValueError),
+        (SIGMOID_2, ValueError),
+        (1.0, ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ],
+)
 def test_affine_min_scale_must_be_between_0_and_sigmoid_2(bad, error):
     with pytest.raises(error, match=r"`min_scale` must be a number"):
         make_coupling("affine", min_scale=bad)

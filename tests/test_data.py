@@ -88,18 +88,21 @@ def test_evaluation_noise_is_per_example_whatever_the_batching():
     reference = _collect(data.digits_dataset("test", 360, shuffle=False, seed=3))
     for batch in (1, 7, 64):
         np.testing.assert_array_equal(
-            _collect(data.digits_dataset("test", batch, shuffle=False, seed=3)), reference)
+            _collect(data.digits_dataset("test", batch, shuffle=False, seed=3)), reference
+        )
     ds = data.digits_dataset("test", 64, shuffle=False, seed=3)
     np.testing.assert_array_equal(_collect(ds), _collect(ds))  # two passes
     tf.random.set_seed(12345)  # what keras.utils.set_random_seed does in `train`
     np.testing.assert_array_equal(
-        _collect(data.digits_dataset("test", 64, shuffle=False, seed=3)), reference)
+        _collect(data.digits_dataset("test", 64, shuffle=False, seed=3)), reference
+    )
     levels = data.load_digits("test")[0]
     for i in (0, 1, 359):
         expected = data.preprocess(levels[i], 17, seed=tf.constant([3, i], tf.int64))
         np.testing.assert_array_equal(reference[i], expected.numpy())
     assert not np.array_equal(
-        reference, _collect(data.digits_dataset("test", 360, shuffle=False, seed=4)))
+        reference, _collect(data.digits_dataset("test", 360, shuffle=False, seed=4))
+    )
     # Training noise (fresh_noise, the default with shuffle=True) changes every
     # pass; asked for without shuffling it is still fresh, in the same order.
     fresh = data.digits_dataset("test", 360, shuffle=False, fresh_noise=True, seed=3)
@@ -174,10 +177,14 @@ def _mock_raw_images(name, num_examples):
 def test_tfds_mnist_pipeline_n_bits_and_labels():
     raw = _mock_raw_images("mnist", 10)
     with tfds.testing.mock_data(num_examples=10):
-        images, labels = _collect(data.tfds_dataset(
-            "mnist", batch_size=4, n_bits=5, shuffle=False, with_labels=True, seed=2))
-        centres = _collect(data.tfds_dataset(
-            "mnist", batch_size=4, n_bits=5, shuffle=False, dequantize=False))
+        images, labels = _collect(
+            data.tfds_dataset(
+                "mnist", batch_size=4, n_bits=5, shuffle=False, with_labels=True, seed=2
+            )
+        )
+        centres = _collect(
+            data.tfds_dataset("mnist", batch_size=4, n_bits=5, shuffle=False, dequantize=False)
+        )
         shuffled = _collect(data.tfds_dataset("mnist", batch_size=3, n_bits=5, seed=2))
     assert images.shape == (10, 28, 28, 1) and images.dtype == np.float32
     assert labels.shape == (10,) and labels.dtype == np.int64
@@ -185,14 +192,14 @@ def test_tfds_mnist_pipeline_n_bits_and_labels():
     assert images.min() > -0.5 and images.max() < 0.5
     np.testing.assert_array_equal(_bins(images, 32), raw // 8)
     np.testing.assert_allclose(centres, (raw // 8 + 0.5) / 32 - 0.5, atol=1e-6)
-    np.testing.assert_array_equal(np.sort(_bins(shuffled, 32).ravel()),
-                                  np.sort((raw // 8).ravel()))
+    np.testing.assert_array_equal(np.sort(_bins(shuffled, 32).ravel()), np.sort((raw // 8).ravel()))
 
 
 def test_tfds_cifar10_pipeline_and_resize():
     with tfds.testing.mock_data(num_examples=6):
-        images, labels = _collect(data.tfds_dataset(
-            "cifar10", batch_size=4, with_labels=True, shuffle=False))
+        images, labels = _collect(
+            data.tfds_dataset("cifar10", batch_size=4, with_labels=True, shuffle=False)
+        )
         small = _collect(data.tfds_dataset("cifar10", batch_size=4, image_size=16, n_bits=4))
         first = next(iter(data.make_dataset("cifar10", "train", 6, drop_remainder=True)))
     assert images.shape == (6, 32, 32, 3) and labels.dtype == np.int64
@@ -213,7 +220,8 @@ def test_tfds_celeb_a_crop_resize_and_no_labels():
     assert default.min() > -0.5 and default.max() < 0.5
     assert small.shape == (3, 32, 32, 3)
     assert data.dataset_info("celeb_a", n_bits=5) == dict(
-        image_shape=(64, 64, 3), num_bins=32, num_classes=None)
+        image_shape=(64, 64, 3), num_bins=32, num_classes=None
+    )
 
 
 def test_tfds_not_available_error_names_dataset_and_data_dir(tmp_path):
@@ -229,10 +237,10 @@ def test_tfds_not_available_error_names_dataset_and_data_dir(tmp_path):
 
 
 def test_dataset_info():
-    assert data.dataset_info("digits") == dict(
-        image_shape=(8, 8, 1), num_bins=17, num_classes=10)
+    assert data.dataset_info("digits") == dict(image_shape=(8, 8, 1), num_bins=17, num_classes=10)
     assert data.dataset_info("mnist", n_bits=5) == dict(
-        image_shape=(28, 28, 1), num_bins=32, num_classes=10)
+        image_shape=(28, 28, 1), num_bins=32, num_classes=10
+    )
     assert data.dataset_info("cifar10", image_size=(16, 8))["image_shape"] == (16, 8, 3)
     assert data.dataset_info("svhn_cropped")["num_classes"] == 10
     assert data.dataset_info("two_moons")["image_shape"] == (2,)
@@ -292,50 +300,84 @@ def test_toy_dataset_and_make_dataset():
     assert batches[0].dtype == np.float32
     train = _collect(data.make_dataset("two_moons", "train", 500, num_samples=1000))
     test = _collect(data.make_dataset("two_moons", "test", 500, num_samples=1000))
-    assert train.shape == test.shape == (1000, 2) and not np.allclose(np.sort(train, 0),
-                                                                      np.sort(test, 0))
+    assert train.shape == test.shape == (1000, 2) and not np.allclose(
+        np.sort(train, 0), np.sort(test, 0)
+    )
     digits_test = _collect(data.make_dataset("digits", "test", 64, dequantize=False))
     assert digits_test.shape == (360, 8, 8, 1)
-    assert set(data.DATASETS) >= {"digits", "mnist", "fashion_mnist", "cifar10",
-                                  "svhn_cropped", "celeb_a", *data.TOY_DENSITIES}
+    assert set(data.DATASETS) >= {
+        "digits",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "svhn_cropped",
+        "celeb_a",
+        *data.TOY_DENSITIES,
+    }
 
 
 # ------------------------------------------------------------ bad arguments
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: data.load_digits("validation"), ValueError,
-     r"`split` must be one of \('train', 'test', 'all'\); received 'validation'"),
-    (lambda: data.digits_dataset("val"), ValueError, r"`split` must be one of"),
-    (lambda: data.digits_dataset(batch_size=0), ValueError,
-     r"`batch_size` must be an int >= 1; received 0"),
-    (lambda: data.digits_dataset(batch_size=True), TypeError,
-     r"`batch_size` must be an int >= 1; received True"),
-    (lambda: data.digits_dataset(batch_size=np.int64(0)), ValueError, r"`batch_size`"),
-    (lambda: data.digits_dataset(seed=1.5), TypeError, r"`seed` must be an int or None"),
-    (lambda: data.digits_dataset(fresh_noise=1), TypeError, r"`fresh_noise` must be a bool"),
-    (lambda: data.digits_dataset(shuffle="yes"), TypeError, r"`shuffle` must be a bool"),
-    (lambda: data.preprocess(tf.zeros([2]), 0), ValueError, r"`num_bins` must be an int >= 1"),
-    (lambda: data.preprocess(tf.zeros([2], tf.int32), 17, seed=True), TypeError, r"`seed`"),
-    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 0), ValueError,
-     r"`n_bits` must be an int >= 1; received 0"),
-    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 9), ValueError,
-     r"`n_bits` must be an int in 1\.\.8; received 9"),
-    (lambda: data.reduce_bits(np.zeros(3, np.uint8), 5.0), TypeError, r"`n_bits` must be an int"),
-    (lambda: data.tfds_dataset("mnist", n_bits=9), ValueError, r"`n_bits`"),
-    (lambda: data.tfds_dataset("mnist", image_size=-3), ValueError, r"`image_size`"),
-    (lambda: data.tfds_dataset("mnist", image_size=(8, True)), ValueError, r"`image_size`"),
-    (lambda: data.tfds_dataset("mnist", split=3), ValueError, r"`split`"),
-    (lambda: data.tfds_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
-    (lambda: data.tfds_dataset("imdb_reviews"), ValueError, r"`name`"),
-    (lambda: data.make_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
-    (lambda: data.dataset_info("mnist", n_bits=0), ValueError, r"`n_bits`"),
-    (lambda: data.toy_density("spiral", 10), ValueError, r"`name` must be one of"),
-    (lambda: data.toy_density("two_moons", 0), ValueError, r"`num_samples` must be an int >= 1"),
-    (lambda: data.toy_density("two_moons", 10.5), TypeError, r"`num_samples` must be an int"),
-    (lambda: data.toy_dataset("two_moons", 10, batch_size=-1), ValueError, r"`batch_size`"),
-    (lambda: data.make_dataset("two_moons", "validation"), ValueError, r"`split`"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: data.load_digits("validation"),
+            ValueError,
+            r"`split` must be one of \('train', 'test', 'all'\); received 'validation'",
+        ),
+        (lambda: data.digits_dataset("val"), ValueError, r"`split` must be one of"),
+        (
+            lambda: data.digits_dataset(batch_size=0),
+            ValueError,
+            r"`batch_size` must be an int >= 1; received 0",
+        ),
+        (
+            lambda: data.digits_dataset(batch_size=True),
+            TypeError,
+            r"`batch_size` must be an int >= 1; received True",
+        ),
+        (lambda: data.digits_dataset(batch_size=np.int64(0)), ValueError, r"`batch_size`"),
+        (lambda: data.digits_dataset(seed=1.5), TypeError, r"`seed` must be an int or None"),
+        (lambda: data.digits_dataset(fresh_noise=1), TypeError, r"`fresh_noise` must be a bool"),
+        (lambda: data.digits_dataset(shuffle="yes"), TypeError, r"`shuffle` must be a bool"),
+        (lambda: data.preprocess(tf.zeros([2]), 0), ValueError, r"`num_bins` must be an int >= 1"),
+        (lambda: data.preprocess(tf.zeros([2], tf.int32), 17, seed=True), TypeError, r"`seed`"),
+        (
+            lambda: data.reduce_bits(np.zeros(3, np.uint8), 0),
+            ValueError,
+            r"`n_bits` must be an int >= 1; received 0",
+        ),
+        (
+            lambda: data.reduce_bits(np.zeros(3, np.uint8), 9),
+            ValueError,
+            r"`n_bits` must be an int in 1\.\.8; received 9",
+        ),
+        (
+            lambda: data.reduce_bits(np.zeros(3, np.uint8), 5.0),
+            TypeError,
+            r"`n_bits` must be an int",
+        ),
+        (lambda: data.tfds_dataset("mnist", n_bits=9), ValueError, r"`n_bits`"),
+        (lambda: data.tfds_dataset("mnist", image_size=-3), ValueError, r"`image_size`"),
+        (lambda: data.tfds_dataset("mnist", image_size=(8, True)), ValueError, r"`image_size`"),
+        (lambda: data.tfds_dataset("mnist", split=3), ValueError, r"`split`"),
+        (lambda: data.tfds_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
+        (lambda: data.tfds_dataset("imdb_reviews"), ValueError, r"`name`"),
+        (lambda: data.make_dataset("no_such_dataset_xyz"), ValueError, r"`name`"),
+        (lambda: data.dataset_info("mnist", n_bits=0), ValueError, r"`n_bits`"),
+        (lambda: data.toy_density("spiral", 10), ValueError, r"`name` must be one of"),
+        (
+            lambda: data.toy_density("two_moons", 0),
+            ValueError,
+            r"`num_samples` must be an int >= 1",
+        ),
+        (lambda: data.toy_density("two_moons", 10.5), TypeError, r"`num_samples` must be an int"),
+        (lambda: data.toy_dataset("two_moons", 10, batch_size=-1), ValueError, r"`batch_size`"),
+        (lambda: data.make_dataset("two_moons", "validation"), ValueError, r"`split`"),
+    ],
+)
 def test_bad_arguments_raise_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()

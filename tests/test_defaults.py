@@ -24,13 +24,21 @@ from tfp_glow.variational_dequantization import VariationalDequantizer
 
 def _glow(**kwargs):
     keras.utils.set_random_seed(0)
-    return tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                         hidden_channels=8, **{"num_bins": DIGITS_NUM_BINS, **kwargs})
+    return tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=8,
+        **{"num_bins": DIGITS_NUM_BINS, **kwargs},
+    )
 
 
 def _rates(model):
-    return {layer.dropout for layer in keras_layers_of(model.flow)
-            if isinstance(layer, nets.GlowCouplingNet)}
+    return {
+        layer.dropout
+        for layer in keras_layers_of(model.flow)
+        if isinstance(layer, nets.GlowCouplingNet)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,9 @@ def test_a_file_saved_before_the_defaults_loads_as_the_model_it_was(digits, tmp_
     loaded = keras.models.load_model(legacy)
     assert loaded.get_config()["dropout"] == 0.0
     assert loaded.get_config()["dequantization"] == "uniform"
-    np.testing.assert_allclose(loaded.log_prob(digits[:8]).numpy(),
-                               old.log_prob(digits[:8]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.log_prob(digits[:8]).numpy(), old.log_prob(digits[:8]).numpy(), rtol=1e-6
+    )
 
 
 def test_compile_without_arguments_gives_the_recommended_optimizer():
@@ -119,8 +128,7 @@ def test_recommended_optimizer_with_decay_and_weight_decay(digits):
     rates = [float(decayed.schedule(step)) for step in (100, 200, 300)]
     np.testing.assert_allclose(rates, [3e-3, 1.5e-3, 0.0], atol=1e-9)
     model = _glow()
-    adamw = training.recommended_optimizer(weight_decay=0.05, model=model,
-                                           global_clipnorm=5.0)
+    adamw = training.recommended_optimizer(weight_decay=0.05, model=model, global_clipnorm=5.0)
     assert isinstance(adamw, keras.optimizers.AdamW)
     assert adamw.weight_decay == 0.05 and adamw.global_clipnorm == 5.0 and adamw.use_ema
     with pytest.raises(ValueError, match="needs `model`"):

@@ -21,8 +21,7 @@ from tfp_glow import bijectors as B
 from tfp_glow import nets
 
 tfb = tfp.bijectors
-TINY = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8,
-            num_bins=17)
+TINY = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8, num_bins=17)
 
 
 def _digits(n=128, seed=0):
@@ -49,8 +48,7 @@ def test_model_scores_and_round_trips_its_own_samples(trained_glow, temperature)
     log_prob = trained_glow.log_prob(samples)
     bpd = trained_glow.bits_per_dim(samples)
     assert log_prob.shape == (512,) and np.isfinite(log_prob.numpy()).all()
-    np.testing.assert_allclose(
-        bpd, (-log_prob + 64 * np.log(17.0)) / (64 * np.log(2.0)), rtol=1e-5)
+    np.testing.assert_allclose(bpd, (-log_prob + 64 * np.log(17.0)) / (64 * np.log(2.0)), rtol=1e-5)
     z = trained_glow.encode(samples)
     back = trained_glow.decode(z)
     assert float(tf.reduce_max(tf.abs(back - samples))) < 1e-4
@@ -79,14 +77,16 @@ def test_training_and_evaluation_still_refuse_raw_pixels(trained_glow):
 
 def _plain_chain():
     """A hand-built flow: TFP bijectors and tfp_glow bijectors in one tfb.Chain."""
-    return tfb.Chain([
-        tfb.Scale(tf.constant(1.5)),
-        B.AffineCoupling(nets.GlowCouplingNet(8, 4), event_shape=(4, 4, 4)),
-        tfb.Invert(tfb.Shift(tf.constant(0.25))),
-        B.InvertibleConv1x1(4, seed=1),
-        B.ActNorm(4),
-        B.Squeeze(event_shape=(8, 8, 1)),
-    ])
+    return tfb.Chain(
+        [
+            tfb.Scale(tf.constant(1.5)),
+            B.AffineCoupling(nets.GlowCouplingNet(8, 4), event_shape=(4, 4, 4)),
+            tfb.Invert(tfb.Shift(tf.constant(0.25))),
+            B.InvertibleConv1x1(4, seed=1),
+            B.ActNorm(4),
+            B.Squeeze(event_shape=(8, 8, 1)),
+        ]
+    )
 
 
 def test_flow_model_on_a_plain_chain_through_every_method(tmp_path):
@@ -109,8 +109,9 @@ def test_flow_model_on_a_plain_chain_through_every_method(tmp_path):
     assert samples.shape == (2, 8, 8, 1)
     assert model.interpolate(x[:2], x[2:4], num_steps=3).shape == (3, 2, 8, 8, 1)
     # log_prob is the base density of f(x) plus TFP's own log-det of the chain.
-    expected = (model.distribution.distribution.log_prob(model.flow.forward(x[:3]))
-                + model.flow.forward_log_det_jacobian(x[:3], event_ndims=3))
+    expected = model.distribution.distribution.log_prob(
+        model.flow.forward(x[:3])
+    ) + model.flow.forward_log_det_jacobian(x[:3], event_ndims=3)
     np.testing.assert_allclose(model.log_prob(x[:3]), expected, rtol=1e-5)
     path = tfp_glow.export_saved_model(model, tmp_path / "export")
     served = tfp_glow.load_exported(path)
@@ -128,8 +129,8 @@ def test_eager_methods_trace_once_whatever_the_batch(trained_glow):
         trained_glow.decode(trained_glow.encode(x))
     # One concrete function per method, traced once for a dynamic batch: a
     # concrete function cannot retrace, and every batch size above ran on it.
-    from tensorflow.python.eager.polymorphic_function.concrete_function import (
-        ConcreteFunction)
+    from tensorflow.python.eager.polymorphic_function.concrete_function import ConcreteFunction
+
     for name in ("log_prob", "encode", "decode", "sample"):
         function = density._compiled[name]
         assert isinstance(function, ConcreteFunction), name

@@ -36,8 +36,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 BATCH = 64
-STEPS = 2            # the initialize + fit steps of the first check
-FIT_STEPS = 3        # per epoch, reshuffling pipeline
+STEPS = 2  # the initialize + fit steps of the first check
+FIT_STEPS = 3  # per epoch, reshuffling pipeline
 FIT_EPOCHS = 2
 LEARNING_RATE = 1e-3
 
@@ -46,8 +46,7 @@ def _worker():
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
     import keras
 
@@ -62,15 +61,22 @@ def _worker():
         # batch. (Glow's default variational dequantization stays on.)
         keras.utils.set_random_seed(0)
         with strategy.scope() if mirrored else tf.distribute.get_strategy().scope():
-            model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                                  hidden_channels=16, num_bins=DIGITS_NUM_BINS,
-                                  dropout=dropout)
+            model = tfp_glow.Glow(
+                image_shape=(8, 8, 1),
+                levels=2,
+                steps_per_level=2,
+                hidden_channels=16,
+                num_bins=DIGITS_NUM_BINS,
+                dropout=dropout,
+            )
             model.compile(keras.optimizers.SGD(LEARNING_RATE))
         return model
 
     def replica_diff(model, variables=None):
-        return max(float(np.max(np.abs(c[0].numpy() - c[1].numpy())))
-                   for c in (v.value.values for v in (variables or model.weights)))
+        return max(
+            float(np.max(np.abs(c[0].numpy() - c[1].numpy())))
+            for c in (v.value.values for v in (variables or model.weights))
+        )
 
     def max_diff(a, b):
         return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
@@ -79,7 +85,7 @@ def _worker():
     single, mirrored = build(False), build(True)
     mirrored.set_weights(single.get_weights())
     images, _ = load_digits("train")
-    x = np.asarray(preprocess(images[:BATCH * STEPS], DIGITS_NUM_BINS, seed=0))
+    x = np.asarray(preprocess(images[: BATCH * STEPS], DIGITS_NUM_BINS, seed=0))
 
     single.initialize(x[:BATCH])
     mirrored.initialize(x[:BATCH])
@@ -123,12 +129,18 @@ def _worker():
             self.start = self.model.get_weights()
             if hasattr(self.model.weights[0].value, "values"):
                 self.replica_diff = replica_diff(
-                    self.model, [v for v in self.model.weights if "act_norm" in v.path])
+                    self.model, [v for v in self.model.weights if "act_norm" in v.path]
+                )
 
     def fit_from_scratch(mirrored):
         model, record = build(mirrored), RecordInit()
-        history = model.fit(digits_dataset(batch_size=BATCH, seed=0), epochs=FIT_EPOCHS,
-                            steps_per_epoch=FIT_STEPS, verbose=0, callbacks=[record])
+        history = model.fit(
+            digits_dataset(batch_size=BATCH, seed=0),
+            epochs=FIT_EPOCHS,
+            steps_per_epoch=FIT_STEPS,
+            verbose=0,
+            callbacks=[record],
+        )
         return model, record, history.history["loss"]
 
     fit_single, single_record, out["fit_single_losses"] = fit_from_scratch(False)
@@ -143,7 +155,8 @@ def _worker():
 
     # -- interrupted mid-epoch, resumed from BackupAndRestore -----------------
     fixed = tf.data.Dataset.from_tensor_slices(
-        np.asarray(preprocess(images[:BATCH * FIT_STEPS], DIGITS_NUM_BINS, seed=1))).batch(BATCH)
+        np.asarray(preprocess(images[: BATCH * FIT_STEPS], DIGITS_NUM_BINS, seed=1))
+    ).batch(BATCH)
 
     class Preempted(Exception):
         pass
@@ -166,9 +179,17 @@ def _worker():
         model, record, epochs = build(True, dropout=0.2), RecordInit(), []
         logger = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epochs.append(e))
         try:
-            model.fit(fixed, epochs=3, verbose=0, callbacks=[
-                record, keras.callbacks.BackupAndRestore(backup_dir), Interrupt(interrupt_at),
-                logger])
+            model.fit(
+                fixed,
+                epochs=3,
+                verbose=0,
+                callbacks=[
+                    record,
+                    keras.callbacks.BackupAndRestore(backup_dir),
+                    Interrupt(interrupt_at),
+                    logger,
+                ],
+            )
         except Preempted:
             pass
         return model, record, epochs
@@ -184,17 +205,27 @@ def _worker():
     # -- Polyak averaging (model.compile()'s default) under the strategy -------
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        averaged = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                                 hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+        averaged = tfp_glow.Glow(
+            image_shape=(8, 8, 1),
+            levels=2,
+            steps_per_level=2,
+            hidden_channels=16,
+            num_bins=DIGITS_NUM_BINS,
+        )
         averaged.compile()
-    history = averaged.fit(fixed, epochs=2, verbose=0, validation_data=fixed,
-                           callbacks=[tfp_glow.WithAveragedWeights()])
+    history = averaged.fit(
+        fixed,
+        epochs=2,
+        verbose=0,
+        validation_data=fixed,
+        callbacks=[tfp_glow.WithAveragedWeights()],
+    )
     out["averaged_val"] = history.history["val_bits_per_dim"]
-    out["averaged_eval"] = averaged.evaluate(fixed, verbose=0,
-                                             return_dict=True)["bits_per_dim"]
+    out["averaged_eval"] = averaged.evaluate(fixed, verbose=0, return_dict=True)["bits_per_dim"]
     out["averaged_replica_diff"] = replica_diff(averaged)
     # Each replica's dropout seed: (step, replica id).
     from tfp_glow.training.flow_model import _dropout_seed
+
     seeds = strategy.run(tf.function(lambda: _dropout_seed(resumed.optimizer)))
     out["replica_dropout_seeds"] = [s.numpy().tolist() for s in seeds.values]
     print("RESULT " + json.dumps(out), flush=True)
@@ -203,13 +234,18 @@ def _worker():
 @pytest.fixture(scope="module")
 def measured():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (
-        f"worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-        f"{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+        f"worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_actnorm_init_is_identical_on_every_replica_and_equals_one_device(measured):
@@ -227,8 +263,10 @@ def test_actnorm_init_is_identical_on_every_replica_and_equals_one_device(measur
 
 def test_fit_under_mirrored_strategy_matches_one_device(measured):
     single, mirrored = measured["single_losses"], measured["mirrored_losses"]
-    print(f"losses: one device {single}, mirrored {mirrored}; weight diff "
-          f"{measured['weight_diff']:.2e} after updates of {measured['update_size']:.2e}")
+    print(
+        f"losses: one device {single}, mirrored {mirrored}; weight diff "
+        f"{measured['weight_diff']:.2e} after updates of {measured['update_size']:.2e}"
+    )
     assert len(single) == len(mirrored) == STEPS
     np.testing.assert_allclose(mirrored, single, atol=1e-4, rtol=0)
     # SGD moved the weights by a lot more than the tolerance, and both runs
@@ -236,16 +274,19 @@ def test_fit_under_mirrored_strategy_matches_one_device(measured):
     assert measured["update_size"] > 1e-3
     assert measured["weight_diff"] <= 1e-5
     assert measured["replica_weight_diff"] == 0.0
-    np.testing.assert_allclose(measured["mirrored_log_prob"], measured["single_log_prob"],
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        measured["mirrored_log_prob"], measured["single_log_prob"], atol=1e-4, rtol=0
+    )
 
 
 def test_fit_initialises_and_trains_like_one_device_on_a_reshuffling_pipeline(measured):
     m = measured
-    print(f"\n[mirrored fit] init: replicas {m['fit_init_replica_diff']:.1e}, vs one device "
-          f"{m['fit_init_diff']:.1e}; weights after {FIT_STEPS * FIT_EPOCHS} SGD steps: "
-          f"{m['fit_weight_diff']:.1e} (moved {m['fit_update_size']:.2e}); losses "
-          f"{m['fit_single_losses']} vs {m['fit_mirrored_losses']}")
+    print(
+        f"\n[mirrored fit] init: replicas {m['fit_init_replica_diff']:.1e}, vs one device "
+        f"{m['fit_init_diff']:.1e}; weights after {FIT_STEPS * FIT_EPOCHS} SGD steps: "
+        f"{m['fit_weight_diff']:.1e} (moved {m['fit_update_size']:.2e}); losses "
+        f"{m['fit_single_losses']} vs {m['fit_mirrored_losses']}"
+    )
     assert m["fit_init_num_actnorm"] == 12
     assert m["fit_init_replica_diff"] == 0.0
     assert m["fit_init_diff"] <= 1e-6
@@ -253,15 +294,16 @@ def test_fit_initialises_and_trains_like_one_device_on_a_reshuffling_pipeline(me
     assert m["fit_update_size"] > 1e-2
     assert m["fit_weight_diff"] <= 1e-5
     assert m["fit_replica_weight_diff"] == 0.0
-    np.testing.assert_allclose(m["fit_mirrored_losses"], m["fit_single_losses"],
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(m["fit_mirrored_losses"], m["fit_single_losses"], atol=1e-4, rtol=0)
 
 
 def test_interrupted_fit_resumes_from_backup_like_an_uninterrupted_run(measured):
     killed, resumed = measured["resume_epochs"]
     assert killed == [0, 1] and resumed == [1, 2]  # restarts the interrupted epoch
-    print(f"\n[mirrored resume] weights vs uninterrupted: {measured['resume_weight_diff']:.1e} "
-          f"(training moved them {measured['resume_update_size']:.2e})")
+    print(
+        f"\n[mirrored resume] weights vs uninterrupted: {measured['resume_weight_diff']:.1e} "
+        f"(training moved them {measured['resume_update_size']:.2e})"
+    )
     assert measured["resume_weight_diff"] <= 1e-6
     assert measured["resume_replica_weight_diff"] == 0.0
     assert measured["resume_update_size"] > 1e-3

@@ -20,8 +20,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 # Every module whose `__all__` is the public API the reference must cover.
-PUBLIC_MODULES = ("tfp_glow", "tfp_glow.bijectors", "tfp_glow.nets", "tfp_glow.vi",
-                  "tfp_glow.training", "tfp_glow.data")
+PUBLIC_MODULES = (
+    "tfp_glow",
+    "tfp_glow.bijectors",
+    "tfp_glow.nets",
+    "tfp_glow.vi",
+    "tfp_glow.training",
+    "tfp_glow.data",
+)
 # `::: name` at the start of a line: one mkdocstrings entry.
 _ENTRY = re.compile(r"^:::\s+([\w.]+)\s*$", re.MULTILINE)
 
@@ -42,8 +48,11 @@ def _reference_entries():
 
 def _public_names():
     """Every public name as the reference spells it, e.g. `tfp_glow.bijectors.ActNorm`."""
-    return {f"{module}.{name}" for module in PUBLIC_MODULES
-            for name in importlib.import_module(module).__all__}
+    return {
+        f"{module}.{name}"
+        for module in PUBLIC_MODULES
+        for name in importlib.import_module(module).__all__
+    }
 
 
 def test_every_public_name_has_a_reference_entry():
@@ -51,7 +60,8 @@ def test_every_public_name_has_a_reference_entry():
     missing = sorted(_public_names() - set(entries))
     assert not missing, (
         f"public names without an entry in docs/reference/*.md: {missing}. Add a line "
-        f"'::: <name>' to the page of its module (docs/reference/<module>.md).")
+        f"'::: <name>' to the page of its module (docs/reference/<module>.md)."
+    )
 
 
 def test_every_reference_entry_is_a_public_name():
@@ -71,9 +81,11 @@ def test_no_name_has_two_reference_entries():
 
 
 def _examples():
-    return sorted(os.path.splitext(os.path.basename(p))[0]
-                  for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
-                  if not os.path.basename(p).startswith("_"))
+    return sorted(
+        os.path.splitext(os.path.basename(p))[0]
+        for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
+        if not os.path.basename(p).startswith("_")
+    )
 
 
 @pytest.mark.parametrize("example", _examples())
@@ -154,9 +166,14 @@ def test_readme_fifteen_lines_run(tmp_path):
     code = re.search(r"## In fifteen lines.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
     assert "epochs=60" in code
     code = code.replace("epochs=60", "epochs=1")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=900,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     bits_per_dim = float(result.stdout.strip().splitlines()[-1])
     # One epoch, evaluated with the averaged weights (still 79% their init after
@@ -170,8 +187,11 @@ def test_readme_fifteen_lines_run(tmp_path):
 def test_published_text_names_no_issue_numbers():
     # README, BENCHMARKS and the site are read by people who cannot see the
     # project's issue tracker: "issue 14", "(issue 17, item 4)" mean nothing there.
-    pages = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "BENCHMARKS.md"),
-             os.path.join(ROOT, "CHANGELOG.md")]
+    pages = [
+        os.path.join(ROOT, "README.md"),
+        os.path.join(ROOT, "BENCHMARKS.md"),
+        os.path.join(ROOT, "CHANGELOG.md"),
+    ]
     pages += glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True)
     pattern = re.compile(r"\bissue[- ]?#?\d+|(?<![&\w])#\d+\b", re.IGNORECASE)
     found = {os.path.relpath(p, ROOT): pattern.findall(_read(p)) for p in pages}

@@ -20,13 +20,16 @@ import tensorflow as tf
 import tfp_glow
 from tfp_glow.bijectors import forward_and_log_det
 
-CONFIG = dict(image_shape=(32, 32, 3), levels=3, steps_per_level=32, hidden_channels=8,
-              num_bins=256, seed=1)
+CONFIG = dict(
+    image_shape=(32, 32, 3), levels=3, steps_per_level=32, hidden_channels=8, num_bins=256, seed=1
+)
 
 
 def _rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-                 / np.linalg.norm(np.asarray(b, np.float64)))
+    return float(
+        np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        / np.linalg.norm(np.asarray(b, np.float64))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,11 @@ def test_deep_glow_is_non_identity(deep_models):
     m32, _, _ = deep_models
     assert len(m32.flow_layers) > 3 * 32 * 3  # ActNorm, 1x1 conv, coupling per step
     # Every coupling network's zero-initialised output layer was perturbed.
-    last = [layer.conv_out.conv.kernel.numpy() for layer in m32.flow_layers
-            if isinstance(layer, tfp_glow.nets.GlowCouplingNet)]
+    last = [
+        layer.conv_out.conv.kernel.numpy()
+        for layer in m32.flow_layers
+        if isinstance(layer, tfp_glow.nets.GlowCouplingNet)
+    ]
     assert len(last) == 96 and min(np.abs(k).max() for k in last) > 0.01
 
 
@@ -67,8 +73,10 @@ def test_decode_encode_round_trip_at_depth(deep_models, dtype, tolerance):
     max_abs = float(np.max(np.abs(x_back.numpy() - x.numpy())))
     # The latent is far from the input: the round trip is not trivially exact.
     assert _rel(z, tf.reshape(x, [4, -1])) > 0.5
-    print(f"\n[exactness] Glow L=3 K=32 32x32x3 {dtype}: ||decode(encode(x)) - x|| / ||x|| "
-          f"= {err:.3e} (max abs {max_abs:.3e}), tolerance {tolerance:g}")
+    print(
+        f"\n[exactness] Glow L=3 K=32 32x32x3 {dtype}: ||decode(encode(x)) - x|| / ||x|| "
+        f"= {err:.3e} (max abs {max_abs:.3e}), tolerance {tolerance:g}"
+    )
     assert err < tolerance
 
 
@@ -78,7 +86,9 @@ def test_log_det_float32_matches_float64_at_depth(deep_models):
     _, ldj64 = forward_and_log_det(m64.flow, tf.constant(x, tf.float64))
     ldj32, ldj64 = ldj32.numpy().astype(np.float64), ldj64.numpy()
     rel = np.abs(ldj32 - ldj64) / np.abs(ldj64)
-    print(f"\n[exactness] log|det J| float64 = {ldj64.round(4).tolist()}; float32 relative "
-          f"difference max {rel.max():.3e} (abs {np.abs(ldj32 - ldj64).max():.3e})")
+    print(
+        f"\n[exactness] log|det J| float64 = {ldj64.round(4).tolist()}; float32 relative "
+        f"difference max {rel.max():.3e} (abs {np.abs(ldj32 - ldj64).max():.3e})"
+    )
     assert np.all(np.abs(ldj64) > 100.0)  # a real, non-trivial log-det
     assert rel.max() < 1e-5

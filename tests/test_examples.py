@@ -17,8 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 from PIL import Image
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 # script -> the PNGs it writes into --output
 OUTPUTS = {
@@ -37,8 +36,9 @@ if os.path.exists(os.path.join(EXAMPLES, "vi_neutra.py")):
 # Pillow fallback runs too (without matplotlib every run is the fallback).
 RUNS = [(script, script, {}) for script in OUTPUTS]
 if importlib.util.find_spec("matplotlib") is not None:
-    RUNS.append(("two_moons_realnvp.py:pillow", "two_moons_realnvp.py",
-                 {"TFP_GLOW_NO_MATPLOTLIB": "1"}))
+    RUNS.append(
+        ("two_moons_realnvp.py:pillow", "two_moons_realnvp.py", {"TFP_GLOW_NO_MATPLOTLIB": "1"})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,22 @@ def smoke_runs(tmp_path_factory):
     for i, (name, script, env_extra) in enumerate(RUNS):
         output = root / f"run{i}"
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
-        procs[name] = (output, subprocess.Popen(
-            [sys.executable, os.path.join(EXAMPLES, script), "--smoke", "--output",
-             str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=env))
+        procs[name] = (
+            output,
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(EXAMPLES, script),
+                    "--smoke",
+                    "--output",
+                    str(output),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            ),
+        )
     results = {}
     for name, (output, proc) in procs.items():
         try:
@@ -101,8 +113,11 @@ def test_joint_distribution_trains_flow_and_sigma_through_trainable_variables(sm
     _, code, stdout, _ = smoke_runs["joint_distribution.py"]
     assert code == 0
     assert "and sigma: True" in stdout  # sigma is among program.trainable_variables
-    losses = [float(line.split("=")[1].split()[0]) for line in stdout.splitlines()
-              if line.startswith("step")]
+    losses = [
+        float(line.split("=")[1].split()[0])
+        for line in stdout.splitlines()
+        if line.startswith("step")
+    ]
     assert len(losses) == 2 and all(np.isfinite(losses))
     # The GradientTape loop moved sigma (initial value 1.0) through the
     # program's trainable variables: 5 Adam steps of 2e-3 move it by ~0.006.
@@ -134,4 +149,4 @@ def test_example_grids_have_a_caption_and_row_labels(script, png, smoke_runs):
     if labelled_rows:  # a band on the left, text beside every row
         assert left >= 20
         for r in range(rows):
-            assert np.any(pixels[top + 1 + 33 * r:top + 33 * (r + 1), :left] < 128), r
+            assert np.any(pixels[top + 1 + 33 * r : top + 33 * (r + 1), :left] < 128), r

@@ -25,9 +25,14 @@ from tfp_glow.export import SIGNATURE_NAMES, export_saved_model, load_exported
 TINY = dict(image_shape=(8, 8, 1), levels=2, hidden_channels=16, num_bins=17, seed=0)
 LATENT_DIM = 64
 BATCHES = (1, 7)
-OUTPUT_KEY = {"serving_default": "log_prob", "log_prob": "log_prob",
-              "bits_per_dim": "bits_per_dim", "sample": "samples", "encode": "z",
-              "decode": "x"}
+OUTPUT_KEY = {
+    "serving_default": "log_prob",
+    "log_prob": "log_prob",
+    "bits_per_dim": "bits_per_dim",
+    "sample": "samples",
+    "encode": "z",
+    "decode": "x",
+}
 NUM_CLASSES = 3
 SEED, OTHER_SEED, TEMPERATURE = 5, 6, 0.7
 ATOL = 1e-5
@@ -80,10 +85,13 @@ class _Compiled:
         self.bits_per_dim = fn(model.bits_per_dim, x, *lab)
         self.encode = fn(model.encode, x, *lab)
         self.decode = fn(model.decode, z, *lab)
-        self.sample = fn(lambda n, t, s, *lab: model.sample(n, t, s, *lab),
-                         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32),
-                         tf.TensorSpec([], tf.int64),
-                         *lab)
+        self.sample = fn(
+            lambda n, t, s, *lab: model.sample(n, t, s, *lab),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([], tf.int64),
+            *lab,
+        )
 
 
 def _expected(model, b, conditional):
@@ -200,7 +208,7 @@ CPP_LOADER = textwrap.dedent(r"""
 
 # The fresh process. It gets a job file naming the exports and the .npy
 # inputs, and writes results.npz and cli.json.
-CHILD = textwrap.dedent(r'''
+CHILD = textwrap.dedent(r"""
     import contextlib, io, json, sys
     import numpy as np
     import tensorflow as tf
@@ -284,7 +292,7 @@ CHILD = textwrap.dedent(r'''
 
     np.savez(job["results"], **out)
     json.dump(cli, open(job["cli"], "w"))
-''')
+""")
 
 
 def _cli():
@@ -323,18 +331,47 @@ def child(exports):
             key = "z" if sig == "decode" else "x"
             run["inputs"] = f"{key}={inputs[key + '_7']}"
         cli_runs.append(run)
-    cli_runs.append(dict(name="cond_sample", dir=cond_dir, signature="sample",
-                         exprs=f"num=7;temperature={TEMPERATURE};seed={SEED};label=2",
-                         outdir=str(root / "cli_cond_sample")))
-    cli_runs.append(dict(name="cond_log_prob", dir=cond_dir, signature="log_prob",
-                         inputs=f"x={inputs['x_7']};label={inputs['labels_7']}",
-                         outdir=str(root / "cli_cond_log_prob")))
-    cli_runs.append(dict(name="bad_shape", dir=plain_dir, signature="log_prob",
-                         inputs=f"x={root / 'x_bad.npy'}", outdir=str(root / "cli_bad")))
-    job = dict(plain=plain_dir, cond=cond_dir, signatures=list(SIGNATURE_NAMES),
-               batches=list(BATCHES), inputs=inputs, temperature=TEMPERATURE, seed=SEED,
-               other_seed=OTHER_SEED, latent_dim=LATENT_DIM, cli_runs=cli_runs,
-               results=str(root / "results.npz"), cli=str(root / "cli.json"))
+    cli_runs.append(
+        dict(
+            name="cond_sample",
+            dir=cond_dir,
+            signature="sample",
+            exprs=f"num=7;temperature={TEMPERATURE};seed={SEED};label=2",
+            outdir=str(root / "cli_cond_sample"),
+        )
+    )
+    cli_runs.append(
+        dict(
+            name="cond_log_prob",
+            dir=cond_dir,
+            signature="log_prob",
+            inputs=f"x={inputs['x_7']};label={inputs['labels_7']}",
+            outdir=str(root / "cli_cond_log_prob"),
+        )
+    )
+    cli_runs.append(
+        dict(
+            name="bad_shape",
+            dir=plain_dir,
+            signature="log_prob",
+            inputs=f"x={root / 'x_bad.npy'}",
+            outdir=str(root / "cli_bad"),
+        )
+    )
+    job = dict(
+        plain=plain_dir,
+        cond=cond_dir,
+        signatures=list(SIGNATURE_NAMES),
+        batches=list(BATCHES),
+        inputs=inputs,
+        temperature=TEMPERATURE,
+        seed=SEED,
+        other_seed=OTHER_SEED,
+        latent_dim=LATENT_DIM,
+        cli_runs=cli_runs,
+        results=str(root / "results.npz"),
+        cli=str(root / "cli.json"),
+    )
     (root / "job.json").write_text(json.dumps(job))
     (root / "child.py").write_text(CPP_LOADER + CHILD)
     # Three fresh processes at once (they are mostly TF start-up): the job,
@@ -342,13 +379,25 @@ def child(exports):
     commands = {
         "child": [sys.executable, str(root / "child.py"), str(root / "job.json")],
         "show": _cli() + ["show", "--all", "--dir", plain_dir],
-        "run_sample": _cli() + [
-            "run", "--dir", plain_dir, "--tag_set", "serve", "--signature_def", "sample",
-            "--input_exprs", f"num=7;temperature={TEMPERATURE};seed={SEED}",
-            "--outdir", str(root / "exe_sample")],
+        "run_sample": _cli()
+        + [
+            "run",
+            "--dir",
+            plain_dir,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "sample",
+            "--input_exprs",
+            f"num=7;temperature={TEMPERATURE};seed={SEED}",
+            "--outdir",
+            str(root / "exe_sample"),
+        ],
     }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
+    procs = {
+        k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in commands.items()
+    }
     done = {}
     for k, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -356,17 +405,25 @@ def child(exports):
     assert done["child"].returncode == 0, done["child"].stderr[-4000:]
     results = dict(np.load(root / "results.npz"))
     cli = json.loads((root / "cli.json").read_text())
-    return dict(results=results, cli=cli, runs={r["name"]: r for r in cli_runs},
-                show=done["show"], run_sample=done["run_sample"],
-                exe_sample_dir=root / "exe_sample")
+    return dict(
+        results=results,
+        cli=cli,
+        runs={r["name"]: r for r in cli_runs},
+        show=done["show"],
+        run_sample=done["run_sample"],
+        exe_sample_dir=root / "exe_sample",
+    )
 
 
 @pytest.fixture(scope="module")
 def expected(exports):
     """In-memory outputs, keyed by (tag, batch size)."""
     compiled = {tag: _Compiled(exports[tag], tag == "cond") for tag in ("plain", "cond")}
-    return {(tag, b): _expected(compiled[tag], b, conditional=(tag == "cond"))
-            for tag in ("plain", "cond") for b in BATCHES}
+    return {
+        (tag, b): _expected(compiled[tag], b, conditional=(tag == "cond"))
+        for tag in ("plain", "cond")
+        for b in BATCHES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +448,9 @@ def test_version_dir_layout(exports):
         assert os.path.isfile(os.path.join(path, "variables", "variables.index"))
         # No temporary directory is left beside the version.
         assert sorted(os.listdir(os.path.dirname(path))) == ["1"]
-    meta = json.loads(open(os.path.join(exports["cond_dir"], "assets.extra",
-                                        "tfp_glow.json")).read())
+    meta = json.loads(
+        open(os.path.join(exports["cond_dir"], "assets.extra", "tfp_glow.json")).read()
+    )
     assert meta["model_class"] == "Glow" and meta["num_classes"] == NUM_CLASSES
     assert meta["event_shape"] == [8, 8, 1] and meta["latent_shape"] == [LATENT_DIM]
     assert meta["config"]["steps_per_level"] == 1
@@ -414,8 +472,8 @@ def test_fresh_process_load_matches_in_memory_for_every_signature(child, expecte
     lp = res["plain/log_prob/7"]
     assert np.ptp(lp) > 0.1 and np.all(np.isfinite(lp))
     np.testing.assert_allclose(
-        res["plain/bits_per_dim/7"],
-        (-lp + 64 * np.log(17)) / (64 * np.log(2)), rtol=1e-5)
+        res["plain/bits_per_dim/7"], (-lp + 64 * np.log(17)) / (64 * np.log(2)), rtol=1e-5
+    )
 
 
 def test_loaded_matches_eager_model_up_to_float32_rounding(exports, child):
@@ -424,9 +482,13 @@ def test_loaded_matches_eager_model_up_to_float32_rounding(exports, child):
     model = exports["plain"]
     res = child["results"]
     x, z, _ = _data(7)
-    eager = {"log_prob": model.log_prob(x), "bits_per_dim": model.bits_per_dim(x),
-             "encode": model.encode(x), "decode": model.decode(z),
-             "sample": model.sample(7, TEMPERATURE, seed=SEED)}
+    eager = {
+        "log_prob": model.log_prob(x),
+        "bits_per_dim": model.bits_per_dim(x),
+        "encode": model.encode(x),
+        "decode": model.decode(z),
+        "sample": model.sample(7, TEMPERATURE, seed=SEED),
+    }
     log_det = eager["log_prob"] - model.distribution.distribution.log_prob(eager["encode"])
     ulp = np.spacing(np.float32(np.abs(log_det).max()))
     for sig, value in eager.items():
@@ -437,14 +499,17 @@ def test_loaded_matches_eager_model_up_to_float32_rounding(exports, child):
 def test_class_conditional_sample_with_label_after_reload(child, expected):
     res = child["results"]
     _, _, labels = _data(7)
-    assert _max_diff(res["cond/sample_label_vector/7"],
-                     expected[("cond", 7)]["sample_label_vector"]) <= ATOL
+    assert (
+        _max_diff(res["cond/sample_label_vector/7"], expected[("cond", 7)]["sample_label_vector"])
+        <= ATOL
+    )
     # The label matters: class 2 for all differs from labels 0, 1, 2, 0, ...
     assert _max_diff(res["cond/sample/7"], res["cond/sample_label_vector/7"]) > 1e-3
     # Rows whose label is 2 in both draws are equal (same seed, same eps).
     rows = np.where(labels == 2)[0]
-    np.testing.assert_allclose(res["cond/sample/7"][rows],
-                               res["cond/sample_label_vector/7"][rows], atol=1e-6)
+    np.testing.assert_allclose(
+        res["cond/sample/7"][rows], res["cond/sample_label_vector/7"][rows], atol=1e-6
+    )
 
 
 # --------------------------------------------------------------- sampling
@@ -456,9 +521,15 @@ def test_sample_is_reproducible_for_a_seed_across_processes(child, loaded):
     # Same seed, same process, two calls.
     np.testing.assert_array_equal(again, res["plain/sample/7"])
     # Same seed, another process: this one.
-    here = loaded["plain"].signatures["sample"](
-        num=tf.constant(7), temperature=tf.constant(TEMPERATURE),
-        seed=tf.constant(SEED, tf.int64))["samples"].numpy()
+    here = (
+        loaded["plain"]
+        .signatures["sample"](
+            num=tf.constant(7),
+            temperature=tf.constant(TEMPERATURE),
+            seed=tf.constant(SEED, tf.int64),
+        )["samples"]
+        .numpy()
+    )
     np.testing.assert_array_equal(again, here)
     assert _max_diff(res["seed_other"], again) > 0.05
 
@@ -547,8 +618,9 @@ def test_wrong_shape_or_dtype_names_the_expected_shape(exports, loaded, expected
     with pytest.raises(TypeError, match=r"shape=\(None, 8, 8, 1\), dtype=tf.float32"):
         flow.module.log_prob(tf.zeros([2, 8, 8, 1], tf.float64))
     with pytest.raises(tf.errors.InvalidArgumentError, match="`temperature` must be >= 0"):
-        flow.signatures["sample"](num=tf.constant(2), temperature=tf.constant(-1.0),
-                                  seed=tf.constant(0, tf.int64))
+        flow.signatures["sample"](
+            num=tf.constant(2), temperature=tf.constant(-1.0), seed=tf.constant(0, tf.int64)
+        )
     # load_exported checks in Python and casts float inputs.
     assert flow.path == exports["plain_dir"]
     assert flow.event_shape == (8, 8, 1) and flow.latent_shape == (LATENT_DIM,)
@@ -561,8 +633,9 @@ def test_wrong_shape_or_dtype_names_the_expected_shape(exports, loaded, expected
     with pytest.raises(ValueError, match="not class-conditional"):
         flow.log_prob(np.zeros((2, 8, 8, 1), np.float32), label=[0, 1])
     x, _, _ = _data(7)
-    assert _max_diff(flow.log_prob(x.astype(np.float64)),
-                     expected[("plain", 7)]["log_prob"]) <= ATOL
+    assert (
+        _max_diff(flow.log_prob(x.astype(np.float64)), expected[("plain", 7)]["log_prob"]) <= ATOL
+    )
 
 
 def test_conditional_export_checks_labels(exports, loaded):
@@ -611,8 +684,9 @@ def test_bad_arguments(exports, tmp_path):
 
 def test_version_numbering_overwrite_and_float64_inputs(tmp_path):
     # A small NICE on 2-D vectors: cheap exports, and vector events work too.
-    model = tfp_glow.NICE((2,), coupling_layers=4, hidden_units=16, num_hidden_layers=1,
-                          num_bins=None)
+    model = tfp_glow.NICE(
+        (2,), coupling_layers=4, hidden_units=16, num_hidden_layers=1, num_bins=None
+    )
     x = np.random.RandomState(0).normal(size=(8, 2)).astype(np.float32)
     model.initialize(x)
     base = tmp_path / "export"
@@ -620,11 +694,13 @@ def test_version_numbering_overwrite_and_float64_inputs(tmp_path):
     (base / "10.txt").write_text("not a version")
     assert export_saved_model(model, base) == str(base / "1")
     assert export_saved_model(model, base) == str(base / "2")
-    assert export_saved_model(model, base, version=5,
-                              input_signature_dtype=tf.float64) == str(base / "5")
+    assert export_saved_model(model, base, version=5, input_signature_dtype=tf.float64) == str(
+        base / "5"
+    )
     # The float64 export takes and returns float64, with the model's numbers.
     lp64 = tf.saved_model.load(str(base / "5")).signatures["log_prob"](
-        x=tf.constant(x, tf.float64))["log_prob"]
+        x=tf.constant(x, tf.float64)
+    )["log_prob"]
     assert lp64.dtype == tf.float64
     np.testing.assert_allclose(lp64.numpy(), model.log_prob(x).numpy(), atol=ATOL)
     with pytest.raises(FileExistsError, match=r"5 already exists.*overwrite=True"):
@@ -636,5 +712,4 @@ def test_version_numbering_overwrite_and_float64_inputs(tmp_path):
     newest = load_exported(base)
     assert newest.path == str(base / "5")
     assert newest.signatures["log_prob"].structured_input_signature[1]["x"].dtype == tf.float32
-    np.testing.assert_allclose(newest.log_prob(x).numpy(), model.log_prob(x).numpy(),
-                               atol=ATOL)
+    np.testing.assert_allclose(newest.log_prob(x).numpy(), model.log_prob(x).numpy(), atol=ATOL)

@@ -31,14 +31,24 @@ from test_tfp_flows import EXPORT_CHILD, KERAS_CHILD, _run_child  # noqa: E402
 # digits, run in the slow step.
 SMALL = {
     "maf": (tfp_glow.MAF, dict(num_layers=2, hidden_units=[16, 16])),
-    "iaf": (tfp_glow.IAF, dict(num_layers=2, hidden_units=[16, 16], permutation="shuffle",
-                               actnorm=True)),
-    "nsf_autoregressive": (tfp_glow.NeuralSplineFlow,
-                           dict(variant="autoregressive", num_layers=2,
-                                hidden_units=[16, 16], spline_bins=4)),
-    "nsf_coupling": (tfp_glow.NeuralSplineFlow,
-                     dict(variant="coupling", num_layers=2, hidden_units=[16, 16],
-                          spline_bins=4, permutation="shuffle")),
+    "iaf": (
+        tfp_glow.IAF,
+        dict(num_layers=2, hidden_units=[16, 16], permutation="shuffle", actnorm=True),
+    ),
+    "nsf_autoregressive": (
+        tfp_glow.NeuralSplineFlow,
+        dict(variant="autoregressive", num_layers=2, hidden_units=[16, 16], spline_bins=4),
+    ),
+    "nsf_coupling": (
+        tfp_glow.NeuralSplineFlow,
+        dict(
+            variant="coupling",
+            num_layers=2,
+            hidden_units=[16, 16],
+            spline_bins=4,
+            permutation="shuffle",
+        ),
+    ),
     "ffjord": (tfp_glow.FFJORD, dict(hidden_units=[16, 16], atol=1e-5)),
 }
 
@@ -95,8 +105,7 @@ def test_log_det_is_the_autodiff_jacobian_of_the_whole_flow(name):
     np.testing.assert_allclose(log_det.numpy(), expected.numpy(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", _names({"ffjord", "nsf_autoregressive", "iaf",
-                                        "nsf_coupling"}))
+@pytest.mark.parametrize("name", _names({"ffjord", "nsf_autoregressive", "iaf", "nsf_coupling"}))
 def test_digits_train_as_64_vectors_through_the_flatten(name):
     """Images in, images out: the flatten costs nothing (the image model's
     density is the vector model's on the flattened images) and a few steps
@@ -104,14 +113,18 @@ def test_digits_train_as_64_vectors_through_the_flatten(name):
     a few exact-trace steps took 9 minutes here; its fit is the 8 Gaussians')."""
     images = digits(64 if name != "ffjord" else 8)
     # FFJORD on 64 features would take Hutchinson's noisy trace: exact, to compare.
-    options = dict(num_bins=17, hidden_units=[16, 16] if name != "ffjord" else [8],
-                   **({"trace": "exact"} if name == "ffjord" else {}))
+    options = dict(
+        num_bins=17,
+        hidden_units=[16, 16] if name != "ffjord" else [8],
+        **({"trace": "exact"} if name == "ffjord" else {}),
+    )
     image_model = build(name, input_shape=(8, 8, 1), **options)
     vector_model = build(name, input_shape=(64,), **options)
     perturb(image_model, 4, scale=0.05)
     vector_model.set_weights(image_model.get_weights())
-    np.testing.assert_array_equal(image_model.log_prob(images).numpy(),
-                                  vector_model.log_prob(images.reshape(-1, 64)).numpy())
+    np.testing.assert_array_equal(
+        image_model.log_prob(images).numpy(), vector_model.log_prob(images.reshape(-1, 64)).numpy()
+    )
     assert image_model.sample(3, seed=1).shape == (3, 8, 8, 1)
     if name == "ffjord":
         return
@@ -137,9 +150,15 @@ def test_config_round_trip_rebuilds_the_same_model(name):
 @pytest.mark.slow
 def test_default_models_hold_about_150k_parameters_on_the_digits():
     """The digits protocol's budget (issue 28): within 10% of 150k."""
-    counts = {name: cls(input_shape=(8, 8, 1)).count_params() for name, cls in [
-        ("maf", tfp_glow.MAF), ("iaf", tfp_glow.IAF), ("nsf", tfp_glow.NeuralSplineFlow),
-        ("ffjord", tfp_glow.FFJORD)]}
+    counts = {
+        name: cls(input_shape=(8, 8, 1)).count_params()
+        for name, cls in [
+            ("maf", tfp_glow.MAF),
+            ("iaf", tfp_glow.IAF),
+            ("nsf", tfp_glow.NeuralSplineFlow),
+            ("ffjord", tfp_glow.FFJORD),
+        ]
+    }
     counts["nsf_coupling"] = tfp_glow.NeuralSplineFlow(variant="coupling").count_params()
     assert all(135_000 <= n <= 165_000 for n in counts.values()), counts
 
@@ -152,12 +171,14 @@ def test_ffjord_auto_trace_is_exact_up_to_16_features():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape, trace", [((2,), "auto"), ((17,), "auto"),
-                                          ((2,), "hutchinson")])
+@pytest.mark.parametrize("shape, trace", [((2,), "auto"), ((17,), "auto"), ((2,), "hutchinson")])
 def test_ffjord_models_use_the_trace_they_state(shape, trace):
     """The exact trace gives one log-density; Hutchinson's probes a new one per call."""
-    model = perturb(tfp_glow.FFJORD(input_shape=shape, hidden_units=[4], trace=trace,
-                                    num_bins=None), 11, scale=0.5)
+    model = perturb(
+        tfp_glow.FFJORD(input_shape=shape, hidden_units=[4], trace=trace, num_bins=None),
+        11,
+        scale=0.5,
+    )
     x = np.random.default_rng(12).standard_normal((4, *shape)).astype(np.float32)
     first, second = model.log_prob(x).numpy(), model.log_prob(x).numpy()
     assert model.exact_trace == exact_trace_for(trace, shape[0])
@@ -176,8 +197,7 @@ BAD_ARGUMENTS = [
     (tfp_glow.NeuralSplineFlow, dict(spline_bins=1), "spline_bins"),
     (tfp_glow.NeuralSplineFlow, dict(tail_bound=0.0), "tail_bound"),
     (tfp_glow.NeuralSplineFlow, dict(variant="coupling", input_shape=(1,)), "input_shape"),
-    (tfp_glow.NeuralSplineFlow, dict(variant="coupling", hidden_units=[16, 32]),
-     "hidden_units"),
+    (tfp_glow.NeuralSplineFlow, dict(variant="coupling", hidden_units=[16, 32]), "hidden_units"),
     (tfp_glow.NeuralSplineFlow, dict(input_shape=(2, 3)), "input_shape"),
     (tfp_glow.FFJORD, dict(trace="approximate"), "trace"),
     (tfp_glow.FFJORD, dict(solver="euler"), "solver"),
@@ -188,8 +208,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("cls, kwargs, argument", BAD_ARGUMENTS,
-                         ids=[f"{c.__name__}-{k}" for c, k, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "cls, kwargs, argument", BAD_ARGUMENTS, ids=[f"{c.__name__}-{k}" for c, k, _ in BAD_ARGUMENTS]
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(cls, kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         cls(**kwargs)
@@ -223,21 +244,23 @@ def test_keras_files_reload_in_a_fresh_process_with_equal_log_prob(tmp_path):
     out = _run_child(tmp_path, os.path.dirname(__file__))
     for name, (model, x) in models.items():
         assert out[name]["class"] == type(model).__name__ and out[name]["compiled"]
-        np.testing.assert_array_equal(np.float32(out[name]["log_prob"]),
-                                      model.log_prob(x).numpy())
+        np.testing.assert_array_equal(np.float32(out[name]["log_prob"]), model.log_prob(x).numpy())
 
 
 @pytest.mark.slow
 def test_export_serves_log_prob_without_tfp_glow(tmp_path):
     models, inputs = _saved_cases(tmp_path, SMALL)
-    exports = {name: str(tfp_glow.export_saved_model(model, tmp_path / name))
-               for name, (model, _) in models.items()}
+    exports = {
+        name: str(tfp_glow.export_saved_model(model, tmp_path / name))
+        for name, (model, _) in models.items()
+    }
     (tmp_path / "job.json").write_text(json.dumps({"exports": exports, "inputs": inputs}))
     (tmp_path / "child.py").write_text(EXPORT_CHILD)
     out = _run_child(tmp_path)
     for name, (model, x) in models.items():
-        np.testing.assert_allclose(out[name]["log_prob"], model.log_prob(x).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            out[name]["log_prob"], model.log_prob(x).numpy(), rtol=1e-5, atol=1e-5
+        )
         assert out[name]["sample_shape"] == [5, 2] and out[name]["sample_finite"], name
 
 
@@ -252,8 +275,23 @@ def test_keras_file_reloads_in_process(tmp_path):
 
 
 # -- the command line ---------------------------------------------------------------------
-TINY = ["--steps", "2", "--width", "8", "--batch-size", "32", "--steps-per-epoch", "2",
-        "--warmup-steps", "1", "--epochs", "1", "--sample-every", "0", "--no-export"]
+TINY = [
+    "--steps",
+    "2",
+    "--width",
+    "8",
+    "--batch-size",
+    "32",
+    "--steps-per-epoch",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--epochs",
+    "1",
+    "--sample-every",
+    "0",
+    "--no-export",
+]
 
 
 @pytest.mark.slow
@@ -271,25 +309,51 @@ def test_cli_trains_maf_and_samples_from_its_run(tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--model", "maf", "--steps", "3", "--width", "8", "--permutation", "shuffle"],
-     dict(cls=tfp_glow.MAF, num_layers=3, hidden_units=[8, 8], permutation="shuffle")),
-    (["--model", "iaf", "--steps", "1", "--width", "8"],
-     dict(cls=tfp_glow.IAF, num_layers=1, hidden_units=[8, 8])),
-    (["--model", "nsf", "--variant", "coupling"],
-     dict(cls=tfp_glow.NeuralSplineFlow, variant="coupling", num_layers=4,
-          hidden_units=[48, 48])),
-    pytest.param(["--model", "ffjord", "--trace", "exact", "--width", "8"],
-                 dict(cls=tfp_glow.FFJORD, trace="exact", hidden_units=[8, 8, 8]),
-                 marks=pytest.mark.slow),  # building it solves the ODE once
-    (["--model", "nsf", "--dataset", "two_moons", "--width", "8"],
-     dict(cls=tfp_glow.NeuralSplineFlow, input_shape=(2,), hidden_units=[8, 8])),
-    (["--model", "resflow", "--dataset", "two_moons", "--steps", "2", "--width", "8"],
-     dict(cls=tfp_glow.ResidualFlow, input_shape=(2,), blocks=2, hidden_units=8)),
-    (["--model", "resflow", "--steps", "1", "--width", "8"],
-     dict(cls=tfp_glow.ResidualFlow, input_shape=(8, 8, 1), blocks=1, levels=2,
-          hidden_channels=8)),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--model", "maf", "--steps", "3", "--width", "8", "--permutation", "shuffle"],
+            dict(cls=tfp_glow.MAF, num_layers=3, hidden_units=[8, 8], permutation="shuffle"),
+        ),
+        (
+            ["--model", "iaf", "--steps", "1", "--width", "8"],
+            dict(cls=tfp_glow.IAF, num_layers=1, hidden_units=[8, 8]),
+        ),
+        (
+            ["--model", "nsf", "--variant", "coupling"],
+            dict(
+                cls=tfp_glow.NeuralSplineFlow,
+                variant="coupling",
+                num_layers=4,
+                hidden_units=[48, 48],
+            ),
+        ),
+        pytest.param(
+            ["--model", "ffjord", "--trace", "exact", "--width", "8"],
+            dict(cls=tfp_glow.FFJORD, trace="exact", hidden_units=[8, 8, 8]),
+            marks=pytest.mark.slow,
+        ),  # building it solves the ODE once
+        (
+            ["--model", "nsf", "--dataset", "two_moons", "--width", "8"],
+            dict(cls=tfp_glow.NeuralSplineFlow, input_shape=(2,), hidden_units=[8, 8]),
+        ),
+        (
+            ["--model", "resflow", "--dataset", "two_moons", "--steps", "2", "--width", "8"],
+            dict(cls=tfp_glow.ResidualFlow, input_shape=(2,), blocks=2, hidden_units=8),
+        ),
+        (
+            ["--model", "resflow", "--steps", "1", "--width", "8"],
+            dict(
+                cls=tfp_glow.ResidualFlow,
+                input_shape=(8, 8, 1),
+                blocks=1,
+                levels=2,
+                hidden_channels=8,
+            ),
+        ),
+    ],
+)
 def test_cli_flags_build_the_family_models(argv, expected):
     args = cli.build_parser().parse_args(["train", *argv])
     plan = cli.check_train_args(args)
@@ -300,17 +364,20 @@ def test_cli_flags_build_the_family_models(argv, expected):
     assert {k: config[k] for k in expected} == expected
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--model", "maf", "--variant", "coupling"], "--variant"),
-    (["--model", "nsf", "--trace", "exact"], "--trace"),
-    (["--model", "iaf", "--permutation", "conv_lu"], "--permutation"),
-    (["--model", "ffjord", "--steps", "3"], "--steps"),
-    (["--model", "maf", "--levels", "2"], "--levels"),
-    (["--model", "resflow", "--permutation", "reverse"], "--permutation"),
-    (["--model", "nsf", "--variant", "spline"], "--variant"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--model", "maf", "--variant", "coupling"], "--variant"),
+        (["--model", "nsf", "--trace", "exact"], "--trace"),
+        (["--model", "iaf", "--permutation", "conv_lu"], "--permutation"),
+        (["--model", "ffjord", "--steps", "3"], "--steps"),
+        (["--model", "maf", "--levels", "2"], "--levels"),
+        (["--model", "resflow", "--permutation", "reverse"], "--permutation"),
+        (["--model", "nsf", "--variant", "spline"], "--variant"),
+    ],
+)
 def test_cli_refuses_flags_that_do_not_apply(argv, flag, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", *argv]) == 2
     err = capsys.readouterr().err
-    assert flag in err[err.index("error:"):] and os.listdir(tmp_path) == []
+    assert flag in err[err.index("error:") :] and os.listdir(tmp_path) == []

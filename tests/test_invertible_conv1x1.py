@@ -5,10 +5,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import perturb
 
 from tfp_glow import bijectors as B
-
-from helpers import perturb
 
 DTYPES = [tf.float32, tf.float64]
 DTYPE_IDS = ["f32", "f64"]
@@ -39,8 +38,9 @@ def test_lu_weight_equals_p_l_u_product(dtype, perturbed):
     if perturbed:
         # Also moves the masked-out halves of `lower` / `upper`, which must be ignored.
         perturb(conv, 0, SCALE)
-    np.testing.assert_allclose(conv.weight(), lu_product_by_hand(conv),
-                               atol=10 * ATOL[dtype], rtol=0)
+    np.testing.assert_allclose(
+        conv.weight(), lu_product_by_hand(conv), atol=10 * ATOL[dtype], rtol=0
+    )
     assert conv.weight().dtype == dtype
 
 
@@ -102,7 +102,10 @@ def test_inverse_weight_times_weight_is_identity_after_perturbation(lu, dtype):
     expected = 20 * np.linalg.slogdet(w.astype(np.float64))[1]
     np.testing.assert_allclose(
         np.broadcast_to(conv.forward_log_det_jacobian(x, event_ndims=3), [3]),
-        expected, rtol=1e-5, atol=10 * tol)
+        expected,
+        rtol=1e-5,
+        atol=10 * tol,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -122,15 +125,17 @@ def test_lu_map_stays_invertible_with_extreme_log_s(dtype):
     np.testing.assert_allclose(float(expected), 15 * 5.0, rtol=1e-6)
     np.testing.assert_array_equal(
         np.broadcast_to(conv.inverse_log_det_jacobian(tf.identity(y), event_ndims=3), [2]),
-        -expected.numpy())
+        -expected.numpy(),
+    )
     assert np.all(np.isfinite(y.numpy()))
     # W^-1 has entries ~ e^50 too, so only float64 can hold W^-1 (W x).
     if dtype == tf.float64:
         assert np.all(np.isfinite(conv.inverse(tf.identity(y)).numpy()))
     # det W = det P * 1 * prod(sign * exp(log_s)) = +-e^5 exactly, never 0
     # (a general LU of W itself is too ill-conditioned to reproduce it in float32).
-    structural = (np.linalg.det(conv.permutation.numpy().astype(np.float64))
-                  * np.prod(conv.sign.numpy() * np.exp(log_s.numpy().astype(np.float64))))
+    structural = np.linalg.det(conv.permutation.numpy().astype(np.float64)) * np.prod(
+        conv.sign.numpy() * np.exp(log_s.numpy().astype(np.float64))
+    )
     np.testing.assert_allclose(abs(structural), np.exp(5.0), rtol=1e-6)
     if dtype == tf.float64:
         np.testing.assert_allclose(det.numpy(), structural, rtol=1e-3)
@@ -146,8 +151,9 @@ def test_frozen_factors_are_non_trainable_but_saved(lu):
             assert frozen.value.ref() not in trainable
             assert frozen.value.ref() in every
             assert not frozen.trainable
-        assert {v.ref() for v in (conv.lower.value, conv.upper.value,
-                                  conv.log_s.value)} == trainable
+        assert {
+            v.ref() for v in (conv.lower.value, conv.upper.value, conv.log_s.value)
+        } == trainable
     else:
         assert trainable == {conv.kernel.value.ref()}
 
@@ -157,16 +163,16 @@ def test_frozen_factors_are_non_trainable_but_saved(lu):
 def test_checkpoint_restores_weight_into_a_differently_seeded_conv(tmp_path, lu, dtype):
     saved = B.InvertibleConv1x1(6, lu=lu, seed=1, dtype=dtype)
     perturb(saved, 2, scale=0.1)
-    path = tf.train.Checkpoint(layers=list(saved.keras_layers)).save(
-        os.path.join(tmp_path, "conv"))
+    path = tf.train.Checkpoint(layers=list(saved.keras_layers)).save(os.path.join(tmp_path, "conv"))
     names = " ".join(name for name, _ in tf.train.list_variables(path))
-    for var in (("permutation", "sign", "lower", "upper", "log_s") if lu else ("kernel",)):
+    for var in ("permutation", "sign", "lower", "upper", "log_s") if lu else ("kernel",):
         assert var in names, names
 
     fresh = B.InvertibleConv1x1(6, lu=lu, seed=999, dtype=dtype)
     assert np.abs(fresh.weight().numpy() - saved.weight().numpy()).max() > 0.1
     tf.train.Checkpoint(layers=list(fresh.keras_layers)).restore(
-        path).assert_existing_objects_matched()
+        path
+    ).assert_existing_objects_matched()
     np.testing.assert_array_equal(fresh.weight(), saved.weight())
     if lu:
         np.testing.assert_array_equal(fresh.permutation.numpy(), saved.permutation.numpy())
@@ -206,8 +212,9 @@ def test_forward_is_the_same_matrix_at_every_pixel(lu):
     vec = B.InvertibleConv1x1(4, lu=lu, event_ndims=1, seed=0, dtype=tf.float64)
     perturb(vec, 0, SCALE)
     v = x.numpy()[:, 0, 0, :]
-    np.testing.assert_allclose(vec.forward(tf.constant(v)), v @ vec.weight().numpy().T,
-                               atol=1e-12)
+    np.testing.assert_allclose(vec.forward(tf.constant(v)), v @ vec.weight().numpy().T, atol=1e-12)
     np.testing.assert_allclose(
         np.broadcast_to(vec.forward_log_det_jacobian(tf.constant(v), event_ndims=1), [2]),
-        np.linalg.slogdet(vec.weight().numpy())[1], atol=1e-10)
+        np.linalg.slogdet(vec.weight().numpy())[1],
+        atol=1e-10,
+    )

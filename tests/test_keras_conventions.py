@@ -16,17 +16,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import perturb
 
 import tfp_glow
-from helpers import perturb
 from tfp_glow import training
 from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
 
 
 def _glow(**kwargs):
-    config = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=1, hidden_channels=8,
-                  num_bins=DIGITS_NUM_BINS)
+    config = dict(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=1,
+        hidden_channels=8,
+        num_bins=DIGITS_NUM_BINS,
+    )
     config.update(kwargs)
     return tfp_glow.Glow(**config)
 
@@ -47,18 +52,26 @@ def test_item1_keras_export_without_input_signature_serves_log_prob(tmp_path, di
     model.export(str(tmp_path / "fit"))
     served = tf.saved_model.load(str(tmp_path / "fit"))
     for n in (3, 5):  # one signature, any batch size
-        np.testing.assert_allclose(served.serve(tf.constant(x[:n])).numpy(),
-                                   model.log_prob(x[:n]).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            served.serve(tf.constant(x[:n])).numpy(),
+            model.log_prob(x[:n]).numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     # An explicit signature still works.
-    model.export(str(tmp_path / "explicit"),
-                 input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+    model.export(
+        str(tmp_path / "explicit"), input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)]
+    )
     served = tf.saved_model.load(str(tmp_path / "explicit"))
-    np.testing.assert_allclose(served.serve(tf.constant(x[:4])).numpy(),
-                               model.log_prob(x[:4]).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        served.serve(tf.constant(x[:4])).numpy(),
+        model.log_prob(x[:4]).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
-def test_item1_keras_export_of_a_class_conditional_model_takes_one_hot_labels(
-        tmp_path, digits):
+def test_item1_keras_export_of_a_class_conditional_model_takes_one_hot_labels(tmp_path, digits):
     x, labels = digits
     model = _glow(num_classes=10, dequantization="uniform")
     model.initialize(x, labels)
@@ -67,8 +80,9 @@ def test_item1_keras_export_of_a_class_conditional_model_takes_one_hot_labels(
     served = tf.saved_model.load(str(tmp_path / "cond"))
     for n in (3, 5):
         got = served.serve((tf.constant(x[:n]), tf.one_hot(labels[:n], 10)))
-        np.testing.assert_allclose(got.numpy(), model.log_prob(x[:n], labels[:n]).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got.numpy(), model.log_prob(x[:n], labels[:n]).numpy(), rtol=1e-5, atol=1e-5
+        )
 
 
 # -- item 2: unique layer names, legacy .h5 --------------------------------------------
@@ -80,30 +94,38 @@ def test_item2_layer_names_are_unique_and_legacy_h5_round_trips(tmp_path, digits
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
     paths = [w.path for w in model.weights]
     assert len(set(paths)) == len(paths)
+
     # The bijectors' parameter layers get the same names in every instance
     # (tests and users look their weights up by path).
     def params(m):
-        return [w.path for layer in m.flow_layers
-                if isinstance(layer, ParameterLayer) for w in layer.weights]
+        return [
+            w.path
+            for layer in m.flow_layers
+            if isinstance(layer, ParameterLayer)
+            for w in layer.weights
+        ]
+
     assert params(_glow(steps_per_level=2)) == params(model)
     assert len(set(params(model))) == len(params(model))
     # A hand-built chain of default-named bijectors: renamed per model, in order.
-    chain = tfp.bijectors.Chain([tfp_glow.bijectors.ActNorm(2, event_ndims=1),
-                                 tfp_glow.bijectors.ActNorm(2, event_ndims=1)])
+    chain = tfp.bijectors.Chain(
+        [tfp_glow.bijectors.ActNorm(2, event_ndims=1), tfp_glow.bijectors.ActNorm(2, event_ndims=1)]
+    )
     plain = tfp_glow.FlowModel(chain, event_shape=(2,), num_bins=None)
     assert sorted(layer.name for layer in plain.flow_layers) == [
-        "act_norm_params", "act_norm_params_1"]
+        "act_norm_params",
+        "act_norm_params_1",
+    ]
 
     model.initialize(x)
     perturb(model, scale=0.02)
     path = str(tmp_path / "model.h5")
     model.save(path)
-    restored = keras.models.load_model(path, custom_objects={"Glow": tfp_glow.Glow},
-                                       compile=False)
-    np.testing.assert_array_equal(restored.log_prob(x[:8]).numpy(),
-                                  model.log_prob(x[:8]).numpy())
+    restored = keras.models.load_model(path, custom_objects={"Glow": tfp_glow.Glow}, compile=False)
+    np.testing.assert_array_equal(restored.log_prob(x[:8]).numpy(), model.log_prob(x[:8]).numpy())
     assert float(restored.flow_layers[0].weights[0].numpy().ravel()[0]) == float(
-        model.flow_layers[0].weights[0].numpy().ravel()[0])
+        model.flow_layers[0].weights[0].numpy().ravel()[0]
+    )
 
 
 def test_item2_h5_of_a_model_without_config_is_refused_before_writing(tmp_path):
@@ -123,14 +145,14 @@ def test_item3_reduce_lr_on_plateau_lowers_the_default_learning_rate(digits):
     before = float(model.optimizer.learning_rate)
     assert before == pytest.approx(3e-3)
     # min_delta so large that no epoch after the first counts as an improvement.
-    reduce = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1,
-                                               min_delta=1e9, min_lr=0.0)
+    reduce = keras.callbacks.ReduceLROnPlateau(
+        monitor="loss", factor=0.5, patience=1, min_delta=1e9, min_lr=0.0
+    )
     history = model.fit(x, batch_size=32, epochs=3, verbose=0, callbacks=[reduce])
     after = float(model.optimizer.learning_rate)
-    assert after == pytest.approx(before * 0.5 ** 2, rel=1e-6)
+    assert after == pytest.approx(before * 0.5**2, rel=1e-6)
     # Logged at each epoch's end before that epoch's reduction.
-    np.testing.assert_allclose(history.history["learning_rate"],
-                               [3e-3, 3e-3, 1.5e-3], rtol=1e-6)
+    np.testing.assert_allclose(history.history["learning_rate"], [3e-3, 3e-3, 1.5e-3], rtol=1e-6)
 
 
 def test_item3_learning_rate_scheduler_sets_the_default_learning_rate(digits):
@@ -143,8 +165,13 @@ def test_item3_learning_rate_scheduler_sets_the_default_learning_rate(digits):
         seen.append(lr)
         return lr * 0.1
 
-    model.fit(x, batch_size=32, epochs=2, verbose=0,
-              callbacks=[keras.callbacks.LearningRateScheduler(schedule)])
+    model.fit(
+        x,
+        batch_size=32,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras.callbacks.LearningRateScheduler(schedule)],
+    )
     # The callback reads the peak rate (not the warmup's current value) and sets it.
     np.testing.assert_allclose(seen, [3e-3, 3e-4], rtol=1e-6)
     assert float(model.optimizer.learning_rate) == pytest.approx(3e-5, rel=1e-6)
@@ -166,8 +193,9 @@ def test_item3_default_optimizer_trains_as_adam_on_the_warmup_schedule(digits):
         model.fit(x, batch_size=16, epochs=2, verbose=0)
         return [v.numpy() for v in model.weights]
 
-    scheduled = keras.optimizers.Adam(training.WarmupSchedule(3e-3, 100), use_ema=True,
-                                      ema_momentum=0.99)
+    scheduled = keras.optimizers.Adam(
+        training.WarmupSchedule(3e-3, 100), use_ema=True, ema_momentum=0.99
+    )
     for a, b in zip(trained(None), trained(scheduled)):
         np.testing.assert_array_equal(a, b)
     # Its config round trip keeps the peak rate and the schedule.
@@ -178,8 +206,9 @@ def test_item3_default_optimizer_trains_as_adam_on_the_warmup_schedule(digits):
     assert float(again.learning_rate) == pytest.approx(1e-3)
     config = again.schedule.get_config()
     assert config.pop("learning_rate") == pytest.approx(1e-3)  # the float32 variable's
-    assert config == {k: v for k, v in optimizer.schedule.get_config().items()
-                      if k != "learning_rate"}
+    assert config == {
+        k: v for k, v in optimizer.schedule.get_config().items() if k != "learning_rate"
+    }
 
 
 # -- item 8: a custom loop's backprop mode ------------------------------------------------
@@ -251,8 +280,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def test_item8_custom_loop_reversible_peak_memory_is_lower():
     """Peak tensor bytes of one eager custom-loop step (BFC allocator stats)."""
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], env=env, check=True,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     # Measured 79.6 MB standard, 63.5 MB reversible (a floor of ~60 MB is
     # common to both): the custom loop keeps the activations of 8 steps less.
@@ -273,10 +308,13 @@ def _kept_for_gradient(loss, batch):
         if op not in forward:
             forward.add(op)
             todo.extend(t.op for t in op.inputs)
-    kept = {t.name: t.shape[1:].num_elements()
-            for op in loss.graph.get_operations() if op not in forward
-            for t in op.inputs
-            if t.op in forward and (t.shape.rank or 0) >= 2 and t.shape[0] == batch}
+    kept = {
+        t.name: t.shape[1:].num_elements()
+        for op in loss.graph.get_operations()
+        if op not in forward
+        for t in op.inputs
+        if t.op in forward and (t.shape.rank or 0) >= 2 and t.shape[0] == batch
+    }
     return sum(kept.values())
 
 
@@ -289,8 +327,7 @@ def test_item8_fit_and_custom_loop_keep_no_activations_per_step_when_reversible(
     spec = tf.TensorSpec([batch, 8, 8, 1], tf.float32)
 
     def kept(path, mode, steps):
-        model = _glow(levels=1, steps_per_level=steps, dequantization="uniform",
-                      backprop=mode)
+        model = _glow(levels=1, steps_per_level=steps, dequantization="uniform", backprop=mode)
         losses = []
         if path == "fit":
             model.compile()
@@ -298,11 +335,13 @@ def test_item8_fit_and_custom_loop_keep_no_activations_per_step_when_reversible(
             model.optimizer.scale_loss = lambda loss: (losses.append(loss), scale(loss))[1]
             tf.function(model.train_step).get_concrete_function(spec)
         else:
+
             def step(x):
                 with tf.GradientTape() as tape:
                     loss = -tf.reduce_mean(model.log_prob(x, backprop=mode))
                 losses.append(loss)
                 return tape.gradient(loss, model.trainable_variables)
+
             tf.function(step).get_concrete_function(spec)
         return _kept_for_gradient(losses[0], batch)
 

@@ -29,7 +29,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
-SCRIPT = textwrap.dedent("""
+SCRIPT = textwrap.dedent(
+    """
     import json, os, sys, time
     import numpy as np
     import tensorflow as tf
@@ -75,17 +76,26 @@ SCRIPT = textwrap.dedent("""
     np.savez(out, *model.get_weights())
     with open(log, "a") as f:
         f.write("done\\n")
-""" % EPOCHS)
+"""
+    % EPOCHS
+)
 
 
 def _start(script, tmp_path, name, sleep, log_name=None):
     log = tmp_path / f"{log_name or name}.log"
     log.write_text("")
-    args = [sys.executable, str(script), str(tmp_path / f"{name}_backup"),
-            str(tmp_path / f"{name}.npz"), str(log), str(sleep)]
+    args = [
+        sys.executable,
+        str(script),
+        str(tmp_path / f"{name}_backup"),
+        str(tmp_path / f"{name}.npz"),
+        str(log),
+        str(sleep),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True), log
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    ), log
 
 
 def _lines(log):
@@ -133,8 +143,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     res = np.load(tmp_path / "victim.npz")
     assert len(ref.files) == len(res.files) > 10
     worst = max(float(np.max(np.abs(ref[k] - res[k]))) for k in ref.files)
-    print(f"\n[kill-resume] max |w_resumed - w_uninterrupted| = {worst:.3e} "
-          f"over {len(ref.files)} weight tensors")
+    print(
+        f"\n[kill-resume] max |w_resumed - w_uninterrupted| = {worst:.3e} "
+        f"over {len(ref.files)} weight tensors"
+    )
     for k in ref.files:
         np.testing.assert_allclose(res[k], ref[k], rtol=0, atol=1e-6)
     # Training moved the weights, so the comparison is not trivially true.

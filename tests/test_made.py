@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import randomize, stateless_draw
 
 from tfp_glow import nets
-from helpers import randomize, stateless_draw
 
 tfb = tfp.bijectors
 
@@ -58,8 +58,15 @@ def test_outputs_depend_exactly_on_earlier_inputs(order, hidden, activation):
 
 @pytest.mark.parametrize("hidden_degrees", ["equal", "random"])
 def test_random_hidden_degrees_keep_the_property(hidden_degrees):
-    made = nets.MADE(3, 6, [5, 7], input_order="random", hidden_degrees=hidden_degrees,
-                     activation="tanh", seed=11)
+    made = nets.MADE(
+        3,
+        6,
+        [5, 7],
+        input_order="random",
+        hidden_degrees=hidden_degrees,
+        activation="tanh",
+        seed=11,
+    )
     randomize(made)
     used = np.abs(jacobian(made, draw([4, 6]))).max(axis=(0, 2)) > 0
     assert not np.any(used & ~allowed(made))
@@ -69,9 +76,11 @@ def test_random_hidden_degrees_keep_the_property(hidden_degrees):
 def test_input_orders():
     np.testing.assert_array_equal(nets.MADE(1, D, [8]).input_order, [1, 2, 3, 4])
     np.testing.assert_array_equal(
-        nets.MADE(1, D, [8], input_order="right-to-left").input_order, [4, 3, 2, 1])
+        nets.MADE(1, D, [8], input_order="right-to-left").input_order, [4, 3, 2, 1]
+    )
     np.testing.assert_array_equal(
-        nets.MADE(1, D, [8], input_order=np.array([2, 4, 1, 3])).input_order, [2, 4, 1, 3])
+        nets.MADE(1, D, [8], input_order=np.array([2, 4, 1, 3])).input_order, [2, 4, 1, 3]
+    )
     random = nets.MADE(1, 10, [8], input_order="random", seed=3).input_order
     np.testing.assert_array_equal(np.sort(random), np.arange(1, 11))
     assert not np.array_equal(random, np.arange(1, 11))
@@ -137,13 +146,27 @@ def test_variables_exist_at_construction():
     made = nets.MADE(2, D, [16, 8], context_size=3)
     assert made.built
     assert [tuple(v.shape) for v in made.trainable_variables] == [
-        (D + 3, 16), (16,), (16 + 3, 8), (8,), (8 + 3, 2 * D), (2 * D,)]
+        (D + 3, 16),
+        (16,),
+        (16 + 3, 8),
+        (8,),
+        (8 + 3, 2 * D),
+        (2 * D,),
+    ]
 
 
 @pytest.mark.parametrize("order", ["random", [3, 1, 4, 2]], ids=str)
 def test_config_round_trip_through_json(order):
-    made = nets.MADE(2, D, [8, 8], input_order=order, hidden_degrees="random",
-                     activation="tanh", context_size=2, zero_init_last=False)
+    made = nets.MADE(
+        2,
+        D,
+        [8, 8],
+        input_order=order,
+        hidden_degrees="random",
+        activation="tanh",
+        context_size=2,
+        zero_init_last=False,
+    )
     randomize(made)
     config = json.loads(json.dumps(made.get_config()))
     clone = nets.MADE.from_config(config)
@@ -152,8 +175,7 @@ def test_config_round_trip_through_json(order):
     np.testing.assert_array_equal(made.input_order, clone.input_order)
     clone.set_weights(made.get_weights())
     x, c = draw([4, D]), draw([4, 2], seed=1)
-    np.testing.assert_array_equal(made(x, conditional_input=c),
-                                  clone(x, conditional_input=c))
+    np.testing.assert_array_equal(made(x, conditional_input=c), clone(x, conditional_input=c))
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(made))
     assert isinstance(revived, nets.MADE) and revived.get_config() == made.get_config()
 
@@ -170,8 +192,9 @@ def test_maf_round_trip_both_ways(dtype, tol):
     y = flow.forward(x)
     assert y.dtype == dtype and np.abs(y - x).max() > 0.1  # not the identity
     np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=tol, atol=tol)
-    np.testing.assert_allclose(flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x,
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x, rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])
@@ -203,8 +226,9 @@ def test_conditional_maf_round_trip():
     x, c = draw([5, D]), draw([5, 2], seed=1)
     y = flow.forward(x, conditional_input=c)
     assert np.abs(y - flow.forward(x, conditional_input=c + 1.0)).max() > 1e-3
-    np.testing.assert_allclose(flow.inverse(tf.identity(y), conditional_input=c), x,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        flow.inverse(tf.identity(y), conditional_input=c), x, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mixed_precision_computes_in_bfloat16_and_returns_the_input_dtype():
@@ -229,21 +253,25 @@ def test_tf_function_with_unknown_batch():
     np.testing.assert_allclose(fn(x), made(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,error,name", [
-    ({"params": 0}, ValueError, "params"),
-    ({"event_size": 2.0}, TypeError, "event_size"),
-    ({"hidden_units": [8, 0]}, ValueError, "hidden_units"),
-    ({"hidden_units": 8}, TypeError, "hidden_units"),
-    ({"input_order": "up"}, ValueError, "input_order"),
-    ({"input_order": [1, 2, 2, 4]}, ValueError, "input_order"),
-    ({"input_order": [0, 1, 2, 3]}, ValueError, "input_order"),
-    ({"input_order": [1.0, 2.0, 3.0, 4.0]}, ValueError, "input_order"),
-    ({"hidden_degrees": "even"}, ValueError, "hidden_degrees"),
-    ({"activation": "nope"}, ValueError, "activation"),
-    ({"seed": -1}, ValueError, "seed"),
-    ({"context_size": 0}, ValueError, "context_size"),
-    ({"zero_init_last": 1}, TypeError, "zero_init_last"),
-], ids=lambda v: str(v) if not isinstance(v, type) else v.__name__)
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        ({"params": 0}, ValueError, "params"),
+        ({"event_size": 2.0}, TypeError, "event_size"),
+        ({"hidden_units": [8, 0]}, ValueError, "hidden_units"),
+        ({"hidden_units": 8}, TypeError, "hidden_units"),
+        ({"input_order": "up"}, ValueError, "input_order"),
+        ({"input_order": [1, 2, 2, 4]}, ValueError, "input_order"),
+        ({"input_order": [0, 1, 2, 3]}, ValueError, "input_order"),
+        ({"input_order": [1.0, 2.0, 3.0, 4.0]}, ValueError, "input_order"),
+        ({"hidden_degrees": "even"}, ValueError, "hidden_degrees"),
+        ({"activation": "nope"}, ValueError, "activation"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"context_size": 0}, ValueError, "context_size"),
+        ({"zero_init_last": 1}, TypeError, "zero_init_last"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, type) else v.__name__,
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, name):
     arguments = {"params": 2, "event_size": D, "hidden_units": [8], **kwargs}
     with pytest.raises(error, match=f"`{name}`"):

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from helpers import perturb
+
 from tfp_glow import bijectors as B
 from tfp_glow import nets
 from tfp_glow.bijectors import _precision
@@ -89,16 +89,19 @@ def test_every_net_takes_a_policy_name_as_dtype(name, policy):
     check_net_computes_in(make(dtype=policy), shape, POLICIES[policy])
 
 
-COUPLINGS = [(kind, mask, shape) for kind in ("affine", "additive")
-             for mask in ("channel", "checkerboard") for shape in (IMAGE, VECTOR)]
+COUPLINGS = [
+    (kind, mask, shape)
+    for kind in ("affine", "additive")
+    for mask in ("channel", "checkerboard")
+    for shape in (IMAGE, VECTOR)
+]
 COUPLING_IDS = [f"{k}-{m}-{'image' if len(s) == 3 else 'vector'}" for k, m, s in COUPLINGS]
 
 
 def coupling(kind, mask, shape, **net_kwargs):
     cls = B.AffineCoupling if kind == "affine" else B.AdditiveCoupling
     net_cls = nets.GlowCouplingNet if len(shape) == 3 else nets.MLPCouplingNet
-    return cls(functools.partial(net_cls, 8, **net_kwargs), mask=mask, parity=1,
-               event_shape=shape)
+    return cls(functools.partial(net_cls, 8, **net_kwargs), mask=mask, parity=1, event_shape=shape)
 
 
 @pytest.mark.parametrize("kind,mask,shape", COUPLINGS, ids=COUPLING_IDS)
@@ -135,7 +138,7 @@ def test_gradients_reach_float32_variables_through_a_mixed_net(global_policy):
     x = draw(IMAGE)
     with tf.GradientTape() as tape:
         y, ldj = b.forward_and_log_det(x)
-        loss = tf.reduce_mean(tf.reduce_sum(y ** 2, [1, 2, 3]) - ldj)
+        loss = tf.reduce_mean(tf.reduce_sum(y**2, [1, 2, 3]) - ldj)
     grads = tape.gradient(loss, b.trainable_variables)
     assert len(grads) == len(b.net.trainable_variables) > 0
     for v, g in zip(b.trainable_variables, grads):
@@ -147,8 +150,10 @@ def test_gradients_reach_float32_variables_through_a_mixed_net(global_policy):
 def test_mixed_coupling_in_tf_function_with_unknown_batch(global_policy):
     b = coupling("affine", "checkerboard", IMAGE)
     perturb(b, scale=0.3)
-    fn = tf.function(lambda x: b.forward_and_log_det(x),
-                     input_signature=[tf.TensorSpec((None,) + IMAGE, tf.float32)])
+    fn = tf.function(
+        lambda x: b.forward_and_log_det(x),
+        input_signature=[tf.TensorSpec((None,) + IMAGE, tf.float32)],
+    )
     x = draw(IMAGE, batch=5)
     y, ldj = fn(x)
     assert y.dtype == ldj.dtype == tf.float32
@@ -158,8 +163,9 @@ def test_mixed_coupling_in_tf_function_with_unknown_batch(global_policy):
     np.testing.assert_allclose(y, eager_y, rtol=0.02, atol=0.02)
     np.testing.assert_allclose(ldj, eager_ldj, rtol=0.02, atol=0.1)
     # The compiled function is itself exactly invertible.
-    inv = tf.function(lambda y: b.inverse(y),
-                      input_signature=[tf.TensorSpec((None,) + IMAGE, tf.float32)])
+    inv = tf.function(
+        lambda y: b.inverse(y), input_signature=[tf.TensorSpec((None,) + IMAGE, tf.float32)]
+    )
     np.testing.assert_allclose(inv(tf.identity(y)), x, atol=2e-5)
 
 
@@ -195,8 +201,7 @@ def test_float16_overflow_is_clipped_so_the_coupling_stays_a_bijection(kind, val
     keep = np.arange(4) < 2  # channel mask, parity 0: the first half is copied
     s = 1.0 if (kind == "additive" or value > 0) else 0.1  # the default min_scale
     shift = np.sign(value) * limit
-    np.testing.assert_allclose(y.numpy()[..., ~keep], s * x.numpy()[..., ~keep] + shift,
-                               rtol=1e-6)
+    np.testing.assert_allclose(y.numpy()[..., ~keep], s * x.numpy()[..., ~keep] + shift, rtol=1e-6)
     np.testing.assert_array_equal(y.numpy()[..., keep], x.numpy()[..., keep])
     # Exactly invertible up to the float32 spacing of numbers near 65504.
     np.testing.assert_allclose(x_back, x, atol=0.01 / s)
@@ -242,10 +247,17 @@ def test_factor_out_net_dtype_none_is_the_bijector_dtype(global_policy):
 
 
 def test_factor_out_rejects_bad_net_dtype():
-    with pytest.raises(ValueError, match=r"`net_dtype` must be None .*'mixed_bfloat16'.*"
-                                         r"received 'int8'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`net_dtype` must be None .*'mixed_bfloat16'.*"
+        r"received 'int8'",
+    ):
         B.FactorOut(4, net_dtype="int8")
-    with pytest.raises(ValueError, match=r"`net_dtype` sets the dtype policy of the default "
-                                         r"prior net only"):
-        B.FactorOut(4, prior_net=keras.layers.Conv2D(4, 3, padding="same"),
-                    net_dtype="mixed_bfloat16")
+    with pytest.raises(
+        ValueError,
+        match=r"`net_dtype` sets the dtype policy of the default "
+        r"prior net only",
+    ):
+        B.FactorOut(
+            4, prior_net=keras.layers.Conv2D(4, 3, padding="same"), net_dtype="mixed_bfloat16"
+        )

@@ -17,13 +17,20 @@ import tfp_glow
 from tfp_glow.bijectors import keras_layers_of
 
 SMALL = {
-    "glow": lambda **kw: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                                       hidden_channels=8, num_bins=17, **kw),
-    "realnvp": lambda **kw: tfp_glow.RealNVP(input_shape=(8, 8, 1), levels=2,
-                                             hidden_channels=8, num_blocks=1, num_bins=17,
-                                             **kw),
-    "nice": lambda **kw: tfp_glow.NICE(input_shape=(8, 8, 1), coupling_layers=2,
-                                       hidden_units=16, num_hidden_layers=1, num_bins=17, **kw),
+    "glow": lambda **kw: tfp_glow.Glow(
+        image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8, num_bins=17, **kw
+    ),
+    "realnvp": lambda **kw: tfp_glow.RealNVP(
+        input_shape=(8, 8, 1), levels=2, hidden_channels=8, num_blocks=1, num_bins=17, **kw
+    ),
+    "nice": lambda **kw: tfp_glow.NICE(
+        input_shape=(8, 8, 1),
+        coupling_layers=2,
+        hidden_units=16,
+        num_hidden_layers=1,
+        num_bins=17,
+        **kw,
+    ),
 }
 
 
@@ -44,8 +51,11 @@ def _digits(n=64):
 
 def _networks(model):
     """The Keras layers that compute (not the variable holders of ActNorm / LU conv)."""
-    return [layer for layer in keras_layers_of(model.flow) if layer.weights
-            and type(layer).__name__ != "ParameterLayer"]
+    return [
+        layer
+        for layer in keras_layers_of(model.flow)
+        if layer.weights and type(layer).__name__ != "ParameterLayer"
+    ]
 
 
 def _check_policy(model, compute):
@@ -61,8 +71,9 @@ def _check_policy(model, compute):
 
 
 @pytest.mark.parametrize("kind", sorted(SMALL))
-@pytest.mark.parametrize("policy, compute", [("mixed_bfloat16", "bfloat16"),
-                                             ("mixed_float16", "float16")])
+@pytest.mark.parametrize(
+    "policy, compute", [("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")]
+)
 def test_networks_follow_the_global_policy_flow_stays_float32(kind, policy, compute):
     reference = SMALL[kind]()
     reference.initialize(_digits())

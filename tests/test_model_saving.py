@@ -20,14 +20,18 @@ from PIL import Image
 import tfp_glow
 from tfp_glow.data import DIGITS_NUM_BINS, digits_dataset, load_digits, preprocess
 
-
 # TensorFlow 2.21 no longer pulls in TensorBoard; Keras' callback needs it.
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _glow(**kwargs):
-    config = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                  hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+    config = dict(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        num_bins=DIGITS_NUM_BINS,
+    )
     config.update(kwargs)
     return tfp_glow.Glow(**config)
 
@@ -81,11 +85,13 @@ def data():
 
 
 @pytest.mark.parametrize("conditional", [False, True])
-def test_keras_file_round_trip_is_exact_and_never_reinitialises(
-        tmp_path, data, conditional):
+def test_keras_file_round_trip_is_exact_and_never_reinitialises(tmp_path, data, conditional):
     x, y, x_other, y_other = data
-    kwargs = dict(num_classes=10, coupling="additive", permutation="shuffle",
-                  split_fraction=0.25) if conditional else {}
+    kwargs = (
+        dict(num_classes=10, coupling="additive", permutation="shuffle", split_fraction=0.25)
+        if conditional
+        else {}
+    )
     labels, labels_other = (y, y_other) if conditional else (None, None)
     model = _prepared(_glow(**kwargs), x, labels)
     path = str(tmp_path / "glow.keras")
@@ -94,12 +100,15 @@ def test_keras_file_round_trip_is_exact_and_never_reinitialises(
     assert type(loaded) is tfp_glow.Glow
     assert loaded.get_config() == model.get_config()
     assert loaded.is_initialized
-    assert np.max(np.abs(loaded.log_prob(x, labels).numpy()
-                         - model.log_prob(x, labels).numpy())) == 0.0
+    assert (
+        np.max(np.abs(loaded.log_prob(x, labels).numpy() - model.log_prob(x, labels).numpy()))
+        == 0.0
+    )
     sample_labels = 3 if conditional else None
     np.testing.assert_array_equal(
         loaded.sample(4, seed=1, labels=sample_labels).numpy(),
-        model.sample(4, seed=1, labels=sample_labels).numpy())
+        model.sample(4, seed=1, labels=sample_labels).numpy(),
+    )
     for name, value in _actnorm_values(model).items():
         np.testing.assert_array_equal(_actnorm_values(loaded)[name], value)
     _assert_no_reinit(loaded, x_other, labels_other, via_fit=not conditional)
@@ -156,7 +165,8 @@ def test_tf_train_checkpoint_restore_is_exact(tmp_path, data):
 _EVERY_MODEL = {
     "glow (variational dequantization)": lambda: _glow(),
     "realnvp": lambda: tfp_glow.RealNVP(
-        (8, 8, 1), levels=2, hidden_channels=8, num_blocks=2, num_bins=DIGITS_NUM_BINS),
+        (8, 8, 1), levels=2, hidden_channels=8, num_blocks=2, num_bins=DIGITS_NUM_BINS
+    ),
     "nice": lambda: tfp_glow.NICE((8, 8, 1), hidden_units=16, num_bins=DIGITS_NUM_BINS),
 }
 
@@ -186,19 +196,29 @@ def test_stock_callbacks_and_sample_grid_write_their_files(tmp_path):
     model.compile(keras.optimizers.Adam(1e-3))
     train = digits_dataset("train", batch_size=256, seed=1)
     test = digits_dataset("test", batch_size=360, shuffle=False, seed=2)
-    grid = tfp_glow.SampleGrid(tmp_path / "samples", num_samples=6, temperature=0.7,
-                               seed=3, every_n_epochs=2, rows=2, upscale=3)
+    grid = tfp_glow.SampleGrid(
+        tmp_path / "samples",
+        num_samples=6,
+        temperature=0.7,
+        seed=3,
+        every_n_epochs=2,
+        rows=2,
+        upscale=3,
+    )
     callbacks = [
         keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt" / "epoch_{epoch:02d}.keras")),
-        keras.callbacks.ModelCheckpoint(str(tmp_path / "best.weights.h5"),
-                                        monitor="val_bits_per_dim", mode="min",
-                                        save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "best.weights.h5"),
+            monitor="val_bits_per_dim",
+            mode="min",
+            save_best_only=True,
+            save_weights_only=True,
+        ),
         grid,
     ]
     if HAS_TENSORBOARD:
         callbacks.append(keras.callbacks.TensorBoard(str(tmp_path / "logs")))
-    history = model.fit(train, validation_data=test, epochs=2, callbacks=callbacks,
-                        verbose=0)
+    history = model.fit(train, validation_data=test, epochs=2, callbacks=callbacks, verbose=0)
     logged = {"loss", "bits_per_dim", "val_loss", "val_bits_per_dim"}
     assert logged <= set(history.history)
     # ModelCheckpoint: one .keras per epoch; the last one is the final model.
@@ -221,8 +241,10 @@ def test_stock_callbacks_and_sample_grid_write_their_files(tmp_path):
         pixels = np.asarray(png)
     # It shows exactly the seeded samples of the final model.
     samples = model.sample(6, temperature=0.7, seed=3).numpy()
-    expected = tfp_glow.image_grid(np.repeat(np.repeat(
-        tfp_glow.to_uint8(samples, DIGITS_NUM_BINS), 3, axis=1), 3, axis=2), rows=2)
+    expected = tfp_glow.image_grid(
+        np.repeat(np.repeat(tfp_glow.to_uint8(samples, DIGITS_NUM_BINS), 3, axis=1), 3, axis=2),
+        rows=2,
+    )
     np.testing.assert_array_equal(pixels, expected[..., 0])
     assert len(np.unique(pixels)) > 5  # real pictures, not a blank grid
 
@@ -232,8 +254,10 @@ def test_stock_callbacks_and_sample_grid_write_their_files(tmp_path):
     history = model.fit(train, epochs=5, callbacks=[stop], verbose=0)
     assert len(history.history["loss"]) == 2 and stop.stopped_epoch == 1
     if not HAS_TENSORBOARD:
-        pytest.skip("everything but TensorBoard checked: tensorboard is not installed "
-                    "(`pip install tensorboard`), so its callback was left out")
+        pytest.skip(
+            "everything but TensorBoard checked: tensorboard is not installed "
+            "(`pip install tensorboard`), so its callback was left out"
+        )
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -302,7 +326,8 @@ def test_to_uint8_maps_levels_to_evenly_spaced_pixels():
     # Bin edges: floor((x + 0.5) * num_bins); out-of-range values clip.
     np.testing.assert_array_equal(
         tfp_glow.to_uint8([-0.5, 1 / 17 - 0.5 - 1e-6, 1 / 17 - 0.5 + 1e-6, -3.0, 3.0, np.nan], 17),
-        [0, 0, 16, 0, 255, 0])
+        [0, 0, 16, 0, 255, 0],
+    )
     # 256 levels: identity on 8-bit pixels after preprocess.
     k = np.arange(256)
     np.testing.assert_array_equal(tfp_glow.to_uint8((k + 0.3) / 256 - 0.5, 256), k)
@@ -330,19 +355,22 @@ def test_image_grid_layout_and_png_round_trip(tmp_path):
         tfp_glow.image_grid(np.zeros((2, 3, 3, 1), np.float32))
     with pytest.raises(ValueError, match="rows"):
         tfp_glow.image_grid(images, rows=0)
-    out = tfp_glow.save_image_grid(np.zeros((3, 8, 8, 1)), tmp_path / "up.png",
-                                   num_bins=17, upscale=2)
+    out = tfp_glow.save_image_grid(
+        np.zeros((3, 8, 8, 1)), tmp_path / "up.png", num_bins=17, upscale=2
+    )
     assert out.shape == (2 * 17 + 1, 2 * 17 + 1, 1)
     with pytest.raises(ValueError, match="upscale"):
         tfp_glow.save_image_grid(np.zeros((3, 8, 8, 1)), tmp_path / "x.png", 17, upscale=0)
 
 
 def test_sample_grid_validates_its_arguments(tmp_path):
-    for kwargs, arg in [(dict(num_samples=0), "num_samples"),
-                        (dict(temperature=-1.0), "temperature"),
-                        (dict(every_n_epochs=0), "every_n_epochs"),
-                        (dict(rows=0), "rows"),
-                        (dict(upscale=0), "upscale")]:
+    for kwargs, arg in [
+        (dict(num_samples=0), "num_samples"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(every_n_epochs=0), "every_n_epochs"),
+        (dict(rows=0), "rows"),
+        (dict(upscale=0), "upscale"),
+    ]:
         with pytest.raises(ValueError, match=arg):
             tfp_glow.SampleGrid(tmp_path, **kwargs)
     # A seed of the wrong type is a TypeError (successive grids must be comparable).
@@ -360,5 +388,6 @@ def test_sample_grid_validates_its_arguments(tmp_path):
 
 def test_every_model_class_is_registered_for_keras_saving():
     import tfp_glow
+
     for cls in (tfp_glow.FlowModel, tfp_glow.Glow, tfp_glow.RealNVP, tfp_glow.NICE):
         assert keras.saving.get_registered_object(f"tfp_glow>{cls.__name__}") is cls

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import tensorflow as tf
+from helpers import perturb
 from PIL import Image
 
-from helpers import perturb
 import tfp_glow
 from tfp_glow.bijectors import ActNorm, keras_layers_of
 from tfp_glow.bijectors.base import walk_bijectors
@@ -28,8 +28,13 @@ def _random_images(n, shape, seed=0):
 
 
 def _small_glow(**kwargs):
-    config = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                  hidden_channels=16, num_bins=DIGITS_NUM_BINS)
+    config = dict(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        num_bins=DIGITS_NUM_BINS,
+    )
     config.update(kwargs)
     return tfp_glow.Glow(**config)
 
@@ -57,23 +62,29 @@ def trained_glow():
     (360 images), before and after training.
     """
     keras.utils.set_random_seed(0)
-    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=4,
-                          hidden_channels=32, num_bins=DIGITS_NUM_BINS)
+    model = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=4,
+        hidden_channels=32,
+        num_bins=DIGITS_NUM_BINS,
+    )
     model.compile(keras.optimizers.Adam(1e-3))
     images, _ = load_digits("test")
     x_test = preprocess(images, DIGITS_NUM_BINS, dequantize=True, seed=1)
     model.initialize(next(iter(digits_dataset("train", batch_size=256, seed=2))))
     before = float(tf.reduce_mean(model.bits_per_dim(x_test)))
-    history = model.fit(digits_dataset("train", batch_size=64, seed=3), epochs=5,
-                        verbose=0)
+    history = model.fit(digits_dataset("train", batch_size=64, seed=3), epochs=5, verbose=0)
     after = float(tf.reduce_mean(model.bits_per_dim(x_test)))
     return model, before, after, history
 
 
 def test_glow_fit_lowers_test_bits_per_dim_well_below_uniform(trained_glow):
     model, before, after, history = trained_glow
-    print(f"Glow 8x8x1 L=2 K=4 w=32, digits test bits/dim: {before:.3f} at init -> "
-          f"{after:.3f} after 5 epochs (uniform {UNIFORM_BPD:.3f})")
+    print(
+        f"Glow 8x8x1 L=2 K=4 w=32, digits test bits/dim: {before:.3f} at init -> "
+        f"{after:.3f} after 5 epochs (uniform {UNIFORM_BPD:.3f})"
+    )
     assert before > UNIFORM_BPD  # at init the model is worse than uniform
     assert after < 3.6  # measured ~3.1
     train_bpd = history.history["bits_per_dim"]
@@ -82,8 +93,8 @@ def test_glow_fit_lowers_test_bits_per_dim_well_below_uniform(trained_glow):
     d = 64
     loss = history.history["loss"][-1]
     np.testing.assert_allclose(
-        train_bpd[-1], (loss + d * math.log(DIGITS_NUM_BINS)) / (d * math.log(2)),
-        rtol=1e-5)
+        train_bpd[-1], (loss + d * math.log(DIGITS_NUM_BINS)) / (d * math.log(2)), rtol=1e-5
+    )
 
 
 def test_log_prob_and_bits_per_dim_match_a_closed_form_density():
@@ -100,11 +111,13 @@ def test_log_prob_and_bits_per_dim_match_a_closed_form_density():
     act.initialized.assign(1.0)
     x = _random_images(3, (8, 8, 1))
     d = 64
-    expected = scipy.stats.norm.logpdf(2.5 * x.astype(np.float64) + 0.3).sum(axis=(1, 2, 3)) \
-        + d * math.log(2.5)
+    expected = scipy.stats.norm.logpdf(2.5 * x.astype(np.float64) + 0.3).sum(
+        axis=(1, 2, 3)
+    ) + d * math.log(2.5)
     np.testing.assert_allclose(model.log_prob(x).numpy(), expected, rtol=1e-6)
-    np.testing.assert_allclose(model.bits_per_dim(x).numpy(),
-                               (-expected / d + math.log(17.0)) / math.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.bits_per_dim(x).numpy(), (-expected / d + math.log(17.0)) / math.log(2.0), rtol=1e-6
+    )
 
 
 def test_bits_per_dim_is_nll_plus_discretisation_in_bits(trained_glow):
@@ -124,23 +137,23 @@ def test_sampling_shapes_temperature_and_seeds(trained_glow):
     assert tuple(samples.shape) == (5, 8, 8, 1)
     assert np.all(np.isfinite(samples.numpy()))
     # Same seed, same samples; another seed, other samples.
-    np.testing.assert_array_equal(model.sample(5, temperature=0.7, seed=1).numpy(),
-                                  samples.numpy())
+    np.testing.assert_array_equal(model.sample(5, temperature=0.7, seed=1).numpy(), samples.numpy())
     other = model.sample(5, temperature=0.7, seed=2).numpy()
     assert np.max(np.abs(other - samples.numpy())) > 0.05
     # Unseeded draws differ from each other.
     assert np.max(np.abs(model.sample(3).numpy() - model.sample(3).numpy())) > 0.05
     # T = 0: every sample is the decode of z = 0 (the mode of every prior).
     mode = model.decode(tf.zeros([1, 64])).numpy()
-    np.testing.assert_allclose(model.sample(4, temperature=0.0, seed=7).numpy(),
-                               np.repeat(mode, 4, axis=0), atol=1e-6)
+    np.testing.assert_allclose(
+        model.sample(4, temperature=0.0, seed=7).numpy(), np.repeat(mode, 4, axis=0), atol=1e-6
+    )
     # Temperature scales the latent: sample(T) == decode(T * eps(seed)).
     eps = tf.random.stateless_normal([5, 64], seed=tf.constant([1, 0], tf.int64))
-    np.testing.assert_allclose(samples.numpy(), model.decode(0.7 * eps).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(samples.numpy(), model.decode(0.7 * eps).numpy(), atol=1e-5)
     # Lower temperature, samples closer to the mode.
-    spread = [np.mean((model.sample(64, temperature=t, seed=3).numpy() - mode) ** 2)
-              for t in (0.3, 1.0)]
+    spread = [
+        np.mean((model.sample(64, temperature=t, seed=3).numpy() - mode) ** 2) for t in (0.3, 1.0)
+    ]
     assert spread[0] < spread[1]
 
 
@@ -180,27 +193,43 @@ def _autodiff_log_prob(model, x):
     sign, log_det = np.linalg.slogdet(jac.astype(np.float64))
     assert np.all(sign != 0)
     z = model.encode(x).numpy().astype(np.float64)
-    base = -0.5 * np.sum(z ** 2, axis=-1) - 0.5 * d * math.log(2 * math.pi)
+    base = -0.5 * np.sum(z**2, axis=-1) - 0.5 * d * math.log(2 * math.pi)
     return base + log_det
 
 
 _EXACTNESS_MODELS = {
-    "glow": lambda **kw: tfp_glow.Glow(image_shape=(4, 4, 1), levels=2, steps_per_level=2,
-                                       hidden_channels=16, num_bins=17, **kw),
+    "glow": lambda **kw: tfp_glow.Glow(
+        image_shape=(4, 4, 1), levels=2, steps_per_level=2, hidden_channels=16, num_bins=17, **kw
+    ),
     "glow_additive_shuffle": lambda **kw: tfp_glow.Glow(
-        image_shape=(4, 4, 1), levels=2, steps_per_level=2, hidden_channels=16,
-        coupling="additive", permutation="shuffle", split_fraction=0.25, **kw),
-    "realnvp": lambda **kw: tfp_glow.RealNVP(input_shape=(4, 4, 1), levels=2,
-                                             hidden_channels=8, num_blocks=1, **kw),
-    "nice": lambda **kw: tfp_glow.NICE(input_shape=(4, 4, 1), coupling_layers=4,
-                                       hidden_units=16, num_hidden_layers=2, **kw),
+        image_shape=(4, 4, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        coupling="additive",
+        permutation="shuffle",
+        split_fraction=0.25,
+        **kw,
+    ),
+    "realnvp": lambda **kw: tfp_glow.RealNVP(
+        input_shape=(4, 4, 1), levels=2, hidden_channels=8, num_blocks=1, **kw
+    ),
+    "nice": lambda **kw: tfp_glow.NICE(
+        input_shape=(4, 4, 1), coupling_layers=4, hidden_units=16, num_hidden_layers=2, **kw
+    ),
 }
 
 
-@pytest.mark.parametrize("name, dtype", [
-    ("glow", "float32"), ("glow", "float64"), ("glow_additive_shuffle", "float64"),
-    ("realnvp", "float64"), ("nice", "float64"),
-])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("glow", "float32"),
+        ("glow", "float64"),
+        ("glow_additive_shuffle", "float64"),
+        ("realnvp", "float64"),
+        ("nice", "float64"),
+    ],
+)
 def test_log_prob_is_base_density_plus_autodiff_log_det(name, dtype):
     """End to end: the whole flow's log-det against an autodiff Jacobian.
 
@@ -215,10 +244,10 @@ def test_log_prob_is_base_density_plus_autodiff_log_det(name, dtype):
     log_prob = model.log_prob(x).numpy()
     assert log_prob.dtype == dtype
     rtol, atol = (1e-9, 1e-9) if dtype == "float64" else (1e-4, 1e-3)
-    np.testing.assert_allclose(log_prob, _autodiff_log_prob(model, x), rtol=rtol,
-                               atol=atol)
-    np.testing.assert_allclose(model.distribution.log_prob(x).numpy(), log_prob,
-                               rtol=rtol, atol=atol)
+    np.testing.assert_allclose(log_prob, _autodiff_log_prob(model, x), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        model.distribution.log_prob(x).numpy(), log_prob, rtol=rtol, atol=atol
+    )
     x_back = model.decode(tf.identity(model.encode(x))).numpy()
     np.testing.assert_allclose(x_back, x, atol=1e-10 if dtype == "float64" else 1e-4)
     # The perturbation really made the flow non-trivial.
@@ -228,11 +257,19 @@ def test_log_prob_is_base_density_plus_autodiff_log_det(name, dtype):
 # ------------------------------------------------------------- architecture
 
 
-@pytest.mark.parametrize("variant", [
-    dict(permutation="conv_lu"), dict(permutation="conv"), dict(permutation="reverse"),
-    dict(permutation="shuffle"), dict(coupling="additive"), dict(split_fraction=0.25),
-    dict(split_fraction=0.75), dict(learn_top_prior=False),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(permutation="conv_lu"),
+        dict(permutation="conv"),
+        dict(permutation="reverse"),
+        dict(permutation="shuffle"),
+        dict(coupling="additive"),
+        dict(split_fraction=0.25),
+        dict(split_fraction=0.75),
+        dict(learn_top_prior=False),
+    ],
+)
 def test_glow_variants_build_and_round_trip(variant):
     model = _small_glow(**variant)
     x = _random_images(4, (8, 8, 1), seed=2)
@@ -263,7 +300,8 @@ def test_trainable_variables_are_exactly_the_flows_keras_layers_and_the_dequanti
     assert {id(v) for v in model.trainable_variables} == {id(v) for v in expected}
     count = sum(int(np.prod(v.shape)) for v in expected)
     assert model.count_params() == count + sum(
-        int(np.prod(v.shape)) for layer in layers for v in layer.non_trainable_weights)
+        int(np.prod(v.shape)) for layer in layers for v in layer.non_trainable_weights
+    )
     # A plain tf.Module walk of the bijector finds the flow's trainable tensors.
     assert len(model.flow.trainable_variables) == len(in_flow)
     uniform = _small_glow(dequantization="uniform")
@@ -283,8 +321,11 @@ def test_every_trainable_variable_gets_a_gradient_from_fit_loss():
         # fit's loss: the variational bound (Glow's default dequantization).
         loss = -tf.reduce_mean(model.variational_log_prob(x, labels))
     grads = tape.gradient(loss, model.trainable_variables)
-    missing = [v.path for v, g in zip(model.trainable_variables, grads)
-               if g is None or not np.any(np.asarray(g) != 0)]
+    missing = [
+        v.path
+        for v, g in zip(model.trainable_variables, grads)
+        if g is None or not np.any(np.asarray(g) != 0)
+    ]
     assert not missing
     assert any(v.path.startswith("dequantizer/") for v in model.trainable_variables)
 
@@ -314,14 +355,15 @@ def test_class_conditional_glow_trains_and_samples_a_chosen_class(tmp_path):
     assert np.mean(right) > np.mean(wrong)
     # One-hot labels mean the same as int labels.
     np.testing.assert_allclose(
-        model.log_prob(x_test[:8], tf.one_hot(y_test[:8], 10)).numpy(), right[:8],
-        rtol=1e-5)
+        model.log_prob(x_test[:8], tf.one_hot(y_test[:8], 10)).numpy(), right[:8], rtol=1e-5
+    )
     # sample(labels=3) decodes the seeded latent under label 3 for every sample.
     samples = model.sample(4, temperature=0.7, seed=5, labels=3).numpy()
     assert samples.shape == (4, 8, 8, 1) and np.all(np.isfinite(samples))
     eps = tf.random.stateless_normal([4, 64], seed=tf.constant([5, 0], tf.int64))
     np.testing.assert_allclose(
-        samples, model.decode(0.7 * eps, labels=np.full(4, 3)).numpy(), atol=1e-5)
+        samples, model.decode(0.7 * eps, labels=np.full(4, 3)).numpy(), atol=1e-5
+    )
     other = model.sample(4, temperature=0.7, seed=5, labels=8).numpy()
     assert np.max(np.abs(other - samples)) > 1e-3
     # Interpolation under int and one-hot labels reconstructs its endpoints.
@@ -334,8 +376,9 @@ def test_class_conditional_glow_trains_and_samples_a_chosen_class(tmp_path):
     grid.set_model(model)
     grid.on_epoch_end(0)
     labels = np.arange(12) % 10
-    expected = tfp_glow.image_grid(tfp_glow.to_uint8(
-        model.sample(12, temperature=0.7, seed=4, labels=labels), 17), rows=3)
+    expected = tfp_glow.image_grid(
+        tfp_glow.to_uint8(model.sample(12, temperature=0.7, seed=4, labels=labels), 17), rows=3
+    )
     with Image.open(tmp_path / "samples_epoch_001.png") as png:
         np.testing.assert_array_equal(np.asarray(png), expected[..., 0])
     # A class-conditional model refuses to score without labels.
@@ -354,8 +397,14 @@ def test_fit_on_numpy_arrays_initialises_actnorm_on_the_first_batch(conditional)
     num_classes = 3 if conditional else None
 
     def build():
-        return tfp_glow.NICE(input_shape=(2,), coupling_layers=2, hidden_units=8,
-                             num_hidden_layers=1, num_classes=num_classes, num_bins=None)
+        return tfp_glow.NICE(
+            input_shape=(2,),
+            coupling_layers=2,
+            hidden_units=8,
+            num_hidden_layers=1,
+            num_classes=num_classes,
+            num_bins=None,
+        )
 
     model, reference = build(), build()
     reference.set_weights(model.get_weights())
@@ -374,29 +423,37 @@ def test_fit_on_numpy_arrays_initialises_actnorm_on_the_first_batch(conditional)
 # ------------------------------------------------------------ bad arguments
 
 
-@pytest.mark.parametrize("build, arg", [
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=4), "levels"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=0), "levels"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8), levels=1), "image_shape"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, coupling="rqs"),
-     "coupling"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, permutation="random"),
-     "permutation"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=0),
-     "steps_per_level"),
-    (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, hidden_channels=-1),
-     "hidden_channels"),
-    (lambda: _small_glow(split_fraction=1.0), "split_fraction"),
-    (lambda: _small_glow(num_classes=0), "num_classes"),
-    (lambda: _small_glow(num_bins=1), "num_bins"),
-    (lambda: tfp_glow.RealNVP(input_shape=(8, 8, 1), levels=5), "input_shape"),
-    (lambda: tfp_glow.RealNVP(input_shape=(8, 8), levels=2), "input_shape"),
-    (lambda: tfp_glow.RealNVP(input_shape=(2,), coupling_layers=1), "coupling_layers"),
-    (lambda: tfp_glow.RealNVP(input_shape=(2,), num_blocks=0), "num_blocks"),
-    (lambda: tfp_glow.NICE(input_shape=(2, 2, 2, 2)), "input_shape"),
-    (lambda: tfp_glow.NICE(input_shape=(2,), coupling_layers=1), "coupling_layers"),
-    (lambda: tfp_glow.NICE(input_shape=(2,), hidden_units=0), "hidden_units"),
-])
+@pytest.mark.parametrize(
+    "build, arg",
+    [
+        (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=4), "levels"),
+        (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=0), "levels"),
+        (lambda: tfp_glow.Glow(image_shape=(8, 8), levels=1), "image_shape"),
+        (lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, coupling="rqs"), "coupling"),
+        (
+            lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, permutation="random"),
+            "permutation",
+        ),
+        (
+            lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=0),
+            "steps_per_level",
+        ),
+        (
+            lambda: tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, hidden_channels=-1),
+            "hidden_channels",
+        ),
+        (lambda: _small_glow(split_fraction=1.0), "split_fraction"),
+        (lambda: _small_glow(num_classes=0), "num_classes"),
+        (lambda: _small_glow(num_bins=1), "num_bins"),
+        (lambda: tfp_glow.RealNVP(input_shape=(8, 8, 1), levels=5), "input_shape"),
+        (lambda: tfp_glow.RealNVP(input_shape=(8, 8), levels=2), "input_shape"),
+        (lambda: tfp_glow.RealNVP(input_shape=(2,), coupling_layers=1), "coupling_layers"),
+        (lambda: tfp_glow.RealNVP(input_shape=(2,), num_blocks=0), "num_blocks"),
+        (lambda: tfp_glow.NICE(input_shape=(2, 2, 2, 2)), "input_shape"),
+        (lambda: tfp_glow.NICE(input_shape=(2,), coupling_layers=1), "coupling_layers"),
+        (lambda: tfp_glow.NICE(input_shape=(2,), hidden_units=0), "hidden_units"),
+    ],
+)
 def test_bad_constructor_arguments_raise_value_error_naming_them(build, arg):
     with pytest.raises(ValueError, match=arg):
         build()
@@ -406,8 +463,9 @@ def test_bad_call_arguments_raise_naming_them():
     model = _small_glow()
     x = _random_images(2, (8, 8, 1))
     model.initialize(x)
-    with pytest.raises(ValueError,
-                       match=r"`x` must have shape \[batch, 8, 8, 1\]; got \(2, 4, 4, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"`x` must have shape \[batch, 8, 8, 1\]; got \(2, 4, 4, 1\)"
+    ):
         model.log_prob(np.zeros((2, 4, 4, 1), np.float32))
     with pytest.raises(TypeError, match=r"`x` must be a floating tensor .* got dtype int32"):
         model.log_prob(np.zeros((2, 8, 8, 1), np.int32))
@@ -422,12 +480,14 @@ def test_bad_call_arguments_raise_naming_them():
 def test_xla_fit_on_arrays_warns_about_a_partial_last_batch():
     """XLA compiles the step again for a smaller last batch: `fit` says so."""
     x = tfp_glow.data.toy_density("two_moons", 40, seed=0)
-    model = tfp_glow.NICE(input_shape=(2,), coupling_layers=2, hidden_units=8,
-                          num_hidden_layers=1, num_bins=None)
+    model = tfp_glow.NICE(
+        input_shape=(2,), coupling_layers=2, hidden_units=8, num_hidden_layers=1, num_bins=None
+    )
     model.compile(keras.optimizers.Adam(1e-3), jit_compile=True)
     with pytest.warns(UserWarning, match=r"last batch of each epoch has 8 examples.*x\[:32\]"):
         model.fit(x, batch_size=16, epochs=1, verbose=0)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         history = model.fit(x[:32], batch_size=16, epochs=1, verbose=0)
@@ -436,9 +496,11 @@ def test_xla_fit_on_arrays_warns_about_a_partial_last_batch():
 
 def test_cli_jit_training_pipeline_has_only_full_batches():
     from tfp_glow import cli
+
     cfg = {"dataset": "digits", "seed": 0, "conditional": False}
-    batches = [b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True,
-                                                     drop_remainder=True)]
+    batches = [
+        b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True, drop_remainder=True)
+    ]
     assert batches == [64] * (1437 // 64)
     assert [b.shape[0] for b in cli._make_dataset(cfg, "train", 64, training=True)][-1] == 29
 
@@ -457,6 +519,7 @@ def test_keras_ema_averages_the_weights_fit_ends_with_and_saves(tmp_path):
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             seen.append([v.numpy().copy() for v in model.trainable_variables])
+
     seen = []
     model.fit(x, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[Record()])
     assert len(seen) == 6
@@ -471,8 +534,10 @@ def test_keras_ema_averages_the_weights_fit_ends_with_and_saves(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.optimizer.use_ema
-    for a, b in zip(loaded.optimizer._model_variables_moving_average,
-                    model.optimizer._model_variables_moving_average):
+    for a, b in zip(
+        loaded.optimizer._model_variables_moving_average,
+        model.optimizer._model_variables_moving_average,
+    ):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -488,8 +553,7 @@ def test_keras_ema_resumes_from_backup_and_restore(tmp_path):
         keras.utils.set_random_seed(0)
         model = _small_glow(steps_per_level=1)
         model.compile(keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=0.8))
-        model.fit(x, batch_size=32, epochs=3, shuffle=False, verbose=0,
-                  callbacks=callbacks)
+        model.fit(x, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
         return model
 
     class Interrupt(keras.callbacks.Callback):
@@ -506,6 +570,8 @@ def test_keras_ema_resumes_from_backup_and_restore(tmp_path):
     assert int(resumed.optimizer.iterations.numpy()) == 6
     for a, b in zip(resumed.trainable_variables, straight.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
-    for a, b in zip(resumed.optimizer._model_variables_moving_average,
-                    straight.optimizer._model_variables_moving_average):
+    for a, b in zip(
+        resumed.optimizer._model_variables_moving_average,
+        straight.optimizer._model_variables_moving_average,
+    ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)

@@ -63,9 +63,14 @@ class Job:
             config = {"cluster": cluster, "task": {"type": "worker", "index": task}}
             env = {**os.environ, "TF_CONFIG": json.dumps(config), "TF_CPP_MIN_LOG_LEVEL": "2"}
             with open(self.output(task), "w") as out:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, WORKER, self.out_dir, self.backup_dir, str(sleep)],
-                    stdout=out, stderr=subprocess.STDOUT, env=env))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, WORKER, self.out_dir, self.backup_dir, str(sleep)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
 
     def output(self, task):
         return os.path.join(self.out_dir, f"worker_{task}.out")
@@ -78,8 +83,10 @@ class Job:
         return dict(np.load(os.path.join(self.out_dir, f"worker_{task}.npz")))
 
     def tails(self):
-        return "\n".join(f"--- worker {t} (exit {p.poll()}):\n{open(self.output(t)).read()[-3000:]}"
-                         for t, p in enumerate(self.procs))
+        return "\n".join(
+            f"--- worker {t} (exit {p.poll()}):\n{open(self.output(t)).read()[-3000:]}"
+            for t, p in enumerate(self.procs)
+        )
 
     def wait(self, timeout=JOB_TIMEOUT):
         deadline = time.time() + timeout
@@ -118,8 +125,12 @@ def uninterrupted(tmp_path_factory):
     try:
         reference = _reference()  # while the workers run
         job.wait()
-        return [job.result(t) for t in range(worker.WORKERS)], [job.log(t) for t in (0, 1)], \
-            reference, root
+        return (
+            [job.result(t) for t in range(worker.WORKERS)],
+            [job.log(t) for t in (0, 1)],
+            reference,
+            root,
+        )
     finally:
         job.kill()
 
@@ -138,14 +149,17 @@ def test_fit_initialises_actnorm_on_the_global_batch(uninterrupted):
     assert len(keys) == 12
     for k in keys:
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
-        np.testing.assert_allclose(w0[k], reference["initialize"][k[len("init/"):]],
-                                   rtol=0, atol=1e-4, err_msg=k)
+        np.testing.assert_allclose(
+            w0[k], reference["initialize"][k[len("init/") :]], rtol=0, atol=1e-4, err_msg=k
+        )
     # The init really ran, and away from the identity it starts at.
     assert {float(w0[k]) for k in keys if w0[k].shape == ()} == {1.0}
     assert max(float(np.max(np.abs(w0[k]))) for k in keys if w0[k].shape != ()) > 0.5
-    print(f"\n[multiworker] ActNorm init: workers differ by {_max_diff(w0, w1, 'init/'):.1e}, "
-          f"from one-process initialize by "
-          f"{max(float(np.max(np.abs(w0[k] - reference['initialize'][k[5:]]))) for k in keys):.1e}")
+    print(
+        f"\n[multiworker] ActNorm init: workers differ by {_max_diff(w0, w1, 'init/'):.1e}, "
+        f"from one-process initialize by "
+        f"{max(float(np.max(np.abs(w0[k] - reference['initialize'][k[5:]]))) for k in keys):.1e}"
+    )
 
 
 def test_fit_trains_like_one_process_on_the_global_batches(uninterrupted):
@@ -156,11 +170,16 @@ def test_fit_trains_like_one_process_on_the_global_batches(uninterrupted):
         assert log.count("batch") == worker.EPOCHS * worker.STEPS
     assert _max_diff(w0, w1, "weight/") == 0.0
     worst = _max_diff(w0, ref, "weight/")
-    moved = max(float(np.max(np.abs(ref[k] - ref["start/" + k[len("weight/"):]])))
-                for k in ref if k.startswith("weight/"))
-    print(f"\n[multiworker] weights after {worker.EPOCHS * worker.STEPS} SGD steps: workers "
-          f"differ by 0, from one process by {worst:.1e} (training moved them {moved:.2e}); "
-          f"losses {w0['losses'].round(4).tolist()} vs {ref['losses'].round(4).tolist()}")
+    moved = max(
+        float(np.max(np.abs(ref[k] - ref["start/" + k[len("weight/") :]])))
+        for k in ref
+        if k.startswith("weight/")
+    )
+    print(
+        f"\n[multiworker] weights after {worker.EPOCHS * worker.STEPS} SGD steps: workers "
+        f"differ by 0, from one process by {worst:.1e} (training moved them {moved:.2e}); "
+        f"losses {w0['losses'].round(4).tolist()} vs {ref['losses'].round(4).tolist()}"
+    )
     assert worst <= 1e-5
     assert moved > 1e-2  # training moved the weights far beyond the tolerance
     # The NaN pixel in worker 1's batch stopped that step on both workers.
@@ -179,8 +198,7 @@ def test_fit_trains_like_one_process_on_the_global_batches(uninterrupted):
     assert int(w0["off_warnings"]) == int(w1["off_warnings"]) == 1
 
 
-def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterrupted,
-                                                                        tmp_path):
+def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterrupted, tmp_path):
     (u0, _), _, reference, _ = uninterrupted
     backup = tmp_path / "backup"
     victim = Job(tmp_path / "killed", backup, sleep=0.5)
@@ -227,8 +245,10 @@ def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterr
         assert log.count("begin") == worker.EPOCHS - 1 and log.endswith("done")
     assert _max_diff(r0, r1, "weight/") == 0.0
     worst = _max_diff(r0, u0, "weight/")
-    print(f"\n[multiworker] killed + restarted vs uninterrupted: {worst:.1e}; vs one "
-          f"process: {_max_diff(r0, reference['fit'], 'weight/'):.1e}")
+    print(
+        f"\n[multiworker] killed + restarted vs uninterrupted: {worst:.1e}; vs one "
+        f"process: {_max_diff(r0, reference['fit'], 'weight/'):.1e}"
+    )
     assert worst <= 1e-6
     assert _max_diff(r0, reference["fit"], "weight/") <= 1e-5
     # The resumed fit initialised ActNorm again (then restored it) just the same.
@@ -241,6 +261,7 @@ def test_killed_worker_and_restarted_job_end_like_the_uninterrupted_run(uninterr
 
 def test_multi_worker_strategy_needs_a_cluster(monkeypatch):
     from tfp_glow.training.distributed import multi_worker_strategy
+
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ValueError, match="set TF_CONFIG"):
@@ -252,7 +273,9 @@ def test_multi_worker_strategy_needs_a_cluster(monkeypatch):
 def test_outside_multi_worker_mode_nothing_changes():
     import keras
     import tensorflow as tf
+
     from tfp_glow.training import distributed
+
     backup = keras.callbacks.BackupAndRestore("unused_dir")
     assert distributed.fit_callbacks(None) == []
     assert distributed.fit_callbacks(backup) == [backup]
@@ -269,6 +292,7 @@ def test_outside_multi_worker_mode_nothing_changes():
 
 def test_cli_multiworker_without_a_cluster_names_tf_config(monkeypatch, tmp_path, capsys):
     from tfp_glow import cli
+
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     run = tmp_path / "run"

@@ -31,8 +31,7 @@ def _seeded():
 
 
 def draw(shape, batch=2, seed=0):
-    return tf.constant(np.random.default_rng(seed).standard_normal((batch,) + shape),
-                       tf.float32)
+    return tf.constant(np.random.default_rng(seed).standard_normal((batch,) + shape), tf.float32)
 
 
 def randomize(net, seed=1):
@@ -76,25 +75,48 @@ def test_config_round_trip_through_json_gives_the_same_net(name):
     assert again.get_config() == net.get_config()
 
 
-@pytest.mark.parametrize("make,error,match", [
-    (lambda: nets.GlowCouplingNet(0, 4), ValueError, r"`hidden_channels` must be an int >= 1"),
-    (lambda: nets.GlowCouplingNet(8, 2.0), TypeError, r"`out_channels` must be an int >= 1; "
-                                                        r"received 2.0"),
-    (lambda: nets.GlowCouplingNet(True, 4), TypeError, r"`hidden_channels` must be an int"),
-    (lambda: nets.ResNetCouplingNet(8, 4, num_blocks=-1), ValueError,
-     r"`num_blocks` must be an int >= 0; received -1"),
-    (lambda: nets.ResNetCouplingNet(8, None), TypeError, r"`out_channels` must be an int"),
-    (lambda: nets.MLPCouplingNet(8, 0), ValueError, r"`out_units` must be an int >= 1"),
-    (lambda: nets.MLPCouplingNet("8", 2), TypeError, r"`hidden_units` must be an int"),
-    (lambda: nets.MLPCouplingNet(8, 2, num_hidden_layers=1.5), TypeError,
-     r"`num_hidden_layers` must be an int >= 0"),
-    (lambda: nets.ZeroConv2D(0), ValueError, r"`filters` must be an int >= 1"),
-    (lambda: nets.ZeroConv2D(4, kernel_size=(3, 3)), TypeError, r"`kernel_size` must be an int"),
-    (lambda: nets.ZeroConv2D(4, logscale_factor="3"), TypeError,
-     r"`logscale_factor` must be a number"),
-    (lambda: nets.ZeroConv2D(4, logscale_factor=float("inf")), ValueError,
-     r"`logscale_factor` must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: nets.GlowCouplingNet(0, 4), ValueError, r"`hidden_channels` must be an int >= 1"),
+        (
+            lambda: nets.GlowCouplingNet(8, 2.0),
+            TypeError,
+            r"`out_channels` must be an int >= 1; "
+            r"received 2.0",
+        ),
+        (lambda: nets.GlowCouplingNet(True, 4), TypeError, r"`hidden_channels` must be an int"),
+        (
+            lambda: nets.ResNetCouplingNet(8, 4, num_blocks=-1),
+            ValueError,
+            r"`num_blocks` must be an int >= 0; received -1",
+        ),
+        (lambda: nets.ResNetCouplingNet(8, None), TypeError, r"`out_channels` must be an int"),
+        (lambda: nets.MLPCouplingNet(8, 0), ValueError, r"`out_units` must be an int >= 1"),
+        (lambda: nets.MLPCouplingNet("8", 2), TypeError, r"`hidden_units` must be an int"),
+        (
+            lambda: nets.MLPCouplingNet(8, 2, num_hidden_layers=1.5),
+            TypeError,
+            r"`num_hidden_layers` must be an int >= 0",
+        ),
+        (lambda: nets.ZeroConv2D(0), ValueError, r"`filters` must be an int >= 1"),
+        (
+            lambda: nets.ZeroConv2D(4, kernel_size=(3, 3)),
+            TypeError,
+            r"`kernel_size` must be an int",
+        ),
+        (
+            lambda: nets.ZeroConv2D(4, logscale_factor="3"),
+            TypeError,
+            r"`logscale_factor` must be a number",
+        ),
+        (
+            lambda: nets.ZeroConv2D(4, logscale_factor=float("inf")),
+            ValueError,
+            r"`logscale_factor` must be a finite number",
+        ),
+    ],
+)
 def test_bad_arguments_raise_naming_the_argument(make, error, match):
     with pytest.raises(error, match=match):
         make()

@@ -18,8 +18,10 @@ from tfp_glow.bijectors import ActNorm, InvertibleConv1x1, MultiScaleFlow
 from tfp_glow.bijectors.base import walk_bijectors
 from tfp_glow.bijectors.coupling import checkerboard_mask_np
 from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
-from tfp_glow.bijectors.spline_coupling import (RationalQuadraticSplineCoupling,
-                                                rational_quadratic_spline)
+from tfp_glow.bijectors.spline_coupling import (
+    RationalQuadraticSplineCoupling,
+    rational_quadratic_spline,
+)
 
 tfb = tfp.bijectors
 IMAGE = (2, 2, 4)
@@ -35,15 +37,19 @@ def _units(cls, shape, mask, arg):
     return cls.outputs_per_channel(arg) * (c // 2 if mask == "channel" else c)
 
 
-def make(kind, mask="channel", parity=0, shape=IMAGE, dtype=tf.float32, perturb=0.1,
-         seed=0):
-    cls, arg, kwargs = ((RationalQuadraticSplineCoupling, 5, {"num_bins": 5})
-                        if kind == "spline" else
-                        (LogisticMixtureCoupling, 3, {"num_components": 3}))
+def make(kind, mask="channel", parity=0, shape=IMAGE, dtype=tf.float32, perturb=0.1, seed=0):
+    cls, arg, kwargs = (
+        (RationalQuadraticSplineCoupling, 5, {"num_bins": 5})
+        if kind == "spline"
+        else (LogisticMixtureCoupling, 3, {"num_components": 3})
+    )
     units = _units(cls, shape, mask, arg)
     dt = tf.as_dtype(dtype).name
-    net = (nets.GlowCouplingNet(8, units, dtype=dt) if len(shape) == 3
-           else nets.MLPCouplingNet(8, units, dtype=dt))
+    net = (
+        nets.GlowCouplingNet(8, units, dtype=dt)
+        if len(shape) == 3
+        else nets.MLPCouplingNet(8, units, dtype=dt)
+    )
     b = cls(net, mask=mask, parity=parity, event_shape=shape, dtype=dtype, **kwargs)
     rng = np.random.default_rng(seed)
     for v in b.trainable_variables:  # off the identity init
@@ -52,25 +58,30 @@ def make(kind, mask="channel", parity=0, shape=IMAGE, dtype=tf.float32, perturb=
     return b, x
 
 
-CASES = [("spline", "channel", 0, IMAGE), ("spline", "checkerboard", 1, VECTOR),
-         ("mol", "checkerboard", 0, IMAGE), ("mol", "channel", 1, VECTOR)]
+CASES = [
+    ("spline", "channel", 0, IMAGE),
+    ("spline", "checkerboard", 1, VECTOR),
+    ("mol", "checkerboard", 0, IMAGE),
+    ("mol", "channel", 1, VECTOR),
+]
 IDS = [f"{k}-{m}-p{p}-{len(s)}d" for k, m, p, s in CASES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("kind,mask,parity,shape", CASES, ids=IDS)
 class TestCouplingContract:
-
     def test_round_trip_both_ways(self, kind, mask, parity, shape, dtype):
         b, x = make(kind, mask, parity, shape, dtype)
         y = b.forward(x)
         assert y.dtype == dtype
         assert float(tf.reduce_max(tf.abs(y - x))) > 1e-2  # not the identity
-        np.testing.assert_allclose(b.inverse(tf.identity(y)), x,
-                                   atol=ROUND_TRIP_ATOL[dtype], rtol=0)
+        np.testing.assert_allclose(
+            b.inverse(tf.identity(y)), x, atol=ROUND_TRIP_ATOL[dtype], rtol=0
+        )
         z = tf.constant(np.random.default_rng(5).standard_normal(x.shape), dtype)
-        np.testing.assert_allclose(b.forward(tf.identity(b.inverse(z))), z,
-                                   atol=ROUND_TRIP_ATOL[dtype], rtol=0)
+        np.testing.assert_allclose(
+            b.forward(tf.identity(b.inverse(z))), z, atol=ROUND_TRIP_ATOL[dtype], rtol=0
+        )
 
     def test_log_det_matches_autodiff_jacobian(self, kind, mask, parity, shape, dtype):
         b, x = make(kind, mask, parity, shape, dtype)
@@ -98,8 +109,8 @@ def test_tf_function_unknown_batch(kind, mask, parity, shape, dtype=tf.float64):
     y, ldj, x_back = round_trip(x)
     np.testing.assert_allclose(y, b.forward(x), atol=ROUND_TRIP_ATOL[dtype])
     np.testing.assert_allclose(
-        ldj, b.forward_log_det_jacobian(x, event_ndims=len(shape)),
-        atol=LOG_DET_ATOL[dtype])
+        ldj, b.forward_log_det_jacobian(x, event_ndims=len(shape)), atol=LOG_DET_ATOL[dtype]
+    )
     np.testing.assert_allclose(x_back, x, atol=ROUND_TRIP_ATOL[dtype])
     assert round_trip(tf.concat([x, x], 0))[0].shape[0] == 2 * BATCH
     assert round_trip.experimental_get_tracing_count() == 1
@@ -126,23 +137,23 @@ def test_spline_matches_tfp_rational_quadratic_spline(dtype):
     k, bound = 4, 2.0
     x = tf.constant(rng.uniform(-3.0, 3.0, (50,)), dtype)
     raw = [tf.constant(rng.standard_normal((50, n)), dtype) for n in (k, k, k - 1)]
-    y, ldj = rational_quadratic_spline(x, *raw, tail_bound=bound, min_width=1e-3,
-                                       min_height=1e-3, min_derivative=1e-3)
+    y, ldj = rational_quadratic_spline(
+        x, *raw, tail_bound=bound, min_width=1e-3, min_height=1e-3, min_derivative=1e-3
+    )
 
     def fractions(r):
         return 2 * bound * (1e-3 + (1 - 1e-3 * k) * tf.nn.softmax(r, axis=-1))
 
     slopes = 1e-3 + tf.nn.softplus(raw[2] + np.log(np.expm1(1 - 1e-3)))
-    ref = tfb.RationalQuadraticSpline(fractions(raw[0]), fractions(raw[1]), slopes,
-                                      range_min=-bound)
+    ref = tfb.RationalQuadraticSpline(
+        fractions(raw[0]), fractions(raw[1]), slopes, range_min=-bound
+    )
     np.testing.assert_allclose(y, ref.forward(x), atol=ROUND_TRIP_ATOL[dtype] * 10)
-    np.testing.assert_allclose(ldj, ref.forward_log_det_jacobian(x, 0),
-                               atol=LOG_DET_ATOL[dtype])
+    np.testing.assert_allclose(ldj, ref.forward_log_det_jacobian(x, 0), atol=LOG_DET_ATOL[dtype])
     outside = np.abs(x.numpy()) > bound
     assert outside.sum() > 5
     np.testing.assert_array_equal(y.numpy()[outside], x.numpy()[outside])  # linear tails
-    x_back, ildj = rational_quadratic_spline(tf.identity(y), *raw, tail_bound=bound,
-                                             inverse=True)
+    x_back, ildj = rational_quadratic_spline(tf.identity(y), *raw, tail_bound=bound, inverse=True)
     np.testing.assert_allclose(x_back, x, atol=ROUND_TRIP_ATOL[dtype] * 10)
     np.testing.assert_allclose(ildj, -ldj, atol=LOG_DET_ATOL[dtype])
 
@@ -224,10 +235,14 @@ def test_trains_inside_a_flow_model(kind):
     """ActNorm, LU 1x1 conv and the coupling as one Glow step, fitted with `fit`."""
     keras.utils.set_random_seed(0)
     shape = (2, 2, 4)
-    cls, arg, kw = ((RationalQuadraticSplineCoupling, 4, {"num_bins": 4}) if kind == "spline"
-                    else (LogisticMixtureCoupling, 2, {"num_components": 2}))
-    coupling = cls(nets.GlowCouplingNet(8, _units(cls, shape, "channel", arg)),
-                   event_shape=shape, **kw)
+    cls, arg, kw = (
+        (RationalQuadraticSplineCoupling, 4, {"num_bins": 4})
+        if kind == "spline"
+        else (LogisticMixtureCoupling, 2, {"num_components": 2})
+    )
+    coupling = cls(
+        nets.GlowCouplingNet(8, _units(cls, shape, "channel", arg)), event_shape=shape, **kw
+    )
     step = tfb.Chain([coupling, InvertibleConv1x1(4, seed=0), ActNorm(4)])
     model = FlowModel(MultiScaleFlow(shape, [(step, None)]), event_shape=shape, num_bins=None)
     rng = np.random.default_rng(0)
@@ -244,34 +259,40 @@ def _net(units, shape=IMAGE):
     return nets.GlowCouplingNet(8, units) if len(shape) == 3 else nets.MLPCouplingNet(8, units)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"num_bins": 1}, ValueError, "num_bins"),
-    ({"num_bins": 2.5}, TypeError, "num_bins"),
-    ({"num_bins": True}, TypeError, "num_bins"),
-    ({"tail_bound": 0.0}, ValueError, "tail_bound"),
-    ({"tail_bound": "3"}, TypeError, "tail_bound"),
-    ({"min_bin_width": 0.25}, ValueError, "min_bin_width"),
-    ({"min_bin_height": 0.0}, ValueError, "min_bin_height"),
-    ({"min_derivative": 1.0}, ValueError, "min_derivative"),
-    ({"max_derivative_ratio": 0.5}, ValueError, "max_derivative_ratio"),
-    ({"max_derivative_ratio": "3"}, TypeError, "max_derivative_ratio"),
-    ({"mask": "stripes"}, ValueError, "mask"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"num_bins": 1}, ValueError, "num_bins"),
+        ({"num_bins": 2.5}, TypeError, "num_bins"),
+        ({"num_bins": True}, TypeError, "num_bins"),
+        ({"tail_bound": 0.0}, ValueError, "tail_bound"),
+        ({"tail_bound": "3"}, TypeError, "tail_bound"),
+        ({"min_bin_width": 0.25}, ValueError, "min_bin_width"),
+        ({"min_bin_height": 0.0}, ValueError, "min_bin_height"),
+        ({"min_derivative": 1.0}, ValueError, "min_derivative"),
+        ({"max_derivative_ratio": 0.5}, ValueError, "max_derivative_ratio"),
+        ({"max_derivative_ratio": "3"}, TypeError, "max_derivative_ratio"),
+        ({"mask": "stripes"}, ValueError, "mask"),
+    ],
+)
 def test_spline_bad_arguments(kwargs, error, match):
     full = {"num_bins": 4, **kwargs}
     with pytest.raises(error, match=match):
         RationalQuadraticSplineCoupling(_net(22), event_shape=IMAGE, **full)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"num_components": 0}, ValueError, "num_components"),
-    ({"num_components": 2.0}, TypeError, "num_components"),
-    ({"bisection_steps": 0}, ValueError, "bisection_steps"),
-    ({"bisection_steps": True}, TypeError, "bisection_steps"),
-    ({"min_derivative": 1.0}, ValueError, "min_derivative"),
-    ({"min_derivative": -1e-3}, ValueError, "min_derivative"),
-    ({"parity": 2}, ValueError, "parity"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"num_components": 0}, ValueError, "num_components"),
+        ({"num_components": 2.0}, TypeError, "num_components"),
+        ({"bisection_steps": 0}, ValueError, "bisection_steps"),
+        ({"bisection_steps": True}, TypeError, "bisection_steps"),
+        ({"min_derivative": 1.0}, ValueError, "min_derivative"),
+        ({"min_derivative": -1e-3}, ValueError, "min_derivative"),
+        ({"parity": 2}, ValueError, "parity"),
+    ],
+)
 def test_mol_bad_arguments(kwargs, error, match):
     full = {"num_components": 3, **kwargs}
     with pytest.raises(error, match=match):
@@ -280,8 +301,11 @@ def test_mol_bad_arguments(kwargs, error, match):
 
 @pytest.mark.parametrize("kind", ["spline", "mol"])
 def test_network_of_the_wrong_size_is_refused(kind):
-    cls, kw = ((RationalQuadraticSplineCoupling, {"num_bins": 4}) if kind == "spline"
-               else (LogisticMixtureCoupling, {"num_components": 4}))
+    cls, kw = (
+        (RationalQuadraticSplineCoupling, {"num_bins": 4})
+        if kind == "spline"
+        else (LogisticMixtureCoupling, {"num_components": 4})
+    )
     with pytest.raises(ValueError, match="channels"):
         b = cls(_net(4), event_shape=IMAGE, **kw)  # needs 22 or 28 channels
         b.forward(tf.zeros((1,) + IMAGE))
@@ -293,14 +317,20 @@ def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
     lowers the NLL on digits, and the `.keras` file keeps the choice."""
     import tfp_glow
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
     images, _ = load_digits("train")
     x = np.asarray(preprocess(images[:128], DIGITS_NUM_BINS, seed=0), np.float32)
     keras.utils.set_random_seed(0)
-    glow = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
-                         hidden_channels=8, num_bins=DIGITS_NUM_BINS, coupling=kind)
+    glow = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=1,
+        hidden_channels=8,
+        num_bins=DIGITS_NUM_BINS,
+        coupling=kind,
+    )
     expected = {"spline": RationalQuadraticSplineCoupling, "mol": LogisticMixtureCoupling}[kind]
-    found = [b for b in walk_bijectors(glow.bijector)
-             if isinstance(b, expected)]
+    found = [b for b in walk_bijectors(glow.bijector) if isinstance(b, expected)]
     assert len(found) == 2  # one per level
     glow.initialize(x[:64])
     glow.compile(keras.optimizers.Adam(3e-3))
@@ -313,8 +343,9 @@ def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
     loaded = keras.models.load_model(path)
     assert loaded.get_config()["coupling"] == kind
     np.testing.assert_allclose(loaded.log_prob(x[:8]), glow.log_prob(x[:8]), rtol=1e-5)
-    realnvp = tfp_glow.RealNVP(input_shape=(2,), coupling_layers=2, hidden_channels=8,
-                               num_bins=None, coupling=kind)
+    realnvp = tfp_glow.RealNVP(
+        input_shape=(2,), coupling_layers=2, hidden_channels=8, num_bins=None, coupling=kind
+    )
     assert any(isinstance(b, expected) for b in walk_bijectors(realnvp.bijector))
     points = tfp_glow.data.toy_density("two_moons", 64, seed=0)
     realnvp.initialize(points)
@@ -323,6 +354,7 @@ def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
 
 def test_unknown_coupling_names_the_choices():
     import tfp_glow
+
     with pytest.raises(ValueError, match="coupling.*spline"):
         tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1, coupling="rqs")
 
@@ -335,19 +367,29 @@ def test_glow_spline_at_the_protocols_size(tmp_path):
     import tfp_glow
     from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
     images, _ = load_digits("train")
     x = np.asarray(preprocess(images[:64], DIGITS_NUM_BINS, seed=0), np.float32)
     keras.utils.set_random_seed(0)
-    glow = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=8,
-                         hidden_channels=64, num_bins=DIGITS_NUM_BINS, coupling="spline",
-                         coupling_kwargs={"num_bins": 6}, last_kernel=1)
+    glow = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=8,
+        hidden_channels=64,
+        num_bins=DIGITS_NUM_BINS,
+        coupling="spline",
+        coupling_kwargs={"num_bins": 6},
+        last_kernel=1,
+    )
     glow.initialize(x)
     dequantizer = glow.dequantizer.count_params()  # Glow's default q(u | k)
-    splines = [b for b in walk_bijectors(glow.bijector)
-               if isinstance(b, RationalQuadraticSplineCoupling)]
+    splines = [
+        b for b in walk_bijectors(glow.bijector) if isinstance(b, RationalQuadraticSplineCoupling)
+    ]
     assert len(splines) == 16 and {b._num_bins for b in splines} == {6}
-    networks = [layer for layer in keras_layers_of(glow.flow)
-                if isinstance(layer, nets.GlowCouplingNet)]
+    networks = [
+        layer for layer in keras_layers_of(glow.flow) if isinstance(layer, nets.GlowCouplingNet)
+    ]
     assert len(networks) == 16
     assert {tuple(n.conv_out.conv.kernel.shape[:2]) for n in networks} == {(1, 1)}
     assert dequantizer == 11_040
@@ -362,27 +404,44 @@ def test_glow_spline_at_the_protocols_size(tmp_path):
     np.testing.assert_allclose(loaded.log_prob(x[:8]), glow.log_prob(x[:8]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(coupling="spline", coupling_kwargs={"num_bin": 6}), ValueError, "num_bins"),
-    (dict(coupling="spline", coupling_kwargs={"mask": "checkerboard"}), ValueError,
-     "coupling_kwargs"),
-    (dict(coupling="affine", coupling_kwargs={"num_bins": 6}), ValueError, "coupling_kwargs"),
-    (dict(coupling="spline", coupling_kwargs=[("num_bins", 6)]), TypeError, "coupling_kwargs"),
-    (dict(coupling="spline", coupling_kwargs={"num_bins": 1}), ValueError, "num_bins"),
-    (dict(last_kernel=0), ValueError, "last_kernel"),
-    (dict(last_kernel=1.0), TypeError, "last_kernel"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(coupling="spline", coupling_kwargs={"num_bin": 6}), ValueError, "num_bins"),
+        (
+            dict(coupling="spline", coupling_kwargs={"mask": "checkerboard"}),
+            ValueError,
+            "coupling_kwargs",
+        ),
+        (dict(coupling="affine", coupling_kwargs={"num_bins": 6}), ValueError, "coupling_kwargs"),
+        (dict(coupling="spline", coupling_kwargs=[("num_bins", 6)]), TypeError, "coupling_kwargs"),
+        (dict(coupling="spline", coupling_kwargs={"num_bins": 1}), ValueError, "num_bins"),
+        (dict(last_kernel=0), ValueError, "last_kernel"),
+        (dict(last_kernel=1.0), TypeError, "last_kernel"),
+    ],
+)
 def test_glow_coupling_options_bad_arguments(kwargs, error, match):
     import tfp_glow
+
     with pytest.raises(error, match=match):
-        tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
-                      hidden_channels=8, num_bins=17, **kwargs)
+        tfp_glow.Glow(
+            image_shape=(8, 8, 1),
+            levels=2,
+            steps_per_level=1,
+            hidden_channels=8,
+            num_bins=17,
+            **kwargs,
+        )
 
 
 # ---------------------------------------------- the derivative's floor, output_units_for
 
-LARGE_PERTURBATION_CASES = [("spline", "channel", 0, IMAGE), ("spline", "checkerboard", 1, VECTOR),
-                            ("mol", "checkerboard", 0, IMAGE), ("mol", "channel", 1, VECTOR)]
+LARGE_PERTURBATION_CASES = [
+    ("spline", "channel", 0, IMAGE),
+    ("spline", "checkerboard", 1, VECTOR),
+    ("mol", "checkerboard", 0, IMAGE),
+    ("mol", "channel", 1, VECTOR),
+]
 
 
 def _perturbed_by(b, scale, seed):
@@ -431,7 +490,8 @@ PERTURBED_ROUND_TRIP_ATOL = {"spline": 2e-3, "mol": 1e-2}
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind,mask,parity,shape", LARGE_PERTURBATION_CASES, ids=IDS)
 def test_float32_derivative_bounded_and_round_trip_after_a_large_perturbation(
-        kind, mask, parity, shape, seed):
+    kind, mask, parity, shape, seed
+):
     """After `v += 0.3 N(0, 1)` on every weight the map's derivative stays above
     the documented floor (it reached 2e-6 for the spline, 0 for the mixture)
     and float32 round trips hold both ways."""
@@ -452,9 +512,11 @@ def test_bounds_off_give_the_earlier_maps(kind):
     """`max_derivative_ratio=None` / `min_derivative=0`: the maps of models saved
     before the bounds (the spline's is TFP's, checked above; the mixture's
     differs by `m x`), which are not bounded below."""
-    cls, options = ((RationalQuadraticSplineCoupling,
-                     {"num_bins": 5, "max_derivative_ratio": None}) if kind == "spline" else
-                    (LogisticMixtureCoupling, {"num_components": 3, "min_derivative": 0.0}))
+    cls, options = (
+        (RationalQuadraticSplineCoupling, {"num_bins": 5, "max_derivative_ratio": None})
+        if kind == "spline"
+        else (LogisticMixtureCoupling, {"num_components": 3, "min_derivative": 0.0})
+    )
     least = []
     for seed in range(4):
         keras.utils.set_random_seed(seed)
@@ -465,20 +527,28 @@ def test_bounds_off_give_the_earlier_maps(kind):
         least.append(float(tf.reduce_min(_slopes(unbounded, x)[1])))
         if kind == "mol":
             transformed = _transformed(b, IMAGE)
-            np.testing.assert_allclose(b.forward(x) - unbounded.forward(x),
-                                       np.where(transformed, 1e-3 * x.numpy(), 0.0),
-                                       atol=1e-4, rtol=0)
+            np.testing.assert_allclose(
+                b.forward(x) - unbounded.forward(x),
+                np.where(transformed, 1e-3 * x.numpy(), 0.0),
+                atol=1e-4,
+                rtol=0,
+            )
     assert min(least) < _documented_floor(b) / 10, least
 
 
-@pytest.mark.parametrize("mask,shape", [("channel", IMAGE), ("checkerboard", IMAGE),
-                                        ("channel", VECTOR), ("checkerboard", VECTOR)])
-@pytest.mark.parametrize("cls,option,value", [
-    (RationalQuadraticSplineCoupling, "num_bins", 5),
-    (RationalQuadraticSplineCoupling, "num_bins", 8),
-    (LogisticMixtureCoupling, "num_components", 3),
-    (LogisticMixtureCoupling, "num_components", 4),
-])
+@pytest.mark.parametrize(
+    "mask,shape",
+    [("channel", IMAGE), ("checkerboard", IMAGE), ("channel", VECTOR), ("checkerboard", VECTOR)],
+)
+@pytest.mark.parametrize(
+    "cls,option,value",
+    [
+        (RationalQuadraticSplineCoupling, "num_bins", 5),
+        (RationalQuadraticSplineCoupling, "num_bins", 8),
+        (LogisticMixtureCoupling, "num_components", 3),
+        (LogisticMixtureCoupling, "num_components", 4),
+    ],
+)
 def test_output_units_for_is_what_the_coupling_consumes(cls, option, value, mask, shape):
     """`output_units_for` is the network size the coupling asks its factory
     for and reads from a ready network: `(3K - 1) C_a` for the spline,

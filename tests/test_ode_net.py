@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import randomize, stateless_draw
 
 from tfp_glow import nets
-from helpers import randomize, stateless_draw
 
 tfb = tfp.bijectors
 
@@ -48,8 +48,11 @@ def ode_net(**kwargs):
 
 
 def ffjord(net):
-    return tfb.FFJORD(state_time_derivative_fn=net, ode_solve_fn=SOLVER.solve,
-                      trace_augmentation_fn=compiled(nets.ffjord_trace(exact=True)))
+    return tfb.FFJORD(
+        state_time_derivative_fn=net,
+        ode_solve_fn=SOLVER.solve,
+        trace_augmentation_fn=compiled(nets.ffjord_trace(exact=True)),
+    )
 
 
 @pytest.mark.parametrize("batch", [[], [5], [3, 4]], ids=str)
@@ -67,7 +70,10 @@ def test_shapes_dtype_and_time_dependence(batch):
 def test_time_enters_every_layer():
     net = nets.ODENet(D, [8, 8])
     assert [tuple(layer.kernel.shape) for layer in net.hidden + [net.dense_out]] == [
-        (D + 1, 8), (8 + 1, 8), (8 + 1, D)]
+        (D + 1, 8),
+        (8 + 1, 8),
+        (8 + 1, D),
+    ]
     conditional = nets.ODENet(D, [8], context_size=3)
     assert conditional.built
     assert tuple(conditional.hidden[0].kernel.shape) == (D + 3 + 1, 8)
@@ -121,7 +127,8 @@ def test_hutchinson_estimate_averages_to_the_exact_trace():
     dz_exact, diag = exact_fn(t, state)
     num_samples = 4000
     estimate_fn = nets.ffjord_trace(exact=False, num_samples=num_samples, seed=3)(
-        net, z.shape, z.dtype)
+        net, z.shape, z.dtype
+    )
     dz, estimate = estimate_fn(t, state)
     np.testing.assert_allclose(dz, dz_exact, rtol=1e-6)
     with tf.GradientTape() as tape:
@@ -132,7 +139,7 @@ def test_hutchinson_estimate_averages_to_the_exact_trace():
     trace, trace_estimate = np.sum(diag, -1), np.sum(estimate, -1)
     # Var(r^T A r) = 2 |sym(A)|_F^2 for standard normal r: five standard errors.
     symmetric = 0.5 * (jacobian + np.transpose(jacobian, (0, 2, 1)))
-    stderr = np.sqrt(2 * np.sum(symmetric ** 2, axis=(1, 2)) / num_samples)
+    stderr = np.sqrt(2 * np.sum(symmetric**2, axis=(1, 2)) / num_samples)
     assert np.all(np.abs(trace_estimate - trace) < 5 * stderr)
     assert np.all(np.abs(trace_estimate - trace) > 0)  # an estimate, not the exact trace
 
@@ -149,19 +156,24 @@ def test_config_round_trip_through_json():
     clone = nets.ODENet.from_config(json.loads(json.dumps(net.get_config())))
     clone.set_weights(net.get_weights())
     z, c = draw([3, D]), draw([3, 2], seed=1)
-    np.testing.assert_array_equal(net(0.2, z, conditional_input=c),
-                                  clone(0.2, z, conditional_input=c))
+    np.testing.assert_array_equal(
+        net(0.2, z, conditional_input=c), clone(0.2, z, conditional_input=c)
+    )
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(net))
     assert isinstance(revived, nets.ODENet) and revived.get_config() == net.get_config()
 
 
-@pytest.mark.parametrize("kwargs,error,name", [
-    ({"event_size": 0}, ValueError, "event_size"),
-    ({"hidden_units": [8, -1]}, ValueError, "hidden_units"),
-    ({"hidden_units": None}, TypeError, "hidden_units"),
-    ({"activation": "nope"}, ValueError, "activation"),
-    ({"context_size": 1.5}, TypeError, "context_size"),
-], ids=str)
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        ({"event_size": 0}, ValueError, "event_size"),
+        ({"hidden_units": [8, -1]}, ValueError, "hidden_units"),
+        ({"hidden_units": None}, TypeError, "hidden_units"),
+        ({"activation": "nope"}, ValueError, "activation"),
+        ({"context_size": 1.5}, TypeError, "context_size"),
+    ],
+    ids=str,
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, name):
     with pytest.raises(error, match=f"`{name}`"):
         nets.ODENet(**{"event_size": D, "hidden_units": [8], **kwargs})

@@ -47,8 +47,9 @@ def test_planar_constraint_holds_for_any_raw_parameters(scale_w, wu_sign):
         assert c >= -1.0
         np.testing.assert_allclose(c, expected, rtol=1e-12)
         # The rounded u_hat meets it up to rounding relative to |w||u|.
-        np.testing.assert_allclose(dot, expected, rtol=1e-9,
-                                   atol=1e-14 * max(1.0, np.linalg.norm(w) * np.linalg.norm(u)))
+        np.testing.assert_allclose(
+            dot, expected, rtol=1e-9, atol=1e-14 * max(1.0, np.linalg.norm(w) * np.linalg.norm(u))
+        )
 
 
 def test_radial_constraint_holds_for_any_raw_parameters():
@@ -69,17 +70,23 @@ def test_planar_inverse_is_accurate_at_the_hard_points(dtype, atol, raw_wu, b):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(4)
     flow = planar(4, w, raw_wu * w / np.dot(w, w), b, dtype)
-    x = tf.constant(np.concatenate([rng.standard_normal((64, 4)),
-                                    30.0 * rng.standard_normal((8, 4)),
-                                    np.zeros((1, 4))]), dtype)
+    x = tf.constant(
+        np.concatenate(
+            [rng.standard_normal((64, 4)), 30.0 * rng.standard_normal((8, 4)), np.zeros((1, 4))]
+        ),
+        dtype,
+    )
     scale = np.maximum(1.0, np.abs(x.numpy()))
     y = flow.forward(x)
     np.testing.assert_array_less(np.abs(flow.inverse(tf.identity(y)) - x), atol * scale + 0)
-    np.testing.assert_array_less(np.abs(flow.forward(flow.inverse(tf.identity(x))) - x),
-                                 atol * scale)
-    np.testing.assert_allclose(flow.inverse_log_det_jacobian(tf.identity(y), 1),
-                               -flow.forward_log_det_jacobian(x, 1),
-                               atol=100 * atol)
+    np.testing.assert_array_less(
+        np.abs(flow.forward(flow.inverse(tf.identity(x))) - x), atol * scale
+    )
+    np.testing.assert_allclose(
+        flow.inverse_log_det_jacobian(tf.identity(y), 1),
+        -flow.forward_log_det_jacobian(x, 1),
+        atol=100 * atol,
+    )
 
 
 def test_planar_inverse_gradients_match_finite_differences():
@@ -120,14 +127,21 @@ def test_radial_inverse_is_accurate_at_the_centre_and_far_away(dtype, atol, beta
     flow.beta_raw.assign(beta_raw)
     z0 = flow.z0.numpy().astype(np.float64)
     rng = np.random.default_rng(3)
-    x = np.concatenate([rng.standard_normal((32, 3)), 1e3 * rng.standard_normal((4, 3)),
-                        z0[None], z0[None] + 1e-3 * rng.standard_normal((4, 3))])
+    x = np.concatenate(
+        [
+            rng.standard_normal((32, 3)),
+            1e3 * rng.standard_normal((4, 3)),
+            z0[None],
+            z0[None] + 1e-3 * rng.standard_normal((4, 3)),
+        ]
+    )
     x = tf.constant(x, dtype)
     scale = np.maximum(1.0, np.abs(x.numpy()))
     y = flow.forward(x)
     np.testing.assert_array_less(np.abs(flow.inverse(tf.identity(y)) - x), atol * scale)
-    np.testing.assert_array_less(np.abs(flow.forward(flow.inverse(tf.identity(x))) - x),
-                                 atol * scale)
+    np.testing.assert_array_less(
+        np.abs(flow.forward(flow.inverse(tf.identity(x))) - x), atol * scale
+    )
     assert np.all(np.isfinite(flow.forward_log_det_jacobian(x, 1)))
 
 
@@ -139,8 +153,9 @@ def test_radial_log_det_at_the_centre_is_the_limit():
     alpha = np.logaddexp(0.0, 0.3)
     s = np.logaddexp(0.0, -1.2)
     z0 = tf.convert_to_tensor(flow.z0)[None]
-    np.testing.assert_allclose(flow.forward_log_det_jacobian(z0, 1), [3 * np.log(s / alpha)],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        flow.forward_log_det_jacobian(z0, 1), [3 * np.log(s / alpha)], rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("cls", [PlanarFlow, RadialFlow])
@@ -150,18 +165,29 @@ def test_both_start_as_the_identity(cls):
     y, ldj = flow.forward_and_log_det(x)
     np.testing.assert_allclose(y, x, atol=1e-14)
     np.testing.assert_allclose(ldj, 0.0, atol=1e-14)
-    assert float(tf.reduce_max(tf.abs(cls(5, seed=8).trainable_variables[0]
-                                      - cls(5, seed=7).trainable_variables[0]))) > 0
+    assert (
+        float(
+            tf.reduce_max(
+                tf.abs(
+                    cls(5, seed=8).trainable_variables[0] - cls(5, seed=7).trainable_variables[0]
+                )
+            )
+        )
+        > 0
+    )
 
 
 @pytest.mark.parametrize("cls", [PlanarFlow, RadialFlow])
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(event_size=(2, 2)), "acts on vectors"),
-    (dict(event_size=0), "`event_size` must be a positive int"),
-    (dict(event_size=2.0), "`event_size` must be a positive int"),
-    (dict(event_size=True), "`event_size` must be a positive int"),
-    (dict(event_size=2, seed=-1), "`seed`"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(event_size=(2, 2)), "acts on vectors"),
+        (dict(event_size=0), "`event_size` must be a positive int"),
+        (dict(event_size=2.0), "`event_size` must be a positive int"),
+        (dict(event_size=True), "`event_size` must be a positive int"),
+        (dict(event_size=2, seed=-1), "`seed`"),
+    ],
+)
 def test_bad_constructor_arguments_raise(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)

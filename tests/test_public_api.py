@@ -12,8 +12,14 @@ import inspect
 
 import pytest
 
-PUBLIC_MODULES = ("tfp_glow", "tfp_glow.bijectors", "tfp_glow.nets", "tfp_glow.vi",
-                  "tfp_glow.training", "tfp_glow.data")
+PUBLIC_MODULES = (
+    "tfp_glow",
+    "tfp_glow.bijectors",
+    "tfp_glow.nets",
+    "tfp_glow.vi",
+    "tfp_glow.training",
+    "tfp_glow.data",
+)
 
 
 def _public_callables():
@@ -29,15 +35,21 @@ def _unannotated(obj):
     """Names of the parameters (and "return") of `obj`'s signature lacking annotations."""
     if inspect.isclass(obj):
         init = obj.__dict__.get("__init__") or next(
-            (klass.__dict__["__init__"] for klass in obj.__mro__[1:]
-             if "__init__" in klass.__dict__), None)
+            (
+                klass.__dict__["__init__"]
+                for klass in obj.__mro__[1:]
+                if "__init__" in klass.__dict__
+            ),
+            None,
+        )
         if init is None or not (init.__module__ or "").startswith("tfp_glow"):
             return []  # object's, Keras' or TFP's constructor
         parameters = list(inspect.signature(init).parameters.values())[1:]  # self
         return [p.name for p in parameters if p.annotation is inspect.Parameter.empty]
     signature = inspect.signature(obj)  # follows __wrapped__ (contextmanager, tf decorators)
-    missing = [p.name for p in signature.parameters.values()
-               if p.annotation is inspect.Parameter.empty]
+    missing = [
+        p.name for p in signature.parameters.values() if p.annotation is inspect.Parameter.empty
+    ]
     if signature.return_annotation is inspect.Signature.empty:
         missing.append("return")
     return missing

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import randomize, stateless_draw
 
 from tfp_glow import nets
-from helpers import randomize, stateless_draw
 
 tfb = tfp.bijectors
 
@@ -28,8 +28,9 @@ def draw(shape, dtype=tf.float32, seed=0):
 
 
 def realnvp(dtype="float32", **kwargs):
-    net = nets.RealNVPNet([16, 16], output_units=D - MASKED, input_units=MASKED, dtype=dtype,
-                          **kwargs)
+    net = nets.RealNVPNet(
+        [16, 16], output_units=D - MASKED, input_units=MASKED, dtype=dtype, **kwargs
+    )
     randomize(net)
     return net, tfb.RealNVP(num_masked=MASKED, shift_and_log_scale_fn=net)
 
@@ -48,8 +49,10 @@ def test_shapes_and_dtype(batch):
 
 
 def test_zero_init_is_the_identity_realnvp():
-    flow = tfb.RealNVP(num_masked=MASKED, shift_and_log_scale_fn=nets.RealNVPNet(
-        [16], output_units=D - MASKED, input_units=MASKED))
+    flow = tfb.RealNVP(
+        num_masked=MASKED,
+        shift_and_log_scale_fn=nets.RealNVPNet([16], output_units=D - MASKED, input_units=MASKED),
+    )
     x = draw([5, D])
     np.testing.assert_array_equal(flow.forward(x), x)
     np.testing.assert_array_equal(flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(5))
@@ -63,8 +66,9 @@ def test_round_trip_both_ways(dtype, tol):
     assert y.dtype == dtype and np.abs(y - x).max() > 0.1
     np.testing.assert_array_equal(y[:, :MASKED], x[:, :MASKED])
     np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=tol, atol=tol)
-    np.testing.assert_allclose(flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x,
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        flow.forward(tf.identity(flow.inverse(tf.identity(x)))), x, rtol=tol, atol=tol
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-12)])
@@ -79,8 +83,9 @@ def test_log_det_matches_autodiff_jacobian(dtype, tol):
     fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
     assert np.abs(fldj).max() > 0.1
     np.testing.assert_allclose(fldj, log_det, rtol=0, atol=tol)
-    np.testing.assert_allclose(flow.inverse_log_det_jacobian(tf.identity(y), event_ndims=1),
-                               -fldj, rtol=0, atol=tol)
+    np.testing.assert_allclose(
+        flow.inverse_log_det_jacobian(tf.identity(y), event_ndims=1), -fldj, rtol=0, atol=tol
+    )
 
 
 def test_log_scale_is_softly_clamped():
@@ -100,8 +105,9 @@ def test_context_changes_the_flow_and_round_trips():
     x, c = draw([5, D]), draw([5, 3], seed=1)
     y = flow.forward(x, conditional_input=c)
     assert np.abs(y - flow.forward(x, conditional_input=c + 1.0)).min(axis=0)[MASKED:].min() > 0
-    np.testing.assert_allclose(flow.inverse(tf.identity(y), conditional_input=c), x,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        flow.inverse(tf.identity(y), conditional_input=c), x, rtol=1e-5, atol=1e-5
+    )
     net = nets.RealNVPNet([8], output_units=2, input_units=2, context_size=3)
     randomize(net)
     shift, _ = net(draw([4, 5, 2]), conditional_input=draw([5, 3], seed=1))
@@ -112,12 +118,25 @@ def test_variables_exist_at_construction():
     net = nets.RealNVPNet([16, 8], output_units=3, input_units=2, context_size=4)
     assert net.built
     assert [tuple(v.shape) for v in net.trainable_variables] == [
-        (6, 16), (16,), (16, 8), (8,), (8, 6), (6,)]
+        (6, 16),
+        (16,),
+        (16, 8),
+        (8,),
+        (8, 6),
+        (6,),
+    ]
 
 
 def test_config_round_trip_through_json():
-    net = nets.RealNVPNet([8, 8], output_units=2, input_units=2, activation="tanh",
-                          context_size=3, scale_bound=2.0, zero_init_last=False)
+    net = nets.RealNVPNet(
+        [8, 8],
+        output_units=2,
+        input_units=2,
+        activation="tanh",
+        context_size=3,
+        scale_bound=2.0,
+        zero_init_last=False,
+    )
     randomize(net)
     clone = nets.RealNVPNet.from_config(json.loads(json.dumps(net.get_config())))
     clone.set_weights(net.get_weights())
@@ -128,15 +147,19 @@ def test_config_round_trip_through_json():
     assert isinstance(revived, nets.RealNVPNet) and revived.get_config() == net.get_config()
 
 
-@pytest.mark.parametrize("kwargs,error,name", [
-    ({"hidden_units": [0]}, ValueError, "hidden_units"),
-    ({"output_units": 0}, ValueError, "output_units"),
-    ({"input_units": 1.0}, TypeError, "input_units"),
-    ({"activation": "nope"}, ValueError, "activation"),
-    ({"context_size": -1}, ValueError, "context_size"),
-    ({"scale_bound": 0.0}, ValueError, "scale_bound"),
-    ({"zero_init_last": "yes"}, TypeError, "zero_init_last"),
-], ids=str)
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        ({"hidden_units": [0]}, ValueError, "hidden_units"),
+        ({"output_units": 0}, ValueError, "output_units"),
+        ({"input_units": 1.0}, TypeError, "input_units"),
+        ({"activation": "nope"}, ValueError, "activation"),
+        ({"context_size": -1}, ValueError, "context_size"),
+        ({"scale_bound": 0.0}, ValueError, "scale_bound"),
+        ({"zero_init_last": "yes"}, TypeError, "zero_init_last"),
+    ],
+    ids=str,
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, name):
     arguments = {"hidden_units": [8], "output_units": 2, "input_units": 2, **kwargs}
     with pytest.raises(error, match=f"`{name}`"):

@@ -13,15 +13,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import perturb
 
 import tfp_glow
 from tfp_glow import nets, recipe
-from tfp_glow.bijectors._state import ParameterLayer
-from tfp_glow.training import adamw, network_variables
 from tfp_glow.bijectors import keras_layers_of
+from tfp_glow.bijectors._state import ParameterLayer
 from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
-
-from helpers import perturb
+from tfp_glow.training import adamw, network_variables
 
 
 def _glow(dropout, **kwargs):
@@ -29,9 +28,15 @@ def _glow(dropout, **kwargs):
     # `log_prob`, which variational dequantization's bound is not.
     kwargs.setdefault("dequantization", "uniform")
     keras.utils.set_random_seed(0)
-    return tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                         hidden_channels=16, num_bins=DIGITS_NUM_BINS, dropout=dropout,
-                         **kwargs)
+    return tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        num_bins=DIGITS_NUM_BINS,
+        dropout=dropout,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +75,9 @@ def test_outside_training_the_flow_with_dropout_is_the_flow_without(digits):
     np.testing.assert_array_equal(lp, without.log_prob(x).numpy())
     z = with_dropout.encode(x)
     np.testing.assert_allclose(with_dropout.decode(z).numpy(), x, atol=1e-5)
-    np.testing.assert_array_equal(with_dropout.sample(4, seed=3).numpy(),
-                                  without.sample(4, seed=3).numpy())
+    np.testing.assert_array_equal(
+        with_dropout.sample(4, seed=3).numpy(), without.sample(4, seed=3).numpy()
+    )
     # Inside the training context the same call is random, and differs by more
     # than rounding from the deterministic value.
     with nets.dropout_active():
@@ -105,10 +111,14 @@ def test_fit_with_dropout_trains_and_the_rate_is_saved(digits, tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.get_config()["dropout"] == 0.2
-    assert {layer.dropout for layer in keras_layers_of(loaded.flow)
-            if isinstance(layer, nets.GlowCouplingNet)} == {0.2}
-    np.testing.assert_allclose(loaded.log_prob(digits[:8]).numpy(),
-                               model.log_prob(digits[:8]).numpy(), rtol=1e-6)
+    assert {
+        layer.dropout
+        for layer in keras_layers_of(loaded.flow)
+        if isinstance(layer, nets.GlowCouplingNet)
+    } == {0.2}
+    np.testing.assert_allclose(
+        loaded.log_prob(digits[:8]).numpy(), model.log_prob(digits[:8]).numpy(), rtol=1e-6
+    )
 
 
 def test_the_masks_are_a_function_of_the_step(digits):
@@ -136,13 +146,21 @@ def test_recomputing_backprop_drops_the_units_standard_drops(digits, backprop):
 
     def worst(a, b):
         return max(float(np.max(np.abs(u - v))) for u, v in zip(weights[a], weights[b]))
+
     assert worst(("standard", 0.3), (backprop, 0.3)) < 1e-5
     assert worst(("standard", 0.3), ("standard", 0.0)) > 1e-3  # dropout did act
 
 
-@pytest.mark.parametrize("rate, error", [(1.0, ValueError), (-0.1, ValueError),
-                                         (float("nan"), ValueError), ("0.2", TypeError),
-                                         (True, TypeError)])
+@pytest.mark.parametrize(
+    "rate, error",
+    [
+        (1.0, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        ("0.2", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_dropout_rates_name_the_argument(rate, error):
     with pytest.raises(error, match="`dropout`"):
         _glow(rate)
@@ -156,8 +174,12 @@ def test_adamw_decays_the_network_weights_and_nothing_else(digits, options):
     networks = {id(v) for v in network_variables(model)}
     if options:  # the dequantizer's convs are networks too
         assert {id(v) for v in model.dequantizer.trainable_variables} <= networks
-    parameters = [v for layer in keras_layers_of(model.flow)
-                  if isinstance(layer, ParameterLayer) for v in layer.trainable_variables]
+    parameters = [
+        v
+        for layer in keras_layers_of(model.flow)
+        if isinstance(layer, ParameterLayer)
+        for v in layer.trainable_variables
+    ]
     assert networks and parameters
     assert len(networks) + len(parameters) == len(model.trainable_variables)
     optimizer = adamw(model, 1e-2, 0.5)
@@ -173,11 +195,22 @@ def test_adamw_decays_the_network_weights_and_nothing_else(digits, options):
 
 def test_recipe_trains_with_adamw_when_asked(digits, tmp_path):
     import json
+
     model = _glow(0.0)
     ds = tf.data.Dataset.from_tensor_slices(digits).batch(64)
-    recipe.train(model, ds, ds, run_dir=str(tmp_path / "run"), epochs=1,
-                 steps_per_epoch=1, warmup_steps=0, weight_decay=0.05, sample_every=0,
-                 export=False, verbose=0)
+    recipe.train(
+        model,
+        ds,
+        ds,
+        run_dir=str(tmp_path / "run"),
+        epochs=1,
+        steps_per_epoch=1,
+        warmup_steps=0,
+        weight_decay=0.05,
+        sample_every=0,
+        export=False,
+        verbose=0,
+    )
     assert isinstance(model.optimizer, keras.optimizers.AdamW)
     assert model.optimizer.weight_decay == pytest.approx(0.05)
     with open(recipe.run_paths(str(tmp_path / "run"))["config"]) as f:
@@ -189,17 +222,30 @@ def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_p
     """`recipe.train(ema_momentum=m)` (`tfp-glow train --ema m`): the
     test figure, `model.keras` and the export come from the averaged weights."""
     import json
+
     model = _glow(0.2)
     ds = tf.data.Dataset.from_tensor_slices(digits).batch(32)
     raw = []
-    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: raw.append(
-        [v.numpy().copy() for v in model.trainable_variables]))
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: raw.append(
+            [v.numpy().copy() for v in model.trainable_variables]
+        )
+    )
     run = str(tmp_path / "run")
     with pytest.MonkeyPatch.context() as patch:  # the recipe's own callbacks plus ours
         original = recipe._callbacks
         patch.setattr(recipe, "_callbacks", lambda *a: original(*a) + [record])
-        result = recipe.train(model, ds, ds, run_dir=run, epochs=2, warmup_steps=0,
-                              ema_momentum=0.9, sample_every=0, verbose=0)
+        result = recipe.train(
+            model,
+            ds,
+            ds,
+            run_dir=run,
+            epochs=2,
+            warmup_steps=0,
+            ema_momentum=0.9,
+            sample_every=0,
+            verbose=0,
+        )
     assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.9
     assert len(raw) == 8
     average = raw[0]  # Keras' rule: the first step copies the weights
@@ -209,14 +255,19 @@ def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_p
     assert max(float(np.max(np.abs(f - a))) for f, a in zip(final, average)) < 1e-5
     assert max(float(np.max(np.abs(f - w))) for f, w in zip(final, raw[-1])) > 1e-3
     assert result.metrics["test_bits_per_dim"] == pytest.approx(
-        float(model.evaluate(ds, verbose=0, return_dict=True)["bits_per_dim"]), abs=1e-6)
+        float(model.evaluate(ds, verbose=0, return_dict=True)["bits_per_dim"]), abs=1e-6
+    )
     loaded = keras.models.load_model(result.paths["model"])
-    np.testing.assert_allclose(loaded.log_prob(digits[:8]).numpy(),
-                               model.log_prob(digits[:8]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.log_prob(digits[:8]).numpy(), model.log_prob(digits[:8]).numpy(), rtol=1e-6
+    )
     served = tf.saved_model.load(result.export_path)
-    np.testing.assert_allclose(served.signatures["log_prob"](x=tf.constant(digits[:8]))
-                               ["log_prob"].numpy(), model.log_prob(digits[:8]).numpy(),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        served.signatures["log_prob"](x=tf.constant(digits[:8]))["log_prob"].numpy(),
+        model.log_prob(digits[:8]).numpy(),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     with open(recipe.run_paths(run)["config"]) as f:
         assert json.load(f)["ema_momentum"] == 0.9
 
@@ -232,10 +283,24 @@ def test_with_averaged_weights_validation_and_checkpoints_see_the_average(digits
         model = _glow(0.2)
         model.compile()
         assert model.optimizer.use_ema and model.optimizer.ema_momentum == 0.99
-        callbacks = [tfp_glow.WithAveragedWeights(keras.callbacks.ModelCheckpoint(
-            path, save_weights_only=True))] if wrapped else []
-        history = model.fit(train, batch_size=32, epochs=3, shuffle=False, verbose=0,
-                            validation_data=(val,), callbacks=callbacks)
+        callbacks = (
+            [
+                tfp_glow.WithAveragedWeights(
+                    keras.callbacks.ModelCheckpoint(path, save_weights_only=True)
+                )
+            ]
+            if wrapped
+            else []
+        )
+        history = model.fit(
+            train,
+            batch_size=32,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            validation_data=(val,),
+            callbacks=callbacks,
+        )
         return model, history.history["val_bits_per_dim"]
 
     plain, plain_val = run(False)
@@ -247,16 +312,22 @@ def test_with_averaged_weights_validation_and_checkpoints_see_the_average(digits
     assert abs(plain_val[-1] - after_fit) > 1e-3  # Keras validates the raw weights
     checkpoint = _glow(0.2)
     checkpoint.load_weights(path)
-    np.testing.assert_array_equal(checkpoint.log_prob(val[:8]).numpy(),
-                                  averaged.log_prob(val[:8]).numpy())
+    np.testing.assert_array_equal(
+        checkpoint.log_prob(val[:8]).numpy(), averaged.log_prob(val[:8]).numpy()
+    )
 
 
 def test_with_averaged_weights_needs_an_averaging_optimizer(digits):
     model = _glow(0.0)
     model.compile(keras.optimizers.Adam(1e-3))
     with pytest.raises(ValueError, match="use_ema=True"):
-        model.fit(digits[:64], batch_size=32, epochs=1, verbose=0,
-                  callbacks=[tfp_glow.WithAveragedWeights()])
+        model.fit(
+            digits[:64],
+            batch_size=32,
+            epochs=1,
+            verbose=0,
+            callbacks=[tfp_glow.WithAveragedWeights()],
+        )
     with pytest.raises(TypeError, match="Keras callbacks"):
         tfp_glow.WithAveragedWeights("best.weights.h5")
 

@@ -19,8 +19,13 @@ from tfp_glow import data
 from tfp_glow.bijectors import InvertibleConv1x1
 from tfp_glow.training import WarmupSchedule
 
-TINY = dict(image_shape=(8, 8, 1), levels=1, steps_per_level=2, hidden_channels=8,
-            num_bins=data.DIGITS_NUM_BINS)
+TINY = dict(
+    image_shape=(8, 8, 1),
+    levels=1,
+    steps_per_level=2,
+    hidden_channels=8,
+    num_bins=data.DIGITS_NUM_BINS,
+)
 BATCH = 32
 POISONED_BATCH = 5
 
@@ -42,8 +47,14 @@ def test_five_seeds_of_affine_glow_train_on_digits_without_nan():
     re-initialised on the seed's first batch, and the seed's data order and
     dequantisation noise. They share one compiled train step (the variables
     are re-assigned, not re-created) so the suite pays for one trace."""
-    config = dict(image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=16,
-                  coupling="affine", num_bins=data.DIGITS_NUM_BINS)
+    config = dict(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        coupling="affine",
+        num_bins=data.DIGITS_NUM_BINS,
+    )
     model = tfp_glow.Glow(**config)
     model.compile(keras.optimizers.Adam(1e-3))
     test_x = data.preprocess(data.load_digits("test")[0], data.DIGITS_NUM_BINS, False)
@@ -66,11 +77,15 @@ def test_five_seeds_of_affine_glow_train_on_digits_without_nan():
         assert math.isfinite(test_bpd)
         assert all(np.isfinite(w).all() for w in model.get_weights())
         results.append((initial_bpd, history.history["bits_per_dim"], test_bpd))
-    print("\n[reliability] five seeds, Glow L=2 K=2 width 16 affine, Adam 1e-3, 2 epochs: "
-          "test bits/dim at ActNorm init, train bits/dim per epoch, test bits/dim:")
+    print(
+        "\n[reliability] five seeds, Glow L=2 K=2 width 16 affine, Adam 1e-3, 2 epochs: "
+        "test bits/dim at ActNorm init, train bits/dim per epoch, test bits/dim:"
+    )
     for seed, (initial, train, test) in enumerate(results):
-        print(f"  seed {seed}: test {initial:.3f} -> train {[round(v, 3) for v in train]}"
-              f" -> test {test:.3f}")
+        print(
+            f"  seed {seed}: test {initial:.3f} -> train {[round(v, 3) for v in train]}"
+            f" -> test {test:.3f}"
+        )
     # Every run learned: clearly below its start and below uniform (log2 17 = 4.09).
     for initial, train, test in results:
         assert train[1] < train[0] and test < initial - 0.3 and test < 4.09
@@ -80,7 +95,7 @@ def test_five_seeds_of_affine_glow_train_on_digits_without_nan():
 
 
 def _poisoned_dataset():
-    images = data.load_digits("train")[0][:8 * BATCH]
+    images = data.load_digits("train")[0][: 8 * BATCH]
     x = data.preprocess(images, data.DIGITS_NUM_BINS, dequantize=False).numpy()
     x[POISONED_BATCH * BATCH + 3, 4, 4, 0] = np.nan
     return tf.data.Dataset.from_tensor_slices(x).batch(BATCH), x
@@ -158,8 +173,7 @@ def test_skip_mode_skips_the_poisoned_step_and_keeps_training():
     assert all(math.isfinite(v) for v in history.history["loss"])
     assert all(np.isfinite(w).all() for w in model.get_weights())
     # The batch after the poisoned one starts from the weights before it.
-    for a, b in zip(snapshots.snapshots[POISONED_BATCH],
-                    snapshots.snapshots[POISONED_BATCH + 1]):
+    for a, b in zip(snapshots.snapshots[POISONED_BATCH], snapshots.snapshots[POISONED_BATCH + 1]):
         np.testing.assert_array_equal(a, b)
     config = model.get_config()
     assert config["nonfinite"] == "skip"
@@ -207,9 +221,13 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 def test_guard_under_mirrored_strategy_two_replicas():
     """The conditional update takes the cross-replica `merge_call` path: one
     replica's NaN stops the update on both, which stay identical."""
-    out = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True,
-                         text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    out = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     results = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     assert len(results) == 2, out.stdout + out.stderr[-3000:]
     raised, skipped = results
@@ -226,9 +244,10 @@ def test_guard_under_mirrored_strategy_two_replicas():
 
 def test_warmup_schedule_values():
     constant = WarmupSchedule(1e-3, warmup_steps=4)
-    np.testing.assert_allclose([float(constant(s)) for s in range(6)],
-                               [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
-    assert float(constant(10 ** 6)) == pytest.approx(1e-3)
+    np.testing.assert_allclose(
+        [float(constant(s)) for s in range(6)], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6
+    )
+    assert float(constant(10**6)) == pytest.approx(1e-3)
     cosine = WarmupSchedule(2e-3, warmup_steps=10, decay_steps=100, alpha=0.1)
     assert float(cosine(0)) == pytest.approx(2e-4)
     assert float(cosine(9)) == pytest.approx(2e-3)
@@ -239,8 +258,7 @@ def test_warmup_schedule_values():
     assert float(cosine(5000)) == pytest.approx(2e-4, rel=1e-5)
     assert float(WarmupSchedule(1e-3, warmup_steps=0)(0)) == pytest.approx(1e-3)
     # Serialisable like any Keras schedule.
-    again = keras.optimizers.schedules.deserialize(
-        keras.optimizers.schedules.serialize(cosine))
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(cosine))
     assert isinstance(again, WarmupSchedule) and again.get_config() == cosine.get_config()
 
 
@@ -253,12 +271,17 @@ def test_warmup_and_global_clipnorm_drive_flowmodel_updates():
     clip = 1e-3
     schedule = WarmupSchedule(0.5, warmup_steps=4)
     model.compile(keras.optimizers.SGD(schedule, global_clipnorm=clip))
-    x = data.preprocess(data.load_digits("train")[0][:4 * BATCH], data.DIGITS_NUM_BINS,
-                        dequantize=False)
+    x = data.preprocess(
+        data.load_digits("train")[0][: 4 * BATCH], data.DIGITS_NUM_BINS, dequantize=False
+    )
     model.initialize(x[:BATCH])
     snapshots = _WeightsAtBatchBegin()
-    model.fit(tf.data.Dataset.from_tensor_slices(x).batch(BATCH), epochs=1, verbose=0,
-              callbacks=[snapshots])
+    model.fit(
+        tf.data.Dataset.from_tensor_slices(x).batch(BATCH),
+        epochs=1,
+        verbose=0,
+        callbacks=[snapshots],
+    )
     trainable = [i for i, w in enumerate(model.weights) if w.trainable]
     states = [snapshots.snapshots[b] for b in range(4)] + [model.get_weights()]
     with tf.GradientTape() as tape:

@@ -70,8 +70,9 @@ def _estimates(block, x, seeds, wrt=None):
             total = tf.reduce_sum(ldj)
         if wrt is None:
             return ldj
-        return ldj, tf.concat([tf.reshape(t, [-1]) for t in
-                               tape.gradient(total, [weights[i] for i in wrt])], 0)
+        return ldj, tf.concat(
+            [tf.reshape(t, [-1]) for t in tape.gradient(total, [weights[i] for i in wrt])], 0
+        )
 
     outs = [one(tf.constant([s, 7], tf.int64)) for s in seeds]
     if wrt is None:
@@ -100,8 +101,9 @@ def test_rademacher_probes_estimate_the_same_log_det():
     x = _strong_points(4, seed=1)
     g = block.residual_fn
     w = g.normalized_weights(update=False)
-    fn = tf.function(lambda s: M.roulette_log_det(g.call_with, x, w, s, noise="rademacher"),
-                     autograph=False)
+    fn = tf.function(
+        lambda s: M.roulette_log_det(g.call_with, x, w, s, noise="rademacher"), autograph=False
+    )
     draws = np.stack([fn(tf.constant([s, 1], tf.int64)) for s in range(DRAWS)])
     se = draws.std(axis=0, ddof=1) / np.sqrt(DRAWS)
     np.testing.assert_array_less(np.abs(draws.mean(axis=0) - _slogdet(block, x)), 4 * se)
@@ -115,8 +117,9 @@ def test_neumann_gradient_is_the_exact_gradient_in_expectation():
     with tf.GradientTape() as tape:
         tape.watch(weights)
         exact = tf.reduce_sum(M.exact_log_det(block.residual_fn.call_with, x, weights))
-    expected = tf.concat([tf.reshape(t, [-1]) for t in
-                          tape.gradient(exact, [weights[i] for i in wrt])], 0).numpy()
+    expected = tf.concat(
+        [tf.reshape(t, [-1]) for t in tape.gradient(exact, [weights[i] for i in wrt])], 0
+    ).numpy()
     se = grads.std(axis=0, ddof=1) / np.sqrt(DRAWS)
     err = np.abs(grads.mean(axis=0) - expected)
     assert np.all(err <= 4 * se + 1e-9), f"worst {np.max(err / (se + 1e-12)):.2f} SE"
@@ -210,8 +213,9 @@ def test_fixed_point_inverse_reaches_its_tolerance(dtype, atol):
     y = block.forward(x)
     g = block.residual_fn
     w = g.normalized_weights(update=False)
-    x_hat, iterations, last = M.fixed_point(lambda t: y - g.call_with(t, w), y, atol,
-                                            block.max_iterations)
+    x_hat, iterations, last = M.fixed_point(
+        lambda t: y - g.call_with(t, w), y, atol, block.max_iterations
+    )
     assert float(last) <= atol and int(iterations) < block.max_iterations
     # |x_k - x*| <= L / (1 - L) |x_k - x_{k-1}|, the step's Euclidean norm <= sqrt(D) atol.
     lip = block.lipschitz_bound
@@ -254,8 +258,9 @@ def test_inverse_gradient_is_the_implicit_functions(log_det):
         value = loss(weights)
     analytic = float(tf.reduce_sum(tape.gradient(value, weights[4]) * direction))
     eps = 1e-6
-    moved = [loss(weights[:4] + [weights[4] + sign * eps * direction] + weights[5:])
-             for sign in (1, -1)]
+    moved = [
+        loss(weights[:4] + [weights[4] + sign * eps * direction] + weights[5:]) for sign in (1, -1)
+    ]
     np.testing.assert_allclose(analytic, float(moved[0] - moved[1]) / (2 * eps), rtol=1e-6)
     assert abs(analytic) > 1e-3
 
@@ -291,28 +296,34 @@ def test_roulette_block_compiles_with_xla():
 
 
 def test_networks_round_trip_their_config():
-    for net, x in ((nets.ResidualMLP(3, 8, num_hidden_layers=1, lipschitz=0.8, seed=2),
-                    _points((2, 3), tf.float32)),
-                   (nets.ResidualCNN((4, 4, 2), 4, lipschitz=0.8, seed=2),
-                    _points((2, 4, 4, 2), tf.float32))):
+    for net, x in (
+        (
+            nets.ResidualMLP(3, 8, num_hidden_layers=1, lipschitz=0.8, seed=2),
+            _points((2, 3), tf.float32),
+        ),
+        (nets.ResidualCNN((4, 4, 2), 4, lipschitz=0.8, seed=2), _points((2, 4, 4, 2), tf.float32)),
+    ):
         twin = type(net).from_config(net.get_config())
         twin.set_weights(net.get_weights())
         np.testing.assert_array_equal(twin(x), net(x))
         assert twin.lipschitz_bound == pytest.approx(0.8 ** len(net.linears))
 
 
-@pytest.mark.parametrize("make, argument", [
-    (lambda: nets.ResidualMLP(3, lipschitz=1.0), "lipschitz"),
-    (lambda: nets.ResidualMLP(3, lipschitz=0.0), "lipschitz"),
-    (lambda: nets.ResidualCNN((4, 4, 2), lipschitz=1.5), "lipschitz"),
-    (lambda: nets.SpectralDense(2, 3, lipschitz=-0.5), "lipschitz"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), log_det="hutchinson"), "log_det"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), geometric_p=1.0), "geometric_p"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), noise="uniform"), "noise"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), atol=0.0), "atol"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), event_shape=(4,)), "event_shape"),
-    (lambda: B.ResidualBlock(nets.ResidualMLP(3), dtype=tf.float64), "residual_fn"),
-])
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: nets.ResidualMLP(3, lipschitz=1.0), "lipschitz"),
+        (lambda: nets.ResidualMLP(3, lipschitz=0.0), "lipschitz"),
+        (lambda: nets.ResidualCNN((4, 4, 2), lipschitz=1.5), "lipschitz"),
+        (lambda: nets.SpectralDense(2, 3, lipschitz=-0.5), "lipschitz"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), log_det="hutchinson"), "log_det"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), geometric_p=1.0), "geometric_p"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), noise="uniform"), "noise"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), atol=0.0), "atol"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), event_shape=(4,)), "event_shape"),
+        (lambda: B.ResidualBlock(nets.ResidualMLP(3), dtype=tf.float64), "residual_fn"),
+    ],
+)
 def test_bad_arguments_are_value_errors_naming_them(make, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         make()

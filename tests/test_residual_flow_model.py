@@ -23,19 +23,20 @@ from test_tfp_flows import EXPORT_CHILD, KERAS_CHILD, _run_child  # noqa: E402
 # The child imports the module that registers ResidualFlow (as a user's import would).
 RESIDUAL_KERAS_CHILD = KERAS_CHILD.replace(
     "import tfp_flows  # registers the builders, as a user's module would",
-    "import tfp_glow.models.residual")
+    "import tfp_glow.models.residual",
+)
 
 
 def vector_model(seed=0, **overrides):
     keras.utils.set_random_seed(seed)
-    return ResidualFlow(input_shape=(2,), **{**dict(blocks=2, hidden_units=16,
-                                                    num_bins=None), **overrides})
+    return ResidualFlow(
+        input_shape=(2,), **{**dict(blocks=2, hidden_units=16, num_bins=None), **overrides}
+    )
 
 
 def image_model(seed=0):
     keras.utils.set_random_seed(seed)
-    return ResidualFlow(input_shape=(8, 8, 1), blocks=1, hidden_channels=8, levels=2,
-                        num_bins=17)
+    return ResidualFlow(input_shape=(8, 8, 1), blocks=1, hidden_channels=8, levels=2, num_bins=17)
 
 
 def eight_gaussians(n, seed=0):
@@ -74,8 +75,9 @@ def digits(n):
 def test_digits_fit_lowers_the_loss():
     """Images: multi-scale, roulette log-dets (64 and 32 dimensions per block)."""
     model = image_model()
-    blocks = [b for b in walk_bijectors(model.flow)
-              if isinstance(b, tfp_glow.bijectors.ResidualBlock)]
+    blocks = [
+        b for b in walk_bijectors(model.flow) if isinstance(b, tfp_glow.bijectors.ResidualBlock)
+    ]
     assert [b.log_det_mode for b in blocks] == ["roulette", "roulette"]
     images = digits(128)
     model.compile(keras.optimizers.Adam(3e-3))
@@ -105,8 +107,10 @@ def test_config_round_trip_and_keras_file_in_process(tmp_path):
 def _saved_cases(tmp_path):
     """A vector model (exact log-dets) and an image model (roulette at fixed seeds)."""
     models, inputs = {}, {}
-    for name, model, x in (("vector", vector_model(), eight_gaussians(6, seed=8)),
-                           ("image", image_model(), digits(4))):
+    for name, model, x in (
+        ("vector", vector_model(), eight_gaussians(6, seed=8)),
+        ("image", image_model(), digits(4)),
+    ):
         model.initialize(x)  # ActNorm from the data (export refuses placeholders)
         perturb(model, 7, scale=0.05)
         inputs[name] = str(tmp_path / f"{name}_x.npy")
@@ -128,31 +132,36 @@ def test_keras_file_reloads_in_a_fresh_process_with_equal_log_prob(tmp_path):
     out = _run_child(tmp_path, os.path.dirname(__file__))
     for name, (model, x) in models.items():
         assert out[name]["class"] == "ResidualFlow" and out[name]["compiled"]
-        np.testing.assert_array_equal(np.float32(out[name]["log_prob"]),
-                                      model.log_prob(x).numpy())
+        np.testing.assert_array_equal(np.float32(out[name]["log_prob"]), model.log_prob(x).numpy())
 
 
 @pytest.mark.slow
 def test_export_serves_log_prob_without_tfp_glow(tmp_path):
     models, inputs = _saved_cases(tmp_path)
-    exports = {name: str(tfp_glow.export_saved_model(model, tmp_path / name))
-               for name, (model, _) in models.items()}
+    exports = {
+        name: str(tfp_glow.export_saved_model(model, tmp_path / name))
+        for name, (model, _) in models.items()
+    }
     (tmp_path / "job.json").write_text(json.dumps({"exports": exports, "inputs": inputs}))
     (tmp_path / "child.py").write_text(EXPORT_CHILD)
     out = _run_child(tmp_path)
     for name, (model, x) in models.items():
-        np.testing.assert_allclose(out[name]["log_prob"], model.log_prob(x).numpy(),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            out[name]["log_prob"], model.log_prob(x).numpy(), rtol=1e-5, atol=1e-4
+        )
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    (dict(lipschitz=1.0), "lipschitz"),
-    (dict(log_det="hutchinson"), "log_det"),
-    (dict(blocks=0), "blocks"),
-    (dict(input_shape=(8, 8)), "input_shape"),
-    (dict(input_shape=(6, 6, 1), levels=3), "input_shape"),
-    (dict(atol=0.0), "atol"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(lipschitz=1.0), "lipschitz"),
+        (dict(log_det="hutchinson"), "log_det"),
+        (dict(blocks=0), "blocks"),
+        (dict(input_shape=(8, 8)), "input_shape"),
+        (dict(input_shape=(6, 6, 1), levels=3), "input_shape"),
+        (dict(atol=0.0), "atol"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         ResidualFlow(**kwargs)

@@ -39,11 +39,20 @@ import tensorflow_probability as tfp
 
 import tfp_glow
 from tfp_glow import models, nets
-from tfp_glow.training import reversible
-from tfp_glow.bijectors import (ActNorm, AffineCoupling, FactorOut, FlowBijector,
-                                InvertibleConv1x1, LearnedPrior, MultiScaleFlow, Squeeze,
-                                data_dependent_init, forward_and_log_det)
+from tfp_glow.bijectors import (
+    ActNorm,
+    AffineCoupling,
+    FactorOut,
+    FlowBijector,
+    InvertibleConv1x1,
+    LearnedPrior,
+    MultiScaleFlow,
+    Squeeze,
+    data_dependent_init,
+    forward_and_log_det,
+)
 from tfp_glow.bijectors._state import ParameterLayer
+from tfp_glow.training import reversible
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -75,11 +84,17 @@ def _vector_chain(dtype):
     """ActNorm, affine couplings, TFP bijectors and `NoInverseScale` on R^4."""
     parts = []
     for i in range(2):
-        parts += [ActNorm(4, event_ndims=1, dtype=dtype),
-                  AffineCoupling(nets.MLPCouplingNet(8, 4, dtype=dtype), event_shape=(4,),
-                                 parity=i, dtype=dtype)]
-    parts += [tfb.Shift(tf.constant(0.3, dtype)), NoInverseScale(dtype),
-              tfb.Invert(tfb.Scale(tf.constant(1.7, dtype)))]
+        parts += [
+            ActNorm(4, event_ndims=1, dtype=dtype),
+            AffineCoupling(
+                nets.MLPCouplingNet(8, 4, dtype=dtype), event_shape=(4,), parity=i, dtype=dtype
+            ),
+        ]
+    parts += [
+        tfb.Shift(tf.constant(0.3, dtype)),
+        NoInverseScale(dtype),
+        tfb.Invert(tfb.Scale(tf.constant(1.7, dtype))),
+    ]
     return tfb.Chain(list(reversed(parts)))
 
 
@@ -87,32 +102,52 @@ def _spline_and_mixture_chain(dtype):
     """The couplings whose inverse is a spline root or a bisection + Newton step."""
     from tfp_glow.bijectors.logistic_mixture_coupling import LogisticMixtureCoupling
     from tfp_glow.bijectors.spline_coupling import RationalQuadraticSplineCoupling
+
     spline_units = RationalQuadraticSplineCoupling.outputs_per_channel(4) * 2
     mixture_units = LogisticMixtureCoupling.outputs_per_channel(3) * 2
-    parts = [ActNorm(4, event_ndims=1, dtype=dtype),
-             RationalQuadraticSplineCoupling(
-                 nets.MLPCouplingNet(8, spline_units, dtype=dtype), num_bins=4,
-                 event_shape=(4,), dtype=dtype),
-             LogisticMixtureCoupling(
-                 nets.MLPCouplingNet(8, mixture_units, dtype=dtype), num_components=3,
-                 event_shape=(4,), parity=1, dtype=dtype)]
+    parts = [
+        ActNorm(4, event_ndims=1, dtype=dtype),
+        RationalQuadraticSplineCoupling(
+            nets.MLPCouplingNet(8, spline_units, dtype=dtype),
+            num_bins=4,
+            event_shape=(4,),
+            dtype=dtype,
+        ),
+        LogisticMixtureCoupling(
+            nets.MLPCouplingNet(8, mixture_units, dtype=dtype),
+            num_components=3,
+            event_shape=(4,),
+            parity=1,
+            dtype=dtype,
+        ),
+    ]
     return tfb.Chain(list(reversed(parts)))
 
 
 def _vector_multi_scale(dtype):
     """A class-conditional two-level `MultiScaleFlow` on R^4 (split prior, top
     prior): every stage of a Glow at the cost of a few dense layers."""
+
     def steps(dim, count):
         parts = []
         for i in range(count):
-            parts += [ActNorm(dim, event_ndims=1, dtype=dtype),
-                      AffineCoupling(nets.MLPCouplingNet(8, dim, dtype=dtype),
-                                     event_shape=(dim,), parity=i % 2, dtype=dtype)]
+            parts += [
+                ActNorm(dim, event_ndims=1, dtype=dtype),
+                AffineCoupling(
+                    nets.MLPCouplingNet(8, dim, dtype=dtype),
+                    event_shape=(dim,),
+                    parity=i % 2,
+                    dtype=dtype,
+                ),
+            ]
         return tfb.Chain(list(reversed(parts)))
 
     factor_out = FactorOut(4, 0.5, num_classes=3, event_ndims=1, dtype=dtype)
-    return MultiScaleFlow((4,), [(steps(4, 2), factor_out), (steps(2, 2), None)],
-                          top_prior=LearnedPrior((2,), num_classes=3, dtype=dtype))
+    return MultiScaleFlow(
+        (4,),
+        [(steps(4, 2), factor_out), (steps(2, 2), None)],
+        top_prior=LearnedPrior((2,), num_classes=3, dtype=dtype),
+    )
 
 
 def _mixed_glow():
@@ -124,8 +159,11 @@ def _mixed_glow():
         c = shape[-1]
         for k in range(2):
             net = nets.GlowCouplingNet(8, 2 * (c - c // 2), dtype="mixed_bfloat16")
-            steps += [ActNorm(c), InvertibleConv1x1(c, seed=10 * level + k),
-                      AffineCoupling(net, event_shape=shape)]
+            steps += [
+                ActNorm(c),
+                InvertibleConv1x1(c, seed=10 * level + k),
+                AffineCoupling(net, event_shape=shape),
+            ]
         fo = None
         if level == 0:
             fo = FactorOut(c, 0.5)
@@ -136,24 +174,43 @@ def _mixed_glow():
 
 FLOWS = {
     "glow": lambda dtype: models.build_glow_flow(
-        image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8, dtype=dtype),
+        image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8, dtype=dtype
+    ),
     "glow_additive_shuffle": lambda dtype: models.build_glow_flow(
-        image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8,
-        coupling="additive", permutation="shuffle", dtype=dtype),
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=8,
+        coupling="additive",
+        permutation="shuffle",
+        dtype=dtype,
+    ),
     "glow_conditional": lambda dtype: models.build_glow_flow(
-        image_shape=(8, 8, 1), levels=2, steps_per_level=2, hidden_channels=8,
-        num_classes=3, dtype=dtype),
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=8,
+        num_classes=3,
+        dtype=dtype,
+    ),
     # The smallest Glow with every stage (squeeze, step, split prior, top
     # prior): for the checks that trace or take many steps.
     "tiny_glow_conditional": lambda dtype: models.build_glow_flow(
-        image_shape=(4, 4, 1), levels=2, steps_per_level=1, hidden_channels=4,
-        num_classes=3, dtype=dtype),
+        image_shape=(4, 4, 1),
+        levels=2,
+        steps_per_level=1,
+        hidden_channels=4,
+        num_classes=3,
+        dtype=dtype,
+    ),
     # One scale: the logit preprocessing (tfb.Shift, LogitPreprocess) and
     # checkerboard couplings; the split prior is covered by the Glows.
     "realnvp": lambda dtype: models.build_realnvp_flow(
-        (8, 8, 1), levels=1, hidden_channels=8, num_blocks=1, dtype=dtype),
+        (8, 8, 1), levels=1, hidden_channels=8, num_blocks=1, dtype=dtype
+    ),
     "nice": lambda dtype: models.build_nice_flow(
-        (8, 8, 1), coupling_layers=4, hidden_units=16, num_hidden_layers=1, dtype=dtype),
+        (8, 8, 1), coupling_layers=4, hidden_units=16, num_hidden_layers=1, dtype=dtype
+    ),
     "chain": _vector_chain,
     "spline_and_mixture_chain": _spline_and_mixture_chain,
     "vector_multi_scale_conditional": _vector_multi_scale,
@@ -162,9 +219,12 @@ FLOWS = {
 
 
 def _event_shape(name):
-    return {"chain": (4,), "spline_and_mixture_chain": (4,),
-            "vector_multi_scale_conditional": (4,),
-            "tiny_glow_conditional": (4, 4, 1)}.get(name, (8, 8, 1))
+    return {
+        "chain": (4,),
+        "spline_and_mixture_chain": (4,),
+        "vector_multi_scale_conditional": (4,),
+        "tiny_glow_conditional": (4, 4, 1),
+    }.get(name, (8, 8, 1))
 
 
 def perturbed(name, dtype="float64", seed=0, scale=0.05):
@@ -186,8 +246,12 @@ def perturbed(name, dtype="float64", seed=0, scale=0.05):
 def _variables(flow):
     found = list(flow.trainable_variables)
     if isinstance(flow, tfb.Chain):  # NoInverseScale's variable, if TFP's walk missed it
-        found += [v for b in flow.bijectors if isinstance(b, NoInverseScale)
-                  for v in b.trainable_variables]
+        found += [
+            v
+            for b in flow.bijectors
+            if isinstance(b, NoInverseScale)
+            for v in b.trainable_variables
+        ]
     return list({v.ref(): v for v in found}.values())
 
 
@@ -219,8 +283,11 @@ def worst_relative_error(grads, reference):
 
 def test_wrong_backprop_names_the_argument_and_the_choices():
     flow, x, _ = perturbed("chain")
-    with pytest.raises(ValueError, match=r"`backprop` must be one of \('standard', "
-                                         r"'checkpoint', 'reversible'\); received 'revers'"):
+    with pytest.raises(
+        ValueError,
+        match=r"`backprop` must be one of \('standard', "
+        r"'checkpoint', 'reversible'\); received 'revers'",
+    ):
         reversible.forward_and_log_det(flow, x, backprop="revers")
     with pytest.raises(ValueError, match="`backprop`"):
         reversible.forward_and_log_det(flow, x, backprop=None)
@@ -235,9 +302,18 @@ def test_standard_is_the_bijectors_forward_and_log_det():
 
 
 # The plain affine Glow is the conditional one without its class table.
-@pytest.mark.parametrize("name", ["glow_additive_shuffle", "glow_conditional", "realnvp",
-                                  "nice", "chain", "spline_and_mixture_chain",
-                                  "vector_multi_scale_conditional"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "glow_additive_shuffle",
+        "glow_conditional",
+        "realnvp",
+        "nice",
+        "chain",
+        "spline_and_mixture_chain",
+        "vector_multi_scale_conditional",
+    ],
+)
 def test_gradients_equal_standard_float64(name):
     flow, x, kwargs = perturbed(name, "float64")
     (z_ref, ldj_ref, _), reference = gradients(flow, x, kwargs, "standard")
@@ -301,11 +377,15 @@ def test_tf_function_with_unknown_batch():
     variables = _variables(flow)
     _, reference = gradients(flow, x, kwargs, "standard")
     for mode in MODES:
-        step = tf.function(lambda x, labels, mode=mode: gradients(
-            flow, x, {"conditional_input": labels}, mode, variables)[1])
+        step = tf.function(
+            lambda x, labels, mode=mode: gradients(
+                flow, x, {"conditional_input": labels}, mode, variables
+            )[1]
+        )
         # The batch reaches the custom gradients as None.
         step = step.get_concrete_function(
-            tf.TensorSpec([None, 4, 4, 1], tf.float32), tf.TensorSpec([None], tf.int32))
+            tf.TensorSpec([None, 4, 4, 1], tf.float32), tf.TensorSpec([None], tf.int32)
+        )
         err = worst_relative_error(step(x, kwargs["conditional_input"]), reference)
         print(f"\n[reversible] tf.function {mode}: worst relative gradient error {err:.2e}")
         assert err <= TOLERANCE["float32"]
@@ -318,8 +398,9 @@ def test_xla():
     variables = _variables(flow)
     _, reference = gradients(flow, x, kwargs, "standard")
     for mode in MODES:
-        step = tf.function(lambda x, mode=mode: gradients(flow, x, kwargs, mode, variables)[1],
-                           jit_compile=True)
+        step = tf.function(
+            lambda x, mode=mode: gradients(flow, x, kwargs, mode, variables)[1], jit_compile=True
+        )
         err = worst_relative_error(step(x), reference)
         print(f"\n[reversible] tf.function(jit_compile=True) {mode}: {err:.2e}")
         assert err <= TOLERANCE["float32"]
@@ -345,22 +426,31 @@ def test_training_steps_give_the_same_weights():
     assert moved > 1e-3
     for mode in MODES:
         err = worst_relative_error(finals[mode], finals["standard"])
-        print(f"\n[reversible] 1 SGD + 2 Adam steps, {mode}: weights differ by {err:.2e} "
-              f"from standard's (which moved by {moved:.2e})")
+        print(
+            f"\n[reversible] 1 SGD + 2 Adam steps, {mode}: weights differ by {err:.2e} "
+            f"from standard's (which moved by {moved:.2e})"
+        )
         assert err <= TOLERANCE["float64"]
 
 
 def test_glow_fit_gives_the_same_weights_in_every_mode():
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
     images, _ = load_digits("train")
     x = np.asarray(preprocess(images[:32], DIGITS_NUM_BINS, seed=0), np.float64)
     weights, losses = {}, {}
     # Eager and compiled train steps alike (compiled: the reversible one).
     for mode, eager in (("standard", True), ("checkpoint", True), ("reversible", False)):
         keras.utils.set_random_seed(0)
-        model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
-                              hidden_channels=8, num_bins=DIGITS_NUM_BINS, backprop=mode,
-                              dtype="float64")
+        model = tfp_glow.Glow(
+            image_shape=(8, 8, 1),
+            levels=2,
+            steps_per_level=1,
+            hidden_channels=8,
+            num_bins=DIGITS_NUM_BINS,
+            backprop=mode,
+            dtype="float64",
+        )
         assert model.backprop == mode
         model.compile(keras.optimizers.Adam(1e-2), run_eagerly=eager, jit_compile=False)
         if not weights:
@@ -370,8 +460,10 @@ def test_glow_fit_gives_the_same_weights_in_every_mode():
     assert worst_relative_error(weights["standard"], start) > 1e-3  # two Adam steps moved them
     for mode in MODES:
         err = worst_relative_error(weights[mode], weights["standard"])
-        print(f"\n[reversible] Glow.fit, 2 steps, backprop={mode!r}: weights differ by "
-              f"{err:.2e}; loss {losses[mode]:.6f} vs {losses['standard']:.6f}")
+        print(
+            f"\n[reversible] Glow.fit, 2 steps, backprop={mode!r}: weights differ by "
+            f"{err:.2e}; loss {losses[mode]:.6f} vs {losses['standard']:.6f}"
+        )
         assert err <= TOLERANCE["float64"]
         assert losses[mode] == pytest.approx(losses["standard"], rel=1e-9)
 
@@ -382,29 +474,39 @@ def test_conditional_glow_under_xla_fit_and_keras_file(tmp_path):
     log: reversible ends at standard's weights; the `.keras` file keeps the mode.
     One step per level: XLA's compile time grows with the depth, the check does not."""
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
+
     images, labels = load_digits("train")
     x = np.asarray(preprocess(images[:32], DIGITS_NUM_BINS, seed=0), np.float32)
     y = labels[:32]
     weights = {}
     for mode in ("standard", "reversible"):
         keras.utils.set_random_seed(0)
-        model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
-                              hidden_channels=8, num_bins=DIGITS_NUM_BINS, num_classes=10,
-                              backprop=mode)
+        model = tfp_glow.Glow(
+            image_shape=(8, 8, 1),
+            levels=2,
+            steps_per_level=1,
+            hidden_channels=8,
+            num_bins=DIGITS_NUM_BINS,
+            num_classes=10,
+            backprop=mode,
+        )
         model.compile(keras.optimizers.SGD(1e-2), jit_compile=True)
         history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         assert history.history["nonfinite_steps"][-1] == 0
         weights[mode] = model.get_weights()
     err = worst_relative_error(weights["reversible"], weights["standard"])
-    print(f"\n[reversible] conditional Glow (dropout, variational dequantization), "
-          f"4 XLA SGD steps: weights differ by {err:.2e}")
+    print(
+        f"\n[reversible] conditional Glow (dropout, variational dequantization), "
+        f"4 XLA SGD steps: weights differ by {err:.2e}"
+    )
     assert err <= TOLERANCE["float32"]
     path = str(tmp_path / "reversible.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.backprop == "reversible"
-    np.testing.assert_allclose(loaded.log_prob(x[:8], y[:8]), model.log_prob(x[:8], y[:8]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.log_prob(x[:8], y[:8]), model.log_prob(x[:8], y[:8]), rtol=1e-6
+    )
 
 
 class Probe(FlowBijector):
@@ -441,7 +543,7 @@ def test_what_the_backward_pass_keeps():
             probe.seen.clear()
         with tf.GradientTape() as tape:
             z, ldj = reversible.forward_and_log_det(flow, x, backprop=mode)
-            loss = tf.reduce_sum(z ** 2) - tf.reduce_sum(ldj)
+            loss = tf.reduce_sum(z**2) - tf.reduce_sum(ldj)
             gc.collect()
             # Inputs of probes 1 and 2 (probe 0's input is `x`, held here).
             inputs = sum(p.seen[0][0]() is not None for p in probes[1:])
@@ -456,8 +558,7 @@ def test_what_the_backward_pass_keeps():
 # -- MirroredStrategy (a subprocess: logical devices must be set before TF starts) --
 def _distributed_worker():
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         flow, x, kwargs = perturbed("vector_multi_scale_conditional", "float64")
@@ -468,15 +569,18 @@ def _distributed_worker():
 
     def part(tensor):
         return strategy.experimental_distribute_values_from_function(
-            lambda ctx: tensor[ctx.replica_id_in_sync_group * half:][:half])
+            lambda ctx: tensor[ctx.replica_id_in_sync_group * half :][:half]
+        )
 
     out = {"replicas": strategy.num_replicas_in_sync}
     for mode in MODES:
+
         def replica_step(x, labels, mode=mode):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 z, ldj = reversible.forward_and_log_det(
-                    flow, x, backprop=mode, conditional_input=labels)
+                    flow, x, backprop=mode, conditional_input=labels
+                )
                 base = tfd.Normal(tf.constant(0.0, z.dtype), 1.0)
                 # Summed over the replica's examples, divided by the global batch.
                 loss = -tf.reduce_sum(tf.reduce_sum(base.log_prob(z), -1) + ldj) / BATCH
@@ -497,8 +601,13 @@ def _distributed_worker():
 
 def test_mirrored_strategy_two_replicas():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, "--distributed"], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--distributed"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n[reversible] MirroredStrategy: {result}")

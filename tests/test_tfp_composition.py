@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import perturb
 
 from tfp_glow import bijectors as B
 from tfp_glow import nets
-
-from helpers import perturb
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -27,34 +26,43 @@ def image_flow(dtype=tf.float32):
     """Normalizing direction: ActNorm -> LU 1x1 conv -> affine coupling (channel
     mask) -> additive coupling (checkerboard mask, parity 1)."""
     dt = tf.as_dtype(dtype).name
-    return tfb.Chain([
-        B.AdditiveCoupling(nets.GlowCouplingNet(8, 4, dtype=dt), mask="checkerboard",
-                           parity=1, event_shape=IMAGE, dtype=dtype),
-        B.AffineCoupling(nets.GlowCouplingNet(8, 4, dtype=dt), event_shape=IMAGE,
-                         dtype=dtype),
-        B.InvertibleConv1x1(4, seed=0, dtype=dtype),
-        B.ActNorm(4, dtype=dtype),
-    ])
+    return tfb.Chain(
+        [
+            B.AdditiveCoupling(
+                nets.GlowCouplingNet(8, 4, dtype=dt),
+                mask="checkerboard",
+                parity=1,
+                event_shape=IMAGE,
+                dtype=dtype,
+            ),
+            B.AffineCoupling(nets.GlowCouplingNet(8, 4, dtype=dt), event_shape=IMAGE, dtype=dtype),
+            B.InvertibleConv1x1(4, seed=0, dtype=dtype),
+            B.ActNorm(4, dtype=dtype),
+        ]
+    )
 
 
 def vector_flow(dtype=tf.float32, hidden=16):
     dt = tf.as_dtype(dtype).name
-    return tfb.Chain([
-        B.AffineCoupling(nets.MLPCouplingNet(hidden, 2, dtype=dt), parity=1,
-                         event_shape=VECTOR, dtype=dtype),
-        B.InvertibleConv1x1(2, event_ndims=1, seed=1, dtype=dtype),
-        B.AffineCoupling(nets.MLPCouplingNet(hidden, 2, dtype=dt), event_shape=VECTOR,
-                         dtype=dtype),
-        B.ActNorm(2, event_ndims=1, dtype=dtype),
-    ])
+    return tfb.Chain(
+        [
+            B.AffineCoupling(
+                nets.MLPCouplingNet(hidden, 2, dtype=dt), parity=1, event_shape=VECTOR, dtype=dtype
+            ),
+            B.InvertibleConv1x1(2, event_ndims=1, seed=1, dtype=dtype),
+            B.AffineCoupling(
+                nets.MLPCouplingNet(hidden, 2, dtype=dt), event_shape=VECTOR, dtype=dtype
+            ),
+            B.ActNorm(2, event_ndims=1, dtype=dtype),
+        ]
+    )
 
 
 FLOWS = {"image": (image_flow, IMAGE), "vector": (vector_flow, VECTOR)}
 
 
 def standard_normal(event_shape, dtype=tf.float32):
-    return tfd.Sample(tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)),
-                      event_shape)
+    return tfd.Sample(tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)), event_shape)
 
 
 def flow_distribution(kind, dtype=tf.float32):
@@ -86,7 +94,7 @@ def by_hand_log_prob(chain, x):
         h = h_next
     z = np.asarray(h, np.float64)
     d = int(np.prod(z.shape[1:]))
-    base = -0.5 * (z ** 2).sum(axis=event_axes) - 0.5 * d * np.log(2 * np.pi)
+    base = -0.5 * (z**2).sum(axis=event_axes) - 0.5 * d * np.log(2 * np.pi)
     return base + total
 
 
@@ -105,8 +113,9 @@ def test_log_prob_equals_base_log_prob_plus_fldj(kind, dtype):
     np.testing.assert_allclose(lp, expected, **tol)
     # ... and with TFP's own pieces.
     nd = len(FLOWS[kind][1])
-    tfp_way = (dist.distribution.log_prob(f.forward(x))
-               + f.forward_log_det_jacobian(x, event_ndims=nd))
+    tfp_way = dist.distribution.log_prob(f.forward(x)) + f.forward_log_det_jacobian(
+        x, event_ndims=nd
+    )
     np.testing.assert_allclose(lp, tfp_way, **tol)
     # The flow is not the identity: the log-det contributes.
     assert np.abs(np.asarray(lp) - dist.distribution.log_prob(x).numpy()).max() > 1e-2
@@ -121,13 +130,15 @@ def test_invert_and_chain_compose_unchanged(kind):
     inv = tfb.Invert(f)
     np.testing.assert_allclose(inv.forward(tf.identity(x)), f.inverse(tf.identity(x)), atol=1e-6)
     np.testing.assert_allclose(inv.inverse(tf.identity(x)), f.forward(tf.identity(x)), atol=1e-6)
-    np.testing.assert_allclose(inv.forward_log_det_jacobian(x, event_ndims=nd),
-                               f.inverse_log_det_jacobian(x, event_ndims=nd), atol=1e-4)
+    np.testing.assert_allclose(
+        inv.forward_log_det_jacobian(x, event_ndims=nd),
+        f.inverse_log_det_jacobian(x, event_ndims=nd),
+        atol=1e-4,
+    )
     # Chain of Invert and the flow is the identity.
     ident = tfb.Chain([inv, f])
     np.testing.assert_allclose(ident.forward(x), x, atol=1e-5)
-    np.testing.assert_allclose(ident.forward_log_det_jacobian(x, event_ndims=nd), 0.0,
-                               atol=1e-4)
+    np.testing.assert_allclose(ident.forward_log_det_jacobian(x, event_ndims=nd), 0.0, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", sorted(FLOWS))
@@ -157,9 +168,12 @@ def test_sample_and_log_prob_with_any_sample_shape(kind):
     assert grid.shape == (2, 3) + shape
     lp_grid = dist.log_prob(grid)
     assert lp_grid.shape == (2, 3)
-    np.testing.assert_allclose(tf.reshape(lp_grid, [6]),
-                               dist.log_prob(tf.reshape(grid, (6,) + shape)),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        tf.reshape(lp_grid, [6]),
+        dist.log_prob(tf.reshape(grid, (6,) + shape)),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(FLOWS))
@@ -212,14 +226,16 @@ def mixed_chain():
     """Stock TFP bijectors around tfp_glow ones (one class-conditional, one
     inverted); the event changes rank at the Reshape: [2, 2] -> [4]."""
     prior = B.LearnedPrior((4,), num_classes=3, name="prior")
-    chain = tfb.Chain([
-        B.ActNorm(4, event_ndims=1),
-        tfb.Scale(1.5),
-        tfb.Invert(B.InvertibleConv1x1(4, event_ndims=1, seed=2)),
-        tfb.Shift(0.3),
-        prior,
-        tfb.Reshape([4], event_shape_in=[2, 2]),
-    ])
+    chain = tfb.Chain(
+        [
+            B.ActNorm(4, event_ndims=1),
+            tfb.Scale(1.5),
+            tfb.Invert(B.InvertibleConv1x1(4, event_ndims=1, seed=2)),
+            tfb.Shift(0.3),
+            prior,
+            tfb.Reshape([4], event_shape_in=[2, 2]),
+        ]
+    )
     return perturb(chain, 4), prior
 
 
@@ -253,6 +269,7 @@ def test_one_pass_walker_equals_tfp_on_any_composition_both_ways():
 
 def test_one_pass_walker_invert_of_a_rank_changing_flow():
     from bijector_registry import small_multi_scale
+
     flow = perturb(small_multi_scale(tf.float32), 1)
     generative = tfb.Invert(flow)  # latent [32] -> image [4, 4, 2]
     z = draw((32,), batch=3)
@@ -270,8 +287,7 @@ def test_one_pass_constant_log_det_over_extra_event_dims():
     _, ldj = B.forward_and_log_det(act, x, event_ndims=2)
     expected = 5 * float(tf.reduce_sum(act.log_scale))
     np.testing.assert_allclose(np.broadcast_to(ldj, [2]), expected, rtol=1e-6)
-    np.testing.assert_allclose(act.forward_log_det_jacobian(x, event_ndims=2), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(act.forward_log_det_jacobian(x, event_ndims=2), expected, rtol=1e-6)
     _, ildj = B.inverse_and_log_det(tfb.Chain([act]), x, event_ndims=2)
     np.testing.assert_allclose(np.broadcast_to(ildj, [2]), -expected, rtol=1e-6)
 
@@ -284,8 +300,7 @@ def test_joint_distribution_with_flow_latent():
 
     @tfd.JointDistributionCoroutineAutoBatched
     def model():
-        z = yield tfd.TransformedDistribution(standard_normal(VECTOR), tfb.Invert(f),
-                                              name="z")
+        z = yield tfd.TransformedDistribution(standard_normal(VECTOR), tfb.Invert(f), name="z")
         yield tfd.Independent(tfd.Normal(z, 0.1), 1, name="x")
 
     z, x = model.sample(seed=(7, 8))
@@ -300,15 +315,19 @@ def test_joint_distribution_with_flow_latent():
     np.testing.assert_allclose(
         model.log_prob(z=z, x=x_obs),
         flow_dist.log_prob(z) + tfd.Independent(tfd.Normal(z, 0.1), 1).log_prob(x_obs),
-        rtol=1e-5, atol=1e-4)
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def test_joint_distribution_sequential_batched_samples():
     f, flow_dist = flow_distribution("vector")
-    model = tfd.JointDistributionSequential([
-        tfd.TransformedDistribution(standard_normal(VECTOR), tfb.Invert(f)),
-        lambda z: tfd.Independent(tfd.Normal(z, 0.1), 1),
-    ])
+    model = tfd.JointDistributionSequential(
+        [
+            tfd.TransformedDistribution(standard_normal(VECTOR), tfb.Invert(f)),
+            lambda z: tfd.Independent(tfd.Normal(z, 0.1), 1),
+        ]
+    )
     z, x = model.sample(4, seed=(9, 10))
     assert z.shape == (4,) + VECTOR and x.shape == (4,) + VECTOR
     lp = model.log_prob([z, x])
@@ -372,8 +391,7 @@ def test_checkpoint_of_keras_layers_restores_a_whole_multi_scale_flow(tmp_path):
     fresh = small_multi_scale(tf.float32)
     assert np.abs(distribution(fresh).log_prob(x) - distribution(saved).log_prob(x)).max() > 1e-2
     tf.train.Checkpoint(layers=B.keras_layers_of(fresh)).restore(path).assert_consumed()
-    np.testing.assert_array_equal(distribution(fresh).log_prob(x),
-                                  distribution(saved).log_prob(x))
+    np.testing.assert_array_equal(distribution(fresh).log_prob(x), distribution(saved).log_prob(x))
     saved_values = [v.numpy() for v in saved.variables]
     for got, want in zip(fresh.variables, saved_values):
         np.testing.assert_array_equal(got.numpy(), want)
@@ -383,20 +401,22 @@ def test_checkpoint_of_keras_layers_restores_a_whole_multi_scale_flow(tmp_path):
 
 
 def test_xla_log_prob_with_unknown_batch_matches_eager():
-    f = tfb.Chain([
-        B.AffineCoupling(nets.GlowCouplingNet(8, 8), mask="checkerboard",
-                         event_shape=IMAGE),
-        B.AffineCoupling(nets.GlowCouplingNet(8, 4), event_shape=IMAGE),
-        B.InvertibleConv1x1(4, seed=0),
-        B.ActNorm(4),
-    ])
+    f = tfb.Chain(
+        [
+            B.AffineCoupling(nets.GlowCouplingNet(8, 8), mask="checkerboard", event_shape=IMAGE),
+            B.AffineCoupling(nets.GlowCouplingNet(8, 4), event_shape=IMAGE),
+            B.InvertibleConv1x1(4, seed=0),
+            B.ActNorm(4),
+        ]
+    )
     dist = tfd.TransformedDistribution(standard_normal(IMAGE), tfb.Invert(f))
     x = draw(IMAGE, batch=6)
     f.bijectors[-1].initialize(x)
     perturb(f)
 
-    @tf.function(jit_compile=True,
-                 input_signature=[tf.TensorSpec([None] + list(IMAGE), tf.float32)])
+    @tf.function(
+        jit_compile=True, input_signature=[tf.TensorSpec([None] + list(IMAGE), tf.float32)]
+    )
     def log_prob(x):
         return dist.log_prob(x)
 
@@ -406,8 +426,9 @@ def test_xla_log_prob_with_unknown_batch_matches_eager():
     assert log_prob.experimental_get_tracing_count() == 1
     # Gradients compile as well.
 
-    @tf.function(jit_compile=True,
-                 input_signature=[tf.TensorSpec([None] + list(IMAGE), tf.float32)])
+    @tf.function(
+        jit_compile=True, input_signature=[tf.TensorSpec([None] + list(IMAGE), tf.float32)]
+    )
     def nll_and_grads(x):
         with tf.GradientTape() as tape:
             loss = -tf.reduce_mean(dist.log_prob(x))

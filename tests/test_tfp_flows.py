@@ -35,8 +35,11 @@ SLOW_FLOWS = {"ffjord_exact_trace"}
 
 def _marked(*args):
     name = args[0]
-    return pytest.param(*args, marks=pytest.mark.slow) if name in SLOW_FLOWS else (
-        args if len(args) > 1 else name)
+    return (
+        pytest.param(*args, marks=pytest.mark.slow)
+        if name in SLOW_FLOWS
+        else (args if len(args) > 1 else name)
+    )
 
 
 CASES_BY_DTYPE = [_marked(name, dtype) for name, case in FLOWS.items() for dtype in case.dtypes]
@@ -84,17 +87,25 @@ ELEMENTWISE = {
     "log": (lambda: tfb.Invert(tfb.Exp()), lambda r: r.uniform(0.1, 3.0, size=(9, 3))),
     "logit": (lambda: tfb.Invert(tfb.Sigmoid()), lambda r: r.uniform(0.05, 0.95, (9, 3))),
     "sigmoid": (lambda: tfb.Sigmoid(), lambda r: r.normal(size=(9, 3))),
-    "softplus_inverse": (lambda: tfb.Invert(tfb.Softplus()),
-                         lambda r: r.uniform(0.1, 3.0, size=(9, 3))),
-    "sinh_arcsinh": (lambda: tfb.SinhArcsinh(skewness=0.3, tailweight=1.4),
-                     lambda r: r.normal(size=(9, 3))),
+    "softplus_inverse": (
+        lambda: tfb.Invert(tfb.Softplus()),
+        lambda r: r.uniform(0.1, 3.0, size=(9, 3)),
+    ),
+    "sinh_arcsinh": (
+        lambda: tfb.SinhArcsinh(skewness=0.3, tailweight=1.4),
+        lambda r: r.normal(size=(9, 3)),
+    ),
     "arctanh": (lambda: tfb.Invert(tfb.Tanh()), lambda r: r.uniform(-0.9, 0.9, (9, 3))),
-    "scale_matvec_tril": (lambda: tfb.ScaleMatvecTriL([[1.5, 0, 0], [0.3, 0.7, 0],
-                                                       [-0.2, 0.4, 2.0]]),
-                          lambda r: r.normal(size=(9, 3))),
-    "chain": (lambda: tfb.Chain([tfb.Scale(0.5), tfb.SinhArcsinh(0.2, 0.8),
-                                 tfb.Shift(1.0), tfb.Invert(tfb.Sigmoid())]),
-              lambda r: r.uniform(0.05, 0.95, (9, 3))),
+    "scale_matvec_tril": (
+        lambda: tfb.ScaleMatvecTriL([[1.5, 0, 0], [0.3, 0.7, 0], [-0.2, 0.4, 2.0]]),
+        lambda r: r.normal(size=(9, 3)),
+    ),
+    "chain": (
+        lambda: tfb.Chain(
+            [tfb.Scale(0.5), tfb.SinhArcsinh(0.2, 0.8), tfb.Shift(1.0), tfb.Invert(tfb.Sigmoid())]
+        ),
+        lambda r: r.uniform(0.05, 0.95, (9, 3)),
+    ),
 }
 
 
@@ -135,16 +146,16 @@ def test_every_variable_is_a_weight_and_fit_trains_it(name):
     model.fit(data, epochs=2, batch_size=64, verbose=0)
     nll_after = model.evaluate(data, batch_size=64, verbose=0, return_dict=True)["loss"]
     assert nll_after < nll_before - 0.05, (nll_before, nll_after)
-    unmoved = [w.path for w, b in zip(model.trainable_weights, before)
-               if np.array_equal(w.numpy(), b)]
+    unmoved = [
+        w.path for w, b in zip(model.trainable_weights, before) if np.array_equal(w.numpy(), b)
+    ]
     assert not unmoved, f"fit did not move {unmoved}"
     # Trained, the flow is still the map its log-det describes (a MAF whose
     # masks were not kept by the optimizer would not be autoregressive).
     x = tf.constant(data[:8])
     with tf.GradientTape(persistent=True) as tape:  # no pfor: FFJORD's solver
         tape.watch(x)
-        z, log_det = tfp_glow.bijectors.forward_and_log_det(model.flow, x,
-                                                            len(case.event_shape))
+        z, log_det = tfp_glow.bijectors.forward_and_log_det(model.flow, x, len(case.event_shape))
     jacobian = tape.batch_jacobian(z, x, experimental_use_pfor=False)
     d = int(np.prod(case.event_shape))
     _, autodiff = tf.linalg.slogdet(tf.reshape(jacobian, [-1, d, d]))
@@ -182,7 +193,7 @@ def test_keras_save_refuses_a_flow_object_before_writing(tmp_path):
     assert not (tmp_path / "closure.keras").exists()
 
 
-KERAS_CHILD = textwrap.dedent(r'''
+KERAS_CHILD = textwrap.dedent(r"""
     import json, sys
     import numpy as np
     sys.path.insert(0, sys.argv[2])
@@ -196,7 +207,7 @@ KERAS_CHILD = textwrap.dedent(r'''
         out[name] = {"log_prob": model.log_prob(x).numpy().tolist(),
                      "class": type(model).__name__, "compiled": model.optimizer is not None}
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -221,7 +232,7 @@ def test_keras_file_round_trips_in_a_fresh_process(tmp_path):
         np.testing.assert_array_equal(np.float32(out[name]["log_prob"]), expected[name])
 
 
-EXPORT_CHILD = textwrap.dedent(r'''
+EXPORT_CHILD = textwrap.dedent(r"""
     import json, sys
     sys.modules["tfp_glow"] = None  # served without the library: importing it fails
     import numpy as np
@@ -238,7 +249,7 @@ EXPORT_CHILD = textwrap.dedent(r'''
         out[name] = {"log_prob": log_prob.numpy().tolist(), "sample_shape": samples.shape.as_list(),
                      "sample_finite": bool(np.isfinite(samples.numpy()).all())}
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -254,38 +265,40 @@ def test_export_serves_log_prob_and_sample_without_tfp_glow(tmp_path):
         exports[name] = tfp_glow.export_saved_model(model, tmp_path / name)
         inputs[name] = str(tmp_path / f"{name}_x.npy")
         np.save(inputs[name], x)
-    (tmp_path / "job.json").write_text(json.dumps({"exports": {k: str(v) for k, v in
-                                                               exports.items()},
-                                                   "inputs": inputs}))
+    (tmp_path / "job.json").write_text(
+        json.dumps({"exports": {k: str(v) for k, v in exports.items()}, "inputs": inputs})
+    )
     (tmp_path / "child.py").write_text(EXPORT_CHILD)
     out = _run_child(tmp_path)
     for name, case in FLOWS.items():
-        np.testing.assert_allclose(out[name]["log_prob"], expected[name], rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(out[name]["log_prob"], expected[name], rtol=1e-5, atol=1e-5)
         assert out[name]["sample_shape"] == [5, *case.event_shape]
         assert out[name]["sample_finite"], name
         assert np.isfinite(samples[name]).all(), name
 
 
 def _run_child(tmp_path, *args):
-    proc = subprocess.run([sys.executable, str(tmp_path / "child.py"),
-                           str(tmp_path / "job.json"), *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "job.json"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and results, proc.stderr[-3000:]
-    return json.loads(results[-1][len("RESULT "):])
+    return json.loads(results[-1][len("RESULT ") :])
 
 
 # -- what cannot work says so ------------------------------------------------------------
 def test_variable_hidden_in_a_closure_is_a_type_error_naming_the_bijector():
     made = nets.MADE(params=2, event_size=2, hidden_units=[8])
-    maf = tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=lambda x: made(x),
-                                       name="hidden_maf")
+    maf = tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=lambda x: made(x), name="hidden_maf")
     with pytest.raises(TypeError, match=r"MaskedAutoregressiveFlow 'hidden_maf'.*closure"):
         tfp_glow.FlowModel(tfb.Invert(maf), event_shape=(2,), num_bins=None)
     # the same network handed over directly is reachable
-    model = tfp_glow.FlowModel(tfb.Invert(tfb.MaskedAutoregressiveFlow(made)),
-                               event_shape=(2,), num_bins=None)
+    model = tfp_glow.FlowModel(
+        tfb.Invert(tfb.MaskedAutoregressiveFlow(made)), event_shape=(2,), num_bins=None
+    )
     assert _underlying(model.trainable_weights) == _underlying(made.trainable_weights)
 
 

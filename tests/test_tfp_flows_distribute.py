@@ -28,8 +28,7 @@ def _worker():
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +49,12 @@ def _worker():
 
         single, single_start, single_loss = trained(False)
         mirrored, mirrored_start, mirrored_loss = trained(True)
+
         def diff(a, b):
-            return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
-                       for u, v in zip(a, b))
+            return max(
+                float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+                for u, v in zip(a, b)
+            )
 
         replicas = [v.value.values for v in mirrored.weights if hasattr(v.value, "values")]
         out[name] = {
@@ -69,11 +71,12 @@ def _worker():
 
 @pytest.mark.slow
 def test_mirrored_fit_matches_one_device_for_every_tfp_flow():
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, timeout=900
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     for name, r in out.items():
         assert r["num_mirrored"] >= r["num_weights"] > 0, (name, r)
         assert r["start_diff"] == 0.0, (name, r)

@@ -20,15 +20,13 @@ import pytest
 import tensorflow as tf
 
 import tfp_glow
-from tfp_glow.data import (DIGITS_NUM_BINS, digits_dataset, load_digits, preprocess,
-                           toy_density)
+from tfp_glow.data import DIGITS_NUM_BINS, digits_dataset, load_digits, preprocess, toy_density
 
 UNIFORM_BPD = math.log2(DIGITS_NUM_BINS)
 
 
 def _standard_normal_nll(x):
-    return float(np.mean(0.5 * np.sum(x.astype(np.float64) ** 2, axis=1))
-                 + math.log(2 * math.pi))
+    return float(np.mean(0.5 * np.sum(x.astype(np.float64) ** 2, axis=1)) + math.log(2 * math.pi))
 
 
 def _train_toy(model, name, epochs=8):
@@ -47,16 +45,16 @@ def _train_toy(model, name, epochs=8):
 @pytest.fixture(scope="module")
 def realnvp_8gaussians():
     keras.utils.set_random_seed(0)
-    model = tfp_glow.RealNVP(input_shape=(2,), hidden_channels=64, coupling_layers=6,
-                             num_bins=None)
+    model = tfp_glow.RealNVP(input_shape=(2,), hidden_channels=64, coupling_layers=6, num_bins=None)
     return (model,) + _train_toy(model, "8gaussians")
 
 
 @pytest.fixture(scope="module")
 def nice_two_moons():
     keras.utils.set_random_seed(0)
-    model = tfp_glow.NICE(input_shape=(2,), coupling_layers=4, hidden_units=64,
-                          num_hidden_layers=2, num_bins=None)
+    model = tfp_glow.NICE(
+        input_shape=(2,), coupling_layers=4, hidden_units=64, num_hidden_layers=2, num_bins=None
+    )
     return (model,) + _train_toy(model, "two_moons")
 
 
@@ -90,8 +88,7 @@ def test_nice_learns_two_moons(nice_two_moons):
 
 
 @pytest.mark.parametrize("name", ["realnvp", "nice"])
-def test_vector_models_keras_round_trip(tmp_path, name, realnvp_8gaussians,
-                                        nice_two_moons):
+def test_vector_models_keras_round_trip(tmp_path, name, realnvp_8gaussians, nice_two_moons):
     model = realnvp_8gaussians[0] if name == "realnvp" else nice_two_moons[0]
     path = str(tmp_path / f"{name}.keras")
     model.save(path)
@@ -100,8 +97,7 @@ def test_vector_models_keras_round_trip(tmp_path, name, realnvp_8gaussians,
     assert loaded.is_initialized and loaded.num_bins is None
     x = toy_density("two_moons", 32, seed=5)
     assert np.max(np.abs(loaded.log_prob(x).numpy() - model.log_prob(x).numpy())) == 0.0
-    np.testing.assert_array_equal(loaded.sample(8, seed=2).numpy(),
-                                  model.sample(8, seed=2).numpy())
+    np.testing.assert_array_equal(loaded.sample(8, seed=2).numpy(), model.sample(8, seed=2).numpy())
 
 
 # ------------------------------------------------------------------- digits
@@ -126,16 +122,22 @@ def _train_digits(model, epochs):
 @pytest.fixture(scope="module")
 def realnvp_digits():
     keras.utils.set_random_seed(0)
-    model = tfp_glow.RealNVP(input_shape=(8, 8, 1), levels=2, hidden_channels=16,
-                             num_blocks=1, num_bins=DIGITS_NUM_BINS)
+    model = tfp_glow.RealNVP(
+        input_shape=(8, 8, 1), levels=2, hidden_channels=16, num_blocks=1, num_bins=DIGITS_NUM_BINS
+    )
     return (model,) + _train_digits(model, epochs=2)
 
 
 @pytest.fixture(scope="module")
 def nice_digits():
     keras.utils.set_random_seed(0)
-    model = tfp_glow.NICE(input_shape=(8, 8, 1), coupling_layers=4, hidden_units=128,
-                          num_hidden_layers=2, num_bins=DIGITS_NUM_BINS)
+    model = tfp_glow.NICE(
+        input_shape=(8, 8, 1),
+        coupling_layers=4,
+        hidden_units=128,
+        num_hidden_layers=2,
+        num_bins=DIGITS_NUM_BINS,
+    )
     return (model,) + _train_digits(model, epochs=3)
 
 
@@ -154,8 +156,7 @@ def test_nice_lowers_digits_bits_per_dim(nice_digits):
 
 
 @pytest.mark.parametrize("name", ["realnvp", "nice"])
-def test_image_models_keras_round_trip_and_sampling(tmp_path, name, realnvp_digits,
-                                                    nice_digits):
+def test_image_models_keras_round_trip_and_sampling(tmp_path, name, realnvp_digits, nice_digits):
     model = (realnvp_digits if name == "realnvp" else nice_digits)[0]
     path = str(tmp_path / f"{name}.keras")
     model.save(path)
@@ -167,5 +168,4 @@ def test_image_models_keras_round_trip_and_sampling(tmp_path, name, realnvp_digi
     np.testing.assert_allclose(loaded.decode(loaded.encode(x)).numpy(), x, atol=1e-4)
     samples = loaded.sample(4, temperature=0.7, seed=1).numpy()
     assert samples.shape == (4, 8, 8, 1) and np.all(np.isfinite(samples))
-    np.testing.assert_array_equal(samples,
-                                  model.sample(4, temperature=0.7, seed=1).numpy())
+    np.testing.assert_array_equal(samples, model.sample(4, temperature=0.7, seed=1).numpy())

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import perturb
 from scipy import stats
 
 import tfp_glow
 from tfp_glow import VariationalDequantizer
 from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
-
-from helpers import perturb
 
 tfb = tfp.bijectors
 
@@ -34,10 +33,16 @@ def digits():
 
 def _glow(**kwargs):
     keras.utils.set_random_seed(0)
-    return tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                         hidden_channels=16, num_bins=DIGITS_NUM_BINS,
-                         dequantization="variational",
-                         dequantizer_kwargs={"hidden_channels": 8, "num_steps": 2}, **kwargs)
+    return tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        num_bins=DIGITS_NUM_BINS,
+        dequantization="variational",
+        dequantizer_kwargs={"hidden_channels": 8, "num_steps": 2},
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-9), ("float32", 2e-4)])
@@ -59,8 +64,9 @@ def test_log_q_is_log_normal_minus_the_autodiff_log_det(dtype, tol):
 
 
 def test_the_noise_comes_from_the_data_and_stays_in_its_bin():
-    q = perturb(VariationalDequantizer((2, 2, 1), 17, hidden_channels=4, num_steps=2),
-                rng=2, scale=0.3)
+    q = perturb(
+        VariationalDequantizer((2, 2, 1), 17, hidden_channels=4, num_steps=2), rng=2, scale=0.3
+    )
     k = np.array([0, 5, 16, 9], np.float32).reshape(1, 2, 2, 1)
     # A bin's lower edge (v = 0, as in a U[0, 1) draw), the pipelines' margin
     # below its upper edge (closer, float32 rounds into the next bin), its
@@ -75,16 +81,18 @@ def test_the_noise_comes_from_the_data_and_stays_in_its_bin():
     # Bin centres are eps = 0; the same x always gives the same x_q.
     centre = (k + 0.5) / 17.0 - 0.5
     u_centre, _ = q.noise_and_log_q(tf.constant(k), tf.zeros_like(tf.constant(k)))
-    np.testing.assert_allclose(q(tf.constant(centre))[0].numpy(),
-                               (k + u_centre.numpy()) / 17.0 - 0.5, atol=1e-6)
+    np.testing.assert_allclose(
+        q(tf.constant(centre))[0].numpy(), (k + u_centre.numpy()) / 17.0 - 0.5, atol=1e-6
+    )
     np.testing.assert_array_equal(q(tf.constant(x))[0].numpy(), x_q.numpy())
 
 
 def _one_pixel_gaussian(num_bins, mean, scale, dequantizer):
     """A flow over one pixel whose density is N(mean, scale): P(k) is exact."""
     flow = tfb.Chain([tfb.Scale(1.0 / scale), tfb.Shift(-mean)])
-    return tfp_glow.FlowModel(flow, event_shape=(1, 1, 1), num_bins=num_bins,
-                              dequantizer=dequantizer)
+    return tfp_glow.FlowModel(
+        flow, event_shape=(1, 1, 1), num_bins=num_bins, dequantizer=dequantizer
+    )
 
 
 def _elbo_and_exact(model, k, num_bins, mean, scale, draws, seed):
@@ -113,8 +121,7 @@ def test_the_bound_never_exceeds_the_exact_likelihood_and_training_q_closes_the_
 
     model.compile(keras.optimizers.Adam(1e-2))
     v = np.random.default_rng(6).uniform(1e-4, 1 - 1e-4, (64 * 150, 1, 1, 1))
-    model.fit(((k + v) / num_bins - 0.5).astype(np.float32), batch_size=64, epochs=1,
-              verbose=0)
+    model.fit(((k + v) / num_bins - 0.5).astype(np.float32), batch_size=64, epochs=1, verbose=0)
     after, _, _ = _elbo_and_exact(model, k, num_bins, mean, scale, 4096, seed=7)
     se = after.std() / math.sqrt(after.size)
     gap = exact - after.mean()
@@ -128,11 +135,12 @@ def test_glow_with_variational_dequantization_reports_bound_and_uniform_figure(d
     history = model.fit(digits, batch_size=32, epochs=2, verbose=0)
     assert history.history["bits_per_dim"][1] < history.history["bits_per_dim"][0]
     result = model.evaluate(digits, batch_size=48, verbose=0, return_dict=True)
-    np.testing.assert_allclose(result["bits_per_dim"],
-                               model.variational_bits_per_dim(digits).numpy().mean(),
-                               rtol=1e-5)
-    np.testing.assert_allclose(result["uniform_bits_per_dim"],
-                               model.bits_per_dim(digits).numpy().mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        result["bits_per_dim"], model.variational_bits_per_dim(digits).numpy().mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        result["uniform_bits_per_dim"], model.bits_per_dim(digits).numpy().mean(), rtol=1e-5
+    )
     # The evaluation noise is the data's: another batch size gives the same figure.
     again = model.evaluate(digits, batch_size=96, verbose=0, return_dict=True)
     np.testing.assert_allclose(again["bits_per_dim"], result["bits_per_dim"], rtol=1e-5)
@@ -147,11 +155,15 @@ def test_every_dequantizer_variable_is_trained(digits):
     # gradient to the layers before them.
     for _ in range(2):
         model.train_on_batch(digits[:32])
-    moved = [not np.array_equal(b, v.numpy())
-             for b, v in zip(before, model.dequantizer.trainable_variables)]
+    moved = [
+        not np.array_equal(b, v.numpy())
+        for b, v in zip(before, model.dequantizer.trainable_variables)
+    ]
     assert len(moved) == 17 and all(moved)  # 2 context convs, 3 zero convs, 2 hidden
-    assert all(any(v is w for w in model.trainable_variables)
-               for v in model.dequantizer.trainable_variables)
+    assert all(
+        any(v is w for w in model.trainable_variables)
+        for v in model.dequantizer.trainable_variables
+    )
 
 
 @pytest.mark.parametrize("backprop", ["checkpoint", "reversible"])
@@ -177,7 +189,7 @@ def test_initialize_sees_the_variational_noise(digits):
     x = tf.constant(digits[:64])
     model.initialize(x)
     x_q, _ = model.dequantizer(x)
-    act_norm, = [a for a in model._actnorms if a.name == "act_norm_0_0"]
+    (act_norm,) = [a for a in model._actnorms if a.name == "act_norm_0_0"]
     squeeze = tfp_glow.bijectors.Squeeze(event_shape=(8, 8, 1))
     z = act_norm.forward(squeeze.forward(x_q))
     np.testing.assert_allclose(tf.reduce_mean(z, [0, 1, 2]).numpy(), 0.0, atol=1e-4)
@@ -194,51 +206,88 @@ def test_keras_file_keeps_the_dequantizer(digits, tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.get_config()["dequantization"] == "variational"
-    assert loaded.get_config()["dequantizer_kwargs"] == {"hidden_channels": 8,
-                                                         "num_steps": 2}
-    np.testing.assert_allclose(loaded.variational_log_prob(digits[:8]).numpy(),
-                               model.variational_log_prob(digits[:8]).numpy(), rtol=1e-6)
+    assert loaded.get_config()["dequantizer_kwargs"] == {"hidden_channels": 8, "num_steps": 2}
+    np.testing.assert_allclose(
+        loaded.variational_log_prob(digits[:8]).numpy(),
+        model.variational_log_prob(digits[:8]).numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_without_a_dequantizer_the_bound_is_log_prob(digits):
     keras.utils.set_random_seed(0)
-    model = tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=2,
-                          hidden_channels=16, num_bins=DIGITS_NUM_BINS,
-                          dequantization="uniform")
+    model = tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=2,
+        hidden_channels=16,
+        num_bins=DIGITS_NUM_BINS,
+        dequantization="uniform",
+    )
     model.initialize(digits[:64])
     model.compile()
     assert model.dequantizer is None
-    np.testing.assert_array_equal(model.variational_log_prob(digits[:8]).numpy(),
-                                  model.log_prob(digits[:8]).numpy())
-    assert "uniform_bits_per_dim" not in model.evaluate(digits, verbose=0,
-                                                        return_dict=True)
+    np.testing.assert_array_equal(
+        model.variational_log_prob(digits[:8]).numpy(), model.log_prob(digits[:8]).numpy()
+    )
+    assert "uniform_bits_per_dim" not in model.evaluate(digits, verbose=0, return_dict=True)
 
 
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: _glow_with(dequantization="learned"), ValueError, "dequantization"),
-    (lambda: _glow_with(dequantization="uniform", dequantizer_kwargs={"num_steps": 2}),
-     ValueError, "needs dequantization='variational'"),
-    (lambda: _glow_with(dequantization="variational", dequantizer_kwargs={"width": 2}),
-     ValueError, "'width' is not an option"),
-    (lambda: _glow_with(dequantization="variational",
-                        dequantizer_kwargs={"num_steps": -1}), ValueError, "num_steps"),
-    (lambda: VariationalDequantizer((64,), 17), ValueError, "image data"),
-    (lambda: VariationalDequantizer((8, 8, 1), None), ValueError, "discrete data"),
-    (lambda: VariationalDequantizer((8, 8, 1), 1), ValueError, "num_bins"),
-    (lambda: tfp_glow.FlowModel(tfb.Identity(), event_shape=(2, 2, 1), num_bins=4,
-                                dequantizer="variational"), TypeError, "dequantizer"),
-    (lambda: tfp_glow.FlowModel(tfb.Identity(), event_shape=(2, 2, 1), num_bins=4,
-                                dequantizer=VariationalDequantizer((2, 2, 1), 5)),
-     ValueError, "num_bins=5"),
-])
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: _glow_with(dequantization="learned"), ValueError, "dequantization"),
+        (
+            lambda: _glow_with(dequantization="uniform", dequantizer_kwargs={"num_steps": 2}),
+            ValueError,
+            "needs dequantization='variational'",
+        ),
+        (
+            lambda: _glow_with(dequantization="variational", dequantizer_kwargs={"width": 2}),
+            ValueError,
+            "'width' is not an option",
+        ),
+        (
+            lambda: _glow_with(dequantization="variational", dequantizer_kwargs={"num_steps": -1}),
+            ValueError,
+            "num_steps",
+        ),
+        (lambda: VariationalDequantizer((64,), 17), ValueError, "image data"),
+        (lambda: VariationalDequantizer((8, 8, 1), None), ValueError, "discrete data"),
+        (lambda: VariationalDequantizer((8, 8, 1), 1), ValueError, "num_bins"),
+        (
+            lambda: tfp_glow.FlowModel(
+                tfb.Identity(), event_shape=(2, 2, 1), num_bins=4, dequantizer="variational"
+            ),
+            TypeError,
+            "dequantizer",
+        ),
+        (
+            lambda: tfp_glow.FlowModel(
+                tfb.Identity(),
+                event_shape=(2, 2, 1),
+                num_bins=4,
+                dequantizer=VariationalDequantizer((2, 2, 1), 5),
+            ),
+            ValueError,
+            "num_bins=5",
+        ),
+    ],
+)
 def test_bad_dequantization_arguments_are_refused_clearly(build, error, match):
     with pytest.raises(error, match=match):
         build()
 
 
 def _glow_with(**kwargs):
-    return tfp_glow.Glow(image_shape=(8, 8, 1), levels=2, steps_per_level=1,
-                         hidden_channels=8, num_bins=DIGITS_NUM_BINS, **kwargs)
+    return tfp_glow.Glow(
+        image_shape=(8, 8, 1),
+        levels=2,
+        steps_per_level=1,
+        hidden_channels=8,
+        num_bins=DIGITS_NUM_BINS,
+        **kwargs,
+    )
 
 
 def test_variational_log_prob_refuses_raw_pixels():

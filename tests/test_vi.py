@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
-
 from helpers import perturb
+
 from tfp_glow import vi
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -29,25 +29,26 @@ MEAN_FIELD_LRS = (1e-2, 3e-2, 1e-1)  # measured best: 3e-2 (funnel), 1e-1 (schoo
 # The funnel (shared with NeuTra, which needs a good fit) uses the defaults;
 # Eight Schools a smaller flow, to keep this file fast (its margin is large).
 SCHOOLS_FLOW = dict(num_layers=3, hidden_units=16)
-SCHOOLS_Y = np.array([28., 8., -3., 7., -1., 1., 18., 12.])
-SCHOOLS_SIGMA = np.array([15., 10., 16., 11., 9., 11., 10., 18.])
+SCHOOLS_Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SCHOOLS_SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 
 
 def funnel_log_prob(z):
     """log N(v; 0, 3) + sum_i log N(x_i; 0, exp(v / 2)), z = (v, x_1..x_9)."""
     v, x = z[..., 0], z[..., 1:]
     zero = tf.zeros([], z.dtype)
-    return (tfd.Normal(zero, 3.0).log_prob(v)
-            + tf.reduce_sum(tfd.Normal(zero, tf.exp(v / 2)[..., None]).log_prob(x), -1))
+    return tfd.Normal(zero, 3.0).log_prob(v) + tf.reduce_sum(
+        tfd.Normal(zero, tf.exp(v / 2)[..., None]).log_prob(x), -1
+    )
 
 
 def eight_schools(dtype=tf.float32):
     """Centred Eight Schools, pinned at the observed effects."""
+
     def model():
         mu = yield tfd.Normal(tf.constant(0.0, dtype), 5.0, name="mu")
         tau = yield tfd.HalfCauchy(tf.constant(0.0, dtype), 5.0, name="tau")
-        theta = yield tfd.Normal(mu[..., None] * tf.ones(8, dtype), tau[..., None],
-                                 name="theta")
+        theta = yield tfd.Normal(mu[..., None] * tf.ones(8, dtype), tau[..., None], name="theta")
         yield tfd.Normal(theta, tf.constant(SCHOOLS_SIGMA, dtype), name="y")
 
     # The model broadcasts over sample dims itself, so no vectorized_map (whose
@@ -66,8 +67,8 @@ def elbo(target_log_prob_fn, q, num_draws=20_000, seed=(11, 12)):
 def fit(target_log_prob_fn, q, lr, seed):
     optimizer = keras.optimizers.Adam(lr)
     return tfp.vi.fit_surrogate_posterior(
-        target_log_prob_fn, q, optimizer, STEPS, sample_size=DRAWS, jit_compile=True,
-        seed=seed).numpy()
+        target_log_prob_fn, q, optimizer, STEPS, sample_size=DRAWS, jit_compile=True, seed=seed
+    ).numpy()
 
 
 def best_mean_field(target_log_prob_fn, build):
@@ -107,9 +108,9 @@ def test_funnel_flow_has_no_nan_and_beats_mean_field(funnel):
     flow_elbo = elbo(funnel_log_prob, q)
     mf_elbo, mf_lr = best_mean_field(
         funnel_log_prob,
-        lambda: tfp.experimental.vi.build_factored_surrogate_posterior([10], seed=(5, 6)))
-    print(f"funnel ELBO: flow {flow_elbo:.3f} (lr {LR}), mean-field {mf_elbo:.3f} "
-          f"(lr {mf_lr})")
+        lambda: tfp.experimental.vi.build_factored_surrogate_posterior([10], seed=(5, 6)),
+    )
+    print(f"funnel ELBO: flow {flow_elbo:.3f} (lr {LR}), mean-field {mf_elbo:.3f} (lr {mf_lr})")
     assert flow_elbo <= 0.05  # the funnel is normalised: ELBO = -KL <= 0 (up to MC noise)
     assert flow_elbo >= mf_elbo + 0.3, (flow_elbo, mf_elbo)
 
@@ -129,10 +130,15 @@ def test_eight_schools_structured_surrogate_beats_mean_field(schools):
     mf_elbo, mf_lr = best_mean_field(
         target.unnormalized_log_prob,
         lambda: tfp.experimental.vi.build_factored_surrogate_posterior(
-            target.event_shape, bijector=target.experimental_default_event_space_bijector(),
-            seed=(5, 6)))
-    print(f"eight schools ELBO: flow {flow_elbo:.3f}, mean-field {mf_elbo:.3f} (lr {mf_lr}); "
-          f"log p(y) = -31.31")
+            target.event_shape,
+            bijector=target.experimental_default_event_space_bijector(),
+            seed=(5, 6),
+        ),
+    )
+    print(
+        f"eight schools ELBO: flow {flow_elbo:.3f}, mean-field {mf_elbo:.3f} (lr {mf_lr}); "
+        f"log p(y) = -31.31"
+    )
     assert flow_elbo <= -31.31 + 0.05  # ELBO <= log evidence
     assert flow_elbo >= mf_elbo + 0.2, (flow_elbo, mf_elbo)
 
@@ -141,9 +147,12 @@ def test_eight_schools_structured_surrogate_beats_mean_field(schools):
 
 
 def _chains(kernel, init, seed):
-    run = tf.function(lambda: tfp.mcmc.sample_chain(
-        NUM_RESULTS, init, kernel=kernel, num_burnin_steps=NUM_BURNIN, seed=seed,
-        trace_fn=None), jit_compile=True)
+    run = tf.function(
+        lambda: tfp.mcmc.sample_chain(
+            NUM_RESULTS, init, kernel=kernel, num_burnin_steps=NUM_BURNIN, seed=seed, trace_fn=None
+        ),
+        jit_compile=True,
+    )
     return run()
 
 
@@ -162,34 +171,55 @@ def test_neutra_hmc_mixes_the_funnel_neck_far_better_than_hmc(funnel):
     # Same budget: chains x (burn-in + results) x leapfrog steps gradients each.
     grads = NUM_CHAINS * (NUM_BURNIN + NUM_RESULTS) * LEAPFROG
     for seed in CHAIN_SEEDS:
-        neutra = _chains(vi.neutra_kernel(funnel_log_prob, q, num_adaptation_steps=adapt),
-                         vi.neutra_initial_state(q, NUM_CHAINS, seed=(1, 7)), seed=(2, seed))
-        plain = _chains(tfp.mcmc.DualAveragingStepSizeAdaptation(
-            tfp.mcmc.HamiltonianMonteCarlo(funnel_log_prob, step_size=tf.constant(0.5),
-                                           num_leapfrog_steps=LEAPFROG),
-            num_adaptation_steps=adapt),
-            tf.random.stateless_normal([NUM_CHAINS, 10], seed=(1, 7)), seed=(2, seed))
+        neutra = _chains(
+            vi.neutra_kernel(funnel_log_prob, q, num_adaptation_steps=adapt),
+            vi.neutra_initial_state(q, NUM_CHAINS, seed=(1, 7)),
+            seed=(2, seed),
+        )
+        plain = _chains(
+            tfp.mcmc.DualAveragingStepSizeAdaptation(
+                tfp.mcmc.HamiltonianMonteCarlo(
+                    funnel_log_prob, step_size=tf.constant(0.5), num_leapfrog_steps=LEAPFROG
+                ),
+                num_adaptation_steps=adapt,
+            ),
+            tf.random.stateless_normal([NUM_CHAINS, 10], seed=(1, 7)),
+            seed=(2, seed),
+        )
         assert np.all(np.isfinite(neutra.numpy())) and np.all(np.isfinite(plain.numpy()))
-        ess = {name: float(tfp.mcmc.effective_sample_size(x[..., 0], cross_chain_dims=1))
-               for name, x in (("neutra", neutra), ("hmc", plain))}
+        ess = {
+            name: float(tfp.mcmc.effective_sample_size(x[..., 0], cross_chain_dims=1))
+            for name, x in (("neutra", neutra), ("hmc", plain))
+        }
         for name, x in (("neutra", neutra), ("hmc", plain)):
             sd[name].append(float(np.std(x[..., 0].numpy())))
         ratios.append(ess["neutra"] / ess["hmc"])
-        print(f"chain seed {seed}: ESS of v per 1000 gradients: NeuTra "
-              f"{1000 * ess['neutra'] / grads:.3f}, HMC {1000 * ess['hmc'] / grads:.3f} "
-              f"(ratio {ratios[-1]:.2f}); sd(v): NeuTra {sd['neutra'][-1]:.2f}, "
-              f"HMC {sd['hmc'][-1]:.2f} (true 3)")
+        print(
+            f"chain seed {seed}: ESS of v per 1000 gradients: NeuTra "
+            f"{1000 * ess['neutra'] / grads:.3f}, HMC {1000 * ess['hmc'] / grads:.3f} "
+            f"(ratio {ratios[-1]:.2f}); sd(v): NeuTra {sd['neutra'][-1]:.2f}, "
+            f"HMC {sd['hmc'][-1]:.2f} (true 3)"
+        )
     assert np.median(ratios) >= 3.0, ratios
     assert abs(np.mean(sd["neutra"]) - 3.0) < abs(np.mean(sd["hmc"]) - 3.0), sd
 
 
 def test_neutra_nuts_on_a_structured_surrogate_returns_the_models_structure(schools):
     target, q, _ = schools
-    kernel = vi.neutra_kernel(target.unnormalized_log_prob, q, kernel="nuts",
-                              num_adaptation_steps=40)
-    draws = tf.function(lambda: tfp.mcmc.sample_chain(
-        40, vi.neutra_initial_state(q, 2, seed=(3, 3)), kernel=kernel, num_burnin_steps=50,
-        seed=(4, 4), trace_fn=None), jit_compile=True)()
+    kernel = vi.neutra_kernel(
+        target.unnormalized_log_prob, q, kernel="nuts", num_adaptation_steps=40
+    )
+    draws = tf.function(
+        lambda: tfp.mcmc.sample_chain(
+            40,
+            vi.neutra_initial_state(q, 2, seed=(3, 3)),
+            kernel=kernel,
+            num_burnin_steps=50,
+            seed=(4, 4),
+            trace_fn=None,
+        ),
+        jit_compile=True,
+    )()
     assert draws._fields == ("mu", "tau", "theta")
     assert draws.mu.shape == [40, 2] and draws.theta.shape == [40, 2, 8]
     assert np.all(np.isfinite(draws.theta.numpy())) and float(tf.reduce_min(draws.tau)) > 0
@@ -202,6 +232,7 @@ def test_neutra_nuts_on_a_structured_surrogate_returns_the_models_structure(scho
 
 def _act_norm(q):
     from tfp_glow.bijectors import ActNorm
+
     found = [b for b in q.bijector.bijectors if isinstance(b, ActNorm)]
     assert len(found) == 1
     return found[0]
@@ -209,6 +240,7 @@ def _act_norm(q):
 
 def test_starts_as_a_standard_normal_without_data():
     from tfp_glow.bijectors import data_dependent_init
+
     q = vi.flow_surrogate_posterior([5], seed=3)
     assert _act_norm(q).is_initialized  # nothing left for a data-dependent init
     x = q.sample(256, seed=(1, 2))
@@ -220,14 +252,19 @@ def test_starts_as_a_standard_normal_without_data():
 
 def test_fit_surrogate_posterior_trains_every_variable_of_the_flow(funnel):
     from tfp_glow.bijectors import keras_layers_of
+
     q, _, initial = funnel
-    expected = {v.value.ref() for layer in keras_layers_of(q.bijector)
-                for v in layer.trainable_weights}
+    expected = {
+        v.value.ref() for layer in keras_layers_of(q.bijector) for v in layer.trainable_weights
+    }
     assert {v.ref() for v in q.trainable_variables} == expected
     # 6 x (LU: lower, upper, log_s; net: 3 kernels, 3 biases) + ActNorm: scale, bias
     assert len(expected) == 6 * (3 + 6) + 2
-    still = [v.name for v, before in zip(q.trainable_variables, initial)
-             if np.allclose(v.numpy(), before)]
+    still = [
+        v.name
+        for v, before in zip(q.trainable_variables, initial)
+        if np.allclose(v.numpy(), before)
+    ]
     assert not still, still
 
 
@@ -269,16 +306,21 @@ def test_tf_function_and_xla_agree_with_eager(dtype):
         np.testing.assert_allclose(clog_q, log_q, rtol=rtol, atol=rtol)
     # log_q is the base density minus the forward log-det, evaluated at z:
     ldj = q.bijector.forward_log_det_jacobian(z, event_ndims=1)
-    np.testing.assert_allclose(
-        log_q, q.distribution.log_prob(z) - ldj, rtol=rtol, atol=10 * rtol)
+    np.testing.assert_allclose(log_q, q.distribution.log_prob(z) - ldj, rtol=rtol, atol=10 * rtol)
 
 
 def test_float64_structured_fit_under_xla():
     target = eight_schools(tf.float64)
     q = vi.flow_surrogate_posterior(target, num_layers=1, hidden_units=8, seed=0)
     losses = tfp.vi.fit_surrogate_posterior(
-        target.unnormalized_log_prob, q, keras.optimizers.Adam(1e-2), 50, sample_size=4,
-        jit_compile=True, seed=(2, 2))
+        target.unnormalized_log_prob,
+        q,
+        keras.optimizers.Adam(1e-2),
+        50,
+        sample_size=4,
+        jit_compile=True,
+        seed=(2, 2),
+    )
     assert losses.dtype == tf.float64 and np.all(np.isfinite(losses.numpy()))
     assert all(t.dtype == tf.float64 for t in q.sample(seed=(1, 1)))
 
@@ -286,11 +328,13 @@ def test_float64_structured_fit_under_xla():
 def test_numerically_safe_in_both_directions_far_from_the_bulk():
     from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.nets import MLPCouplingNet
+
     q = vi.flow_surrogate_posterior([4], num_layers=4, hidden_units=8, seed=4)
     perturb(q, scale=0.2)
     z = tf.random.stateless_normal([64, 4], seed=(3, 3))
-    np.testing.assert_allclose(q.bijector.inverse(tf.identity(q.bijector.forward(z))), z,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        q.bijector.inverse(tf.identity(q.bijector.forward(z))), z, rtol=1e-4, atol=1e-4
+    )
     rng = np.random.default_rng(1)
     for net in keras_layers_of(q.bijector):
         if isinstance(net, MLPCouplingNet):  # raw scales far out at both ends
@@ -312,11 +356,13 @@ def test_event_shapes_and_models_other_than_a_pinned_coroutine():
     assert q.sample(5, seed=(1, 1)).shape == [5, 2, 3] and q.event_shape == [2, 3]
     jd = tfd.JointDistributionSequential([tfd.Normal(0.0, 1.0), tfd.HalfNormal(1.0)])
     draws = vi.flow_surrogate_posterior(jd, num_layers=1, hidden_units=4, seed=0).sample(
-        50, seed=(2, 2))
+        50, seed=(2, 2)
+    )
     assert isinstance(draws, list) and len(draws) == 2 and float(tf.reduce_min(draws[1])) > 0
     # A scalar event (a flow on R^1) constrained by the model's softplus/exp.
-    positive = vi.flow_surrogate_posterior(tfd.Gamma(2.0, 1.0), num_layers=1, hidden_units=4,
-                                           seed=0).sample(20, seed=(3, 3))
+    positive = vi.flow_surrogate_posterior(
+        tfd.Gamma(2.0, 1.0), num_layers=1, hidden_units=4, seed=0
+    ).sample(20, seed=(3, 3))
     assert positive.shape == [20] and float(tf.reduce_min(positive)) > 0
 
 
@@ -333,50 +379,80 @@ def _q():
 
 
 BAD = {
-    "shape_string": (lambda: vi.flow_surrogate_posterior("10"), TypeError,
-                     "event_shape_or_model"),
-    "shape_zero": (lambda: vi.flow_surrogate_posterior([0]), ValueError,
-                   "event_shape_or_model"),
+    "shape_string": (lambda: vi.flow_surrogate_posterior("10"), TypeError, "event_shape_or_model"),
+    "shape_zero": (lambda: vi.flow_surrogate_posterior([0]), ValueError, "event_shape_or_model"),
     "shape_distribution_without_support": (
-        lambda: vi.flow_surrogate_posterior(tfd.Poisson(3.0)), ValueError,
-        "event_shape_or_model"),
-    "num_layers_zero": (lambda: vi.flow_surrogate_posterior([2], num_layers=0), ValueError,
-                        "num_layers"),
-    "num_layers_float": (lambda: vi.flow_surrogate_posterior([2], num_layers=2.0), TypeError,
-                         "num_layers"),
-    "hidden_units": (lambda: vi.flow_surrogate_posterior([2], hidden_units=-1), ValueError,
-                     "hidden_units"),
-    "coupling": (lambda: vi.flow_surrogate_posterior([2], coupling="spline"), ValueError,
-                 "coupling"),
-    "dtype_int": (lambda: vi.flow_surrogate_posterior([2], dtype=tf.int32), ValueError,
-                  "dtype"),
-    "dtype_nonsense": (lambda: vi.flow_surrogate_posterior([2], dtype="nonsense"), TypeError,
-                       "dtype"),
-    "dtype_mismatch": (lambda: vi.flow_surrogate_posterior(eight_schools(), dtype=tf.float64),
-                       ValueError, "dtype"),
+        lambda: vi.flow_surrogate_posterior(tfd.Poisson(3.0)),
+        ValueError,
+        "event_shape_or_model",
+    ),
+    "num_layers_zero": (
+        lambda: vi.flow_surrogate_posterior([2], num_layers=0),
+        ValueError,
+        "num_layers",
+    ),
+    "num_layers_float": (
+        lambda: vi.flow_surrogate_posterior([2], num_layers=2.0),
+        TypeError,
+        "num_layers",
+    ),
+    "hidden_units": (
+        lambda: vi.flow_surrogate_posterior([2], hidden_units=-1),
+        ValueError,
+        "hidden_units",
+    ),
+    "coupling": (
+        lambda: vi.flow_surrogate_posterior([2], coupling="spline"),
+        ValueError,
+        "coupling",
+    ),
+    "dtype_int": (lambda: vi.flow_surrogate_posterior([2], dtype=tf.int32), ValueError, "dtype"),
+    "dtype_nonsense": (
+        lambda: vi.flow_surrogate_posterior([2], dtype="nonsense"),
+        TypeError,
+        "dtype",
+    ),
+    "dtype_mismatch": (
+        lambda: vi.flow_surrogate_posterior(eight_schools(), dtype=tf.float64),
+        ValueError,
+        "dtype",
+    ),
     "seed_negative": (lambda: vi.flow_surrogate_posterior([2], seed=-1), ValueError, "seed"),
     "seed_float": (lambda: vi.flow_surrogate_posterior([2], seed=1.5), TypeError, "seed"),
     "name": (lambda: vi.flow_surrogate_posterior([2], name=3), TypeError, "name"),
-    "target_not_callable": (lambda: vi.neutra_kernel(3.0, _q()), TypeError,
-                            "target_log_prob_fn"),
-    "surrogate_not_transformed": (lambda: vi.neutra_kernel(funnel_log_prob, tfd.Normal(0., 1.)),
-                                  TypeError, "surrogate"),
-    "kernel": (lambda: vi.neutra_kernel(funnel_log_prob, _q(), kernel="mala"), ValueError,
-               "kernel"),
-    "step_size": (lambda: vi.neutra_kernel(funnel_log_prob, _q(), step_size=0.0), ValueError,
-                  "step_size"),
-    "num_leapfrog_steps": (lambda: vi.neutra_kernel(funnel_log_prob, _q(),
-                                                    num_leapfrog_steps=0),
-                           ValueError, "num_leapfrog_steps"),
-    "num_adaptation_steps": (lambda: vi.neutra_kernel(funnel_log_prob, _q(),
-                                                      num_adaptation_steps=-1),
-                             ValueError, "num_adaptation_steps"),
-    "target_accept_prob": (lambda: vi.neutra_kernel(funnel_log_prob, _q(),
-                                                    target_accept_prob=1.5),
-                           ValueError, "target_accept_prob"),
+    "target_not_callable": (lambda: vi.neutra_kernel(3.0, _q()), TypeError, "target_log_prob_fn"),
+    "surrogate_not_transformed": (
+        lambda: vi.neutra_kernel(funnel_log_prob, tfd.Normal(0.0, 1.0)),
+        TypeError,
+        "surrogate",
+    ),
+    "kernel": (
+        lambda: vi.neutra_kernel(funnel_log_prob, _q(), kernel="mala"),
+        ValueError,
+        "kernel",
+    ),
+    "step_size": (
+        lambda: vi.neutra_kernel(funnel_log_prob, _q(), step_size=0.0),
+        ValueError,
+        "step_size",
+    ),
+    "num_leapfrog_steps": (
+        lambda: vi.neutra_kernel(funnel_log_prob, _q(), num_leapfrog_steps=0),
+        ValueError,
+        "num_leapfrog_steps",
+    ),
+    "num_adaptation_steps": (
+        lambda: vi.neutra_kernel(funnel_log_prob, _q(), num_adaptation_steps=-1),
+        ValueError,
+        "num_adaptation_steps",
+    ),
+    "target_accept_prob": (
+        lambda: vi.neutra_kernel(funnel_log_prob, _q(), target_accept_prob=1.5),
+        ValueError,
+        "target_accept_prob",
+    ),
     "num_chains": (lambda: vi.neutra_initial_state(_q(), 0), ValueError, "num_chains"),
-    "initial_state_surrogate": (lambda: vi.neutra_initial_state("q", 2), TypeError,
-                                "surrogate"),
+    "initial_state_surrogate": (lambda: vi.neutra_initial_state("q", 2), TypeError, "surrogate"),
 }
 
 

@@ -11,29 +11,36 @@ def _require_tensorflow_backend():
     jax or torch, or worse, a model whose variables are not tf.Variables)."""
     import os
     import sys
+
     keras = sys.modules.get("keras")
     # Once keras is imported its backend is fixed; before, KERAS_BACKEND picks it.
     backend = keras.config.backend() if keras is not None else os.environ.get("KERAS_BACKEND")
     if backend and backend != "tensorflow":
         raise ImportError(
             f"tfp_glow needs Keras' TensorFlow backend, but the Keras backend is "
-            f"{backend!r}: set KERAS_BACKEND=tensorflow (or unset it) before importing keras.")
+            f"{backend!r}: set KERAS_BACKEND=tensorflow (or unset it) before importing keras."
+        )
 
 
 _require_tensorflow_backend()
 
-from tfp_glow import bijectors
-from tfp_glow import data
-from tfp_glow import nets
-from tfp_glow import training
-from tfp_glow.training.flow_model import FlowModel
-from tfp_glow import models
-from tfp_glow.models import (DEFAULT_DROPOUT, FFJORD, IAF, MAF, NICE, Glow,
-                             NeuralSplineFlow, RealNVP, ResidualFlow)
-from tfp_glow.variational_dequantization import VariationalDequantizer
-from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
+from tfp_glow import bijectors, data, models, nets, training
 from tfp_glow.export import export_saved_model, load_exported
 from tfp_glow.images import image_grid, save_image_grid, save_png, to_uint8
+from tfp_glow.models import (
+    DEFAULT_DROPOUT,
+    FFJORD,
+    IAF,
+    MAF,
+    NICE,
+    Glow,
+    NeuralSplineFlow,
+    RealNVP,
+    ResidualFlow,
+)
+from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
+from tfp_glow.training.flow_model import FlowModel
+from tfp_glow.variational_dequantization import VariationalDequantizer
 
 __version__ = "0.1.0"
 

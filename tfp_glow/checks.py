@@ -37,20 +37,29 @@ def positive_int(value, arg_name, minimum=1, allow_none=False):
         none = " or None" if allow_none else ""
         raise TypeError(
             f"`{arg_name}` must be an int >= {minimum}{none}; received {value!r} "
-            f"(type {type(value).__name__}).")
+            f"(type {type(value).__name__})."
+        )
     if value < minimum:
         raise ValueError(f"`{arg_name}` must be an int >= {minimum}; received {value!r}.")
     return int(value)
 
 
-def number(value, arg_name, minimum=None, maximum=None, exclusive_minimum=False,
-           exclusive_maximum=False, allow_none=False):
+def number(
+    value,
+    arg_name,
+    minimum=None,
+    maximum=None,
+    exclusive_minimum=False,
+    exclusive_maximum=False,
+    allow_none=False,
+):
     """`value` as a finite Python float within the given bounds (bools refused)."""
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{arg_name}` must be a number; received {value!r} "
-                        f"(type {type(value).__name__}).")
+        raise TypeError(
+            f"`{arg_name}` must be a number; received {value!r} (type {type(value).__name__})."
+        )
     value = float(value)
     low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
     high_ok = maximum is None or (value < maximum if exclusive_maximum else value <= maximum)
@@ -91,12 +100,10 @@ def choice(value, allowed, arg_name):
 def shape(value, arg_name, rank=None):
     """`value` as a tuple of positive Python ints (of `rank` dims if given)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"`{arg_name}` must be a sequence of positive ints; "
-                        f"received {value!r}.")
+        raise TypeError(f"`{arg_name}` must be a sequence of positive ints; received {value!r}.")
     dims = tuple(value)
     if rank is not None and len(dims) not in (rank if isinstance(rank, tuple) else (rank,)):
         raise ValueError(f"`{arg_name}` must have {rank} dims; received {value!r}.")
     if not dims or not all(is_int(d) and d > 0 for d in dims):
-        raise ValueError(f"`{arg_name}` must be a sequence of positive ints; "
-                         f"received {value!r}.")
+        raise ValueError(f"`{arg_name}` must be a sequence of positive ints; received {value!r}.")
     return tuple(int(d) for d in dims)

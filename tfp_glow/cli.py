@@ -238,6 +238,7 @@ def load_run_model(run):
 
 def _load_model_file(path):
     import keras
+
     import tfp_glow  # noqa: F401  (registers the classes for deserialisation)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model-file {path!r} does not exist.")
@@ -362,6 +363,7 @@ def cmd_interpolate(args):
     """`tfp-glow interpolate`: PNG rows decoding latent lines between test images."""
     import numpy as np
     import tensorflow as tf
+
     from tfp_glow.images import save_image_grid
     model, cfg = load_run_model(args.run)
     if len(model.event_shape) != 3:

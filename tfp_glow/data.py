@@ -42,8 +42,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfp_glow import checks
-from tfp_glow.dequantization import (SHUFFLE_BUFFER, check_n_bits, check_pipeline_args,
-                                     finish_pipeline, preprocess, reduce_bits)
+from tfp_glow.dequantization import (
+    SHUFFLE_BUFFER,
+    check_n_bits,
+    check_pipeline_args,
+    finish_pipeline,
+    preprocess,
+    reduce_bits,
+)
 
 __all__ = [
     "DATASETS",

@@ -55,8 +55,15 @@ class FlowDensity:
       validate_args: assert input values inside graphs too.
     """
 
-    def __init__(self, flow, event_shape, num_bins=None, num_classes=None,
-                 dtype=tf.float32, validate_args=False):
+    def __init__(
+        self,
+        flow,
+        event_shape,
+        num_bins=None,
+        num_classes=None,
+        dtype=tf.float32,
+        validate_args=False,
+    ):
         if not isinstance(flow, tfb.Bijector):
             raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
         event_shape = checks.shape(event_shape, "event_shape")
@@ -64,15 +71,19 @@ class FlowDensity:
         if not latent_shape.is_fully_defined():
             raise ValueError(
                 f"`flow` must map event shape {event_shape} to a known latent shape; "
-                f"got {latent_shape}.")
+                f"got {latent_shape}."
+            )
         self._flow = flow
-        self.spec = InputSpec(event_shape, latent_shape.as_list(), dtype, num_bins,
-                              num_classes, validate_args)
+        self.spec = InputSpec(
+            event_shape, latent_shape.as_list(), dtype, num_bins, num_classes, validate_args
+        )
         dtype = self.spec.dtype
-        self._base = tfd.Sample(tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)),
-                                self.spec.latent_shape)
+        self._base = tfd.Sample(
+            tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)), self.spec.latent_shape
+        )
         self._distribution = tfd.TransformedDistribution(
-            self._base, tfb.Invert(flow), name="flow_distribution")
+            self._base, tfb.Invert(flow), name="flow_distribution"
+        )
         self._compiled = {}
 
     # -- structure -------------------------------------------------------------
@@ -147,11 +158,15 @@ class FlowDensity:
             z, ldj = forward_and_log_det(self._flow, x, ndims, **self._condition(labels))
         else:
             from tfp_glow.training import reversible  # only models that ask for it pay the import
-            z, ldj = reversible.forward_and_log_det(self._flow, x, backprop=backprop,
-                                                    event_ndims=ndims,
-                                                    **self._condition(labels))
-        z = tf.ensure_shape(z, [None, *self.latent_shape]) if z.shape.rank == 1 + len(
-            self.latent_shape) else z
+
+            z, ldj = reversible.forward_and_log_det(
+                self._flow, x, backprop=backprop, event_ndims=ndims, **self._condition(labels)
+            )
+        z = (
+            tf.ensure_shape(z, [None, *self.latent_shape])
+            if z.shape.rank == 1 + len(self.latent_shape)
+            else z
+        )
         return z, ldj
 
     def log_prob_of(self, x, labels=None, backprop="standard"):
@@ -169,8 +184,7 @@ class FlowDensity:
         return self.forward_and_log_det(x, labels)[0]
 
     def _decode(self, z, labels=None):
-        x = inverse_and_log_det(self._flow, z, len(self.latent_shape),
-                                **self._condition(labels))[0]
+        x = inverse_and_log_det(self._flow, z, len(self.latent_shape), **self._condition(labels))[0]
         return tf.ensure_shape(x, [None, *self.event_shape])
 
     def _log_prob(self, x, labels=None):
@@ -193,8 +207,10 @@ class FlowDensity:
         if backprop == "standard":
             name, fn = "log_prob", self._log_prob
         else:  # one compiled function per mode: the mode is baked into its graph
+
             def fn(x, labels=None):
                 return self.log_prob_of(x, labels, backprop)
+
             name = f"log_prob_{backprop}"
         return self._call(name, fn, self._signature("data"), *self._args(labels, x))
 
@@ -202,22 +218,21 @@ class FlowDensity:
         """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""
         x = self.spec.data(x)
         labels = self.spec.labels(labels, x)
-        return self._call("bits_per_dim", self._bits_per_dim, self._signature("data"),
-                          *self._args(labels, x))
+        return self._call(
+            "bits_per_dim", self._bits_per_dim, self._signature("data"), *self._args(labels, x)
+        )
 
     def encode(self, x, labels=None):
         """`z = f(x)`, the standard-normal latent."""
         x = self.spec.data(x)
         labels = self.spec.labels(labels, x)
-        return self._call("encode", self._encode, self._signature("data"),
-                          *self._args(labels, x))
+        return self._call("encode", self._encode, self._signature("data"), *self._args(labels, x))
 
     def decode(self, z, labels=None):
         """`x = f^-1(z)`."""
         z = self.spec.latent(z)
         labels = self.spec.labels(labels, z)
-        return self._call("decode", self._decode, self._signature("latent"),
-                          *self._args(labels, z))
+        return self._call("decode", self._decode, self._signature("latent"), *self._args(labels, z))
 
     def _sample(self, num, temperature, seed, labels=None):
         shape = tf.concat([[num], self.latent_shape], 0)
@@ -248,30 +263,36 @@ class FlowDensity:
                 labels = tf.fill(tf.reshape(num, [1]), labels)
         labels = self.spec.labels(labels)
         if labels is not None and isinstance(num, int) and labels.shape[0] not in (None, num):
-            raise ValueError(
-                f"`labels` has {labels.shape[0]} entries but `num_samples` is {num}.")
+            raise ValueError(f"`labels` has {labels.shape[0]} entries but `num_samples` is {num}.")
         num = tf.cast(num, tf.int32)
         temperature = tf.cast(temperature, self.dtype)
         scalar = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], self.dtype)]
         labels_sig = [self.spec.label_signature()] if self.num_classes is not None else []
         if seed is None:
-            return self._call("sample_unseeded", self._sample_unseeded, scalar + labels_sig,
-                              *self._args(labels, num, temperature))
+            return self._call(
+                "sample_unseeded",
+                self._sample_unseeded,
+                scalar + labels_sig,
+                *self._args(labels, num, temperature),
+            )
         if not isinstance(seed, (tf.Tensor, tf.Variable)) and not checks.is_int(seed):
             raise TypeError(f"`seed` must be an int or None; received {seed!r}.")
         seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
-        return self._call("sample", self._sample,
-                          scalar + [tf.TensorSpec([2], tf.int64)] + labels_sig,
-                          *self._args(labels, num, temperature, seed))
+        return self._call(
+            "sample",
+            self._sample,
+            scalar + [tf.TensorSpec([2], tf.int64)] + labels_sig,
+            *self._args(labels, num, temperature, seed),
+        )
 
     def _interpolate(self, x0, x1, num_steps, labels=None):
         # One compiled call: both ends encoded in one pass of the flow.
-        z = self._encode(tf.concat([x0, x1], 0),
-                         None if labels is None else tf.concat([labels, labels], 0))
+        z = self._encode(
+            tf.concat([x0, x1], 0), None if labels is None else tf.concat([labels, labels], 0)
+        )
         z0, z1 = tf.split(z, 2, axis=0)
         # t: [num_steps, 1 (batch), 1, ...] against z: [batch, *latent_shape].
-        t = tf.reshape(tf.linspace(0.0, 1.0, num_steps), [-1] + [1] * (1 + len(
-            self.latent_shape)))
+        t = tf.reshape(tf.linspace(0.0, 1.0, num_steps), [-1] + [1] * (1 + len(self.latent_shape)))
         t = tf.cast(t, z0.dtype)
         z = (1.0 - t) * z0[None] + t * z1[None]
         flat = tf.reshape(z, [-1, *self.latent_shape])
@@ -294,9 +315,14 @@ class FlowDensity:
         if x0.shape[0] is not None and x1.shape[0] is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(
                 f"`x_start` and `x_end` must have the same batch size; got "
-                f"{x0.shape[0]} and {x1.shape[0]}.")
+                f"{x0.shape[0]} and {x1.shape[0]}."
+            )
         labels = self.spec.labels(labels, x0)
         signature = self._signature("data")
         signature = [signature[0], signature[0], tf.TensorSpec([], tf.int32)] + signature[1:]
-        return self._call("interpolate", self._interpolate, signature,
-                          *self._args(labels, x0, x1, tf.constant(num_steps, tf.int32)))
+        return self._call(
+            "interpolate",
+            self._interpolate,
+            signature,
+            *self._args(labels, x0, x1, tf.constant(num_steps, tf.int32)),
+        )

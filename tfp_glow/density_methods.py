@@ -131,8 +131,9 @@ class DensityMethods:
         x = spec.training_data(x, "x")
         labels = spec.labels(labels, x)
         signature = self._density._signature("data")
-        return self._density._call("variational_log_prob", self._bound_of, signature,
-                                   *self._density._args(labels, x))
+        return self._density._call(
+            "variational_log_prob", self._bound_of, signature, *self._density._args(labels, x)
+        )
 
     def variational_bits_per_dim(self, x, labels=None):
         """`variational_log_prob` in bits/dim, `(-bound + D log(num_bins)) / (D ln 2)`:

@@ -13,8 +13,16 @@ import tensorflow as tf
 
 from tfp_glow import checks
 
-__all__ = ["EDGE_MARGIN", "SHUFFLE_BUFFER", "check_n_bits", "check_pipeline_args", "check_seed",
-           "finish_pipeline", "preprocess", "reduce_bits"]
+__all__ = [
+    "EDGE_MARGIN",
+    "SHUFFLE_BUFFER",
+    "check_n_bits",
+    "check_pipeline_args",
+    "check_seed",
+    "finish_pipeline",
+    "preprocess",
+    "reduce_bits",
+]
 
 # Fraction of a bin kept clear at each edge by the dequantization noise:
 # float32 rounding of (k + u) / n_bins - 0.5 is below 1e-5 of a bin for
@@ -27,8 +35,9 @@ SHUFFLE_BUFFER = 10_000  # examples held by a tfds pipeline's shuffle buffer
 def check_seed(seed):
     """`seed` as a Python int or None (NumPy ints accepted, bools and floats refused)."""
     if seed is not None and not checks.is_int(seed):
-        raise TypeError(f"`seed` must be an int or None; received {seed!r} "
-                        f"(type {type(seed).__name__}).")
+        raise TypeError(
+            f"`seed` must be an int or None; received {seed!r} (type {type(seed).__name__})."
+        )
     return None if seed is None else int(seed)
 
 
@@ -52,8 +61,9 @@ def reduce_bits(images_uint8: tf.Tensor | np.ndarray, n_bits: int) -> tf.Tensor:
     """
     n_bits = check_n_bits(n_bits)
     images = tf.convert_to_tensor(images_uint8)
-    _check_levels("images_uint8", images, 256,
-                  "8-bit pixels (floats in [0, 1] would all floor to level 0)")
+    _check_levels(
+        "images_uint8", images, 256, "8-bit pixels (floats in [0, 1] would all floor to level 0)"
+    )
     images = tf.cast(images, tf.int32)
     return tf.cast(images // (2 ** (8 - n_bits)), tf.uint8)
 
@@ -74,7 +84,8 @@ def _check_levels(arg, images, num_bins, what):
     if not (integral and lo >= 0 and hi <= num_bins - 1):
         raise ValueError(
             f"`{arg}` must hold integer levels in 0..{num_bins - 1} ({what}); got values "
-            f"in [{lo:g}, {hi:g}]{'' if integral else ', not all integers'}.")
+            f"in [{lo:g}, {hi:g}]{'' if integral else ', not all integers'}."
+        )
 
 
 def _as_stateless_seed(seed):
@@ -82,13 +93,18 @@ def _as_stateless_seed(seed):
     if checks.is_int(seed):
         return tf.constant([int(seed), 0], tf.int64)
     if isinstance(seed, (bool, np.bool_)):
-        raise TypeError(f"`seed` must be None, an int or a shape-[2] integer tensor; "
-                        f"received {seed!r}.")
+        raise TypeError(
+            f"`seed` must be None, an int or a shape-[2] integer tensor; received {seed!r}."
+        )
     return tf.cast(seed, tf.int64)
 
 
-def preprocess(images: tf.Tensor | np.ndarray, num_bins: int, dequantize: bool = True,
-               seed: int | tf.Tensor | None = None) -> tf.Tensor:
+def preprocess(
+    images: tf.Tensor | np.ndarray,
+    num_bins: int,
+    dequantize: bool = True,
+    seed: int | tf.Tensor | None = None,
+) -> tf.Tensor:
     """Maps integer levels ``k`` to float32 model inputs in ``[-0.5, 0.5]``.
 
         dequantize=True:   x = (k + u) / num_bins - 0.5,  u ~ U(eps, 1 - eps)
@@ -109,8 +125,9 @@ def preprocess(images: tf.Tensor | np.ndarray, num_bins: int, dequantize: bool =
     """
     num_bins = checks.positive_int(num_bins, "num_bins")
     images = tf.convert_to_tensor(images)
-    _check_levels("images", images, num_bins,
-                  "8-bit pixels need `reduce_bits` first unless num_bins=256")
+    _check_levels(
+        "images", images, num_bins, "8-bit pixels need `reduce_bits` first unless num_bins=256"
+    )
     k = tf.cast(images, tf.float32)
     if not dequantize:
         u = 0.5
@@ -126,8 +143,19 @@ def preprocess(images: tf.Tensor | np.ndarray, num_bins: int, dequantize: bool =
     return (k / num_bins - 0.5) + u / num_bins
 
 
-def finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
-                     seed, repeat, drop_remainder, shuffle_buffer, fresh_noise):
+def finish_pipeline(
+    ds,
+    num_bins,
+    batch_size,
+    dequantize,
+    shuffle,
+    with_labels,
+    seed,
+    repeat,
+    drop_remainder,
+    shuffle_buffer,
+    fresh_noise,
+):
     """(levels, label) elements -> shuffled, batched, dequantized, prefetched.
 
     Dequantization noise comes from stateless seeds, in one of two ways:
@@ -146,9 +174,12 @@ def finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
         # seed=None: one random salt per pipeline, still fixed across passes.
         salt = int(np.random.default_rng().integers(2**62)) if seed is None else seed
         ds = ds.enumerate().map(
-            lambda i, xy: (preprocess(xy[0], num_bins, True,
-                                      tf.stack([tf.constant(salt, tf.int64), i])), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE)
+            lambda i, xy: (
+                preprocess(xy[0], num_bins, True, tf.stack([tf.constant(salt, tf.int64), i])),
+                xy[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -158,10 +189,12 @@ def finish_pipeline(ds, num_bins, batch_size, dequantize, shuffle, with_labels,
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda xy, s: (preprocess(xy[0], num_bins, True, s), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE)
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     elif not dequantize:
-        ds = ds.map(lambda x, y: (preprocess(x, num_bins, False), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda x, y: (preprocess(x, num_bins, False), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
     if not with_labels:
         ds = ds.map(lambda x, y: x)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -36,8 +36,14 @@ import numpy.typing as npt
 
 from tfp_glow import checks
 
-__all__ = ["to_uint8", "image_grid", "label_grid", "save_png", "save_image_grid",
-           "save_points_picture"]
+__all__ = [
+    "to_uint8",
+    "image_grid",
+    "label_grid",
+    "save_png",
+    "save_image_grid",
+    "save_points_picture",
+]
 
 _PAD = 3  # pixels around every label
 
@@ -57,8 +63,9 @@ def to_uint8(x: npt.ArrayLike, num_bins: int = 256) -> np.ndarray:
     return np.round(levels * (255.0 / (num_bins - 1))).astype(np.uint8)
 
 
-def image_grid(images: npt.ArrayLike, rows: int | None = None, border: int = 1,
-               border_value: int = 255) -> np.ndarray:
+def image_grid(
+    images: npt.ArrayLike, rows: int | None = None, border: int = 1, border_value: int = 255
+) -> np.ndarray:
     """Tiles a batch `[N, H, W, C]` (C = 1 or 3) into one uint8 image.
 
     The grid has `rows` rows (default: `ceil(sqrt(N))`) and
@@ -70,10 +77,10 @@ def image_grid(images: npt.ArrayLike, rows: int | None = None, border: int = 1,
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
-            f"`images` must have shape [N, H, W, C] with C in (1, 3); got {images.shape}.")
+            f"`images` must have shape [N, H, W, C] with C in (1, 3); got {images.shape}."
+        )
     if images.dtype != np.uint8:
-        raise TypeError(
-            f"`images` must be uint8 (convert with `to_uint8`); got {images.dtype}.")
+        raise TypeError(f"`images` must be uint8 (convert with `to_uint8`); got {images.dtype}.")
     n, h, w, c = images.shape
     if n == 0:
         raise ValueError("`images` is empty.")
@@ -87,7 +94,7 @@ def image_grid(images: npt.ArrayLike, rows: int | None = None, border: int = 1,
     for i in range(n):
         r, col = divmod(i, cols)
         top, left = b + r * (h + b), b + col * (w + b)
-        grid[top:top + h, left:left + w] = images[i]
+        grid[top : top + h, left : left + w] = images[i]
     return grid
 
 
@@ -96,13 +103,22 @@ def _labels(labels, count, arg_name, what):
         return None
     labels = [str(label) for label in labels]
     if len(labels) != count:
-        raise ValueError(f"`{arg_name}` must hold one label per {what} ({count}); got "
-                         f"{len(labels)}.")
+        raise ValueError(
+            f"`{arg_name}` must hold one label per {what} ({count}); got {len(labels)}."
+        )
     return labels
 
 
-def label_grid(grid, tile_shape, border=1, title=None, row_labels=None, column_labels=None,
-               background=255, ink=0):
+def label_grid(
+    grid,
+    tile_shape,
+    border=1,
+    title=None,
+    row_labels=None,
+    column_labels=None,
+    background=255,
+    ink=0,
+):
     """`grid` (an `image_grid` of tiles `tile_shape = (H, W)` with `border`)
     with text bands around it: `title` on top, `row_labels` (one per row)
     in a band on the left, each level with its row, and `column_labels` (one
@@ -117,8 +133,9 @@ def label_grid(grid, tile_shape, border=1, title=None, row_labels=None, column_l
 
     grid = np.asarray(grid)
     if grid.dtype != np.uint8 or grid.ndim not in (2, 3):
-        raise ValueError(f"`grid` must be a uint8 [H, W] or [H, W, C] image; got "
-                         f"{grid.dtype} {grid.shape}.")
+        raise ValueError(
+            f"`grid` must be a uint8 [H, W] or [H, W, C] image; got {grid.dtype} {grid.shape}."
+        )
     if title is None and row_labels is None and column_labels is None:
         return grid
     h, w = (checks.positive_int(d, "tile_shape") for d in tile_shape)
@@ -138,11 +155,13 @@ def label_grid(grid, tile_shape, border=1, title=None, row_labels=None, column_l
     top = top_title + (line if column_labels else 0)
     width = max(left + grid.shape[1], size(title)[0] + 2 * _PAD if title is not None else 0)
     channels = grid.shape[2] if grid.ndim == 3 else 1
-    mode, fill, pen = (("RGB", (background,) * 3, (ink,) * 3) if channels == 3
-                       else ("L", background, ink))
+    mode, fill, pen = (
+        ("RGB", (background,) * 3, (ink,) * 3) if channels == 3 else ("L", background, ink)
+    )
     canvas = Image.new(mode, (width, top + grid.shape[0]), fill)
-    canvas.paste(Image.fromarray(grid if channels == 3 else grid.reshape(grid.shape[:2])),
-                 (left, top))
+    canvas.paste(
+        Image.fromarray(grid if channels == 3 else grid.reshape(grid.shape[:2])), (left, top)
+    )
     draw = ImageDraw.Draw(canvas)
 
     def text(x, y, t):  # (x, y): the top-left corner of the text's ink
@@ -172,7 +191,8 @@ def save_png(array: npt.ArrayLike, path: str | os.PathLike) -> str:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
         raise ValueError(
-            f"`array` must have shape [H, W], [H, W, 1] or [H, W, 3]; got {array.shape}.")
+            f"`array` must have shape [H, W], [H, W, 1] or [H, W, 3]; got {array.shape}."
+        )
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:
@@ -181,9 +201,15 @@ def save_png(array: npt.ArrayLike, path: str | os.PathLike) -> str:
     return path
 
 
-def save_image_grid(x: npt.ArrayLike, path: str | os.PathLike, num_bins: int = 256,
-                    rows: int | None = None, upscale: int = 1, title: str | None = None,
-                    row_labels: Sequence[str] | None = None) -> np.ndarray:
+def save_image_grid(
+    x: npt.ArrayLike,
+    path: str | os.PathLike,
+    num_bins: int = 256,
+    rows: int | None = None,
+    upscale: int = 1,
+    title: str | None = None,
+    row_labels: Sequence[str] | None = None,
+) -> np.ndarray:
     """Writes a batch of model-space images `[N, H, W, C]` as one PNG grid.
 
     `to_uint8(x, num_bins)`, each image enlarged `upscale` times by
@@ -221,8 +247,9 @@ def save_points_picture(point_sets, path, extent=3.0, bins=128, title=None, labe
         if pts.ndim != 2 or pts.shape[-1] != 2:
             raise ValueError(f"`point_sets` must hold [N, 2] arrays; got shape {pts.shape}.")
         pts = pts[np.all(np.isfinite(pts), axis=1)]
-        hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=bins,
-                                    range=[[-extent, extent], [-extent, extent]])
+        hist, _, _ = np.histogram2d(
+            pts[:, 1], pts[:, 0], bins=bins, range=[[-extent, extent], [-extent, extent]]
+        )
         hist = hist[::-1]  # y up
         level = np.log1p(hist) / max(np.log1p(hist).max(), 1e-12)
         panels.append((255 * (1.0 - level)).astype(np.uint8)[..., None])

@@ -43,13 +43,19 @@ class InputSpec:
       validate_args: also assert values inside graphs.
     """
 
-    def __init__(self, event_shape, latent_shape, dtype=tf.float32, num_bins=None,
-                 num_classes=None, validate_args=False):
+    def __init__(
+        self,
+        event_shape,
+        latent_shape,
+        dtype=tf.float32,
+        num_bins=None,
+        num_classes=None,
+        validate_args=False,
+    ):
         self.event_shape = tuple(int(d) for d in event_shape)
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.dtype = tf.as_dtype(dtype)
-        self.num_bins = checks.positive_int(num_bins, "num_bins", minimum=2,
-                                            allow_none=True)
+        self.num_bins = checks.positive_int(num_bins, "num_bins", minimum=2, allow_none=True)
         self.num_classes = checks.positive_int(num_classes, "num_classes", allow_none=True)
         self.validate_args = checks.boolean(validate_args, "validate_args")
 
@@ -101,25 +107,28 @@ class InputSpec:
         if x is None:
             raise TypeError(f"`{arg_name}` must be a float tensor of {kind}; got None.")
         if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
-            raise TypeError(f"`{arg_name}` must be a dense float tensor; got a "
-                            f"{type(x).__name__}.")
+            raise TypeError(f"`{arg_name}` must be a dense float tensor; got a {type(x).__name__}.")
         x = tf.convert_to_tensor(x)
         if not x.dtype.is_floating:
             raise TypeError(
                 f"`{arg_name}` must be a floating tensor ({kind}); got dtype "
-                f"{x.dtype.name}.{self._dtype_hint(kind)}")
+                f"{x.dtype.name}.{self._dtype_hint(kind)}"
+            )
         x = tf.cast(x, self.dtype)
         if x.shape.rank is None:
             raise ValueError(
                 f"`{arg_name}` must have a known rank: shape [batch, {_dims(shape)}]; got a "
-                "tensor of unknown rank.")
+                "tensor of unknown rank."
+            )
         if x.shape.rank != len(shape) + 1 or any(
-                a is not None and a != b for a, b in zip(x.shape[1:], shape)):
+            a is not None and a != b for a, b in zip(x.shape[1:], shape)
+        ):
             hint = ""
             if tuple(x.shape) == shape:
                 hint = f" Add a batch axis, e.g. `{arg_name}[None]`."
             raise ValueError(
-                f"`{arg_name}` must have shape [batch, {_dims(shape)}]; got {x.shape}.{hint}")
+                f"`{arg_name}` must have shape [batch, {_dims(shape)}]; got {x.shape}.{hint}"
+            )
         if values:
             x = self.finite(x, arg_name)
         return x
@@ -129,9 +138,11 @@ class InputSpec:
             return " Latents come from `encode` or N(0, I)."
         if self.num_bins is None:
             return " Cast it to a float dtype first."
-        return (f" Map integer levels to [-0.5, 0.5] first with "
-                f"`tfp_glow.data.preprocess(images, num_bins={self.num_bins})` "
-                "(8-bit pixels: `tfp_glow.data.reduce_bits` first).")
+        return (
+            f" Map integer levels to [-0.5, 0.5] first with "
+            f"`tfp_glow.data.preprocess(images, num_bins={self.num_bins})` "
+            "(8-bit pixels: `tfp_glow.data.reduce_bits` first)."
+        )
 
     def finite(self, x, arg_name, data_range=None):
         """`x` after checking it is finite (and within `data_range` + slack).
@@ -147,22 +158,35 @@ class InputSpec:
             if num_bad:
                 raise ValueError(
                     f"`{arg_name}` contains {int(num_bad)} non-finite values (NaN or "
-                    "inf); a flow cannot score or invert them.")
-            if data_range is not None and (lo < data_range[0] - RANGE_SLACK
-                                           or hi > data_range[1] + RANGE_SLACK):
+                    "inf); a flow cannot score or invert them."
+                )
+            if data_range is not None and (
+                lo < data_range[0] - RANGE_SLACK or hi > data_range[1] + RANGE_SLACK
+            ):
                 raise ValueError(self._range_message(arg_name, data_range, lo, hi))
             return x
         if not self.validate_args:
             return x
-        asserts = [tf.debugging.Assert(
-            tf.reduce_all(tf.math.is_finite(x)),
-            [f"`{arg_name}` contains non-finite values (NaN or inf)."])]
+        asserts = [
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(x)),
+                [f"`{arg_name}` contains non-finite values (NaN or inf)."],
+            )
+        ]
         if data_range is not None:
-            asserts.append(tf.debugging.Assert(
-                tf.reduce_all((x >= data_range[0] - RANGE_SLACK)
-                              & (x <= data_range[1] + RANGE_SLACK)),
-                [f"`{arg_name}` must lie in the data range [{data_range[0]}, "
-                 f"{data_range[1]}]; got min and max:", tf.reduce_min(x), tf.reduce_max(x)]))
+            asserts.append(
+                tf.debugging.Assert(
+                    tf.reduce_all(
+                        (x >= data_range[0] - RANGE_SLACK) & (x <= data_range[1] + RANGE_SLACK)
+                    ),
+                    [
+                        f"`{arg_name}` must lie in the data range [{data_range[0]}, "
+                        f"{data_range[1]}]; got min and max:",
+                        tf.reduce_min(x),
+                        tf.reduce_max(x),
+                    ],
+                )
+            )
         with tf.control_dependencies(asserts):
             return tf.identity(x)
 
@@ -173,7 +197,8 @@ class InputSpec:
             f"values in [{lo:.4g}, {hi:.4g}]. Scale images with "
             "`tfp_glow.data.preprocess` (raw pixels in [0, 255] or [0, 1] are outside "
             "the data range). Scoring any finite input, e.g. the model's own samples, "
-            "is `model.log_prob(x)`.")
+            "is `model.log_prob(x)`."
+        )
 
     # -- labels ------------------------------------------------------------------
     def labels(self, labels, batch_like=None, values=True, arg_name="labels"):
@@ -190,40 +215,45 @@ class InputSpec:
                 raise ValueError(
                     f"`{arg_name}` were given but this model is not class-conditional "
                     "(num_classes=None); build it with `num_classes` or drop "
-                    f"`{arg_name}`.")
+                    f"`{arg_name}`."
+                )
             return None
         if labels is None:
             raise ValueError(
                 f"This model is class-conditional (num_classes={k}): pass `{arg_name}` "
-                f"(int class ids [batch] or one-hot [batch, {k}]).")
+                f"(int class ids [batch] or one-hot [batch, {k}])."
+            )
         labels = tf.convert_to_tensor(labels)
         if labels.dtype.is_integer:
             if labels.shape.rank != 1:
                 raise ValueError(
-                    f"Integer `{arg_name}` must have shape [batch]; got {labels.shape}.")
+                    f"Integer `{arg_name}` must have shape [batch]; got {labels.shape}."
+                )
             if values and tf.executing_eagerly() and tf.size(labels):
                 lo = int(tf.reduce_min(labels).numpy())
                 hi = int(tf.reduce_max(labels).numpy())
                 if lo < 0 or hi >= k:
                     raise ValueError(
                         f"`{arg_name}` must be class ids in [0, {k - 1}] "
-                        f"(num_classes={k}); got values in [{lo}, {hi}].")
+                        f"(num_classes={k}); got values in [{lo}, {hi}]."
+                    )
             onehot = tf.one_hot(labels, k, dtype=self.dtype)
         elif labels.dtype.is_floating:
             if labels.shape.rank != 2 or labels.shape[-1] not in (None, k):
                 raise ValueError(
                     f"Float (one-hot) `{arg_name}` must have shape [batch, {k}]; got "
-                    f"{labels.shape}.")
+                    f"{labels.shape}."
+                )
             onehot = tf.cast(labels, self.dtype)
         else:
             raise TypeError(
                 f"`{arg_name}` must be int class ids or float one-hot vectors; got dtype "
-                f"{labels.dtype.name}.")
+                f"{labels.dtype.name}."
+            )
         if batch_like is not None:
             n, m = onehot.shape[0], batch_like.shape[0]
             if n is not None and m is not None and n != m:
-                raise ValueError(
-                    f"`{arg_name}` has {n} entries but the batch has {m} examples.")
+                raise ValueError(f"`{arg_name}` has {n} entries but the batch has {m} examples.")
         return onehot
 
     # -- sampling arguments ----------------------------------------------------
@@ -233,7 +263,8 @@ class InputSpec:
         if isinstance(num_samples, (tf.Tensor, tf.Variable)):
             if not num_samples.dtype.is_integer:
                 raise TypeError(
-                    f"`num_samples` must be an int; got a {num_samples.dtype.name} tensor.")
+                    f"`num_samples` must be an int; got a {num_samples.dtype.name} tensor."
+                )
             if not tf.executing_eagerly():
                 return num_samples
             num_samples = int(num_samples.numpy())
@@ -266,5 +297,14 @@ def _bad_count_and_range(x):
         return int(v.size - np.count_nonzero(finite)), lo, hi
     finite = tf.math.is_finite(x)
     safe = tf.where(finite, x, tf.zeros_like(x))
-    return tuple(tf.stack([tf.reduce_sum(tf.cast(tf.logical_not(finite), x.dtype)),
-                           tf.reduce_min(safe), tf.reduce_max(safe)]).numpy().tolist())
+    return tuple(
+        tf.stack(
+            [
+                tf.reduce_sum(tf.cast(tf.logical_not(finite), x.dtype)),
+                tf.reduce_min(safe),
+                tf.reduce_max(safe),
+            ]
+        )
+        .numpy()
+        .tolist()
+    )

@@ -50,9 +50,9 @@ import os
 import time
 
 from tfp_glow import checks
+
 # The run directory's layout and loading (re-exported: part of this module's API).
-from tfp_glow.run_dir import (RunDamagedError, RunNotFoundError, load_run, read_config,
-                              run_paths)
+from tfp_glow.run_dir import RunDamagedError, RunNotFoundError, load_run, read_config, run_paths
 from tfp_glow.training import RECOMMENDED_EMA_MOMENTUM
 
 __all__ = [
@@ -170,6 +170,7 @@ def write_samples(model, path, num=64, temperature=SAMPLE_TEMPERATURE, seed=0, l
     (e.g. `figure_title(model, metrics)`) captions it, followed by the
     temperature."""
     import numpy as np
+
     from tfp_glow.images import save_image_grid, save_points_picture
     x = np.asarray(model.sample(num, temperature=temperature, seed=seed, labels=labels))
     caption = None if title is None else f"{title}, T = {temperature:g}"
@@ -186,6 +187,7 @@ def write_temperature_sweep(model, path, seed=0, columns=10, title=None):
     then one panel per T), labelled "T = ..." beside each row (above each
     panel), under `title` (e.g. `figure_title(model, metrics)`)."""
     import numpy as np
+
     from tfp_glow.images import save_image_grid, save_points_picture
     image_model = len(model.event_shape) == 3
     num = columns if image_model else 5000
@@ -242,6 +244,7 @@ def _callbacks(model, paths, sample_every, seed, averaged):
     checkpoints and the sample grids see the averaged weights, the backup the
     raw ones with their average."""
     import keras
+
     from tfp_glow.training.callbacks import SampleGrid, WithAveragedWeights
     # No per-epoch copy of the last weights: the backup already holds them
     # (each Keras weights file costs about 0.5 s at the digits' size, as much

@@ -11,13 +11,20 @@ import os
 __all__ = ["RunDamagedError", "RunNotFoundError", "load_run", "read_config", "run_paths"]
 
 _LAYOUT = dict(
-    config="config.json", model="model.keras", checkpoints="checkpoints",
+    config="config.json",
+    model="model.keras",
+    checkpoints="checkpoints",
     last=os.path.join("checkpoints", "last.weights.h5"),
     best=os.path.join("checkpoints", "best.weights.h5"),
-    backup="backup", backup_weights=os.path.join("backup", "latest.weights.h5"),
-    history_csv="history.csv", history_json="history.json",
-    samples_dir="samples", samples="samples.png", sweep="temperature_sweep.png",
-    metrics="metrics.json", export="export",
+    backup="backup",
+    backup_weights=os.path.join("backup", "latest.weights.h5"),
+    history_csv="history.csv",
+    history_json="history.json",
+    samples_dir="samples",
+    samples="samples.png",
+    sweep="temperature_sweep.png",
+    metrics="metrics.json",
+    export="export",
 )
 
 
@@ -51,8 +58,11 @@ def run_paths(run_dir):
 
 def _model_classes():
     from tfp_glow import FFJORD, IAF, MAF, NICE, Glow, NeuralSplineFlow, RealNVP, ResidualFlow
-    return {cls.__name__: cls for cls in (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow,
-                                          FFJORD, ResidualFlow)}
+
+    return {
+        cls.__name__: cls
+        for cls in (Glow, RealNVP, NICE, MAF, IAF, NeuralSplineFlow, FFJORD, ResidualFlow)
+    }
 
 
 # Variable dtypes of a tfp_glow model: FlowModel's `dtype` is float32, float64 or
@@ -74,21 +84,29 @@ def read_config(run_dir):
     path = run_paths(run_dir)["config"]
     if not os.path.exists(path):
         raise RunNotFoundError(
-            run_dir, "has no config.json: it is not a run directory written by "
-                     "`tfp_glow.recipe.train` (`tfp-glow train`).")
+            run_dir,
+            "has no config.json: it is not a run directory written by "
+            "`tfp_glow.recipe.train` (`tfp-glow train`).",
+        )
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise RunDamagedError(path, f"is not valid JSON ({_one_line(e)}).") from None
     if not isinstance(config, dict):
-        raise RunDamagedError(path, f"holds a JSON {type(config).__name__}; expected an "
-                                    f"object with model_class and model_config.")
+        raise RunDamagedError(
+            path,
+            f"holds a JSON {type(config).__name__}; expected an "
+            f"object with model_class and model_config.",
+        )
     names = sorted(_model_classes())
     if config.get("model_class") not in names:
-        raise RunDamagedError(path, f"names model_class {config.get('model_class')!r}; "
-                                    f"expected one of {names} (a run written by "
-                                    f"`tfp_glow.recipe.train`).")
+        raise RunDamagedError(
+            path,
+            f"names model_class {config.get('model_class')!r}; "
+            f"expected one of {names} (a run written by "
+            f"`tfp_glow.recipe.train`).",
+        )
     if not isinstance(config.get("model_config"), dict):
         raise RunDamagedError(path, "has no model_config object (the model's get_config()).")
     return config
@@ -98,14 +116,19 @@ def _load_keras_file(path):
     import zipfile
 
     import keras
+
     if not zipfile.is_zipfile(path):
-        raise RunDamagedError(path, f"is not a .keras zip archive ({os.path.getsize(path):,} "
-                                    f"bytes): truncated, zeroed or not a saved model.")
+        raise RunDamagedError(
+            path,
+            f"is not a .keras zip archive ({os.path.getsize(path):,} "
+            f"bytes): truncated, zeroed or not a saved model.",
+        )
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:  # whatever the damage, the command names the file
-        raise RunDamagedError(path, f"cannot be loaded as a tfp_glow model "
-                                    f"({_one_line(e)}).") from None
+        raise RunDamagedError(
+            path, f"cannot be loaded as a tfp_glow model ({_one_line(e)})."
+        ) from None
 
 
 def _build_from_config(config, config_path):
@@ -113,17 +136,22 @@ def _build_from_config(config, config_path):
     try:
         return cls.from_config(config["model_config"])
     except Exception as e:
-        raise RunDamagedError(config_path, f"has a model_config that does not build a "
-                                           f"{cls.__name__} ({_one_line(e)}).") from None
+        raise RunDamagedError(
+            config_path,
+            f"has a model_config that does not build a {cls.__name__} ({_one_line(e)}).",
+        ) from None
 
 
 def _load_weights(model, path):
     try:
         model.load_weights(path)
     except Exception as e:
-        raise RunDamagedError(path, f"cannot be loaded as the weights of this "
-                                    f"{type(model).__name__}: truncated, zeroed or from "
-                                    f"another model ({_one_line(e)}).") from None
+        raise RunDamagedError(
+            path,
+            f"cannot be loaded as the weights of this "
+            f"{type(model).__name__}: truncated, zeroed or from "
+            f"another model ({_one_line(e)}).",
+        ) from None
 
 
 def load_run(run_dir):
@@ -139,22 +167,31 @@ def load_run(run_dir):
         source = paths["model"]
         model = _load_keras_file(source)
         if type(model).__name__ != config["model_class"]:
-            raise RunDamagedError(paths["config"], f"names model_class "
-                                                   f"{config['model_class']!r} but {source} "
-                                                   f"holds a {type(model).__name__}.")
+            raise RunDamagedError(
+                paths["config"],
+                f"names model_class "
+                f"{config['model_class']!r} but {source} "
+                f"holds a {type(model).__name__}.",
+            )
     else:
-        weights = next((paths[k] for k in ("last", "backup_weights")
-                        if os.path.exists(paths[k])), None)
+        weights = next(
+            (paths[k] for k in ("last", "backup_weights") if os.path.exists(paths[k])), None
+        )
         if weights is None:
             raise RunNotFoundError(
-                run_dir, "has neither model.keras nor checkpoints/last.weights.h5 nor a "
-                         "backup: train it first (`tfp-glow train --output RUN_DIR`).")
+                run_dir,
+                "has neither model.keras nor checkpoints/last.weights.h5 nor a "
+                "backup: train it first (`tfp-glow train --output RUN_DIR`).",
+            )
         source = paths["config"]
         model = _build_from_config(config, source)
         _load_weights(model, weights)
     policy = model.dtype_policy
     if policy.variable_dtype not in _VARIABLE_DTYPES:
-        raise RunDamagedError(source, f"gives the model dtype {policy.name!r}; tfp_glow "
-                                      f"models run in 'float32', 'float64' or a mixed "
-                                      f"policy such as 'mixed_bfloat16'.")
+        raise RunDamagedError(
+            source,
+            f"gives the model dtype {policy.name!r}; tfp_glow "
+            f"models run in 'float32', 'float64' or a mixed "
+            f"policy such as 'mixed_bfloat16'.",
+        )
     return model, config

@@ -84,17 +84,26 @@ class VariationalDequantizer(ListedSublayers, layers.Layer):
 
     LISTED_SUBLAYERS = ("context", "step_nets")
 
-    def __init__(self, event_shape: Sequence[int], num_bins: int, hidden_channels: int = 16,
-                 num_steps: int = 3, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        num_bins: int,
+        hidden_channels: int = 16,
+        num_steps: int = 3,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         shape = checks.shape(event_shape, "event_shape")
         if len(shape) != 3:
             raise ValueError(
                 f"Variational dequantization needs image data, `event_shape` (H, W, C); "
-                f"got {tuple(shape)}.")
+                f"got {tuple(shape)}."
+            )
         if num_bins is None:
-            raise ValueError("Variational dequantization needs discrete data: `num_bins` "
-                             "must be an int >= 2, not None.")
+            raise ValueError(
+                "Variational dequantization needs discrete data: `num_bins` "
+                "must be an int >= 2, not None."
+            )
         self.event_shape = tuple(int(d) for d in shape)
         self.num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
@@ -102,13 +111,18 @@ class VariationalDequantizer(ListedSublayers, layers.Layer):
         channels = self.event_shape[-1]
         width = self.hidden_channels
         conv = dict(padding="same", dtype=self.dtype_policy)
-        self.context = [layers.Conv2D(width, 3, activation="relu", **conv),
-                        layers.Conv2D(width, 3, activation="relu", **conv)]
+        self.context = [
+            layers.Conv2D(width, 3, activation="relu", **conv),
+            layers.Conv2D(width, 3, activation="relu", **conv),
+        ]
         self.affine = ZeroConv2D(2 * channels, 3, dtype=self.dtype_policy)
         self.step_nets = [
-            [layers.Conv2D(width, 3, activation="relu", **conv),
-             ZeroConv2D(2 * channels, 3, dtype=self.dtype_policy)]
-            for _ in range(self.num_steps)]
+            [
+                layers.Conv2D(width, 3, activation="relu", **conv),
+                ZeroConv2D(2 * channels, 3, dtype=self.dtype_policy),
+            ]
+            for _ in range(self.num_steps)
+        ]
         self.build((None, *self.event_shape))
 
     def build(self, input_shape):
@@ -151,10 +165,12 @@ class VariationalDequantizer(ListedSublayers, layers.Layer):
             log_det += tf.reduce_sum((1.0 - mask) * log_s, axis=[1, 2, 3])
         d = float(math.prod(self.event_shape))
         u = EDGE_MARGIN + (1.0 - 2.0 * EDGE_MARGIN) * tf.sigmoid(y)
-        log_det += tf.reduce_sum(tf.math.log_sigmoid(y) + tf.math.log_sigmoid(-y),
-                                 axis=[1, 2, 3]) + d * math.log1p(-2.0 * EDGE_MARGIN)
-        log_normal = -0.5 * tf.reduce_sum(tf.square(eps), axis=[1, 2, 3]) \
-            - 0.5 * d * math.log(2.0 * math.pi)
+        log_det += tf.reduce_sum(
+            tf.math.log_sigmoid(y) + tf.math.log_sigmoid(-y), axis=[1, 2, 3]
+        ) + d * math.log1p(-2.0 * EDGE_MARGIN)
+        log_normal = -0.5 * tf.reduce_sum(tf.square(eps), axis=[1, 2, 3]) - 0.5 * d * math.log(
+            2.0 * math.pi
+        )
         return u, log_normal - log_det
 
     def call(self, x):
@@ -165,6 +181,10 @@ class VariationalDequantizer(ListedSublayers, layers.Layer):
         return (k + u) / float(self.num_bins) - 0.5, log_q
 
     def get_config(self):
-        return {**super().get_config(), "event_shape": self.event_shape,
-                "num_bins": self.num_bins, "hidden_channels": self.hidden_channels,
-                "num_steps": self.num_steps}
+        return {
+            **super().get_config(),
+            "event_shape": self.event_shape,
+            "num_bins": self.num_bins,
+            "hidden_channels": self.hidden_channels,
+            "num_steps": self.num_steps,
+        }

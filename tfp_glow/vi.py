@@ -36,8 +36,14 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
-from tfp_glow.bijectors import (ActNorm, AdditiveCoupling, AffineCoupling, InvertibleConv1x1,
-                                PlanarFlow, RadialFlow)
+from tfp_glow.bijectors import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    InvertibleConv1x1,
+    PlanarFlow,
+    RadialFlow,
+)
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

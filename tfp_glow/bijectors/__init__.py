@@ -7,8 +7,12 @@ table; models wrap the whole chain in `tfb.Invert` to sample with `forward`.
 from tfp_glow.bijectors.actnorm import ActNorm, data_dependent_init
 from tfp_glow.bijectors.additive_coupling import AdditiveCoupling
 from tfp_glow.bijectors.affine_coupling import AffineCoupling
-from tfp_glow.bijectors.base import (FlowBijector, forward_and_log_det,
-                                     inverse_and_log_det, keras_layers_of)
+from tfp_glow.bijectors.base import (
+    FlowBijector,
+    forward_and_log_det,
+    inverse_and_log_det,
+    keras_layers_of,
+)
 from tfp_glow.bijectors.coupling import MASKS, checkerboard_mask
 from tfp_glow.bijectors.factor_out import FactorOut
 from tfp_glow.bijectors.invertible_conv1x1 import InvertibleConv1x1

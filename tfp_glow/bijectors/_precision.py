@@ -12,8 +12,7 @@ import tensorflow as tf
 __all__ = ["NET_DTYPES", "net_policy", "to_net_dtype", "to_flow_dtype"]
 
 # The Keras dtype policies a bijector may give the network it builds itself.
-NET_DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed_float16",
-              "mixed_bfloat16")
+NET_DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed_float16", "mixed_bfloat16")
 
 
 def net_policy(net_dtype, flow_dtype, arg_name="net_dtype"):
@@ -27,8 +26,10 @@ def net_policy(net_dtype, flow_dtype, arg_name="net_dtype"):
     if isinstance(net_dtype, keras.DTypePolicy):
         return net_dtype
     if not isinstance(net_dtype, str) or net_dtype not in NET_DTYPES:
-        raise ValueError(f"`{arg_name}` must be None (the bijector's dtype), one of "
-                         f"{NET_DTYPES} or a keras.DTypePolicy; received {net_dtype!r}.")
+        raise ValueError(
+            f"`{arg_name}` must be None (the bijector's dtype), one of "
+            f"{NET_DTYPES} or a keras.DTypePolicy; received {net_dtype!r}."
+        )
     return net_dtype
 
 

@@ -118,8 +118,9 @@ def draw_probe(seed, shape, dtype, noise):
     if noise == "normal":
         u = _hashed_uniform(seed, tf.concat([[2], shape], 0), dtype)
         return tf.sqrt(-2.0 * tf.math.log(u[0])) * tf.cos(2.0 * math.pi * u[1])
-    return tf.where(_hashed_uniform(seed, shape, dtype) < 0.5, tf.ones(shape, dtype),
-                    -tf.ones(shape, dtype))
+    return tf.where(
+        _hashed_uniform(seed, shape, dtype) < 0.5, tf.ones(shape, dtype), -tf.ones(shape, dtype)
+    )
 
 
 def _power_series(fn, x, weights, probe, num_terms, n_exact, geometric_p):
@@ -137,8 +138,9 @@ def _power_series(fn, x, weights, probe, num_terms, n_exact, geometric_p):
 
     def body(k, u, estimate, neumann):
         kf = tf.cast(k, dtype)
-        weight = tf.where(k <= n_exact, tf.ones([], dtype),
-                          tf.exp(-(kf - n_exact - 1.0) * log_keep))
+        weight = tf.where(
+            k <= n_exact, tf.ones([], dtype), tf.exp(-(kf - n_exact - 1.0) * log_keep)
+        )
         sign = tf.where(k % 2 == 1, tf.ones([], dtype), -tf.ones([], dtype))
         neumann = neumann + sign * weight * u
         u = _vjp(fn, x, weights, u)
@@ -147,8 +149,8 @@ def _power_series(fn, x, weights, probe, num_terms, n_exact, geometric_p):
 
     zeros = tf.zeros(tf.shape(x)[:1], dtype)
     _, _, estimate, neumann = tf.while_loop(
-        lambda k, *_: k <= num_terms, body,
-        (tf.constant(1), probe, zeros, tf.zeros_like(probe)))
+        lambda k, *_: k <= num_terms, body, (tf.constant(1), probe, zeros, tf.zeros_like(probe))
+    )
     return estimate, neumann
 
 
@@ -177,16 +179,14 @@ def roulette_log_det(fn, x, weights, seed, n_exact=2, geometric_p=0.5, noise="no
 
     @tf.custom_gradient
     def estimate(x, *weights):
-        value, neumann = _power_series(fn, x, list(weights), probe, num_terms, n_exact,
-                                       geometric_p)
+        value, neumann = _power_series(fn, x, list(weights), probe, num_terms, n_exact, geometric_p)
 
         def grad(upstream):
             sources = [x] + list(weights)
             with tf.GradientTape() as tape:
                 tape.watch(sources)
                 # neumann^T J v: its gradient is the Neumann estimate.
-                surrogate = tf.reduce_sum(_vjp(fn, x, list(weights), neumann) * probe,
-                                          axis=axes)
+                surrogate = tf.reduce_sum(_vjp(fn, x, list(weights), neumann) * probe, axis=axes)
             grads = tape.gradient(surrogate, sources, output_gradients=upstream)
             return [tf.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
 
@@ -199,6 +199,7 @@ def fixed_point(step, start, atol, max_iterations):
     """Iterates `t <- step(t)` from `start` until the largest change of an
     element is <= `atol` (or `max_iterations`). Returns `(t, iterations,
     last change)`."""
+
     def moving(i, t, change):
         return change > atol
 
@@ -207,8 +208,9 @@ def fixed_point(step, start, atol, max_iterations):
         return i + 1, new, tf.reduce_max(tf.abs(new - t))
 
     inf = tf.constant(float("inf"), start.dtype)
-    iterations, t, change = tf.while_loop(moving, body, (tf.constant(0), start, inf),
-                                          maximum_iterations=max_iterations)
+    iterations, t, change = tf.while_loop(
+        moving, body, (tf.constant(0), start, inf), maximum_iterations=max_iterations
+    )
     return t, iterations, change
 
 
@@ -237,19 +239,22 @@ def fixed_point_inverse(fn, y, weights, atol, max_iterations, adjoint="iterate")
                 jac = jacobian(fn, x, weights)
                 eye = tf.eye(tf.shape(jac)[-1], dtype=jac.dtype)
                 flat = tf.reshape(upstream, [tf.shape(upstream)[0], -1, 1])
-                b = tf.reshape(tf.linalg.solve(eye + tf.linalg.matrix_transpose(jac), flat),
-                               tf.shape(upstream))
+                b = tf.reshape(
+                    tf.linalg.solve(eye + tf.linalg.matrix_transpose(jac), flat), tf.shape(upstream)
+                )
             else:
-                scale = tf.maximum(tf.reduce_max(tf.abs(upstream)),
-                                   tf.constant(1e-30, y.dtype))
-                b, _, _ = fixed_point(lambda t: upstream - _vjp(fn, x, weights, t), upstream,
-                                      atol * scale, max_iterations)
+                scale = tf.maximum(tf.reduce_max(tf.abs(upstream)), tf.constant(1e-30, y.dtype))
+                b, _, _ = fixed_point(
+                    lambda t: upstream - _vjp(fn, x, weights, t),
+                    upstream,
+                    atol * scale,
+                    max_iterations,
+                )
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 gx = fn(x, weights)
             grads = tape.gradient(gx, weights, output_gradients=-b)
-            return [b] + [tf.zeros_like(w) if g is None else g
-                          for w, g in zip(weights, grads)]
+            return [b] + [tf.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
 
         return x, grad
 

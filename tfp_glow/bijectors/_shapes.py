@@ -27,7 +27,8 @@ def check_event_rank(x, event_ndims, arg_name="x"):
     if rank is not None and rank < event_ndims:
         raise ValueError(
             f"`{arg_name}` must have at least {event_ndims} dimensions "
-            f"(event) plus batch dimensions; got shape {x.shape}.")
+            f"(event) plus batch dimensions; got shape {x.shape}."
+        )
 
 
 def check_channels(x, channels, arg_name="x"):
@@ -35,15 +36,15 @@ def check_channels(x, channels, arg_name="x"):
     c = x.shape[-1] if x.shape.rank else None
     if c is not None and channels is not None and c != channels:
         raise ValueError(
-            f"`{arg_name}` must have {channels} channels in its last axis; "
-            f"got shape {x.shape}.")
+            f"`{arg_name}` must have {channels} channels in its last axis; got shape {x.shape}."
+        )
 
 
 def validate_event_ndims(event_ndims):
     if not checks.is_int(event_ndims) or event_ndims not in (1, 3):
         raise ValueError(
-            f"`event_ndims` must be 3 (images [H, W, C]) or 1 (vectors [D]); "
-            f"got {event_ndims!r}.")
+            f"`event_ndims` must be 3 (images [H, W, C]) or 1 (vectors [D]); got {event_ndims!r}."
+        )
     return int(event_ndims)
 
 
@@ -74,9 +75,10 @@ def event_shape_parts(shape, event_ndims, arg_name):
     if shape.rank is None:
         return None
     if shape.rank < event_ndims:
-        raise ValueError(f"`{arg_name}` must have at least {event_ndims} dims (the event); "
-                         f"got {shape}.")
-    return shape[:shape.rank - event_ndims], shape[shape.rank - event_ndims:]
+        raise ValueError(
+            f"`{arg_name}` must have at least {event_ndims} dims (the event); got {shape}."
+        )
+    return shape[: shape.rank - event_ndims], shape[shape.rank - event_ndims :]
 
 
 def call_with_one_batch_axis(layer, x, event_ndims):

@@ -21,8 +21,12 @@ class ParameterLayer(keras.layers.Layer):
 
     def add(self, name, shape, initializer="zeros", trainable=True):
         weight = self.add_weight(
-            name=name, shape=tuple(shape), initializer=initializer,
-            trainable=trainable, dtype=self.dtype)
+            name=name,
+            shape=tuple(shape),
+            initializer=initializer,
+            trainable=trainable,
+            dtype=self.dtype,
+        )
         # tf.train.Checkpoint and tf.saved_model find variables through
         # attributes (as Dense's `self._kernel = ...`), not Keras's tracker;
         # without this a checkpoint of the layer silently saves nothing.

@@ -34,8 +34,7 @@ def walk_composition(bijector, t, event_ndims, inverse, kwargs, walk):
     def step(part, x, ndims):
         y, ldj = walk(part, x, ndims, inverse, kwargs)
         total.append(ldj)
-        return y, (part.inverse_event_ndims(ndims) if inverse
-                   else part.forward_event_ndims(ndims))
+        return y, (part.inverse_event_ndims(ndims) if inverse else part.forward_event_ndims(ndims))
 
     tfp_walk = bijector._call_walk_inverse if inverse else bijector._call_walk_forward
     out, _ = tfp_walk(step, t, event_ndims)
@@ -54,11 +53,9 @@ def reshape(bijector, t, inverse):
     """
     t = tf.convert_to_tensor(t, dtype_hint=bijector.dtype)
     ndims = bijector.inverse_min_event_ndims if inverse else bijector.forward_min_event_ndims
-    event = t.shape[t.shape.rank - ndims:]
-    out = (bijector.inverse_event_shape(event) if inverse
-           else bijector.forward_event_shape(event))
+    event = t.shape[t.shape.rank - ndims :]
+    out = bijector.inverse_event_shape(event) if inverse else bijector.forward_event_shape(event)
     if t.shape.rank is None or not out.is_fully_defined():
-        return ((bijector.inverse if inverse else bijector.forward)(t),
-                tf.zeros([], t.dtype))
-    batch = tf.shape(t)[:t.shape.rank - ndims]
+        return ((bijector.inverse if inverse else bijector.forward)(t), tf.zeros([], t.dtype))
+    batch = tf.shape(t)[: t.shape.rank - ndims]
     return tf.reshape(t, tf.concat([batch, out.as_list()], 0)), tf.zeros([], t.dtype)

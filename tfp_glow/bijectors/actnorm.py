@@ -59,17 +59,27 @@ class ActNorm(FlowBijector):
         Invertible 1x1 Convolutions. NeurIPS 2018. https://arxiv.org/abs/1807.03039
     """
 
-    def __init__(self, channels: int, event_ndims: int = 3, epsilon: float = 1e-6,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "act_norm") -> None:
+    def __init__(
+        self,
+        channels: int,
+        event_ndims: int = 3,
+        epsilon: float = 1e-6,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "act_norm",
+    ) -> None:
         parameters = dict(locals())
-        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
-            channels, event_ndims)
+        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(channels, event_ndims)
         self._epsilon = epsilon
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=event_ndims,
-                         is_constant_jacobian=True, validate_args=validate_args,
-                         dtype=dtype, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=event_ndims,
+            is_constant_jacobian=True,
+            validate_args=validate_args,
+            dtype=dtype,
+            parameters=parameters,
+            name=name,
+        )
         self._state = ParameterLayer(dtype=dtype.name, name=f"{self.name}_params")
         self.log_scale = self._state.add("log_scale", [channels])
         self.bias = self._state.add("bias", [channels])
@@ -97,6 +107,7 @@ class ActNorm(FlowBijector):
         # Moments of the global batch under tf.distribute (every replica's and
         # worker's part together), so all replicas and workers get one init.
         from tfp_glow.training.distributed import global_moments
+
         mean, variance = global_moments(x, axes)
         log_scale = -tf.math.log(tf.sqrt(variance) + self._epsilon)
         self.log_scale.assign(log_scale)

@@ -39,17 +39,30 @@ class AdditiveCoupling(CouplingBase):
 
     _outputs_per_channel = 1
 
-    def __init__(self,
-                 shift_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
-                 mask: str = "channel",
-                 parity: int = 0, event_shape: Sequence[int] | None = None,
-                 event_ndims: int = 3, dtype: tf.DType | str = tf.float32,
-                 validate_args: bool = False, name: str = "additive_coupling") -> None:
+    def __init__(
+        self,
+        shift_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+        mask: str = "channel",
+        parity: int = 0,
+        event_shape: Sequence[int] | None = None,
+        event_ndims: int = 3,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "additive_coupling",
+    ) -> None:
         parameters = dict(locals())
-        super().__init__(shift_fn, mask=mask, parity=parity,
-                         event_shape=event_shape, event_ndims=event_ndims,
-                         dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name, net_arg="shift_fn")
+        super().__init__(
+            shift_fn,
+            mask=mask,
+            parity=parity,
+            event_shape=event_shape,
+            event_ndims=event_ndims,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+            net_arg="shift_fn",
+        )
 
     def _transform(self, x_a, shift):
         return x_a + shift, tf.zeros_like(x_a)

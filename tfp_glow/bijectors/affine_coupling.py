@@ -78,23 +78,42 @@ class AffineCoupling(CouplingBase):
 
     _outputs_per_channel = 2
 
-    def __init__(self,
-                 shift_and_log_scale_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
-                 mask: str = "channel", parity: int = 0,
-                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
-                 min_scale: float = 0.1, dtype: tf.DType | str = tf.float32,
-                 validate_args: bool = False, name: str = "affine_coupling") -> None:
+    def __init__(
+        self,
+        shift_and_log_scale_fn: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+        mask: str = "channel",
+        parity: int = 0,
+        event_shape: Sequence[int] | None = None,
+        event_ndims: int = 3,
+        min_scale: float = 0.1,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "affine_coupling",
+    ) -> None:
         parameters = dict(locals())
-        min_scale = checks.number(min_scale, "min_scale", minimum=0.0, maximum=_INIT_SCALE,
-                                  exclusive_minimum=True, exclusive_maximum=True)
+        min_scale = checks.number(
+            min_scale,
+            "min_scale",
+            minimum=0.0,
+            maximum=_INIT_SCALE,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
         self._min_scale = min_scale
         ratio = (_INIT_SCALE - min_scale) / (1.0 - min_scale)
         self._offset = math.log(ratio / (1.0 - ratio))
-        super().__init__(shift_and_log_scale_fn, mask=mask, parity=parity,
-                         event_shape=event_shape, event_ndims=event_ndims,
-                         dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name,
-                         net_arg="shift_and_log_scale_fn")
+        super().__init__(
+            shift_and_log_scale_fn,
+            mask=mask,
+            parity=parity,
+            event_shape=event_shape,
+            event_ndims=event_ndims,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+            net_arg="shift_and_log_scale_fn",
+        )
 
     @property
     def min_scale(self):

@@ -61,8 +61,9 @@ def checkerboard_mask_np(event_shape, parity=0):
     return ((np.arange(event_shape[0]) + parity) % 2 == 0).astype(np.float64)
 
 
-def checkerboard_mask(event_shape: Sequence[int], parity: int = 0,
-                      dtype: tf.DType | str = tf.float32) -> tf.Tensor:
+def checkerboard_mask(
+    event_shape: Sequence[int], parity: int = 0, dtype: tf.DType | str = tf.float32
+) -> tf.Tensor:
     """Binary mask `b` (1 = conditioning, copied), shaped to broadcast.
 
     Images `[H, W, C]`: `b[h, w, 0] = (h + w + parity) % 2 == 0`, shape
@@ -84,13 +85,24 @@ class CouplingBase(FlowBijector):
 
     _outputs_per_channel = 1
 
-    def __init__(self, net, mask="channel", parity=0, event_shape=None,
-                 event_ndims=3, dtype=tf.float32, validate_args=False,
-                 parameters=None, name=None, net_arg="net"):
+    def __init__(
+        self,
+        net,
+        mask="channel",
+        parity=0,
+        event_shape=None,
+        event_ndims=3,
+        dtype=tf.float32,
+        validate_args=False,
+        parameters=None,
+        name=None,
+        net_arg="net",
+    ):
         if not callable(net):
             raise TypeError(
                 f"The coupling network must be a callable: a Keras layer, or a factory "
-                f"`fn(output_units) -> keras.layers.Layer` (`{net_arg}`); got {net!r}.")
+                f"`fn(output_units) -> keras.layers.Layer` (`{net_arg}`); got {net!r}."
+            )
         if mask not in MASKS:
             raise ValueError(f"`mask` must be one of {MASKS}; got {mask!r}.")
         # A bool or float would compare equal to 0/1 and silently pass.
@@ -111,9 +123,13 @@ class CouplingBase(FlowBijector):
             self._validate_event_shape(event_shape, "event_shape")
         self._net = self._network_from(net, net_arg)
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=event_ndims,
-                         validate_args=validate_args, dtype=dtype,
-                         parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=event_ndims,
+            validate_args=validate_args,
+            dtype=dtype,
+            parameters=parameters,
+            name=name,
+        )
         if event_shape is not None:
             if not getattr(self._net, "built", True):
                 self._net.build((None,) + self._conditioning_shape(event_shape))
@@ -142,7 +158,8 @@ class CouplingBase(FlowBijector):
         if channels % 2:
             raise ValueError(
                 f"mask='channel' needs an even number of channels (last axis of "
-                f"`event_shape`); received {event_shape}.")
+                f"`event_shape`); received {event_shape}."
+            )
         return channels // 2
 
     @property
@@ -151,8 +168,7 @@ class CouplingBase(FlowBijector):
         if self._event_shape is None:
             return None
         # The instance's count: a subclass may set it per instance (e.g. from num_bins).
-        return self._outputs_per_channel * self._transformed_channels(
-            self._event_shape, self._mask)
+        return self._outputs_per_channel * self._transformed_channels(self._event_shape, self._mask)
 
     def _network_from(self, net, net_arg):
         """The network: `net` itself if it is a Keras layer, else `net(output_units)`."""
@@ -162,25 +178,31 @@ class CouplingBase(FlowBijector):
             raise ValueError(
                 f"`{net_arg}` is a network factory ({net!r}, not a keras.layers.Layer): "
                 f"pass `event_shape` so the coupling can tell it how many outputs "
-                f"it needs, or pass a ready Keras layer.")
+                f"it needs, or pass a ready Keras layer."
+            )
         units = self.output_units
         layer = net(units)
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(
                 f"The network factory `{net_arg}` must return a keras.layers.Layer; "
-                f"{net!r}({units}) returned {layer!r}.")
+                f"{net!r}({units}) returned {layer!r}."
+            )
         return layer
 
     def _check_static_output_units(self, net_arg):
         """Fails at construction when a ready network's output shape is known wrong."""
         try:
             shape = self._net.compute_output_shape(
-                (None,) + self._conditioning_shape(self._event_shape))
+                (None,) + self._conditioning_shape(self._event_shape)
+            )
         except NotImplementedError:  # checked on the first call instead
             return
         # A network returning several tensors has them concatenated on channels.
-        shapes = [tuple(s) for s in shape] if shape and isinstance(
-            shape[0], (tuple, list)) else [tuple(shape)]
+        shapes = (
+            [tuple(s) for s in shape]
+            if shape and isinstance(shape[0], (tuple, list))
+            else [tuple(shape)]
+        )
         if not all(s and s[-1] is not None for s in shapes):
             return
         channels = sum(s[-1] for s in shapes)
@@ -189,7 +211,8 @@ class CouplingBase(FlowBijector):
                 f"The coupling network (`{net_arg}`) of {self.name} must return "
                 f"{self.output_units} channels ({self._outputs_per_channel} per "
                 f"transformed channel); its output shape is {shape}. Pass a "
-                f"factory `fn(output_units)` to have it sized for you.")
+                f"factory `fn(output_units)` to have it sized for you."
+            )
 
     @property
     def net(self):
@@ -205,14 +228,14 @@ class CouplingBase(FlowBijector):
 
     def _validate_event_shape(self, shape, arg_name):
         if len(shape) != self._event_ndims:
-            raise ValueError(
-                f"`{arg_name}` must have {self._event_ndims} dims; got {shape}.")
+            raise ValueError(f"`{arg_name}` must have {self._event_ndims} dims; got {shape}.")
         channels = shape[-1]
         if self._mask == "channel" and channels is not None and channels % 2:
             raise ValueError(
                 f"mask='channel' needs an even number of channels (last axis of "
                 f"`{arg_name}`); got {channels}. Use mask='checkerboard' or "
-                f"squeeze first.")
+                f"squeeze first."
+            )
 
     def _conditioning_shape(self, event_shape):
         if self._mask == "channel":
@@ -224,7 +247,7 @@ class CouplingBase(FlowBijector):
         if self._event_shape is not None:
             # Otherwise the mismatch surfaces as an opaque error inside the net.
             _shapes.check_channels(x, self._event_shape[-1])
-        self._validate_event_shape(tuple(x.shape[-self._event_ndims:]), "x")
+        self._validate_event_shape(tuple(x.shape[-self._event_ndims :]), "x")
 
     def _run_net(self, x_b, units):
         """Network output for the conditioning part, in the flow's dtype.
@@ -234,7 +257,8 @@ class CouplingBase(FlowBijector):
         input's dtype, in which the flow math and log-dets stay.
         """
         h = _shapes.call_with_one_batch_axis(
-            self._net, _precision.to_net_dtype(self._net, x_b), self._event_ndims)
+            self._net, _precision.to_net_dtype(self._net, x_b), self._event_ndims
+        )
         if isinstance(h, (tuple, list)):
             h = tf.concat(h, axis=-1)
         h = _precision.to_flow_dtype(h, x_b.dtype)
@@ -242,7 +266,8 @@ class CouplingBase(FlowBijector):
             raise ValueError(
                 f"The coupling network of {self.name} must return "
                 f"{units} channels ({self._outputs_per_channel} per transformed "
-                f"channel); got shape {h.shape}.")
+                f"channel); got shape {h.shape}."
+            )
         return h
 
     def _reduce_event(self, ldj):
@@ -268,16 +293,14 @@ class CouplingBase(FlowBijector):
             h = self._run_net(x_b, self._outputs_per_channel * x_a.shape[-1])
             y_a, ldj = fn(x_a, h)
             return self._recombine(y_a, x_b), self._reduce_event(ldj)
-        mask = checkerboard_mask_np(x.shape[-self._event_ndims:], self._parity)
-        h = self._run_net(x * tf.constant(mask, x.dtype),
-                          self._outputs_per_channel * x.shape[-1])
+        mask = checkerboard_mask_np(x.shape[-self._event_ndims :], self._parity)
+        h = self._run_net(x * tf.constant(mask, x.dtype), self._outputs_per_channel * x.shape[-1])
         y, ldj = fn(x, h)
         # Copy the conditioning positions; only b == 0 is transformed. `where`
         # (not b * x + (1 - b) * y) so the unused values can never leak a NaN;
         # the mask is a boolean constant that `where` broadcasts.
         keep = tf.constant(mask > 0.5)
-        return (tf.where(keep, x, y),
-                self._reduce_event(tf.where(keep, tf.zeros_like(ldj), ldj)))
+        return (tf.where(keep, x, y), self._reduce_event(tf.where(keep, tf.zeros_like(ldj), ldj)))
 
     def _forward_and_log_det(self, x, **kwargs):
         return self._apply(x, "forward")

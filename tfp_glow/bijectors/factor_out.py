@@ -33,37 +33,48 @@ class FactorOut(StandardizeBase):
     standardisation and its log-det are computed.
     """
 
-    def __init__(self, channels: int, split_fraction: float = 0.5,
-                 prior_net: keras.layers.Layer | None = None, num_classes: int | None = None,
-                 event_ndims: int = 3, dtype: tf.DType | str = tf.float32,
-                 validate_args: bool = False, name: str = "factor_out",
-                 net_dtype: str | keras.DTypePolicy | None = None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        split_fraction: float = 0.5,
+        prior_net: keras.layers.Layer | None = None,
+        num_classes: int | None = None,
+        event_ndims: int = 3,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "factor_out",
+        net_dtype: str | keras.DTypePolicy | None = None,
+    ) -> None:
         parameters = dict(locals())
         _shapes.validate_positive_int(channels, "channels")
         if not 0.0 < float(split_fraction) < 1.0:
-            raise ValueError(
-                f"`split_fraction` must be in (0, 1); got {split_fraction!r}.")
+            raise ValueError(f"`split_fraction` must be in (0, 1); got {split_fraction!r}.")
         k = int(round(channels * float(split_fraction)))
         if not 0 < k < channels:
             raise ValueError(
                 f"`split_fraction`={split_fraction} of {channels} channels leaves "
-                f"nothing on one side; choose a fraction giving 1..{channels - 1}.")
+                f"nothing on one side; choose a fraction giving 1..{channels - 1}."
+            )
         self._channels = channels
         self._num_factored = k
-        super().__init__(num_classes, k, event_ndims, dtype, parameters, name,
-                         validate_args)
+        super().__init__(num_classes, k, event_ndims, dtype, parameters, name, validate_args)
         policy = _precision.net_policy(net_dtype, dtype)
         if prior_net is not None and net_dtype is not None:
             raise ValueError(
                 "`net_dtype` sets the dtype policy of the default prior net only; with "
-                "your own `prior_net`, give that layer its dtype instead.")
+                "your own `prior_net`, give that layer its dtype instead."
+            )
         if prior_net is None:
             layer_cls = keras.layers.Conv2D if event_ndims == 3 else keras.layers.Dense
             kwargs = dict(kernel_size=3, padding="same") if event_ndims == 3 else {}
-            prior_net = layer_cls(2 * k, kernel_initializer="zeros",
-                                  bias_initializer="zeros",
-                                  dtype=policy,
-                                  name=f"{self.name}_prior", **kwargs)
+            prior_net = layer_cls(
+                2 * k,
+                kernel_initializer="zeros",
+                bias_initializer="zeros",
+                dtype=policy,
+                name=f"{self.name}_prior",
+                **kwargs,
+            )
             prior_net.build((None,) + (None,) * (event_ndims - 1) + (channels - k,))
         self._prior_net = prior_net
         self._track_layers(prior_net)
@@ -88,14 +99,14 @@ class FactorOut(StandardizeBase):
         _shapes.check_event_rank(x, self._event_ndims)
         _shapes.check_channels(x, self._channels)
         # One Split op (its gradient is a concat, not two zero-filled scatters).
-        return tf.split(x, [self._num_factored, self._channels - self._num_factored],
-                        axis=-1)
+        return tf.split(x, [self._num_factored, self._channels - self._num_factored], axis=-1)
 
     def _join(self, z, rest):
         return tf.concat([z, rest], axis=-1)
 
     def _mean_and_log_scale(self, rest):
         h = _shapes.call_with_one_batch_axis(
-            self._prior_net, _precision.to_net_dtype(self._prior_net, rest), self._event_ndims)
+            self._prior_net, _precision.to_net_dtype(self._prior_net, rest), self._event_ndims
+        )
         h = _precision.to_flow_dtype(h, rest.dtype)
         return tf.split(h, 2, axis=-1)

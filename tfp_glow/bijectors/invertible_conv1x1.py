@@ -62,19 +62,30 @@ class InvertibleConv1x1(FlowBijector):
         Convolutions. NeurIPS 2018, table 1. https://arxiv.org/abs/1807.03039
     """
 
-    def __init__(self, channels: int, lu: bool = True, event_ndims: int = 3,
-                 seed: int | None = None, dtype: tf.DType | str = tf.float32,
-                 validate_args: bool = False, name: str = "invertible_conv1x1") -> None:
+    def __init__(
+        self,
+        channels: int,
+        lu: bool = True,
+        event_ndims: int = 3,
+        seed: int | None = None,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "invertible_conv1x1",
+    ) -> None:
         parameters = dict(locals())
-        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(
-            channels, event_ndims)
+        self._channels, self._event_ndims = _shapes.channels_and_event_ndims(channels, event_ndims)
         if not isinstance(lu, bool):
             raise TypeError(f"`lu` must be a bool; got {lu!r}.")
         self._lu = lu
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=event_ndims,
-                         is_constant_jacobian=True, validate_args=validate_args,
-                         dtype=dtype, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=event_ndims,
+            is_constant_jacobian=True,
+            validate_args=validate_args,
+            dtype=dtype,
+            parameters=parameters,
+            name=name,
+        )
         w = random_rotation(channels, seed)
         state = ParameterLayer(dtype=dtype.name, name=f"{self.name}_params")
 
@@ -84,14 +95,12 @@ class InvertibleConv1x1(FlowBijector):
         if lu:
             p, lower, upper = scipy.linalg.lu(w)
             diag = np.diag(upper)
-            self.permutation = state.add("permutation", [channels, channels],
-                                         const(p), trainable=False)
-            self.sign = state.add("sign", [channels], const(np.sign(diag)),
-                                  trainable=False)
-            self.lower = state.add("lower", [channels, channels],
-                                   const(np.tril(lower, -1)))
-            self.upper = state.add("upper", [channels, channels],
-                                   const(np.triu(upper, 1)))
+            self.permutation = state.add(
+                "permutation", [channels, channels], const(p), trainable=False
+            )
+            self.sign = state.add("sign", [channels], const(np.sign(diag)), trainable=False)
+            self.lower = state.add("lower", [channels, channels], const(np.tril(lower, -1)))
+            self.upper = state.add("upper", [channels, channels], const(np.triu(upper, 1)))
             self.log_s = state.add("log_s", [channels], const(np.log(np.abs(diag))))
         else:
             self.kernel = state.add("kernel", [channels, channels], const(w))
@@ -149,9 +158,12 @@ class InvertibleConv1x1(FlowBijector):
         # (the LU form cannot be singular: its diagonal is sign * exp(log_s)).
         deps = super()._parameter_control_dependencies(is_init)
         if deps and not self._lu:
-            deps.append(tf.debugging.assert_all_finite(
-                _log_abs_det(tf.convert_to_tensor(self.kernel)),
-                f"{self.name}: the kernel W is singular (log|det W| is not finite)."))
+            deps.append(
+                tf.debugging.assert_all_finite(
+                    _log_abs_det(tf.convert_to_tensor(self.kernel)),
+                    f"{self.name}: the kernel W is singular (log|det W| is not finite).",
+                )
+            )
         return deps
 
     def _apply(self, x, matrix):

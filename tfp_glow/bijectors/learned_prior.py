@@ -32,32 +32,45 @@ class LearnedPrior(StandardizeBase):
     distribution per label.
     """
 
-    def __init__(self, event_shape: Sequence[int], num_classes: int | None = None,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "learned_prior") -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        num_classes: int | None = None,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "learned_prior",
+    ) -> None:
         parameters = dict(locals())
         event_shape = checks.shape(event_shape, "event_shape")
         self._event_shape_in = event_shape
-        super().__init__(num_classes, event_shape[-1], len(event_shape), dtype,
-                         parameters, name, validate_args, is_constant_jacobian=True)
+        super().__init__(
+            num_classes,
+            event_shape[-1],
+            len(event_shape),
+            dtype,
+            parameters,
+            name,
+            validate_args,
+            is_constant_jacobian=True,
+        )
         state = ParameterLayer(dtype=self.dtype.name, name=f"{self.name}_params")
         self.mean = state.add("mean", event_shape)
         self.log_scale = state.add("log_scale", event_shape)
         self._track_layers(state)
 
     def _parts(self, x):
-        shape = tuple(x.shape[-len(self._event_shape_in):])
+        shape = tuple(x.shape[-len(self._event_shape_in) :])
         if x.shape.rank is not None and (
-                x.shape.rank < len(self._event_shape_in) or not all(
-                    a is None or a == b for a, b in zip(shape, self._event_shape_in))):
+            x.shape.rank < len(self._event_shape_in)
+            or not all(a is None or a == b for a, b in zip(shape, self._event_shape_in))
+        ):
             raise ValueError(
-                f"`x` must end in the event shape {self._event_shape_in}; got "
-                f"shape {x.shape}.")
+                f"`x` must end in the event shape {self._event_shape_in}; got shape {x.shape}."
+            )
         return x, None
 
     def _join(self, z, rest):
         return z
 
     def _mean_and_log_scale(self, rest):
-        return (tf.convert_to_tensor(self.mean),
-                tf.convert_to_tensor(self.log_scale))
+        return (tf.convert_to_tensor(self.mean), tf.convert_to_tensor(self.log_scale))

@@ -94,23 +94,38 @@ class LogisticMixtureCoupling(CouplingBase):
         https://arxiv.org/abs/1902.00275
     """
 
-    def __init__(self,
-                 net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
-                 num_components: int = 4,
-                 bisection_steps: int = 48, mask: str = "channel", parity: int = 0,
-                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "logistic_mixture_coupling",
-                 min_derivative: float = 1e-3) -> None:
+    def __init__(
+        self,
+        net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+        num_components: int = 4,
+        bisection_steps: int = 48,
+        mask: str = "channel",
+        parity: int = 0,
+        event_shape: Sequence[int] | None = None,
+        event_ndims: int = 3,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "logistic_mixture_coupling",
+        min_derivative: float = 1e-3,
+    ) -> None:
         parameters = dict(locals())
         self._num_components = checks.positive_int(num_components, "num_components")
         self._bisection_steps = checks.positive_int(bisection_steps, "bisection_steps")
-        self._min_derivative = checks.number(min_derivative, "min_derivative", minimum=0.0,
-                                             maximum=1.0, exclusive_maximum=True)
+        self._min_derivative = checks.number(
+            min_derivative, "min_derivative", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
         self._outputs_per_channel = self.outputs_per_channel(self._num_components)
-        super().__init__(net, mask=mask, parity=parity, event_shape=event_shape,
-                         event_ndims=event_ndims, dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            net,
+            mask=mask,
+            parity=parity,
+            event_shape=event_shape,
+            event_ndims=event_ndims,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @staticmethod
     def outputs_per_channel(num_components):
@@ -121,8 +136,9 @@ class LogisticMixtureCoupling(CouplingBase):
     def output_units_for(cls, event_shape, mask="channel", num_components=4):
         """Output channels the network needs for inputs of `event_shape`:
         `(3 K + 2) C_a`, `C_a = C // 2` (mask="channel") or `C` ("checkerboard")."""
-        return (cls.outputs_per_channel(num_components)
-                * cls._transformed_channels(event_shape, mask))
+        return cls.outputs_per_channel(num_components) * cls._transformed_channels(
+            event_shape, mask
+        )
 
     @property
     def num_components(self):
@@ -162,8 +178,7 @@ class LogisticMixtureCoupling(CouplingBase):
         log_sig_neg = tf.math.log_sigmoid(-z)
         log_cdf = tf.reduce_logsumexp(log_pi + log_sig_pos, axis=-1)
         log_sf = tf.reduce_logsumexp(log_pi + log_sig_neg, axis=-1)
-        log_pdf = tf.reduce_logsumexp(log_pi + log_sig_pos + log_sig_neg - log_scales,
-                                      axis=-1)
+        log_pdf = tf.reduce_logsumexp(log_pi + log_sig_pos + log_sig_neg - log_scales, axis=-1)
         return log_cdf - log_sf, log_pdf - log_cdf - log_sf
 
     def _transform(self, x_a, h):
@@ -189,13 +204,15 @@ class LogisticMixtureCoupling(CouplingBase):
 
         def body(i, lo, hi):
             mid = 0.5 * (lo + hi)
-            too_high = (self._logit_cdf(mid, *consts[:3])[0] + consts[4] * mid
-                        > consts[3])
+            too_high = self._logit_cdf(mid, *consts[:3])[0] + consts[4] * mid > consts[3]
             return i + 1, tf.where(too_high, lo, mid), tf.where(too_high, mid, hi)
 
         _, lo, hi = tf.while_loop(
-            lambda i, lo, hi: i < self._bisection_steps, body,
-            (tf.constant(0), lo0, hi0), maximum_iterations=self._bisection_steps)
+            lambda i, lo, hi: i < self._bisection_steps,
+            body,
+            (tf.constant(0), lo0, hi0),
+            maximum_iterations=self._bisection_steps,
+        )
         x0 = tf.stop_gradient(0.5 * (lo + hi))
         u0, log_du0 = self._logit_cdf(x0, log_pi, means, log_scales)
         slope0 = tf.stop_gradient(tf.exp(log_du0) + c)

@@ -32,16 +32,18 @@ class LogitPreprocess(FlowBijector):
         Density Estimation. NeurIPS 2017. https://arxiv.org/abs/1705.07057
     """
 
-    def __init__(self, alpha: float = 0.05, validate_args: bool = False,
-                 name: str = "logit_preprocess") -> None:
+    def __init__(
+        self, alpha: float = 0.05, validate_args: bool = False, name: str = "logit_preprocess"
+    ) -> None:
         parameters = dict(locals())
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)):
             raise TypeError(f"`alpha` must be a float in [0, 0.5); got {alpha!r}.")
         if not 0.0 <= float(alpha) < 0.5:
             raise ValueError(f"`alpha` must be in [0, 0.5); got {alpha!r}.")
         self._alpha = float(alpha)
-        super().__init__(forward_min_event_ndims=0, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=0, validate_args=validate_args, parameters=parameters, name=name
+        )
 
     # Elementwise: any rank works, even one unknown while tracing.
     _needs_static_event = False
@@ -61,11 +63,16 @@ class LogitPreprocess(FlowBijector):
         if not inverse:  # the logit is defined for x in [0, 1] only
             checks += [
                 tf.debugging.assert_greater_equal(
-                    t, tf.zeros([], t.dtype),
-                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True)."),
+                    t,
+                    tf.zeros([], t.dtype),
+                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True).",
+                ),
                 tf.debugging.assert_less_equal(
-                    t, tf.ones([], t.dtype),
-                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True).")]
+                    t,
+                    tf.ones([], t.dtype),
+                    message=f"{self.name}: `x` must lie in [0, 1] (validate_args=True).",
+                ),
+            ]
         return checks
 
     def _forward_and_log_det(self, x, **kwargs):
@@ -77,6 +84,9 @@ class LogitPreprocess(FlowBijector):
     def _inverse_and_log_det(self, y, **kwargs):
         x = (tf.sigmoid(y) - self._alpha) / (1.0 - 2.0 * self._alpha)
         # log p + log(1 - p) = log_sigmoid(y) + log_sigmoid(-y), stable for |y| large.
-        ildj = (tf.math.log_sigmoid(y) + tf.math.log_sigmoid(-y)
-                - tf.math.log1p(-2.0 * tf.constant(self._alpha, y.dtype)))
+        ildj = (
+            tf.math.log_sigmoid(y)
+            + tf.math.log_sigmoid(-y)
+            - tf.math.log1p(-2.0 * tf.constant(self._alpha, y.dtype))
+        )
         return x, ildj

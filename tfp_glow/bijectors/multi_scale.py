@@ -8,8 +8,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks
 from tfp_glow.bijectors import _shapes
-from tfp_glow.bijectors.base import (FlowBijector, forward_and_log_det,
-                                     inverse_and_log_det)
+from tfp_glow.bijectors.base import FlowBijector, forward_and_log_det, inverse_and_log_det
 from tfp_glow.bijectors.factor_out import FactorOut
 
 tfb = tfp.bijectors
@@ -38,10 +37,14 @@ class MultiScaleFlow(FlowBijector):
     as `conditional_input` reach every tfp_glow bijector inside.
     """
 
-    def __init__(self, event_shape: Sequence[int],
-                 levels: Sequence[tuple[tfp.bijectors.Bijector, FactorOut | None]],
-                 top_prior: tfp.bijectors.Bijector | None = None, validate_args: bool = False,
-                 name: str = "multi_scale_flow") -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        levels: Sequence[tuple[tfp.bijectors.Bijector, FactorOut | None]],
+        top_prior: tfp.bijectors.Bijector | None = None,
+        validate_args: bool = False,
+        name: str = "multi_scale_flow",
+    ) -> None:
         parameters = dict(locals())
         event_shape = checks.shape(event_shape, "event_shape", rank=(1, 3))
         if not levels:
@@ -65,7 +68,8 @@ class MultiScaleFlow(FlowBijector):
                 if fo.channels != shape[-1]:
                     raise ValueError(
                         f"Level {i}: FactorOut expects {fo.channels} channels but "
-                        f"the steps produce event shape {shape}.")
+                        f"the steps produce event shape {shape}."
+                    )
                 k = fo.num_factored
                 self._splits.append(tfb.Split([k, shape[-1] - k], axis=-1))
                 self._latent_shapes.append(tuple(shape[:-1]) + (k,))
@@ -76,11 +80,16 @@ class MultiScaleFlow(FlowBijector):
         self._latent_sizes = [int(np.prod(s)) for s in self._latent_shapes]
         if sum(self._latent_sizes) != int(np.prod(event_shape)):
             raise ValueError("The levels do not preserve the number of dimensions.")
-        super().__init__(forward_min_event_ndims=self._event_ndims,
-                         inverse_min_event_ndims=1, validate_args=validate_args,
-                         parameters=parameters, name=name)
-        self._bijectors = [b for steps, fo in self._levels for b in (steps, fo)
-                           if b is not None] + ([top_prior] if top_prior else [])
+        super().__init__(
+            forward_min_event_ndims=self._event_ndims,
+            inverse_min_event_ndims=1,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
+        self._bijectors = [
+            b for steps, fo in self._levels for b in (steps, fo) if b is not None
+        ] + ([top_prior] if top_prior else [])
 
     @property
     def bijectors(self):
@@ -114,8 +123,10 @@ class MultiScaleFlow(FlowBijector):
         if parts is None:
             return tf.TensorShape(None)
         if not parts[1].is_compatible_with(self._event_shape_in):
-            raise ValueError(f"`input_shape` must end in the event shape "
-                             f"{self._event_shape_in}; got {tf.TensorShape(input_shape)}.")
+            raise ValueError(
+                f"`input_shape` must end in the event shape "
+                f"{self._event_shape_in}; got {tf.TensorShape(input_shape)}."
+            )
         return parts[0].concatenate([self.latent_size])
 
     def _inverse_event_shape(self, output_shape):
@@ -123,13 +134,16 @@ class MultiScaleFlow(FlowBijector):
         if parts is None:
             return tf.TensorShape(None)
         if not parts[1].is_compatible_with([self.latent_size]):
-            raise ValueError(f"`output_shape` must end in the latent size "
-                             f"{self.latent_size}; got {tf.TensorShape(output_shape)}.")
+            raise ValueError(
+                f"`output_shape` must end in the latent size "
+                f"{self.latent_size}; got {tf.TensorShape(output_shape)}."
+            )
         return parts[0].concatenate(self._event_shape_in)
 
     def _forward_event_shape_tensor(self, input_shape):
-        return tf.concat([input_shape[:tf.size(input_shape) - self._event_ndims],
-                          [self.latent_size]], 0)
+        return tf.concat(
+            [input_shape[: tf.size(input_shape) - self._event_ndims], [self.latent_size]], 0
+        )
 
     def _inverse_event_shape_tensor(self, output_shape):
         return tf.concat([output_shape[:-1], self._event_shape_in], 0)
@@ -141,17 +155,18 @@ class MultiScaleFlow(FlowBijector):
         """Flat latent `[..., D]` -> `[z_1, ..., z_L, z_top]` in their shapes."""
         parts = tf.split(z, self._latent_sizes, axis=-1)
         batch = tf.shape(z)[:-1]
-        return [tf.reshape(p, tf.concat([batch, s], 0))
-                for p, s in zip(parts, self._latent_shapes)]
+        return [tf.reshape(p, tf.concat([batch, s], 0)) for p, s in zip(parts, self._latent_shapes)]
 
     def _check(self, x):
-        shape = tuple(x.shape[-self._event_ndims:]) if x.shape.rank else ()
+        shape = tuple(x.shape[-self._event_ndims :]) if x.shape.rank else ()
         if x.shape.rank is not None and (
-                x.shape.rank < self._event_ndims or not all(
-                    a is None or a == b for a, b in zip(shape, self._event_shape_in))):
+            x.shape.rank < self._event_ndims
+            or not all(a is None or a == b for a, b in zip(shape, self._event_shape_in))
+        ):
             raise ValueError(
                 f"`x` must have shape [batch, {', '.join(map(str, self._event_shape_in))}]; "
-                f"got {x.shape}.")
+                f"got {x.shape}."
+            )
 
     def _forward_and_log_det(self, x, **kwargs):
         self._check(x)
@@ -172,13 +187,14 @@ class MultiScaleFlow(FlowBijector):
         z = tf.concat(latents, axis=-1)
         # The reshapes lose the static latent size; callers (and the next
         # bijector's static checks) need it.
-        z.set_shape(x.shape[:x.shape.rank - self._event_ndims].concatenate([self.latent_size]))
+        z.set_shape(x.shape[: x.shape.rank - self._event_ndims].concatenate([self.latent_size]))
         return z, total
 
     def _inverse_and_log_det(self, y, **kwargs):
         if y.shape.rank is not None and y.shape[-1] not in (None, self.latent_size):
             raise ValueError(
-                f"The latent must have shape [batch, {self.latent_size}]; got {y.shape}.")
+                f"The latent must have shape [batch, {self.latent_size}]; got {y.shape}."
+            )
         parts = self.split_latent(y)
         h, total = parts[-1], tf.zeros([], y.dtype)
         if self._top_prior is not None:

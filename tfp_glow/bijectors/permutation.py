@@ -13,8 +13,9 @@ __all__ = ["channel_permutation"]
 PERMUTATIONS = ("reverse", "shuffle")
 
 
-def channel_permutation(kind: str, channels: int,
-                        seed: int | None = None) -> tfp.bijectors.Bijector:
+def channel_permutation(
+    kind: str, channels: int, seed: int | None = None
+) -> tfp.bijectors.Bijector:
     """`tfb.Permute` of the last axis: `"reverse"` or a seeded `"shuffle"`.
 
     A permutation is volume preserving (log-det 0) and has no variables; the
@@ -28,5 +29,4 @@ def channel_permutation(kind: str, channels: int,
         perm = np.random.default_rng(seed).permutation(channels)
     else:
         raise ValueError(f"`kind` must be one of {PERMUTATIONS}; got {kind!r}.")
-    return tfb.Permute(permutation=tf.constant(perm, tf.int32), axis=-1,
-                       name=f"{kind}_permutation")
+    return tfb.Permute(permutation=tf.constant(perm, tf.int32), axis=-1, name=f"{kind}_permutation")

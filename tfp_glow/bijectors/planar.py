@@ -70,14 +70,24 @@ class PlanarFlow(FlowBijector):
         Flows. ICML 2015, section 4.1 and appendix A. https://arxiv.org/abs/1505.05770
     """
 
-    def __init__(self, event_size: int, seed: int | None = None,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "planar_flow") -> None:
+    def __init__(
+        self,
+        event_size: int,
+        seed: int | None = None,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "planar_flow",
+    ) -> None:
         parameters = dict(locals())
         self._event_size = _vector_event.event_size(event_size, type(self).__name__)
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=1, validate_args=validate_args,
-                         dtype=dtype, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=1,
+            validate_args=validate_args,
+            dtype=dtype,
+            parameters=parameters,
+            name=name,
+        )
         rng = np.random.default_rng(_vector_event.seed(seed))
         d = self._event_size
         w = rng.standard_normal(d) / np.sqrt(d)
@@ -113,8 +123,12 @@ class PlanarFlow(FlowBijector):
     def _constrained_parameters(self):
         # The log-det and the root solve read `c` from the formula, so
         # `1 + c (1 - tanh^2)` stays >= 0 whatever the rounding of `u_hat`.
-        return (tf.convert_to_tensor(self.w), self.constrained_u(),
-                tf.convert_to_tensor(self.b), self.w_dot_u_hat())
+        return (
+            tf.convert_to_tensor(self.w),
+            self.constrained_u(),
+            tf.convert_to_tensor(self.b),
+            self.w_dot_u_hat(),
+        )
 
     @staticmethod
     def _log_det(a, c):
@@ -131,8 +145,9 @@ class PlanarFlow(FlowBijector):
         _vector_event.check(y, self._event_size, "y", type(self).__name__)
         w, u_hat, b, c = self._constrained_parameters()
         target = tf.reduce_sum(y * w, axis=-1)
-        s_root = tf.stop_gradient(_solve(tf.stop_gradient(target), tf.stop_gradient(b),
-                                         tf.stop_gradient(c)))
+        s_root = tf.stop_gradient(
+            _solve(tf.stop_gradient(target), tf.stop_gradient(b), tf.stop_gradient(c))
+        )
         # One Newton step with gradients: the implicit-function derivative.
         t = tf.tanh(s_root + b)
         slope = 1.0 + c * (1.0 - tf.square(t))

@@ -17,8 +17,11 @@ def _safe_norm(v):
     """`||v||` over the last axis, with a zero (not NaN) gradient at v = 0."""
     squared = tf.reduce_sum(tf.square(v), axis=-1)
     positive = squared > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, squared, tf.ones_like(squared))),
-                    tf.zeros_like(squared))
+    return tf.where(
+        positive,
+        tf.sqrt(tf.where(positive, squared, tf.ones_like(squared))),
+        tf.zeros_like(squared),
+    )
 
 
 class RadialFlow(FlowBijector):
@@ -70,14 +73,24 @@ class RadialFlow(FlowBijector):
         Estimation Algorithms. Communications on Pure and Applied Mathematics, 2013.
     """
 
-    def __init__(self, event_size: int, seed: int | None = None,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "radial_flow") -> None:
+    def __init__(
+        self,
+        event_size: int,
+        seed: int | None = None,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "radial_flow",
+    ) -> None:
         parameters = dict(locals())
         self._event_size = _vector_event.event_size(event_size, type(self).__name__)
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=1, validate_args=validate_args,
-                         dtype=dtype, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=1,
+            validate_args=validate_args,
+            dtype=dtype,
+            parameters=parameters,
+            name=name,
+        )
         rng = np.random.default_rng(_vector_event.seed(seed))
         state = ParameterLayer(dtype=dtype.name, name=f"{self.name}_params")
         self.z0 = state.add("z0", [self._event_size])
@@ -98,8 +111,10 @@ class RadialFlow(FlowBijector):
         return alpha, s - alpha
 
     def _alpha_and_s(self):
-        return (tf.math.softplus(tf.convert_to_tensor(self.alpha_raw)),
-                tf.math.softplus(tf.convert_to_tensor(self.beta_raw)))
+        return (
+            tf.math.softplus(tf.convert_to_tensor(self.alpha_raw)),
+            tf.math.softplus(tf.convert_to_tensor(self.beta_raw)),
+        )
 
     def _log_det(self, r, alpha, s):
         log_alpha_r = tf.math.log(alpha + r)
@@ -126,7 +141,8 @@ class RadialFlow(FlowBijector):
         b = s - rho
         root = tf.sqrt(tf.square(b) + 4.0 * alpha * rho)
         # Pick the form of the quadratic's root that does not subtract.
-        r = tf.where(b >= 0, 2.0 * alpha * rho / tf.where(b + root > 0, b + root, 1.0),
-                     0.5 * (root - b))
+        r = tf.where(
+            b >= 0, 2.0 * alpha * rho / tf.where(b + root > 0, b + root, 1.0), 0.5 * (root - b)
+        )
         x = z0 + e * ((alpha + r) / (s + r))[..., None]
         return x, -self._log_det(r, alpha, s)

@@ -21,8 +21,13 @@ LOG_DET_MODES = ("auto", "exact", "roulette")
 EXACT_MAX_DIMS = 16
 # The fixed-point inverse stops when no element moves by more than this.
 DEFAULT_ATOL = {tf.float16: 1e-3, tf.bfloat16: 1e-2, tf.float32: 1e-6, tf.float64: 1e-12}
-_PROTOCOL = ("normalized_weights", "call_with", "lipschitz_bound", "event_shape",
-             "training_step_seed")
+_PROTOCOL = (
+    "normalized_weights",
+    "call_with",
+    "lipschitz_bound",
+    "event_shape",
+    "training_step_seed",
+)
 
 
 class ResidualBlock(FlowBijector):
@@ -97,11 +102,21 @@ class ResidualBlock(FlowBijector):
         https://arxiv.org/abs/1906.02735
     """
 
-    def __init__(self, residual_fn: Any, event_shape: Sequence[int] | None = None,
-                 log_det: str = "auto", n_exact: int = 2, geometric_p: float = 0.5,
-                 noise: str = "normal", atol: float | None = None, max_iterations: int = 500,
-                 seed: int | None = None, dtype: Any = tf.float32, validate_args: bool = False,
-                 name: str = "residual_block") -> None:
+    def __init__(
+        self,
+        residual_fn: Any,
+        event_shape: Sequence[int] | None = None,
+        log_det: str = "auto",
+        n_exact: int = 2,
+        geometric_p: float = 0.5,
+        noise: str = "normal",
+        atol: float | None = None,
+        max_iterations: int = 500,
+        seed: int | None = None,
+        dtype: Any = tf.float32,
+        validate_args: bool = False,
+        name: str = "residual_block",
+    ) -> None:
         parameters = dict(locals())
         dtype = tf.as_dtype(dtype)
         if event_shape is not None:
@@ -110,32 +125,54 @@ class ResidualBlock(FlowBijector):
         if event_shape is None:
             event_shape = tuple(net.event_shape)
         elif tuple(net.event_shape) != event_shape:
-            raise ValueError(f"`residual_fn` was built for event shape {net.event_shape}; "
-                             f"`event_shape` is {event_shape}.")
+            raise ValueError(
+                f"`residual_fn` was built for event shape {net.event_shape}; "
+                f"`event_shape` is {event_shape}."
+            )
         if not 0.0 < float(net.lipschitz_bound) < 1.0:
-            raise ValueError(f"`residual_fn` must have a Lipschitz bound in (0, 1); its "
-                             f"lipschitz_bound is {net.lipschitz_bound}.")
+            raise ValueError(
+                f"`residual_fn` must have a Lipschitz bound in (0, 1); its "
+                f"lipschitz_bound is {net.lipschitz_bound}."
+            )
         if tf.as_dtype(net.compute_dtype) != dtype:
             raise ValueError(
                 f"`residual_fn` computes in {net.compute_dtype}, the block in {dtype.name}: "
                 f"build the network with dtype={dtype.name!r} (the power series and the "
-                f"fixed-point inverse need the flow's precision).")
+                f"fixed-point inverse need the flow's precision)."
+            )
         self._net = net
         self._event_shape = event_shape
         self._log_det_mode = checks.choice(log_det, LOG_DET_MODES, "log_det")
         size = int(np.prod(event_shape))
         self._exact = log_det == "exact" or (log_det == "auto" and size <= EXACT_MAX_DIMS)
         self._n_exact = checks.positive_int(n_exact, "n_exact", minimum=0)
-        self._geometric_p = checks.number(geometric_p, "geometric_p", minimum=0.0, maximum=1.0,
-                                          exclusive_minimum=True, exclusive_maximum=True)
+        self._geometric_p = checks.number(
+            geometric_p,
+            "geometric_p",
+            minimum=0.0,
+            maximum=1.0,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
         self._noise = checks.choice(noise, _residual_math.NOISES, "noise")
-        self._atol = (DEFAULT_ATOL[dtype] if atol is None else
-                      checks.number(atol, "atol", minimum=0.0, exclusive_minimum=True))
+        self._atol = (
+            DEFAULT_ATOL[dtype]
+            if atol is None
+            else checks.number(atol, "atol", minimum=0.0, exclusive_minimum=True)
+        )
         self._max_iterations = checks.positive_int(max_iterations, "max_iterations")
-        self._seed = (zlib.crc32(name.encode()) if seed is None else
-                      checks.positive_int(seed, "seed", minimum=0)) % 2**31
-        super().__init__(forward_min_event_ndims=len(event_shape), dtype=dtype,
-                         validate_args=validate_args, parameters=parameters, name=name)
+        self._seed = (
+            zlib.crc32(name.encode())
+            if seed is None
+            else checks.positive_int(seed, "seed", minimum=0)
+        ) % 2**31
+        super().__init__(
+            forward_min_event_ndims=len(event_shape),
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
         self._track_layers(net)
 
     @staticmethod
@@ -143,8 +180,10 @@ class ResidualBlock(FlowBijector):
         net = residual_fn
         if not isinstance(residual_fn, keras.layers.Layer):
             if not callable(residual_fn):
-                raise TypeError(f"`residual_fn` must be a residual network layer or a "
-                                f"factory `fn(event_shape)`; got {residual_fn!r}.")
+                raise TypeError(
+                    f"`residual_fn` must be a residual network layer or a "
+                    f"factory `fn(event_shape)`; got {residual_fn!r}."
+                )
             if event_shape is None:
                 raise ValueError("`event_shape` is required when `residual_fn` is a factory.")
             net = residual_fn(event_shape)
@@ -153,7 +192,8 @@ class ResidualBlock(FlowBijector):
             raise TypeError(
                 f"`residual_fn` must be a Lipschitz-constrained residual network such as "
                 f"tfp_glow.nets.residual.ResidualMLP / ResidualCNN (an unconstrained network "
-                f"need not be invertible); {type(net).__name__} lacks {missing}.")
+                f"need not be invertible); {type(net).__name__} lacks {missing}."
+            )
         return net
 
     # -- properties -------------------------------------------------------------
@@ -188,8 +228,8 @@ class ResidualBlock(FlowBijector):
     def _fold(self, t):
         """`t` as `[N, *event]`, and a function putting its batch shape back."""
         nd = len(self._event_shape)
-        batch_static = t.shape[:t.shape.rank - nd]
-        batch = tf.shape(t)[:t.shape.rank - nd]
+        batch_static = t.shape[: t.shape.rank - nd]
+        batch = tf.shape(t)[: t.shape.rank - nd]
 
         def unfold(out, event=True):
             tail = list(self._event_shape) if event else []
@@ -211,8 +251,14 @@ class ResidualBlock(FlowBijector):
         if self._exact:
             return _residual_math.exact_log_det(fn, x, weights)
         return _residual_math.roulette_log_det(
-            fn, x, weights, self._noise_seed(step_seed), n_exact=self._n_exact,
-            geometric_p=self._geometric_p, noise=self._noise)
+            fn,
+            x,
+            weights,
+            self._noise_seed(step_seed),
+            n_exact=self._n_exact,
+            geometric_p=self._geometric_p,
+            noise=self._noise,
+        )
 
     def _forward_and_log_det(self, x, **kwargs):
         x = tf.convert_to_tensor(x, self.dtype)
@@ -228,6 +274,11 @@ class ResidualBlock(FlowBijector):
         step_seed = self._net.training_step_seed()
         weights = self._net.normalized_weights(update=False)
         x = _residual_math.fixed_point_inverse(
-            self._net.call_with, flat, weights, self._atol, self._max_iterations,
-            adjoint="solve" if self._exact else "iterate")
+            self._net.call_with,
+            flat,
+            weights,
+            self._atol,
+            self._max_iterations,
+            adjoint="solve" if self._exact else "iterate",
+        )
         return unfold(x), unfold(-self._log_det(x, weights, step_seed), event=False)

@@ -12,8 +12,16 @@ from tfp_glow.bijectors.coupling import CouplingBase
 __all__ = ["RationalQuadraticSplineCoupling", "rational_quadratic_spline"]
 
 
-def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_derivative,
-                    max_derivative_ratio=None):
+def _bin_parameters(
+    raw_w,
+    raw_h,
+    raw_d,
+    tail_bound,
+    min_width,
+    min_height,
+    min_derivative,
+    max_derivative_ratio=None,
+):
     """Knots `(x_k, y_k)`, `k = 0..K`, and knot derivatives `d_k` from raw outputs."""
     dtype = raw_w.dtype
     num_bins = raw_w.shape[-1]
@@ -41,14 +49,24 @@ def _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_
         slopes = (ys[..., 1:] - ys[..., :-1]) / (xs[..., 1:] - xs[..., :-1])
         ceiling = tf.constant(max_derivative_ratio, dtype) * tf.concat(
             [slopes[..., :1], tf.minimum(slopes[..., :-1], slopes[..., 1:]), slopes[..., -1:]],
-            axis=-1)
+            axis=-1,
+        )
         derivatives = tf.minimum(derivatives, ceiling)
     return xs, ys, derivatives
 
 
-def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=False,
-                              min_width=1e-3, min_height=1e-3, min_derivative=1e-3,
-                              max_derivative_ratio=None):
+def rational_quadratic_spline(
+    x,
+    raw_w,
+    raw_h,
+    raw_d,
+    tail_bound=4.0,
+    inverse=False,
+    min_width=1e-3,
+    min_height=1e-3,
+    min_derivative=1e-3,
+    max_derivative_ratio=None,
+):
     """Elementwise monotone RQ spline on `[-B, B]`, identity outside.
 
     `raw_w`, `raw_h`: `[..., K]` (bin widths and heights before a softmax),
@@ -61,8 +79,9 @@ def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=Fa
     its bins' slopes, which bounds it everywhere.
     See `RationalQuadraticSplineCoupling` for the formulas.
     """
-    xs, ys, ds = _bin_parameters(raw_w, raw_h, raw_d, tail_bound, min_width, min_height,
-                                 min_derivative, max_derivative_ratio)
+    xs, ys, ds = _bin_parameters(
+        raw_w, raw_h, raw_d, tail_bound, min_width, min_height, min_derivative, max_derivative_ratio
+    )
     b = tf.constant(tail_bound, x.dtype)
     inside = (x >= -b) & (x <= b)
     # The spline branch is evaluated on clipped values so that the branch
@@ -74,10 +93,20 @@ def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=Fa
     onehot = tf.one_hot(k, num_bins, dtype=x.dtype)
     # The six per-bin quantities of bin k selected with one product and one sum
     # (fewer ops than six gathers: on CPU the step time is mostly per-op cost).
-    table = tf.stack([xs[..., :-1], ys[..., :-1], xs[..., 1:] - xs[..., :-1],
-                      ys[..., 1:] - ys[..., :-1], ds[..., :-1], ds[..., 1:]], axis=-2)
+    table = tf.stack(
+        [
+            xs[..., :-1],
+            ys[..., :-1],
+            xs[..., 1:] - xs[..., :-1],
+            ys[..., 1:] - ys[..., :-1],
+            ds[..., :-1],
+            ds[..., 1:],
+        ],
+        axis=-2,
+    )
     x_k, y_k, w_k, h_k, d_k, d_k1 = tf.unstack(
-        tf.reduce_sum(table * onehot[..., None, :], axis=-1), axis=-1)
+        tf.reduce_sum(table * onehot[..., None, :], axis=-1), axis=-1
+    )
     s = h_k / w_k
     curvature = d_k1 + d_k - 2.0 * s
     if inverse:
@@ -97,9 +126,11 @@ def rational_quadratic_spline(x, raw_w, raw_h, raw_d, tail_bound=4.0, inverse=Fa
         out = xi * w_k + x_k
     else:
         out = y_k + h_k * (s * xi * xi + d_k * xi * one_m) / denom
-    log_slope = (2.0 * tf.math.log(s)
-                 + tf.math.log(d_k1 * xi * xi + 2.0 * s * xi * one_m + d_k * one_m * one_m)
-                 - 2.0 * tf.math.log(denom))
+    log_slope = (
+        2.0 * tf.math.log(s)
+        + tf.math.log(d_k1 * xi * xi + 2.0 * s * xi * one_m + d_k * one_m * one_m)
+        - 2.0 * tf.math.log(denom)
+    )
     if inverse:
         log_slope = -log_slope
     return (tf.where(inside, out, x), tf.where(inside, log_slope, tf.zeros_like(log_slope)))
@@ -194,37 +225,69 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         interpolation to monotonic data. IMA J. Numer. Anal. 2(2), 1982.
     """
 
-    def __init__(self,
-                 net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
-                 num_bins: int = 8,
-                 tail_bound: float = 4.0, min_bin_width: float = 1e-3,
-                 min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
-                 mask: str = "channel", parity: int = 0,
-                 event_shape: Sequence[int] | None = None, event_ndims: int = 3,
-                 dtype: tf.DType | str = tf.float32, validate_args: bool = False,
-                 name: str = "spline_coupling",
-                 max_derivative_ratio: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        net: keras.layers.Layer | Callable[[int], keras.layers.Layer],
+        num_bins: int = 8,
+        tail_bound: float = 4.0,
+        min_bin_width: float = 1e-3,
+        min_bin_height: float = 1e-3,
+        min_derivative: float = 1e-3,
+        mask: str = "channel",
+        parity: int = 0,
+        event_shape: Sequence[int] | None = None,
+        event_ndims: int = 3,
+        dtype: tf.DType | str = tf.float32,
+        validate_args: bool = False,
+        name: str = "spline_coupling",
+        max_derivative_ratio: float | None = 10.0,
+    ) -> None:
         parameters = dict(locals())
         num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
-        self._tail_bound = checks.number(tail_bound, "tail_bound", minimum=0.0,
-                                         exclusive_minimum=True)
-        self._min_width = checks.number(min_bin_width, "min_bin_width", minimum=0.0,
-                                        maximum=1.0 / num_bins, exclusive_minimum=True,
-                                        exclusive_maximum=True)
-        self._min_height = checks.number(min_bin_height, "min_bin_height", minimum=0.0,
-                                         maximum=1.0 / num_bins, exclusive_minimum=True,
-                                         exclusive_maximum=True)
-        self._min_derivative = checks.number(min_derivative, "min_derivative", minimum=0.0,
-                                             maximum=1.0, exclusive_minimum=True,
-                                             exclusive_maximum=True)
+        self._tail_bound = checks.number(
+            tail_bound, "tail_bound", minimum=0.0, exclusive_minimum=True
+        )
+        self._min_width = checks.number(
+            min_bin_width,
+            "min_bin_width",
+            minimum=0.0,
+            maximum=1.0 / num_bins,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
+        self._min_height = checks.number(
+            min_bin_height,
+            "min_bin_height",
+            minimum=0.0,
+            maximum=1.0 / num_bins,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
+        self._min_derivative = checks.number(
+            min_derivative,
+            "min_derivative",
+            minimum=0.0,
+            maximum=1.0,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
         self._max_derivative_ratio = checks.number(
-            max_derivative_ratio, "max_derivative_ratio", minimum=1.0, allow_none=True)
+            max_derivative_ratio, "max_derivative_ratio", minimum=1.0, allow_none=True
+        )
         self._num_bins = num_bins
         # Per instance: the number of network outputs depends on `num_bins`.
         self._outputs_per_channel = self.outputs_per_channel(num_bins)
-        super().__init__(net, mask=mask, parity=parity, event_shape=event_shape,
-                         event_ndims=event_ndims, dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            net,
+            mask=mask,
+            parity=parity,
+            event_shape=event_shape,
+            event_ndims=event_ndims,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @staticmethod
     def outputs_per_channel(num_bins):
@@ -254,10 +317,17 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         params = tf.reshape(h, tf.concat([tf.shape(x), [3 * k - 1]], 0))
         raw_w, raw_h, raw_d = tf.split(params, [k, k, k - 1], axis=-1)
         return rational_quadratic_spline(
-            x, raw_w, raw_h, raw_d, self._tail_bound, inverse=inverse,
-            min_width=self._min_width, min_height=self._min_height,
+            x,
+            raw_w,
+            raw_h,
+            raw_d,
+            self._tail_bound,
+            inverse=inverse,
+            min_width=self._min_width,
+            min_height=self._min_height,
             min_derivative=self._min_derivative,
-            max_derivative_ratio=self._max_derivative_ratio)
+            max_derivative_ratio=self._max_derivative_ratio,
+        )
 
     def _transform(self, x_a, h):
         return self._spline(x_a, h, inverse=False)

@@ -22,8 +22,13 @@ class Squeeze(FlowBijector):
     `forward_event_shape` keeps any batch prefix, as `tfb.Reshape` does.
     """
 
-    def __init__(self, factor: int = 2, event_shape: Sequence[int] | None = None,
-                 validate_args: bool = False, name: str = "squeeze") -> None:
+    def __init__(
+        self,
+        factor: int = 2,
+        event_shape: Sequence[int] | None = None,
+        validate_args: bool = False,
+        name: str = "squeeze",
+    ) -> None:
         parameters = dict(locals())
         factor = _shapes.validate_positive_int(factor, "factor")
         if factor < 2:
@@ -31,9 +36,13 @@ class Squeeze(FlowBijector):
         self._factor = factor
         if event_shape is not None:
             self._check_shape(tuple(event_shape), "event_shape")
-        super().__init__(forward_min_event_ndims=3, is_constant_jacobian=True,
-                         validate_args=validate_args, parameters=parameters,
-                         name=name)
+        super().__init__(
+            forward_min_event_ndims=3,
+            is_constant_jacobian=True,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @property
     def factor(self):
@@ -41,14 +50,14 @@ class Squeeze(FlowBijector):
 
     def _check_shape(self, shape, arg_name):
         if len(shape) < 3:
-            raise ValueError(
-                f"`{arg_name}` must be an image shape [..., H, W, C]; got {shape}.")
+            raise ValueError(f"`{arg_name}` must be an image shape [..., H, W, C]; got {shape}.")
         h, w = shape[-3], shape[-2]
         for size, axis in ((h, "height"), (w, "width")):
             if size is not None and size % self._factor:
                 raise ValueError(
                     f"Squeeze(factor={self._factor}) needs {axis} divisible by "
-                    f"{self._factor}; `{arg_name}` has shape {tuple(shape)}.")
+                    f"{self._factor}; `{arg_name}` has shape {tuple(shape)}."
+                )
 
     @property
     def _is_permutation(self):
@@ -63,8 +72,12 @@ class Squeeze(FlowBijector):
         self._check_shape(tuple(input_shape), "input_shape")
         (h, w, c), f = parts[1], self._factor
         return parts[0].concatenate(
-            [None if h is None else h // f, None if w is None else w // f,
-             None if c is None else c * f * f])
+            [
+                None if h is None else h // f,
+                None if w is None else w // f,
+                None if c is None else c * f * f,
+            ]
+        )
 
     def _inverse_event_shape(self, output_shape):
         parts = _shapes.event_shape_parts(output_shape, 3, "output_shape")
@@ -73,24 +86,39 @@ class Squeeze(FlowBijector):
         (h, w, c), f = parts[1], self._factor
         self._check_channels(c, "output_shape", output_shape)
         return parts[0].concatenate(
-            [None if h is None else h * f, None if w is None else w * f,
-             None if c is None else c // (f * f)])
+            [
+                None if h is None else h * f,
+                None if w is None else w * f,
+                None if c is None else c // (f * f),
+            ]
+        )
 
     def _forward_event_shape_tensor(self, input_shape):
         f = self._factor
-        return tf.concat([input_shape[:-3], tf.stack(
-            [input_shape[-3] // f, input_shape[-2] // f, input_shape[-1] * f * f])], 0)
+        return tf.concat(
+            [
+                input_shape[:-3],
+                tf.stack([input_shape[-3] // f, input_shape[-2] // f, input_shape[-1] * f * f]),
+            ],
+            0,
+        )
 
     def _inverse_event_shape_tensor(self, output_shape):
         f = self._factor
-        return tf.concat([output_shape[:-3], tf.stack(
-            [output_shape[-3] * f, output_shape[-2] * f, output_shape[-1] // (f * f)])], 0)
+        return tf.concat(
+            [
+                output_shape[:-3],
+                tf.stack([output_shape[-3] * f, output_shape[-2] * f, output_shape[-1] // (f * f)]),
+            ],
+            0,
+        )
 
     def _check_channels(self, c, arg_name, shape):
-        if c is not None and c % (self._factor ** 2):
+        if c is not None and c % (self._factor**2):
             raise ValueError(
-                f"Squeeze inverse needs channels divisible by {self._factor ** 2}; "
-                f"`{arg_name}` has shape {tf.TensorShape(shape)}.")
+                f"Squeeze inverse needs channels divisible by {self._factor**2}; "
+                f"`{arg_name}` has shape {tf.TensorShape(shape)}."
+            )
 
     def _input_assertions(self, t, inverse, **kwargs):
         # With validate_args, a height or width known only at run time must
@@ -101,10 +129,14 @@ class Squeeze(FlowBijector):
         shape = tf.shape(t)
         for axis, size in (("height", -3), ("width", -2)):
             if t.shape[size] is None:
-                checks.append(tf.debugging.assert_equal(
-                    shape[size] % self._factor, 0,
-                    message=f"Squeeze(factor={self._factor}) needs {axis} divisible "
-                            f"by {self._factor} (validate_args=True)."))
+                checks.append(
+                    tf.debugging.assert_equal(
+                        shape[size] % self._factor,
+                        0,
+                        message=f"Squeeze(factor={self._factor}) needs {axis} divisible "
+                        f"by {self._factor} (validate_args=True).",
+                    )
+                )
         return checks
 
     @staticmethod

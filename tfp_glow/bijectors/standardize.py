@@ -33,19 +33,22 @@ def one_hot_labels(labels, num_classes, dtype):
         raise ValueError(
             f"This flow is class-conditional (num_classes={num_classes}): pass "
             f"the labels as `conditional_input` (int [batch] or one-hot "
-            f"[batch, {num_classes}]).")
+            f"[batch, {num_classes}])."
+        )
     labels = tf.convert_to_tensor(labels)
     if labels.dtype.is_integer:
         if labels.shape.rank not in (None, 1):
             raise ValueError(
-                f"Integer `conditional_input` labels must have shape [batch]; "
-                f"got {labels.shape}.")
+                f"Integer `conditional_input` labels must have shape [batch]; got {labels.shape}."
+            )
         return tf.one_hot(labels, num_classes, dtype=dtype)
     if labels.shape.rank is not None and (
-            labels.shape.rank != 2 or labels.shape[-1] not in (None, num_classes)):
+        labels.shape.rank != 2 or labels.shape[-1] not in (None, num_classes)
+    ):
         raise ValueError(
             f"One-hot `conditional_input` must have shape [batch, {num_classes}]; "
-            f"got {labels.shape}.")
+            f"got {labels.shape}."
+        )
     return tf.cast(labels, dtype)
 
 
@@ -61,23 +64,35 @@ class StandardizeBase(FlowBijector):
     passes `is_constant_jacobian=True`: the map is then affine in `x`.
     """
 
-    def __init__(self, num_classes, channels, event_ndims, dtype, parameters,
-                 name, validate_args=False, is_constant_jacobian=False):
+    def __init__(
+        self,
+        num_classes,
+        channels,
+        event_ndims,
+        dtype,
+        parameters,
+        name,
+        validate_args=False,
+        is_constant_jacobian=False,
+    ):
         _shapes.validate_event_ndims(event_ndims)
         if num_classes is not None:
             _shapes.validate_positive_int(num_classes, "num_classes")
         self._num_classes = num_classes
         self._event_ndims = event_ndims
         dtype = tf.as_dtype(dtype)
-        super().__init__(forward_min_event_ndims=event_ndims, dtype=dtype,
-                         is_constant_jacobian=is_constant_jacobian,
-                         validate_args=validate_args, parameters=parameters,
-                         name=name)
+        super().__init__(
+            forward_min_event_ndims=event_ndims,
+            dtype=dtype,
+            is_constant_jacobian=is_constant_jacobian,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
         self._class_table = None
         if num_classes is not None:
             state = ParameterLayer(dtype=dtype.name, name=f"{self.name}_classes")
-            self._class_table = state.add("class_offsets",
-                                          [num_classes, 2 * channels])
+            self._class_table = state.add("class_offsets", [num_classes, 2 * channels])
             self._track_layers(state)
 
     @property
@@ -91,13 +106,16 @@ class StandardizeBase(FlowBijector):
         if self._num_classes is not None and conditional_input is not None:
             labels = tf.convert_to_tensor(conditional_input)
             if labels.dtype.is_integer:
-                message = (f"{self.name}: `conditional_input` labels must lie in "
-                           f"[0, {self._num_classes}) (validate_args=True).")
+                message = (
+                    f"{self.name}: `conditional_input` labels must lie in "
+                    f"[0, {self._num_classes}) (validate_args=True)."
+                )
                 checks += [
                     tf.debugging.assert_non_negative(labels, message=message),
                     tf.debugging.assert_less(
-                        labels, tf.constant(self._num_classes, labels.dtype),
-                        message=message)]
+                        labels, tf.constant(self._num_classes, labels.dtype), message=message
+                    ),
+                ]
         return checks
 
     def _class_offsets(self, x, conditional_input):
@@ -108,7 +126,8 @@ class StandardizeBase(FlowBijector):
         offsets = onehot @ tf.convert_to_tensor(self._class_table)
         # A static channel count (2 * channels), so shapes stay known in graphs.
         offsets = tf.reshape(
-            offsets, [-1] + [1] * (self._event_ndims - 1) + [self._class_table.shape[-1]])
+            offsets, [-1] + [1] * (self._event_ndims - 1) + [self._class_table.shape[-1]]
+        )
         return tf.split(offsets, 2, axis=-1)
 
     def _stats(self, rest, x, conditional_input):

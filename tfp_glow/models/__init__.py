@@ -5,8 +5,7 @@ Keras-serialisable (`get_config` holds the constructor arguments, so `.keras`
 files reload).
 """
 
-from tfp_glow.models._common import (COUPLINGS, DEFAULT_DROPOUT, DEQUANTIZATIONS,
-                                     PERMUTATIONS)
+from tfp_glow.models._common import COUPLINGS, DEFAULT_DROPOUT, DEQUANTIZATIONS, PERMUTATIONS
 from tfp_glow.models.ffjord import FFJORD, build_ffjord_flow
 from tfp_glow.models.glow import Glow, build_glow_flow
 from tfp_glow.models.maf import IAF, MAF, build_maf_flow

@@ -5,10 +5,15 @@ import functools
 import inspect
 
 from tfp_glow import checks, nets
-from tfp_glow.bijectors import (AdditiveCoupling, AffineCoupling, InvertibleConv1x1,
-                                LearnedPrior,
-                                LogisticMixtureCoupling, RationalQuadraticSplineCoupling,
-                                channel_permutation)
+from tfp_glow.bijectors import (
+    AdditiveCoupling,
+    AffineCoupling,
+    InvertibleConv1x1,
+    LearnedPrior,
+    LogisticMixtureCoupling,
+    RationalQuadraticSplineCoupling,
+    channel_permutation,
+)
 from tfp_glow.variational_dequantization import VariationalDequantizer
 
 COUPLINGS = ("affine", "additive", "spline", "mol")
@@ -20,9 +25,12 @@ DEFAULT_DROPOUT = 0.2
 
 
 # Each coupling with its own defaults (spline: 8 bins on [-4, 4]; mol: 4 logistics).
-COUPLING_CLASSES = {"affine": AffineCoupling, "additive": AdditiveCoupling,
-                    "spline": RationalQuadraticSplineCoupling,
-                    "mol": LogisticMixtureCoupling}
+COUPLING_CLASSES = {
+    "affine": AffineCoupling,
+    "additive": AdditiveCoupling,
+    "spline": RationalQuadraticSplineCoupling,
+    "mol": LogisticMixtureCoupling,
+}
 
 _choice = checks.choice
 _positive_int = checks.positive_int
@@ -39,18 +47,28 @@ def _image_shape(shape, levels, arg_name="image_shape"):
         shape = checks.shape(shape, arg_name, rank=3)
     except (TypeError, ValueError):
         raise ValueError(
-            f"`{arg_name}` must be (height, width, channels); got {shape!r}.") from None
-    step = 2 ** levels
+            f"`{arg_name}` must be (height, width, channels); got {shape!r}."
+        ) from None
+    step = 2**levels
     if shape[0] % step or shape[1] % step:
         raise ValueError(
             f"`{arg_name}` {shape} cannot be squeezed {levels} times: height and "
             f"width must be divisible by 2**levels = {step}. Use fewer `levels` "
-            f"or resize the images.")
+            f"or resize the images."
+        )
     return tuple(int(d) for d in shape)
 
 
-_SET_BY_THE_MODEL = ("net", "mask", "parity", "event_shape", "event_ndims", "dtype",
-                     "validate_args", "name")
+_SET_BY_THE_MODEL = (
+    "net",
+    "mask",
+    "parity",
+    "event_shape",
+    "event_ndims",
+    "dtype",
+    "validate_args",
+    "name",
+)
 
 
 def _options(cls, kwargs, arg_name, owner, set_by_the_model=_SET_BY_THE_MODEL):
@@ -59,57 +77,91 @@ def _options(cls, kwargs, arg_name, owner, set_by_the_model=_SET_BY_THE_MODEL):
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(f"`{arg_name}` must be None or a dict of keyword arguments; "
-                        f"received {kwargs!r}.")
-    allowed = [name for name in inspect.signature(cls).parameters
-               if name not in set_by_the_model and name != "kwargs"]
+        raise TypeError(
+            f"`{arg_name}` must be None or a dict of keyword arguments; received {kwargs!r}."
+        )
+    allowed = [
+        name
+        for name in inspect.signature(cls).parameters
+        if name not in set_by_the_model and name != "kwargs"
+    ]
     for key in kwargs:
         if key not in allowed:
             raise ValueError(
-                f"`{arg_name}` key {key!r} is not an option of {owner}; "
-                f"expected some of {allowed}.")
+                f"`{arg_name}` key {key!r} is not an option of {owner}; expected some of {allowed}."
+            )
     return dict(kwargs)
 
 
 def _coupling_kwargs(kind, kwargs):
     """`coupling_kwargs`: the coupling's own options (e.g. a spline's `num_bins`)."""
-    return _options(COUPLING_CLASSES[kind], kwargs, "coupling_kwargs",
-                    f"coupling={kind!r}")
+    return _options(COUPLING_CLASSES[kind], kwargs, "coupling_kwargs", f"coupling={kind!r}")
 
 
 def _dequantizer_kwargs(dequantization, kwargs):
     """`dequantizer_kwargs`: `VariationalDequantizer`'s width and steps."""
     if dequantization != "variational":
         if kwargs:
-            raise ValueError(f"`dequantizer_kwargs` needs dequantization='variational'; "
-                             f"got dequantization={dequantization!r}.")
+            raise ValueError(
+                f"`dequantizer_kwargs` needs dequantization='variational'; "
+                f"got dequantization={dequantization!r}."
+            )
         return {}
-    return _options(VariationalDequantizer, kwargs, "dequantizer_kwargs",
-                    "dequantization='variational'", ("event_shape", "num_bins"))
+    return _options(
+        VariationalDequantizer,
+        kwargs,
+        "dequantizer_kwargs",
+        "dequantization='variational'",
+        ("event_shape", "num_bins"),
+    )
 
 
-def _coupling(kind, shape, hidden, mask="channel", parity=0, net="glow", dtype="float32",
-              num_blocks=2, net_dtype=None, dropout=0.0, last_kernel=3,
-              coupling_kwargs=None, net_seed=None):
+def _coupling(
+    kind,
+    shape,
+    hidden,
+    mask="channel",
+    parity=0,
+    net="glow",
+    dtype="float32",
+    num_blocks=2,
+    net_dtype=None,
+    dropout=0.0,
+    last_kernel=3,
+    coupling_kwargs=None,
+    net_seed=None,
+):
     """A coupling whose network is built by a factory: the coupling sizes it."""
     if len(shape) == 1:
         factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
     elif net == "resnet":
-        factory = functools.partial(nets.ResNetCouplingNet, hidden, num_blocks=num_blocks,
-                                    dtype=net_dtype or dtype)
+        factory = functools.partial(
+            nets.ResNetCouplingNet, hidden, num_blocks=num_blocks, dtype=net_dtype or dtype
+        )
     else:
-        factory = functools.partial(nets.GlowCouplingNet, hidden, dropout=dropout,
-                                    last_kernel=last_kernel, seed=net_seed,
-                                    dtype=net_dtype or dtype)
-    return COUPLING_CLASSES[kind](factory, mask=mask, parity=parity, event_shape=shape,
-                                  dtype=dtype, **(coupling_kwargs or {}))
+        factory = functools.partial(
+            nets.GlowCouplingNet,
+            hidden,
+            dropout=dropout,
+            last_kernel=last_kernel,
+            seed=net_seed,
+            dtype=net_dtype or dtype,
+        )
+    return COUPLING_CLASSES[kind](
+        factory, mask=mask, parity=parity, event_shape=shape, dtype=dtype, **(coupling_kwargs or {})
+    )
 
 
-def _permutation(kind, channels, seed, event_ndims=3, dtype="float32",
-                 name="invertible_conv1x1"):
+def _permutation(kind, channels, seed, event_ndims=3, dtype="float32", name="invertible_conv1x1"):
     if kind in ("conv_lu", "conv"):
-        return InvertibleConv1x1(channels, lu=(kind == "conv_lu"), seed=seed,
-                                 event_ndims=event_ndims, dtype=dtype, name=name)
+        return InvertibleConv1x1(
+            channels,
+            lu=(kind == "conv_lu"),
+            seed=seed,
+            event_ndims=event_ndims,
+            dtype=dtype,
+            name=name,
+        )
     return channel_permutation(kind, channels, seed=seed)
 
 

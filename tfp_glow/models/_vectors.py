@@ -28,8 +28,10 @@ def input_shape_of(input_shape):
     try:
         shape = checks.shape(input_shape, "input_shape", rank=(1, 3))
     except (TypeError, ValueError):
-        raise ValueError(f"`input_shape` must be (D,) for vectors or (H, W, C) for images "
-                         f"(flattened to H*W*C features); got {input_shape!r}.") from None
+        raise ValueError(
+            f"`input_shape` must be (D,) for vectors or (H, W, C) for images "
+            f"(flattened to H*W*C features); got {input_shape!r}."
+        ) from None
     return tuple(int(d) for d in shape)
 
 
@@ -71,17 +73,24 @@ def vector_flow(input_shape, steps, num_classes, dtype, name):
     steps = list(steps)
     if len(input_shape) > 1:
         steps.insert(0, tfb.Reshape(event_shape_out=[dim], event_shape_in=list(input_shape)))
-    return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
-                          top_prior=_maybe_prior((dim,), num_classes, dtype), name=name)
+    return MultiScaleFlow(
+        input_shape,
+        [(tfb.Chain(list(reversed(steps))), None)],
+        top_prior=_maybe_prior((dim,), num_classes, dtype),
+        name=name,
+    )
 
 
 def hidden_units_of(value: Sequence[int], arg_name: str = "hidden_units") -> list[int]:
     """`value` as a list of positive ints (a network's hidden layer sizes)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"`{arg_name}` must be a list of positive ints (hidden layer "
-                         f"sizes); got {value!r}.")
+        raise ValueError(
+            f"`{arg_name}` must be a list of positive ints (hidden layer sizes); got {value!r}."
+        )
     units = list(value)
     if not units or not all(checks.is_int(u) and u > 0 for u in units):
-        raise ValueError(f"`{arg_name}` must be a non-empty list of positive ints (hidden "
-                         f"layer sizes); got {value!r}.")
+        raise ValueError(
+            f"`{arg_name}` must be a non-empty list of positive ints (hidden "
+            f"layer sizes); got {value!r}."
+        )
     return [int(u) for u in units]

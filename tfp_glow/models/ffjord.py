@@ -91,51 +91,90 @@ class FFJORD(FlowModel):
          ICLR 2019. https://arxiv.org/abs/1810.01367
     """
 
-    def __init__(self, input_shape: Sequence[int] = (8, 8, 1),
-                 hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
-                 trace: str = "auto", trace_samples: int = 1, rtol: float = 1e-3,
-                 atol: float = 1e-6, solver: str = "dormand_prince", activation: str = "tanh",
-                 num_classes: int | None = None, num_bins: int | None = 256,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (8, 8, 1),
+        hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
+        trace: str = "auto",
+        trace_samples: int = 1,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+        solver: str = "dormand_prince",
+        activation: str = "tanh",
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         self._config = dict(
-            input_shape=input_shape, hidden_units=_vectors.hidden_units_of(hidden_units),
+            input_shape=input_shape,
+            hidden_units=_vectors.hidden_units_of(hidden_units),
             trace=checks.choice(trace, TRACES, "trace"),
             trace_samples=_positive_int(trace_samples, "trace_samples"),
             rtol=checks.number(rtol, "rtol", minimum=0.0, exclusive_minimum=True),
             atol=checks.number(atol, "atol", minimum=0.0, exclusive_minimum=True),
-            solver=checks.choice(solver, SOLVERS, "solver"), activation=activation,
-            num_classes=num_classes, num_bins=num_bins)
+            solver=checks.choice(solver, SOLVERS, "solver"),
+            activation=activation,
+            num_classes=num_classes,
+            num_bins=num_bins,
+        )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
-            flow=lambda: build_ffjord_flow(**options, dtype=self.dtype_policy.variable_dtype,
-                                           net_dtype=_net_dtype(self.dtype_policy)),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes, **kwargs)
+            flow=lambda: build_ffjord_flow(
+                **options,
+                dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy),
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     @property
     def exact_trace(self):
         """Whether this model's log-det uses the exact trace (else Hutchinson's)."""
-        return exact_trace_for(self._config["trace"],
-                               _vectors.num_features(self._config["input_shape"]))
+        return exact_trace_for(
+            self._config["trace"], _vectors.num_features(self._config["input_shape"])
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
 
 
-def build_ffjord_flow(input_shape, hidden_units=DEFAULT_HIDDEN_UNITS, trace="auto",
-                      trace_samples=1, rtol=1e-3, atol=1e-6, solver="dormand_prince",
-                      activation="tanh", num_classes=None, dtype="float32", net_dtype=None):
+def build_ffjord_flow(
+    input_shape,
+    hidden_units=DEFAULT_HIDDEN_UNITS,
+    trace="auto",
+    trace_samples=1,
+    rtol=1e-3,
+    atol=1e-6,
+    solver="dormand_prince",
+    activation="tanh",
+    num_classes=None,
+    dtype="float32",
+    net_dtype=None,
+):
     """The normalizing bijector of `FFJORD` (see its docstring)."""
     dim = _vectors.num_features(input_shape)
-    field = nets.ODENet(event_size=dim, hidden_units=list(hidden_units),
-                        activation=activation, dtype=net_dtype or dtype, name="ode_net")
+    field = nets.ODENet(
+        event_size=dim,
+        hidden_units=list(hidden_units),
+        activation=activation,
+        dtype=net_dtype or dtype,
+        name="ode_net",
+    )
     solvers = {"dormand_prince": tfp.math.ode.DormandPrince, "bdf": tfp.math.ode.BDF}
     ffjord = tfb.FFJORD(
         state_time_derivative_fn=field,
         ode_solve_fn=solvers[solver](rtol=rtol, atol=atol).solve,
         trace_augmentation_fn=nets.ffjord_trace(
-            exact=exact_trace_for(trace, dim), num_samples=trace_samples),
-        dtype=dtype, name="ffjord")
+            exact=exact_trace_for(trace, dim), num_samples=trace_samples
+        ),
+        dtype=dtype,
+        name="ffjord",
+    )
     # TFP's FFJORD runs latent -> data (t from 0 to 1): its inverse normalizes.
-    return _vectors.vector_flow(input_shape, [tfb.Invert(ffjord)], num_classes, dtype,
-                                name="ffjord")
+    return _vectors.vector_flow(
+        input_shape, [tfb.Invert(ffjord)], num_classes, dtype, name="ffjord"
+    )

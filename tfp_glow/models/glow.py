@@ -8,13 +8,27 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks
 from tfp_glow.bijectors import ActNorm, FactorOut, LearnedPrior, MultiScaleFlow, Squeeze
-from tfp_glow.models._common import (COUPLINGS, PERMUTATIONS, DEQUANTIZATIONS, DEFAULT_DROPOUT, _choice, _positive_int, _net_dtype, _image_shape, _coupling_kwargs, _dequantizer_kwargs, _coupling, _permutation)
+from tfp_glow.models._common import (
+    COUPLINGS,
+    DEFAULT_DROPOUT,
+    DEQUANTIZATIONS,
+    PERMUTATIONS,
+    _choice,
+    _coupling,
+    _coupling_kwargs,
+    _dequantizer_kwargs,
+    _image_shape,
+    _net_dtype,
+    _permutation,
+    _positive_int,
+)
 from tfp_glow.training.flow_model import FlowModel
 from tfp_glow.variational_dequantization import VariationalDequantizer
 
 tfb = tfp.bijectors
 
 __all__ = ["Glow", "build_glow_flow"]
+
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class Glow(FlowModel):
@@ -73,18 +87,31 @@ class Glow(FlowModel):
     ```
     """
 
-    def __init__(self, image_shape: Sequence[int] = (32, 32, 3), levels: int = 3,
-                 steps_per_level: int = 8, hidden_channels: int = 512, coupling: str = "affine",
-                 permutation: str = "conv_lu", learn_top_prior: bool = True,
-                 num_classes: int | None = None, split_fraction: float = 0.5,
-                 num_bins: int | None = 256, seed: int = 0, dropout: float | None = None,
-                 last_kernel: int = 3, coupling_kwargs: dict[str, Any] | None = None,
-                 dequantization: str | None = None,
-                 dequantizer_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int] = (32, 32, 3),
+        levels: int = 3,
+        steps_per_level: int = 8,
+        hidden_channels: int = 512,
+        coupling: str = "affine",
+        permutation: str = "conv_lu",
+        learn_top_prior: bool = True,
+        num_classes: int | None = None,
+        split_fraction: float = 0.5,
+        num_bins: int | None = 256,
+        seed: int = 0,
+        dropout: float | None = None,
+        last_kernel: int = 3,
+        coupling_kwargs: dict[str, Any] | None = None,
+        dequantization: str | None = None,
+        dequantizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         levels = _positive_int(levels, "levels")
         dropout = DEFAULT_DROPOUT if dropout is None else dropout
-        dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
-                                exclusive_maximum=True)
+        dropout = checks.number(
+            dropout, "dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
         if dequantization is None:
             dequantization = "uniform" if num_bins is None else "variational"
         last_kernel = _positive_int(last_kernel, "last_kernel")
@@ -98,36 +125,64 @@ class Glow(FlowModel):
             num_classes = _positive_int(num_classes, "num_classes")
         _choice(dequantization, DEQUANTIZATIONS, "dequantization")
         if dequantization == "variational" and num_bins is None:
-            raise ValueError("`dequantization='variational'` needs discrete data: pass "
-                             "`num_bins` (the number of levels) or use "
-                             "dequantization='uniform' for continuous data.")
+            raise ValueError(
+                "`dequantization='variational'` needs discrete data: pass "
+                "`num_bins` (the number of levels) or use "
+                "dequantization='uniform' for continuous data."
+            )
         dequantizer_kwargs = _dequantizer_kwargs(dequantization, dequantizer_kwargs)
         self._config = dict(
-            image_shape=image_shape, levels=levels, steps_per_level=steps_per_level,
-            hidden_channels=hidden_channels, coupling=coupling,
-            permutation=permutation, learn_top_prior=bool(learn_top_prior),
-            num_classes=num_classes, split_fraction=float(split_fraction),
-            num_bins=num_bins, seed=seed, dropout=dropout, last_kernel=last_kernel,
-            coupling_kwargs=coupling_kwargs, dequantization=dequantization,
-            dequantizer_kwargs=dequantizer_kwargs)
-        flow_options = {k: v for k, v in self._config.items()
-                        if k not in ("num_bins", "dequantization", "dequantizer_kwargs")}
+            image_shape=image_shape,
+            levels=levels,
+            steps_per_level=steps_per_level,
+            hidden_channels=hidden_channels,
+            coupling=coupling,
+            permutation=permutation,
+            learn_top_prior=bool(learn_top_prior),
+            num_classes=num_classes,
+            split_fraction=float(split_fraction),
+            num_bins=num_bins,
+            seed=seed,
+            dropout=dropout,
+            last_kernel=last_kernel,
+            coupling_kwargs=coupling_kwargs,
+            dequantization=dequantization,
+            dequantizer_kwargs=dequantizer_kwargs,
+        )
+        flow_options = {
+            k: v
+            for k, v in self._config.items()
+            if k not in ("num_bins", "dequantization", "dequantizer_kwargs")
+        }
 
         def build():
             # `dtype` is keras.Model's dtype policy, already in its config: every
             # bijector is built in its variable dtype, every network in the policy.
-            return build_glow_flow(**flow_options, dtype=self.dtype_policy.variable_dtype,
-                                   net_dtype=_net_dtype(self.dtype_policy))
+            return build_glow_flow(
+                **flow_options,
+                dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy),
+            )
 
         def build_dequantizer():
             if dequantization == "uniform":
                 return None
-            return VariationalDequantizer(image_shape, num_bins, **dequantizer_kwargs,
-                                          dtype=self.dtype_policy.variable_dtype,
-                                          name="dequantizer")
+            return VariationalDequantizer(
+                image_shape,
+                num_bins,
+                **dequantizer_kwargs,
+                dtype=self.dtype_policy.variable_dtype,
+                name="dequantizer",
+            )
 
-        super().__init__(flow=build, event_shape=image_shape, num_bins=num_bins,
-                         num_classes=num_classes, dequantizer=build_dequantizer, **kwargs)
+        super().__init__(
+            flow=build,
+            event_shape=image_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            dequantizer=build_dequantizer,
+            **kwargs,
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
@@ -141,10 +196,23 @@ class Glow(FlowModel):
         return super().from_config(config)
 
 
-def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
-                    coupling="affine", permutation="conv_lu", learn_top_prior=True,
-                    num_classes=None, split_fraction=0.5, seed=0, dtype="float32",
-                    net_dtype=None, dropout=0.0, last_kernel=3, coupling_kwargs=None):
+def build_glow_flow(
+    image_shape,
+    levels,
+    steps_per_level,
+    hidden_channels,
+    coupling="affine",
+    permutation="conv_lu",
+    learn_top_prior=True,
+    num_classes=None,
+    split_fraction=0.5,
+    seed=0,
+    dtype="float32",
+    net_dtype=None,
+    dropout=0.0,
+    last_kernel=3,
+    coupling_kwargs=None,
+):
     """The normalizing bijector of `Glow` (see its docstring); `net_dtype` (a Keras
     dtype policy name, default `dtype`) is the coupling networks' dtype."""
     shape = tuple(image_shape)
@@ -156,18 +224,33 @@ def build_glow_flow(image_shape, levels, steps_per_level, hidden_channels,
         steps = [squeeze]
         for k in range(steps_per_level):
             step_seed = None if seed is None else seed * 100003 + level * 1000 + k
-            steps += [ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
-                      _permutation(permutation, c, step_seed, dtype=dtype,
-                                   name=f"invertible_conv1x1_{level}_{k}"),
-                      _coupling(coupling, shape, hidden_channels, dtype=dtype,
-                                net_dtype=net_dtype, dropout=dropout,
-                                last_kernel=last_kernel, coupling_kwargs=coupling_kwargs,
-                                net_seed=step_seed)]
+            steps += [
+                ActNorm(c, dtype=dtype, name=f"act_norm_{level}_{k}"),
+                _permutation(
+                    permutation, c, step_seed, dtype=dtype, name=f"invertible_conv1x1_{level}_{k}"
+                ),
+                _coupling(
+                    coupling,
+                    shape,
+                    hidden_channels,
+                    dtype=dtype,
+                    net_dtype=net_dtype,
+                    dropout=dropout,
+                    last_kernel=last_kernel,
+                    coupling_kwargs=coupling_kwargs,
+                    net_seed=step_seed,
+                ),
+            ]
         fo = None
         if level < levels - 1:
-            fo = FactorOut(c, split_fraction, num_classes=num_classes, dtype=dtype,
-                           net_dtype=net_dtype,
-                           name=f"factor_out_{level}")
+            fo = FactorOut(
+                c,
+                split_fraction,
+                num_classes=num_classes,
+                dtype=dtype,
+                net_dtype=net_dtype,
+                name=f"factor_out_{level}",
+            )
             shape = shape[:-1] + (c - fo.num_factored,)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"level_{level}"), fo))
     top = None

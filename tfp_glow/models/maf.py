@@ -28,26 +28,44 @@ class _AutoregressiveModel(FlowModel):
 
     _INVERSE_AUTOREGRESSIVE = False
 
-    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), num_layers: int = 5,
-                 hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
-                 permutation: str = "reverse", actnorm: bool = False, activation: str = "relu",
-                 seed: int = 0, num_classes: int | None = None, num_bins: int | None = 256,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (8, 8, 1),
+        num_layers: int = 5,
+        hidden_units: Sequence[int] = DEFAULT_HIDDEN_UNITS,
+        permutation: str = "reverse",
+        actnorm: bool = False,
+        activation: str = "relu",
+        seed: int = 0,
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         self._config = dict(
-            input_shape=input_shape, num_layers=_positive_int(num_layers, "num_layers"),
+            input_shape=input_shape,
+            num_layers=_positive_int(num_layers, "num_layers"),
             hidden_units=_vectors.hidden_units_of(hidden_units),
-            permutation=checks.choice(permutation, _vectors.VECTOR_PERMUTATIONS,
-                                      "permutation"),
-            actnorm=checks.boolean(actnorm, "actnorm"), activation=activation,
-            seed=_vectors.seed_of(seed), num_classes=num_classes, num_bins=num_bins)
+            permutation=checks.choice(permutation, _vectors.VECTOR_PERMUTATIONS, "permutation"),
+            actnorm=checks.boolean(actnorm, "actnorm"),
+            activation=activation,
+            seed=_vectors.seed_of(seed),
+            num_classes=num_classes,
+            num_bins=num_bins,
+        )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
             flow=lambda: build_maf_flow(
-                **options, inverse_autoregressive=self._INVERSE_AUTOREGRESSIVE,
+                **options,
+                inverse_autoregressive=self._INVERSE_AUTOREGRESSIVE,
                 dtype=self.dtype_policy.variable_dtype,
-                net_dtype=_net_dtype(self.dtype_policy)),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes, **kwargs)
+                net_dtype=_net_dtype(self.dtype_policy),
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
@@ -132,17 +150,32 @@ class IAF(_AutoregressiveModel):
     _INVERSE_AUTOREGRESSIVE = True
 
 
-def build_maf_flow(input_shape, num_layers=5, hidden_units=DEFAULT_HIDDEN_UNITS,
-                   permutation="reverse", actnorm=False, activation="relu", seed=0,
-                   num_classes=None, inverse_autoregressive=False, dtype="float32",
-                   net_dtype=None):
+def build_maf_flow(
+    input_shape,
+    num_layers=5,
+    hidden_units=DEFAULT_HIDDEN_UNITS,
+    permutation="reverse",
+    actnorm=False,
+    activation="relu",
+    seed=0,
+    num_classes=None,
+    inverse_autoregressive=False,
+    dtype="float32",
+    net_dtype=None,
+):
     """The normalizing bijector of `MAF` (or of `IAF` with
     `inverse_autoregressive=True`; see their docstrings)."""
     dim = _vectors.num_features(input_shape)
     layers = []
     for i in range(num_layers):
-        made = nets.MADE(params=2, event_size=dim, hidden_units=list(hidden_units),
-                         activation=activation, dtype=net_dtype or dtype, name=f"made_{i}")
+        made = nets.MADE(
+            params=2,
+            event_size=dim,
+            hidden_units=list(hidden_units),
+            activation=activation,
+            dtype=net_dtype or dtype,
+            name=f"made_{i}",
+        )
         # TFP's MAF runs latent -> data with the sequential inverse: MAF
         # normalizes with its one-pass inverse, IAF with its D-pass forward.
         layer = tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=made, name=f"maf_{i}")
@@ -151,5 +184,6 @@ def build_maf_flow(input_shape, num_layers=5, hidden_units=DEFAULT_HIDDEN_UNITS,
             step.append(ActNorm(dim, event_ndims=1, dtype=dtype, name=f"actnorm_{i}"))
         layers.append(tfb.Chain(list(reversed(step))) if actnorm else step[0])
     steps = _vectors.interleave(layers, permutation, dim, seed)
-    return _vectors.vector_flow(input_shape, steps, num_classes, dtype,
-                                name="iaf" if inverse_autoregressive else "maf")
+    return _vectors.vector_flow(
+        input_shape, steps, num_classes, dtype, name="iaf" if inverse_autoregressive else "maf"
+    )

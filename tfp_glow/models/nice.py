@@ -1,7 +1,6 @@
 """NICE (Dinh et al. 2014) as a `FlowModel`: additive couplings on the flattened data."""
 
 import functools
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,12 +10,13 @@ import tensorflow_probability as tfp
 
 from tfp_glow import nets
 from tfp_glow.bijectors import ActNorm, AdditiveCoupling, MultiScaleFlow
-from tfp_glow.models._common import (_positive_int, _net_dtype, _maybe_prior)
+from tfp_glow.models._common import _maybe_prior, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
 
 __all__ = ["NICE", "build_nice_flow"]
+
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class NICE(FlowModel):
@@ -26,46 +26,78 @@ class NICE(FlowModel):
     Works on images (`input_shape=(H, W, C)`) and vectors (`(D,)`).
     """
 
-    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), coupling_layers: int = 4,
-                 hidden_units: int = 256, num_hidden_layers: int = 3,
-                 num_classes: int | None = None, num_bins: int | None = 256,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (8, 8, 1),
+        coupling_layers: int = 4,
+        hidden_units: int = 256,
+        num_hidden_layers: int = 3,
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
         input_shape = tuple(int(d) for d in input_shape)
         if len(input_shape) not in (1, 3):
-            raise ValueError(
-                f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
+            raise ValueError(f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
         self._config = dict(
             input_shape=input_shape,
             coupling_layers=_positive_int(coupling_layers, "coupling_layers", 2),
             hidden_units=_positive_int(hidden_units, "hidden_units"),
             num_hidden_layers=_positive_int(num_hidden_layers, "num_hidden_layers"),
-            num_classes=num_classes, num_bins=num_bins)
+            num_classes=num_classes,
+            num_bins=num_bins,
+        )
         cfg = self._config
         super().__init__(
-            flow=lambda: build_nice_flow(cfg["input_shape"], cfg["coupling_layers"],
-                                         cfg["hidden_units"], cfg["num_hidden_layers"],
-                                         cfg["num_classes"],
-                                         dtype=self.dtype_policy.variable_dtype,
-                                         net_dtype=_net_dtype(self.dtype_policy)),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
-            **kwargs)
+            flow=lambda: build_nice_flow(
+                cfg["input_shape"],
+                cfg["coupling_layers"],
+                cfg["hidden_units"],
+                cfg["num_hidden_layers"],
+                cfg["num_classes"],
+                dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy),
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
 
 
-def build_nice_flow(input_shape, coupling_layers=4, hidden_units=256,
-                    num_hidden_layers=3, num_classes=None, dtype="float32", net_dtype=None):
+def build_nice_flow(
+    input_shape,
+    coupling_layers=4,
+    hidden_units=256,
+    num_hidden_layers=3,
+    num_classes=None,
+    dtype="float32",
+    net_dtype=None,
+):
     """The normalizing bijector of `NICE` (see its docstring)."""
     dim = int(np.prod(input_shape))
     steps = []
     if len(input_shape) > 1:
         steps.append(tfb.Reshape(event_shape_out=[dim], event_shape_in=list(input_shape)))
     for i in range(coupling_layers):
-        net = functools.partial(nets.MLPCouplingNet, hidden_units,
-                                num_hidden_layers=num_hidden_layers, dtype=net_dtype or dtype)
-        steps.append(AdditiveCoupling(net, mask="checkerboard", parity=i % 2,
-                                      event_shape=(dim,), dtype=dtype))
+        net = functools.partial(
+            nets.MLPCouplingNet,
+            hidden_units,
+            num_hidden_layers=num_hidden_layers,
+            dtype=net_dtype or dtype,
+        )
+        steps.append(
+            AdditiveCoupling(
+                net, mask="checkerboard", parity=i % 2, event_shape=(dim,), dtype=dtype
+            )
+        )
     steps.append(ActNorm(dim, event_ndims=1, dtype=dtype, name="nice_scaling"))
-    return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
-                          top_prior=_maybe_prior((dim,), num_classes, dtype), name="nice")
+    return MultiScaleFlow(
+        input_shape,
+        [(tfb.Chain(list(reversed(steps))), None)],
+        top_prior=_maybe_prior((dim,), num_classes, dtype),
+        name="nice",
+    )

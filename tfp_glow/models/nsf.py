@@ -3,7 +3,6 @@ rational-quadratic splines, autoregressive (NSF-AR) or coupling (NSF-C), on
 (flattened) vectors."""
 
 import functools
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,43 +80,68 @@ class NeuralSplineFlow(FlowModel):
          NeurIPS 2019. https://arxiv.org/abs/1906.04032
     """
 
-    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), variant: str = "autoregressive",
-                 num_layers: int | None = None, hidden_units: Sequence[int] | None = None,
-                 spline_bins: int = 8, tail_bound: float = 4.0, permutation: str = "reverse",
-                 actnorm: bool = False, seed: int = 0, num_classes: int | None = None,
-                 num_bins: int | None = 256, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (8, 8, 1),
+        variant: str = "autoregressive",
+        num_layers: int | None = None,
+        hidden_units: Sequence[int] | None = None,
+        spline_bins: int = 8,
+        tail_bound: float = 4.0,
+        permutation: str = "reverse",
+        actnorm: bool = False,
+        seed: int = 0,
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
         variant = checks.choice(variant, VARIANTS, "variant")
         default_layers, default_units = DEFAULTS[variant]
-        num_layers = _positive_int(default_layers if num_layers is None else num_layers,
-                                   "num_layers")
+        num_layers = _positive_int(
+            default_layers if num_layers is None else num_layers, "num_layers"
+        )
         hidden_units = _vectors.hidden_units_of(
-            default_units if hidden_units is None else hidden_units)
+            default_units if hidden_units is None else hidden_units
+        )
         if variant == "coupling":
             if _vectors.num_features(input_shape) < 2:
-                raise ValueError(f"`input_shape` {input_shape} has one feature: "
-                                 f"variant='coupling' needs at least 2 (one half "
-                                 f"conditions the other); use variant='autoregressive'.")
+                raise ValueError(
+                    f"`input_shape` {input_shape} has one feature: "
+                    f"variant='coupling' needs at least 2 (one half "
+                    f"conditions the other); use variant='autoregressive'."
+                )
             if len(set(hidden_units)) != 1:
-                raise ValueError(f"`hidden_units` of variant='coupling' must be equal "
-                                 f"widths (an MLP of len(hidden_units) layers); got "
-                                 f"{hidden_units!r}.")
+                raise ValueError(
+                    f"`hidden_units` of variant='coupling' must be equal "
+                    f"widths (an MLP of len(hidden_units) layers); got "
+                    f"{hidden_units!r}."
+                )
         self._config = dict(
-            input_shape=input_shape, variant=variant, num_layers=num_layers,
+            input_shape=input_shape,
+            variant=variant,
+            num_layers=num_layers,
             hidden_units=hidden_units,
             spline_bins=_positive_int(spline_bins, "spline_bins", minimum=2),
-            tail_bound=checks.number(tail_bound, "tail_bound", minimum=0.0,
-                                     exclusive_minimum=True),
-            permutation=checks.choice(permutation, _vectors.VECTOR_PERMUTATIONS,
-                                      "permutation"),
-            actnorm=checks.boolean(actnorm, "actnorm"), seed=_vectors.seed_of(seed),
-            num_classes=num_classes, num_bins=num_bins)
+            tail_bound=checks.number(tail_bound, "tail_bound", minimum=0.0, exclusive_minimum=True),
+            permutation=checks.choice(permutation, _vectors.VECTOR_PERMUTATIONS, "permutation"),
+            actnorm=checks.boolean(actnorm, "actnorm"),
+            seed=_vectors.seed_of(seed),
+            num_classes=num_classes,
+            num_bins=num_bins,
+        )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
-            flow=lambda: build_nsf_flow(**options, dtype=self.dtype_policy.variable_dtype,
-                                        net_dtype=_net_dtype(self.dtype_policy)),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
-            **kwargs)
+            flow=lambda: build_nsf_flow(
+                **options,
+                dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy),
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
@@ -125,40 +149,64 @@ class NeuralSplineFlow(FlowModel):
 
 def _autoregressive_layer(dim, hidden_units, num_bins, tail_bound, net_dtype, index):
     spline = nets.AutoregressiveSplineFn.build(
-        event_size=dim, hidden_units=list(hidden_units), num_bins=num_bins,
-        bound=tail_bound, dtype=net_dtype, name=f"spline_made_{index}")
+        event_size=dim,
+        hidden_units=list(hidden_units),
+        num_bins=num_bins,
+        bound=tail_bound,
+        dtype=net_dtype,
+        name=f"spline_made_{index}",
+    )
     # TFP's MAF runs latent -> data; its one-pass inverse normalizes.
     return tfb.Invert(tfb.MaskedAutoregressiveFlow(bijector_fn=spline, name=f"nsf_{index}"))
 
 
 def _coupling_layer(dim, hidden_units, num_bins, tail_bound, dtype, net_dtype, index):
-    net = functools.partial(nets.MLPCouplingNet, hidden_units[0],
-                            num_hidden_layers=len(hidden_units), dtype=net_dtype)
+    net = functools.partial(
+        nets.MLPCouplingNet, hidden_units[0], num_hidden_layers=len(hidden_units), dtype=net_dtype
+    )
     # Parity fixed: the permutation between layers decides which features
     # condition which (alternating parity after a reversal would transform
     # the same features again).
     return RationalQuadraticSplineCoupling(
-        net, num_bins=num_bins, tail_bound=tail_bound, mask="channel", parity=0,
-        event_shape=(dim,), event_ndims=1, dtype=dtype, name=f"spline_coupling_{index}")
+        net,
+        num_bins=num_bins,
+        tail_bound=tail_bound,
+        mask="channel",
+        parity=0,
+        event_shape=(dim,),
+        event_ndims=1,
+        dtype=dtype,
+        name=f"spline_coupling_{index}",
+    )
 
 
-def build_nsf_flow(input_shape, variant="autoregressive", num_layers=3,
-                   hidden_units=(32, 32), spline_bins=8, tail_bound=4.0, permutation="reverse",
-                   actnorm=False, seed=0, num_classes=None, dtype="float32", net_dtype=None):
+def build_nsf_flow(
+    input_shape,
+    variant="autoregressive",
+    num_layers=3,
+    hidden_units=(32, 32),
+    spline_bins=8,
+    tail_bound=4.0,
+    permutation="reverse",
+    actnorm=False,
+    seed=0,
+    num_classes=None,
+    dtype="float32",
+    net_dtype=None,
+):
     """The normalizing bijector of `NeuralSplineFlow` (see its docstring)."""
     dim = _vectors.num_features(input_shape)
     net_dtype = net_dtype or dtype
     layers = []
     for i in range(num_layers):
         if variant == "autoregressive":
-            layer = _autoregressive_layer(dim, hidden_units, spline_bins, tail_bound,
-                                          net_dtype, i)
+            layer = _autoregressive_layer(dim, hidden_units, spline_bins, tail_bound, net_dtype, i)
         else:
-            layer = _coupling_layer(dim, hidden_units, spline_bins, tail_bound, dtype,
-                                    net_dtype, i)
+            layer = _coupling_layer(dim, hidden_units, spline_bins, tail_bound, dtype, net_dtype, i)
         if actnorm:
-            layer = tfb.Chain([ActNorm(dim, event_ndims=1, dtype=dtype,
-                                       name=f"actnorm_{i}"), layer])
+            layer = tfb.Chain(
+                [ActNorm(dim, event_ndims=1, dtype=dtype, name=f"actnorm_{i}"), layer]
+            )
         layers.append(layer)
     steps = _vectors.interleave(layers, permutation, dim, seed)
     return _vectors.vector_flow(input_shape, steps, num_classes, dtype, name="nsf")

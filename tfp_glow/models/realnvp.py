@@ -8,12 +8,21 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow.bijectors import ActNorm, FactorOut, LogitPreprocess, MultiScaleFlow, Squeeze
-from tfp_glow.models._common import (COUPLINGS, _choice, _positive_int, _net_dtype, _image_shape, _coupling, _maybe_prior)
+from tfp_glow.models._common import (
+    COUPLINGS,
+    _choice,
+    _coupling,
+    _image_shape,
+    _maybe_prior,
+    _net_dtype,
+    _positive_int,
+)
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
 
 __all__ = ["RealNVP", "build_realnvp_flow"]
+
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class RealNVP(FlowModel):
@@ -33,34 +42,55 @@ class RealNVP(FlowModel):
     images only. `coupling` is `"affine"` (the paper's) or one of `COUPLINGS`.
     """
 
-    def __init__(self, input_shape: Sequence[int] = (8, 8, 1), levels: int = 2,
-                 hidden_channels: int = 64, num_blocks: int = 2, coupling_layers: int = 8,
-                 logit_alpha: float = 0.05, num_classes: int | None = None,
-                 num_bins: int | None = 256, coupling: str = "affine",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (8, 8, 1),
+        levels: int = 2,
+        hidden_channels: int = 64,
+        num_blocks: int = 2,
+        coupling_layers: int = 8,
+        logit_alpha: float = 0.05,
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        coupling: str = "affine",
+        **kwargs: Any,
+    ) -> None:
         input_shape = tuple(int(d) for d in input_shape)
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:
             _image_shape(input_shape, levels - 1, "input_shape")
         elif len(input_shape) != 1:
-            raise ValueError(
-                f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
+            raise ValueError(f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
         self._config = dict(
-            input_shape=input_shape, levels=levels,
+            input_shape=input_shape,
+            levels=levels,
             hidden_channels=_positive_int(hidden_channels, "hidden_channels"),
             num_blocks=_positive_int(num_blocks, "num_blocks"),
             coupling_layers=_positive_int(coupling_layers, "coupling_layers", 2),
-            logit_alpha=logit_alpha, num_classes=num_classes, num_bins=num_bins,
-            coupling=_choice(coupling, COUPLINGS, "coupling"))
+            logit_alpha=logit_alpha,
+            num_classes=num_classes,
+            num_bins=num_bins,
+            coupling=_choice(coupling, COUPLINGS, "coupling"),
+        )
         cfg = self._config
         super().__init__(
             flow=lambda: build_realnvp_flow(
-                cfg["input_shape"], cfg["levels"], cfg["hidden_channels"],
-                cfg["num_blocks"], cfg["coupling_layers"], cfg["logit_alpha"],
-                cfg["num_classes"], dtype=self.dtype_policy.variable_dtype,
-                net_dtype=_net_dtype(self.dtype_policy), coupling=cfg["coupling"]),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes,
-            **kwargs)
+                cfg["input_shape"],
+                cfg["levels"],
+                cfg["hidden_channels"],
+                cfg["num_blocks"],
+                cfg["coupling_layers"],
+                cfg["logit_alpha"],
+                cfg["num_classes"],
+                dtype=self.dtype_policy.variable_dtype,
+                net_dtype=_net_dtype(self.dtype_policy),
+                coupling=cfg["coupling"],
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     def get_config(self):
         return {**self._base_config(), **self._config}
@@ -69,31 +99,62 @@ class RealNVP(FlowModel):
 def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32", net_dtype=None):
     steps = []
     for i in range(layers):
-        steps += [_coupling(coupling, (dim,), hidden, mask=mask, parity=i % 2,
-                            dtype=dtype, net_dtype=net_dtype),
-                  ActNorm(dim, event_ndims=1, dtype=dtype)]
+        steps += [
+            _coupling(
+                coupling, (dim,), hidden, mask=mask, parity=i % 2, dtype=dtype, net_dtype=net_dtype
+            ),
+            ActNorm(dim, event_ndims=1, dtype=dtype),
+        ]
     return steps
 
 
-def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
-                       coupling_layers=8, logit_alpha=0.05, num_classes=None,
-                       dtype="float32", net_dtype=None, coupling="affine"):
+def build_realnvp_flow(
+    input_shape,
+    levels=2,
+    hidden_channels=64,
+    num_blocks=2,
+    coupling_layers=8,
+    logit_alpha=0.05,
+    num_classes=None,
+    dtype="float32",
+    net_dtype=None,
+    coupling="affine",
+):
     """The normalizing bijector of `RealNVP` (see its docstring)."""
     if len(input_shape) == 1:
-        steps = _vector_steps(input_shape[0], coupling, coupling_layers,
-                              hidden_channels, "channel", dtype=dtype,
-                              net_dtype=net_dtype)
-        return MultiScaleFlow(input_shape, [(tfb.Chain(list(reversed(steps))), None)],
-                              top_prior=_maybe_prior(input_shape, num_classes, dtype),
-                              name="realnvp")
+        steps = _vector_steps(
+            input_shape[0],
+            coupling,
+            coupling_layers,
+            hidden_channels,
+            "channel",
+            dtype=dtype,
+            net_dtype=net_dtype,
+        )
+        return MultiScaleFlow(
+            input_shape,
+            [(tfb.Chain(list(reversed(steps))), None)],
+            top_prior=_maybe_prior(input_shape, num_classes, dtype),
+            name="realnvp",
+        )
 
     def block(shape, mask, count, first_parity=0):
         out = []
         for i in range(count):
-            out += [_coupling(coupling, shape, hidden_channels, mask=mask,
-                              parity=(first_parity + i) % 2, net="resnet",
-                              num_blocks=num_blocks, dtype=dtype, net_dtype=net_dtype),
-                    ActNorm(shape[-1], dtype=dtype)]
+            out += [
+                _coupling(
+                    coupling,
+                    shape,
+                    hidden_channels,
+                    mask=mask,
+                    parity=(first_parity + i) % 2,
+                    net="resnet",
+                    num_blocks=num_blocks,
+                    dtype=dtype,
+                    net_dtype=net_dtype,
+                ),
+                ActNorm(shape[-1], dtype=dtype),
+            ]
         return out
 
     shape = tuple(input_shape)
@@ -110,9 +171,9 @@ def build_realnvp_flow(input_shape, levels=2, hidden_channels=64, num_blocks=2,
         steps.append(Squeeze(event_shape=shape))
         shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
         steps += block(shape, "channel", 3)
-        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype,
-                       net_dtype=net_dtype)
+        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype, net_dtype=net_dtype)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
         shape = shape[:-1] + (shape[-1] - fo.num_factored,)
-    return MultiScaleFlow(input_shape, stages,
-                          top_prior=_maybe_prior(shape, num_classes, dtype), name="realnvp")
+    return MultiScaleFlow(
+        input_shape, stages, top_prior=_maybe_prior(shape, num_classes, dtype), name="realnvp"
+    )

@@ -61,45 +61,80 @@ class ResidualFlow(FlowModel):
     [2] Jens Behrmann et al. Invertible Residual Networks. ICML 2019.
     """
 
-    def __init__(self, input_shape: Sequence[int] = (2,), blocks: int = 4,
-                 hidden_units: int = 64, num_hidden_layers: int = 2,
-                 hidden_channels: int = 32, levels: int = 2, lipschitz: float = 0.97,
-                 log_det: str = "auto", n_exact: int = 2, atol: float | None = None,
-                 logit_alpha: float | None = 0.05, num_classes: int | None = None,
-                 num_bins: int | None = 256, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (2,),
+        blocks: int = 4,
+        hidden_units: int = 64,
+        num_hidden_layers: int = 2,
+        hidden_channels: int = 32,
+        levels: int = 2,
+        lipschitz: float = 0.97,
+        log_det: str = "auto",
+        n_exact: int = 2,
+        atol: float | None = None,
+        logit_alpha: float | None = 0.05,
+        num_classes: int | None = None,
+        num_bins: int | None = 256,
+        **kwargs: Any,
+    ) -> None:
         input_shape = checks.shape(input_shape, "input_shape", rank=(1, 3))
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:
             _image_shape(input_shape, levels - 1, "input_shape")
         self._config = dict(
-            input_shape=input_shape, blocks=_positive_int(blocks, "blocks"),
+            input_shape=input_shape,
+            blocks=_positive_int(blocks, "blocks"),
             hidden_units=_positive_int(hidden_units, "hidden_units"),
             num_hidden_layers=_positive_int(num_hidden_layers, "num_hidden_layers"),
-            hidden_channels=_positive_int(hidden_channels, "hidden_channels"), levels=levels,
-            lipschitz=checks.number(lipschitz, "lipschitz", minimum=0.0, maximum=1.0,
-                                    exclusive_minimum=True, exclusive_maximum=True),
+            hidden_channels=_positive_int(hidden_channels, "hidden_channels"),
+            levels=levels,
+            lipschitz=checks.number(
+                lipschitz,
+                "lipschitz",
+                minimum=0.0,
+                maximum=1.0,
+                exclusive_minimum=True,
+                exclusive_maximum=True,
+            ),
             log_det=checks.choice(log_det, LOG_DET_MODES, "log_det"),
             n_exact=_positive_int(n_exact, "n_exact", 0),
-            atol=checks.number(atol, "atol", minimum=0.0, exclusive_minimum=True,
-                               allow_none=True),
-            logit_alpha=logit_alpha, num_classes=num_classes, num_bins=num_bins)
+            atol=checks.number(atol, "atol", minimum=0.0, exclusive_minimum=True, allow_none=True),
+            logit_alpha=logit_alpha,
+            num_classes=num_classes,
+            num_bins=num_bins,
+        )
         cfg = self._config
         super().__init__(
             flow=lambda: build_residual_flow(
                 **{k: v for k, v in cfg.items() if k != "num_bins"},
-                dtype=self.dtype_policy.variable_dtype),
-            event_shape=input_shape, num_bins=num_bins, num_classes=num_classes, **kwargs)
+                dtype=self.dtype_policy.variable_dtype,
+            ),
+            event_shape=input_shape,
+            num_bins=num_bins,
+            num_classes=num_classes,
+            **kwargs,
+        )
 
     def get_config(self) -> dict:
         return {**self._base_config(), **self._config}
 
 
-def build_residual_flow(input_shape: Sequence[int], blocks: int = 4, hidden_units: int = 64,
-                        num_hidden_layers: int = 2, hidden_channels: int = 32,
-                        levels: int = 2, lipschitz: float = 0.97, log_det: str = "auto",
-                        n_exact: int = 2, atol: float | None = None,
-                        logit_alpha: float | None = 0.05, num_classes: int | None = None,
-                        dtype: Any = "float32") -> MultiScaleFlow:
+def build_residual_flow(
+    input_shape: Sequence[int],
+    blocks: int = 4,
+    hidden_units: int = 64,
+    num_hidden_layers: int = 2,
+    hidden_channels: int = 32,
+    levels: int = 2,
+    lipschitz: float = 0.97,
+    log_det: str = "auto",
+    n_exact: int = 2,
+    atol: float | None = None,
+    logit_alpha: float | None = 0.05,
+    num_classes: int | None = None,
+    dtype: Any = "float32",
+) -> MultiScaleFlow:
     """The normalizing bijector of `ResidualFlow` (see its docstring)."""
     dtype = tf.as_dtype(dtype)
     counter = iter(range(10**6))
@@ -109,24 +144,47 @@ def build_residual_flow(input_shape: Sequence[int], blocks: int = 4, hidden_unit
         for i in range(count):
             k = next(counter)
             if len(shape) == 1:
-                net = nets.ResidualMLP(shape[0], hidden_units, num_hidden_layers,
-                                       lipschitz=lipschitz, seed=k, dtype=dtype.name,
-                                       name=f"residual_net_{tag}_{i}")
+                net = nets.ResidualMLP(
+                    shape[0],
+                    hidden_units,
+                    num_hidden_layers,
+                    lipschitz=lipschitz,
+                    seed=k,
+                    dtype=dtype.name,
+                    name=f"residual_net_{tag}_{i}",
+                )
             else:
-                net = nets.ResidualCNN(shape, hidden_channels, lipschitz=lipschitz, seed=k,
-                                       dtype=dtype.name, name=f"residual_net_{tag}_{i}")
-            steps += [ActNorm(shape[-1], event_ndims=len(shape), dtype=dtype,
-                              name=f"act_norm_{tag}_{i}"),
-                      ResidualBlock(net, log_det=log_det, n_exact=n_exact, atol=atol, seed=k,
-                                    dtype=dtype, name=f"residual_block_{tag}_{i}")]
+                net = nets.ResidualCNN(
+                    shape,
+                    hidden_channels,
+                    lipschitz=lipschitz,
+                    seed=k,
+                    dtype=dtype.name,
+                    name=f"residual_net_{tag}_{i}",
+                )
+            steps += [
+                ActNorm(shape[-1], event_ndims=len(shape), dtype=dtype, name=f"act_norm_{tag}_{i}"),
+                ResidualBlock(
+                    net,
+                    log_det=log_det,
+                    n_exact=n_exact,
+                    atol=atol,
+                    seed=k,
+                    dtype=dtype,
+                    name=f"residual_block_{tag}_{i}",
+                ),
+            ]
         return steps
 
     shape = tuple(input_shape)
     if len(shape) == 1:
         steps = residual_steps(shape, blocks, "0")
-        return MultiScaleFlow(shape, [(tfb.Chain(list(reversed(steps))), None)],
-                              top_prior=_maybe_prior(shape, num_classes, dtype),
-                              name="residual_flow")
+        return MultiScaleFlow(
+            shape,
+            [(tfb.Chain(list(reversed(steps))), None)],
+            top_prior=_maybe_prior(shape, num_classes, dtype),
+            name="residual_flow",
+        )
     stages: list[tuple[tfp.bijectors.Bijector, FactorOut | None]] = []
     for level in range(levels):
         steps = []
@@ -141,6 +199,6 @@ def build_residual_flow(input_shape: Sequence[int], blocks: int = 4, hidden_unit
         fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
         shape = shape[:-1] + (shape[-1] - fo.num_factored,)
-    return MultiScaleFlow(input_shape, stages,
-                          top_prior=_maybe_prior(shape, num_classes, dtype),
-                          name="residual_flow")
+    return MultiScaleFlow(
+        input_shape, stages, top_prior=_maybe_prior(shape, num_classes, dtype), name="residual_flow"
+    )

@@ -9,22 +9,19 @@ network lives in its own small module. Every name that module had (including
 `_dropout`, which tests use) stays reachable here.
 """
 
-from tfp_glow.nets.coupling import GlowCouplingNet
-from tfp_glow.nets.coupling import MLPCouplingNet
-from tfp_glow.nets.coupling import ResNetCouplingNet
-from tfp_glow.nets.coupling import ZeroConv2D
-from tfp_glow.nets.coupling import _dropout  # noqa: F401 (tests call nets._dropout)
-from tfp_glow.nets.coupling import dropout_active
-from tfp_glow.nets.coupling import is_dropout_active
+from tfp_glow.nets.coupling import (
+    GlowCouplingNet,
+    MLPCouplingNet,
+    ResNetCouplingNet,
+    ZeroConv2D,
+    _dropout,  # noqa: F401 (tests call nets._dropout)
+    dropout_active,
+    is_dropout_active,
+)
 from tfp_glow.nets.made import MADE
-from tfp_glow.nets.ode import ODENet
-from tfp_glow.nets.ode import ffjord_trace
+from tfp_glow.nets.ode import ODENet, ffjord_trace
 from tfp_glow.nets.realnvp import RealNVPNet
-from tfp_glow.nets.residual import LipSwish
-from tfp_glow.nets.residual import ResidualCNN
-from tfp_glow.nets.residual import ResidualMLP
-from tfp_glow.nets.residual import SpectralConv2D
-from tfp_glow.nets.residual import SpectralDense
+from tfp_glow.nets.residual import LipSwish, ResidualCNN, ResidualMLP, SpectralConv2D, SpectralDense
 from tfp_glow.nets.spline import AutoregressiveSplineFn
 
 __all__ = [

@@ -54,8 +54,10 @@ class TFPConditioner(ListedSublayers, layers.Layer):
         try:
             return keras.activations.get(activation)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"`activation` must be a Keras activation name or function; "
-                             f"received {activation!r} ({error}).") from None
+            raise ValueError(
+                f"`activation` must be a Keras activation name or function; "
+                f"received {activation!r} ({error})."
+            ) from None
 
     def _activation_config(self):
         return keras.activations.serialize(self.activation)
@@ -63,8 +65,9 @@ class TFPConditioner(ListedSublayers, layers.Layer):
     def _to_compute(self, value, arg_name):
         value = tf.convert_to_tensor(value, dtype_hint=self.compute_dtype)
         if not value.dtype.is_floating:
-            raise TypeError(f"`{arg_name}` must be a floating tensor; received dtype "
-                            f"{value.dtype.name}.")
+            raise TypeError(
+                f"`{arg_name}` must be a floating tensor; received dtype {value.dtype.name}."
+            )
         return value
 
     def _flatten(self, x, size, conditional_input, arg_name="x"):
@@ -76,8 +79,10 @@ class TFPConditioner(ListedSublayers, layers.Layer):
         """
         x = self._to_compute(x, arg_name)
         if x.shape.rank == 0 or x.shape[-1] not in (None, size):
-            raise ValueError(f"`{arg_name}` must have shape [..., {size}] for {self.name}; "
-                             f"received shape {x.shape}.")
+            raise ValueError(
+                f"`{arg_name}` must have shape [..., {size}] for {self.name}; "
+                f"received shape {x.shape}."
+            )
         dtype = x.dtype
         batch, static_batch = tf.shape(x)[:-1], x.shape[:-1]
         context = self._check_context(conditional_input)
@@ -86,7 +91,8 @@ class TFPConditioner(ListedSublayers, layers.Layer):
             static_batch = tf.broadcast_static_shape(static_batch, context.shape[:-1])
             context = tf.reshape(
                 tf.broadcast_to(context, tf.concat([batch, [self.context_size]], 0)),
-                [-1, self.context_size])
+                [-1, self.context_size],
+            )
             context = tf.cast(context, self.compute_dtype)
             x = tf.broadcast_to(x, tf.concat([batch, [size]], 0))
         x = tf.cast(tf.reshape(x, [-1, size]), self.compute_dtype)
@@ -95,16 +101,22 @@ class TFPConditioner(ListedSublayers, layers.Layer):
     def _check_context(self, conditional_input):
         if self.context_size is None:
             if conditional_input is not None:
-                raise ValueError(f"{self.name} got a `conditional_input` but was built with "
-                                 "`context_size=None`; pass `context_size=` to condition it.")
+                raise ValueError(
+                    f"{self.name} got a `conditional_input` but was built with "
+                    "`context_size=None`; pass `context_size=` to condition it."
+                )
             return None
         if conditional_input is None:
-            raise ValueError(f"{self.name} was built with `context_size={self.context_size}`: "
-                             "pass `conditional_input=` (TFP's `bijector_kwargs`).")
+            raise ValueError(
+                f"{self.name} was built with `context_size={self.context_size}`: "
+                "pass `conditional_input=` (TFP's `bijector_kwargs`)."
+            )
         context = self._to_compute(conditional_input, "conditional_input")
         if context.shape.rank == 0 or context.shape[-1] not in (None, self.context_size):
-            raise ValueError(f"`conditional_input` must have shape [..., {self.context_size}] "
-                             f"(`context_size`); received shape {context.shape}.")
+            raise ValueError(
+                f"`conditional_input` must have shape [..., {self.context_size}] "
+                f"(`context_size`); received shape {context.shape}."
+            )
         return context
 
     @staticmethod

@@ -29,8 +29,14 @@ from keras import layers
 from tfp_glow import checks
 from tfp_glow.thread_flag import ThreadFlag
 
-__all__ = ["GlowCouplingNet", "ResNetCouplingNet", "MLPCouplingNet", "ZeroConv2D",
-           "dropout_active", "is_dropout_active"]
+__all__ = [
+    "GlowCouplingNet",
+    "ResNetCouplingNet",
+    "MLPCouplingNet",
+    "ZeroConv2D",
+    "dropout_active",
+    "is_dropout_active",
+]
 
 _DROPOUT = ThreadFlag()
 
@@ -95,32 +101,39 @@ class ZeroConv2D(layers.Layer):
     starts. `logs` is a float32 variable read in the compute dtype.
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, logscale_factor: float = 3.0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, filters: int, kernel_size: int = 3, logscale_factor: float = 3.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.filters = checks.positive_int(filters, "filters")
         self.kernel_size = checks.positive_int(kernel_size, "kernel_size")
         self.logscale_factor = checks.number(logscale_factor, "logscale_factor")
-        self.conv = layers.Conv2D(filters, kernel_size, padding="same",
-                                  kernel_initializer="zeros", dtype=self.dtype_policy)
+        self.conv = layers.Conv2D(
+            filters,
+            kernel_size,
+            padding="same",
+            kernel_initializer="zeros",
+            dtype=self.dtype_policy,
+        )
 
     def build(self, input_shape):
         self.conv.build(input_shape)
-        self.logs = self.add_weight(name="logs", shape=(self.filters,),
-                                    initializer="zeros")
+        self.logs = self.add_weight(name="logs", shape=(self.filters,), initializer="zeros")
 
     def call(self, x):
-        scale = keras.ops.exp(keras.ops.cast(self.logs, self.compute_dtype)
-                              * self.logscale_factor)
+        scale = keras.ops.exp(keras.ops.cast(self.logs, self.compute_dtype) * self.logscale_factor)
         return self.conv(x) * scale
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.filters,)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "logscale_factor": self.logscale_factor}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "logscale_factor": self.logscale_factor,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -139,21 +152,32 @@ class GlowCouplingNet(layers.Layer):
     1 keeps a coupling with many outputs per channel, such as a spline, small).
     """
 
-    def __init__(self, hidden_channels: int, out_channels: int, dropout: float = 0.0,
-                 last_kernel: int = 3, seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        hidden_channels: int,
+        out_channels: int,
+        dropout: float = 0.0,
+        last_kernel: int = 3,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
-        self.dropout = checks.number(dropout, "dropout", minimum=0.0, maximum=1.0,
-                                     exclusive_maximum=True)
-        self.seed = zlib.crc32(self.name.encode()) if seed is None else \
-            checks.positive_int(seed, "seed", minimum=0)
+        self.dropout = checks.number(
+            dropout, "dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
+        self.seed = (
+            zlib.crc32(self.name.encode())
+            if seed is None
+            else checks.positive_int(seed, "seed", minimum=0)
+        )
         self.last_kernel = checks.positive_int(last_kernel, "last_kernel")
         policy = self.dtype_policy
-        self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same",
-                                     activation="relu", dtype=policy)
-        self.conv_mid = layers.Conv2D(hidden_channels, 1, activation="relu",
-                                      dtype=policy)
+        self.conv_in = layers.Conv2D(
+            hidden_channels, 3, padding="same", activation="relu", dtype=policy
+        )
+        self.conv_mid = layers.Conv2D(hidden_channels, 1, activation="relu", dtype=policy)
         self.conv_out = ZeroConv2D(out_channels, self.last_kernel, dtype=policy)
 
     def build(self, input_shape):
@@ -170,21 +194,27 @@ class GlowCouplingNet(layers.Layer):
         return tuple(input_shape[:-1]) + (self.out_channels,)
 
     def get_config(self):
-        return {**super().get_config(), "hidden_channels": self.hidden_channels,
-                "out_channels": self.out_channels, "dropout": self.dropout,
-                "last_kernel": self.last_kernel, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "hidden_channels": self.hidden_channels,
+            "out_channels": self.out_channels,
+            "dropout": self.dropout,
+            "last_kernel": self.last_kernel,
+            "seed": self.seed,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ResNetCouplingNet(layers.Layer):
     """RealNVP-style residual network:
 
-        3x3 conv -> num_blocks x [x + conv3x3(ReLU(conv3x3(ReLU(x))))]
-        -> ReLU -> ZeroConv2D(out)
+    3x3 conv -> num_blocks x [x + conv3x3(ReLU(conv3x3(ReLU(x))))]
+    -> ReLU -> ZeroConv2D(out)
     """
 
-    def __init__(self, hidden_channels: int, out_channels: int, num_blocks: int = 2,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, hidden_channels: int, out_channels: int, num_blocks: int = 2, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.hidden_channels = checks.positive_int(hidden_channels, "hidden_channels")
         self.out_channels = checks.positive_int(out_channels, "out_channels")
@@ -192,10 +222,12 @@ class ResNetCouplingNet(layers.Layer):
         policy = self.dtype_policy
         self.conv_in = layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy)
         self.blocks = [
-            (layers.Conv2D(hidden_channels, 3, padding="same", activation="relu",
-                           dtype=policy),
-             layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy))
-            for _ in range(num_blocks)]
+            (
+                layers.Conv2D(hidden_channels, 3, padding="same", activation="relu", dtype=policy),
+                layers.Conv2D(hidden_channels, 3, padding="same", dtype=policy),
+            )
+            for _ in range(num_blocks)
+        ]
         self.conv_out = ZeroConv2D(out_channels, 3, dtype=policy)
 
     def build(self, input_shape):
@@ -216,29 +248,36 @@ class ResNetCouplingNet(layers.Layer):
         return tuple(input_shape[:-1]) + (self.out_channels,)
 
     def get_config(self):
-        return {**super().get_config(), "hidden_channels": self.hidden_channels,
-                "out_channels": self.out_channels, "num_blocks": self.num_blocks}
+        return {
+            **super().get_config(),
+            "hidden_channels": self.hidden_channels,
+            "out_channels": self.out_channels,
+            "num_blocks": self.num_blocks,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MLPCouplingNet(layers.Layer):
     """Fully connected network for vector data (NICE, 2-D toy densities):
 
-        num_hidden_layers x Dense(hidden_units, ReLU) -> Dense(out, zeros)
+    num_hidden_layers x Dense(hidden_units, ReLU) -> Dense(out, zeros)
     """
 
-    def __init__(self, hidden_units: int, out_units: int, num_hidden_layers: int = 2,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, hidden_units: int, out_units: int, num_hidden_layers: int = 2, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.hidden_units = checks.positive_int(hidden_units, "hidden_units")
         self.out_units = checks.positive_int(out_units, "out_units")
-        self.num_hidden_layers = checks.positive_int(num_hidden_layers, "num_hidden_layers",
-                                                     minimum=0)
+        self.num_hidden_layers = checks.positive_int(
+            num_hidden_layers, "num_hidden_layers", minimum=0
+        )
         policy = self.dtype_policy
-        self.hidden = [layers.Dense(hidden_units, activation="relu", dtype=policy)
-                       for _ in range(num_hidden_layers)]
-        self.dense_out = layers.Dense(out_units, kernel_initializer="zeros",
-                                      dtype=policy)
+        self.hidden = [
+            layers.Dense(hidden_units, activation="relu", dtype=policy)
+            for _ in range(num_hidden_layers)
+        ]
+        self.dense_out = layers.Dense(out_units, kernel_initializer="zeros", dtype=policy)
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -256,6 +295,9 @@ class MLPCouplingNet(layers.Layer):
         return tuple(input_shape[:-1]) + (self.out_units,)
 
     def get_config(self):
-        return {**super().get_config(), "hidden_units": self.hidden_units,
-                "out_units": self.out_units,
-                "num_hidden_layers": self.num_hidden_layers}
+        return {
+            **super().get_config(),
+            "hidden_units": self.hidden_units,
+            "out_units": self.out_units,
+            "num_hidden_layers": self.num_hidden_layers,
+        }

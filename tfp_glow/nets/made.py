@@ -41,12 +41,12 @@ def _hidden_degrees(previous, units, event_size, how, rng):
         return rng.randint(low, event_size, size=units)
     # "equal": the boundaries of `units + 1` equal segments of [1, D - 1],
     # TFP's choice, so every degree gets about the same number of units.
-    return np.maximum(low, np.ceil(np.arange(1, units + 1) * (event_size - 1)
-                                   / (units + 1)).astype(np.int64))
+    return np.maximum(
+        low, np.ceil(np.arange(1, units + 1) * (event_size - 1) / (units + 1)).astype(np.int64)
+    )
 
 
-def made_masks(event_size, hidden_units, params, input_order, hidden_degrees, seed,
-               context_size=0):
+def made_masks(event_size, hidden_units, params, input_order, hidden_degrees, seed, context_size=0):
     """`(input degrees, [mask per layer])`, NumPy: the standard MADE construction.
 
     Hidden layers connect `d_in <= d_hidden`; the output layer `d_hidden < d_out`
@@ -60,11 +60,12 @@ def made_masks(event_size, hidden_units, params, input_order, hidden_degrees, se
     degrees = [_input_degrees(event_size, input_order, rng)]
     for units in hidden_units:
         degrees.append(_hidden_degrees(degrees[-1], units, event_size, hidden_degrees, rng))
-    masks = [previous[:, None] <= current[None, :]
-             for previous, current in zip(degrees[:-1], degrees[1:])]
+    masks = [
+        previous[:, None] <= current[None, :]
+        for previous, current in zip(degrees[:-1], degrees[1:])
+    ]
     masks.append(np.repeat(degrees[-1][:, None] < degrees[0][None, :], params, axis=1))
-    masks = [np.concatenate([mask, np.ones((context_size, mask.shape[1]), bool)])
-             for mask in masks]
+    masks = [np.concatenate([mask, np.ones((context_size, mask.shape[1]), bool)]) for mask in masks]
     return degrees[0], masks
 
 
@@ -77,9 +78,11 @@ def _check_order(input_order, event_size):
     except (TypeError, ValueError):
         order, ints = None, False
     if not ints or sorted(order) != list(range(1, event_size + 1)):
-        raise ValueError(f"`input_order` must be one of {_ORDERS} or a permutation of "
-                         f"1..{event_size} (the degree of each input, as TFP's); "
-                         f"received {input_order!r}.")
+        raise ValueError(
+            f"`input_order` must be one of {_ORDERS} or a permutation of "
+            f"1..{event_size} (the degree of each input, as TFP's); "
+            f"received {input_order!r}."
+        )
     return order
 
 
@@ -149,12 +152,20 @@ class MADE(TFPConditioner):
 
     LISTED_SUBLAYERS = ("_kernels", "_biases")
 
-    def __init__(self, params: int, event_size: int, hidden_units: int | Sequence[int],
-                 input_order: str | Sequence[int] = "left-to-right",
-                 hidden_degrees: str = "equal", activation: str | Callable = "relu",
-                 seed: int | None = None, context_size: int | None = None,
-                 zero_init_last: bool = True, dtype: str | tf.DType | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: int,
+        event_size: int,
+        hidden_units: int | Sequence[int],
+        input_order: str | Sequence[int] = "left-to-right",
+        hidden_degrees: str = "equal",
+        activation: str | Callable = "relu",
+        seed: int | None = None,
+        context_size: int | None = None,
+        zero_init_last: bool = True,
+        dtype: str | tf.DType | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.params = checks.positive_int(params, "params")
         self.event_size = checks.positive_int(event_size, "event_size")
@@ -168,17 +179,28 @@ class MADE(TFPConditioner):
             seed = int(np.random.randint(2**31 - 1))
         self.seed = checks.positive_int(seed, "seed", minimum=0, allow_none=True)
         degrees, self._masks = made_masks(
-            self.event_size, self.hidden_units, self.params, self._order_arg,
-            self.hidden_degrees, self.seed, self.context_size or 0)
+            self.event_size,
+            self.hidden_units,
+            self.params,
+            self._order_arg,
+            self.hidden_degrees,
+            self.seed,
+            self.context_size or 0,
+        )
         self._input_degrees = degrees.astype(np.int64)
         self._kernels, self._biases = [], []
         for i, mask in enumerate(self._masks):
             last = i == len(self._masks) - 1
-            self._kernels.append(self.add_weight(
-                name=f"kernel_{i}", shape=mask.shape,
-                initializer="zeros" if last and self.zero_init_last else "glorot_uniform"))
-            self._biases.append(self.add_weight(name=f"bias_{i}", shape=(mask.shape[1],),
-                                                initializer="zeros"))
+            self._kernels.append(
+                self.add_weight(
+                    name=f"kernel_{i}",
+                    shape=mask.shape,
+                    initializer="zeros" if last and self.zero_init_last else "glorot_uniform",
+                )
+            )
+            self._biases.append(
+                self.add_weight(name=f"bias_{i}", shape=(mask.shape[1],), initializer="zeros")
+            )
         self.built = True
 
     @property
@@ -193,7 +215,8 @@ class MADE(TFPConditioner):
 
     def call(self, x, conditional_input=None):
         h, context, batch, static_batch, dtype = self._flatten(
-            x, self.event_size, conditional_input)
+            x, self.event_size, conditional_input
+        )
         last = len(self._masks) - 1
         for i, (kernel, bias, mask) in enumerate(zip(self._kernels, self._biases, self._masks)):
             if context is not None:
@@ -210,9 +233,15 @@ class MADE(TFPConditioner):
 
     def get_config(self):
         order = self._order_arg
-        return {**super().get_config(), "params": self.params,
-                "event_size": self.event_size, "hidden_units": list(self.hidden_units),
-                "input_order": order if isinstance(order, str) else list(order),
-                "hidden_degrees": self.hidden_degrees,
-                "activation": self._activation_config(), "seed": self.seed,
-                "context_size": self.context_size, "zero_init_last": self.zero_init_last}
+        return {
+            **super().get_config(),
+            "params": self.params,
+            "event_size": self.event_size,
+            "hidden_units": list(self.hidden_units),
+            "input_order": order if isinstance(order, str) else list(order),
+            "hidden_degrees": self.hidden_degrees,
+            "activation": self._activation_config(),
+            "seed": self.seed,
+            "context_size": self.context_size,
+            "zero_init_last": self.zero_init_last,
+        }

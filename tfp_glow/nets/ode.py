@@ -58,16 +58,24 @@ class ODENet(TFPConditioner):
 
     LISTED_SUBLAYERS = ("hidden",)
 
-    def __init__(self, event_size: int, hidden_units: int | Sequence[int],
-                 activation: str | Callable = "tanh", context_size: int | None = None,
-                 dtype: str | tf.DType | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        event_size: int,
+        hidden_units: int | Sequence[int],
+        activation: str | Callable = "tanh",
+        context_size: int | None = None,
+        dtype: str | tf.DType | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.event_size = checks.positive_int(event_size, "event_size")
         self.hidden_units = units_list(hidden_units, "hidden_units")
         self.activation = self._get_activation(activation)
         policy = self.dtype_policy
-        self.hidden = [layers.Dense(units, activation=self.activation, dtype=policy)
-                       for units in self.hidden_units]
+        self.hidden = [
+            layers.Dense(units, activation=self.activation, dtype=policy)
+            for units in self.hidden_units
+        ]
         self.dense_out = layers.Dense(self.event_size, dtype=policy)
         # Built now: every variable exists at construction. Each layer's input
         # is the layer below plus the time feature.
@@ -79,7 +87,8 @@ class ODENet(TFPConditioner):
 
     def call(self, time, state, conditional_input=None):
         z, context, batch, static_batch, dtype = self._flatten(
-            state, self.event_size, conditional_input, "state")
+            state, self.event_size, conditional_input, "state"
+        )
         # `time` is a scalar (TFP's solver) or anything broadcasting to the batch.
         time = tf.cast(self._to_compute(time, "time"), self.compute_dtype)
         t = tf.reshape(tf.broadcast_to(time, batch), [-1, 1])
@@ -93,13 +102,18 @@ class ODENet(TFPConditioner):
         return tuple(state_shape)
 
     def get_config(self):
-        return {**super().get_config(), "event_size": self.event_size,
-                "hidden_units": list(self.hidden_units),
-                "activation": self._activation_config(), "context_size": self.context_size}
+        return {
+            **super().get_config(),
+            "event_size": self.event_size,
+            "hidden_units": list(self.hidden_units),
+            "activation": self._activation_config(),
+            "context_size": self.context_size,
+        }
 
 
-def ffjord_trace(exact: bool = True, num_samples: int = 1,
-                 seed: int | None = None) -> Callable[..., Any]:
+def ffjord_trace(
+    exact: bool = True, num_samples: int = 1, seed: int | None = None
+) -> Callable[..., Any]:
     """The `trace_augmentation_fn` for `tfb.FFJORD`.
 
     The log-det of a continuous flow is `integral of tr(df/dz) dt`.
@@ -128,5 +142,6 @@ def ffjord_trace(exact: bool = True, num_samples: int = 1,
     seed = checks.positive_int(seed, "seed", minimum=0, allow_none=True)
     if exact:
         return tfp.bijectors.ffjord.trace_jacobian_exact
-    return functools.partial(tfp.bijectors.ffjord.trace_jacobian_hutchinson,
-                             num_samples=num_samples, seed=seed)
+    return functools.partial(
+        tfp.bijectors.ffjord.trace_jacobian_hutchinson, num_samples=num_samples, seed=seed
+    )

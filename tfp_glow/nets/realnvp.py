@@ -56,24 +56,37 @@ class RealNVPNet(TFPConditioner):
 
     LISTED_SUBLAYERS = ("hidden",)
 
-    def __init__(self, hidden_units: int | Sequence[int], output_units: int, input_units: int,
-                 activation: str | Callable = "relu", context_size: int | None = None,
-                 scale_bound: float = 3.0, zero_init_last: bool = True,
-                 dtype: str | tf.DType | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        hidden_units: int | Sequence[int],
+        output_units: int,
+        input_units: int,
+        activation: str | Callable = "relu",
+        context_size: int | None = None,
+        scale_bound: float = 3.0,
+        zero_init_last: bool = True,
+        dtype: str | tf.DType | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(context_size=context_size, dtype=dtype, **kwargs)
         self.hidden_units = units_list(hidden_units, "hidden_units")
         self.output_units = checks.positive_int(output_units, "output_units")
         self.input_units = checks.positive_int(input_units, "input_units")
         self.activation = self._get_activation(activation)
-        self.scale_bound = checks.number(scale_bound, "scale_bound", minimum=0.0,
-                                         exclusive_minimum=True)
+        self.scale_bound = checks.number(
+            scale_bound, "scale_bound", minimum=0.0, exclusive_minimum=True
+        )
         self.zero_init_last = checks.boolean(zero_init_last, "zero_init_last")
         policy = self.dtype_policy
-        self.hidden = [layers.Dense(units, activation=self.activation, dtype=policy)
-                       for units in self.hidden_units]
+        self.hidden = [
+            layers.Dense(units, activation=self.activation, dtype=policy)
+            for units in self.hidden_units
+        ]
         self.dense_out = layers.Dense(
-            2 * self.output_units, dtype=policy,
-            kernel_initializer="zeros" if self.zero_init_last else "glorot_uniform")
+            2 * self.output_units,
+            dtype=policy,
+            kernel_initializer="zeros" if self.zero_init_last else "glorot_uniform",
+        )
         # Built now: every variable exists at construction.
         size = self.input_units + (self.context_size or 0)
         for layer in self.hidden + [self.dense_out]:
@@ -85,11 +98,14 @@ class RealNVPNet(TFPConditioner):
         if tf.is_tensor(output_units):
             output_units = tf.get_static_value(output_units)
         if output_units is not None and output_units != self.output_units:
-            raise ValueError(f"`output_units` must be {self.output_units} (this net's "
-                             f"`output_units`); received {output_units!r}. Build the net with "
-                             "the size of the part the RealNVP transforms.")
+            raise ValueError(
+                f"`output_units` must be {self.output_units} (this net's "
+                f"`output_units`); received {output_units!r}. Build the net with "
+                "the size of the part the RealNVP transforms."
+            )
         h, context, batch, static_batch, dtype = self._flatten(
-            x, self.input_units, conditional_input)
+            x, self.input_units, conditional_input
+        )
         if context is not None:
             h = tf.concat([h, context], axis=-1)
         for layer in self.hidden:
@@ -97,15 +113,23 @@ class RealNVPNet(TFPConditioner):
         shift, raw = tf.split(self.dense_out(h), 2, axis=-1)
         log_scale = self.scale_bound * tf.math.tanh(raw / self.scale_bound)
         event = [self.output_units]
-        return (self._unflatten(shift, batch, static_batch, event, dtype),
-                self._unflatten(log_scale, batch, static_batch, event, dtype))
+        return (
+            self._unflatten(shift, batch, static_batch, event, dtype),
+            self._unflatten(log_scale, batch, static_batch, event, dtype),
+        )
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape[:-1]) + (self.output_units,)
         return shape, shape
 
     def get_config(self):
-        return {**super().get_config(), "hidden_units": list(self.hidden_units),
-                "output_units": self.output_units, "input_units": self.input_units,
-                "activation": self._activation_config(), "context_size": self.context_size,
-                "scale_bound": self.scale_bound, "zero_init_last": self.zero_init_last}
+        return {
+            **super().get_config(),
+            "hidden_units": list(self.hidden_units),
+            "output_units": self.output_units,
+            "input_units": self.input_units,
+            "activation": self._activation_config(),
+            "context_size": self.context_size,
+            "scale_bound": self.scale_bound,
+            "zero_init_last": self.zero_init_last,
+        }

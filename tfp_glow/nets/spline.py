@@ -63,28 +63,49 @@ class AutoregressiveSplineFn(tf.Module):
          NeurIPS 2019. https://arxiv.org/abs/1906.04032
     """
 
-    def __init__(self, made: MADE, num_bins: int = 8, bound: float = 4.0,
-                 min_bin_size: float = 1e-3, min_derivative: float = 1e-3) -> None:
+    def __init__(
+        self,
+        made: MADE,
+        num_bins: int = 8,
+        bound: float = 4.0,
+        min_bin_size: float = 1e-3,
+        min_derivative: float = 1e-3,
+    ) -> None:
         super().__init__(name="autoregressive_spline_fn")
         if not isinstance(made, MADE):
             raise TypeError(f"`made` must be a tfp_glow.nets.MADE; received {made!r}.")
         self.num_bins = checks.positive_int(num_bins, "num_bins")
         self.bound = checks.number(bound, "bound", minimum=0.0, exclusive_minimum=True)
-        self.min_bin_size = checks.number(min_bin_size, "min_bin_size", minimum=0.0,
-                                          maximum=2.0 * self.bound / self.num_bins,
-                                          exclusive_maximum=True)
-        self.min_derivative = checks.number(min_derivative, "min_derivative", minimum=0.0,
-                                            maximum=1.0, exclusive_maximum=True)
+        self.min_bin_size = checks.number(
+            min_bin_size,
+            "min_bin_size",
+            minimum=0.0,
+            maximum=2.0 * self.bound / self.num_bins,
+            exclusive_maximum=True,
+        )
+        self.min_derivative = checks.number(
+            min_derivative, "min_derivative", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
         if made.params != 3 * self.num_bins - 1:
-            raise ValueError(f"`made` must have params = 3 * num_bins - 1 = "
-                             f"{3 * self.num_bins - 1} for `num_bins={self.num_bins}`; received "
-                             f"a MADE with params={made.params} (AutoregressiveSplineFn.build "
-                             "sizes it).")
+            raise ValueError(
+                f"`made` must have params = 3 * num_bins - 1 = "
+                f"{3 * self.num_bins - 1} for `num_bins={self.num_bins}`; received "
+                f"a MADE with params={made.params} (AutoregressiveSplineFn.build "
+                "sizes it)."
+            )
         self.made = made
 
     @classmethod
-    def build(cls, event_size, hidden_units, num_bins=8, bound=4.0, min_bin_size=1e-3,
-              min_derivative=1e-3, **made_kwargs):
+    def build(
+        cls,
+        event_size,
+        hidden_units,
+        num_bins=8,
+        bound=4.0,
+        min_bin_size=1e-3,
+        min_derivative=1e-3,
+        **made_kwargs,
+    ):
         """A new `MADE(params=3 * num_bins - 1, event_size, hidden_units,
         **made_kwargs)` wrapped in an `AutoregressiveSplineFn`."""
         num_bins = checks.positive_int(num_bins, "num_bins")
@@ -99,8 +120,10 @@ class AutoregressiveSplineFn(tf.Module):
     def __call__(self, x, **kwargs):
         conditional_input = kwargs.pop("conditional_input", None)
         if kwargs:
-            raise TypeError(f"AutoregressiveSplineFn got unexpected keyword arguments "
-                            f"{sorted(kwargs)}; only `conditional_input` is understood.")
+            raise TypeError(
+                f"AutoregressiveSplineFn got unexpected keyword arguments "
+                f"{sorted(kwargs)}; only `conditional_input` is understood."
+            )
         params = self.made(x, conditional_input=conditional_input)
         k, bound, low = self.num_bins, self.bound, self.min_bin_size
         w, h, s = tf.split(params, [k, k, k - 1], axis=-1)
@@ -111,9 +134,13 @@ class AutoregressiveSplineFn(tf.Module):
         return tfb.RationalQuadraticSpline(widths, heights, slopes, range_min=-bound)
 
     def get_config(self):
-        return {"made": keras.saving.serialize_keras_object(self.made),
-                "num_bins": self.num_bins, "bound": self.bound,
-                "min_bin_size": self.min_bin_size, "min_derivative": self.min_derivative}
+        return {
+            "made": keras.saving.serialize_keras_object(self.made),
+            "num_bins": self.num_bins,
+            "bound": self.bound,
+            "min_bin_size": self.min_bin_size,
+            "min_derivative": self.min_derivative,
+        }
 
     @classmethod
     def from_config(cls, config):

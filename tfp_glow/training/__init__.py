@@ -12,14 +12,27 @@ Modules (one idea each):
 """
 
 from tfp_glow.training.distributed import multi_worker_strategy
-from tfp_glow.training.guard import (NONFINITE_MODES, NonfiniteCounter, NonfiniteGuard,
-                                     TrainPosition, all_finite, any_replica, apply_if,
-                                     check_nonfinite_mode, nonfinite_error_message)
-from tfp_glow.training.optimizers import (RECOMMENDED_EMA_MOMENTUM,
-                                          RECOMMENDED_LEARNING_RATE,
-                                          RECOMMENDED_WARMUP_STEPS, WarmupAdam,
-                                          WarmupSchedule, adamw, network_variables,
-                                          recommended_optimizer)
+from tfp_glow.training.guard import (
+    NONFINITE_MODES,
+    NonfiniteCounter,
+    NonfiniteGuard,
+    TrainPosition,
+    all_finite,
+    any_replica,
+    apply_if,
+    check_nonfinite_mode,
+    nonfinite_error_message,
+)
+from tfp_glow.training.optimizers import (
+    RECOMMENDED_EMA_MOMENTUM,
+    RECOMMENDED_LEARNING_RATE,
+    RECOMMENDED_WARMUP_STEPS,
+    WarmupAdam,
+    WarmupSchedule,
+    adamw,
+    network_variables,
+    recommended_optimizer,
+)
 
 __all__ = [
     "NONFINITE_MODES",

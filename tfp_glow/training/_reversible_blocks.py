@@ -49,8 +49,7 @@ def _after(t, g):
     if tf.executing_eagerly():
         return t
     first = tf.reduce_max(tf.reshape(g, [-1])[:1])
-    zero = tf.where(tf.equal(first, first), tf.zeros([], t.dtype),
-                    tf.constant(np.nan, t.dtype))
+    zero = tf.where(tf.equal(first, first), tf.zeros([], t.dtype), tf.constant(np.nan, t.dtype))
     return t + zero
 
 
@@ -79,8 +78,7 @@ def _poison_unless_rebuilt(grads, rebuilt, fingerprint):
     tol = rebuild_tolerance(rebuilt.dtype)
     tiny = np.finfo(rebuilt.dtype.as_numpy_dtype).tiny
     ok = tf.abs(_fingerprint(rebuilt) - fingerprint) <= tol * fingerprint + tiny
-    return [g * tf.where(ok, tf.ones([], g.dtype), tf.constant(np.nan, g.dtype))
-            for g in grads]
+    return [g * tf.where(ok, tf.ones([], g.dtype), tf.constant(np.nan, g.dtype)) for g in grads]
 
 
 def _vjp(steps, x, dy, dldj, kwargs, grads):
@@ -100,8 +98,12 @@ def _vjp(steps, x, dy, dldj, kwargs, grads):
             total = total + ldj
         total = total + tf.zeros_like(dldj)
     variables = list(tape.watched_variables())
-    out = tape.gradient([h, total], [x] + variables, output_gradients=[dy, dldj],
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    out = tape.gradient(
+        [h, total],
+        [x] + variables,
+        output_gradients=[dy, dldj],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
     for variable, grad in zip(variables, out[1:]):
         if isinstance(grad, tf.IndexedSlices):
             grad = tf.convert_to_tensor(grad)
@@ -145,12 +147,13 @@ def custom_gradient_block(steps, x, kwargs, backprop):
                         src = _after(kept[i], g)
                     else:
                         src = steps[i].undo(_after(out, g), kwargs)
-                    g = _vjp(steps[i:i + 1], src, g, dldj, kwargs, grads)
+                    g = _vjp(steps[i : i + 1], src, g, dldj, kwargs, grads)
                     out = src
                 if "fingerprint" in kept:
                     keys = list(grads)
                     g, *values = _poison_unless_rebuilt(
-                        [g] + [grads[k] for k in keys], out, kept["fingerprint"])
+                        [g] + [grads[k] for k in keys], out, kept["fingerprint"]
+                    )
                     grads = dict(zip(keys, values))
             else:
                 g = _vjp(steps, _after(kept["input"], dy), dy, dldj, kwargs, grads)

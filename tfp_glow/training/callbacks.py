@@ -42,10 +42,17 @@ class SampleGrid(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, directory: str | os.PathLike, num_samples: int = 16,
-                 temperature: float = 0.7, seed: int = 0, every_n_epochs: int = 1,
-                 rows: int | None = None, upscale: int = 4,
-                 labels: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        num_samples: int = 16,
+        temperature: float = 0.7,
+        seed: int = 0,
+        every_n_epochs: int = 1,
+        rows: int | None = None,
+        upscale: int = 4,
+        labels: int | Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise ValueError(f"`directory` must be a non-empty path; got {directory!r}.")
@@ -79,22 +86,27 @@ class SampleGrid(keras.callbacks.Callback):
         if num_bins is None:
             raise ValueError(
                 "SampleGrid needs an image model with `num_bins` set; the model has "
-                "num_bins=None (continuous data).")
+                "num_bins=None (continuous data)."
+            )
         if len(getattr(self.model, "event_shape", ())) != 3:
             raise ValueError(
                 f"SampleGrid needs image events [H, W, C]; the model's event shape is "
-                f"{getattr(self.model, 'event_shape', None)}.")
-        samples = self.model.sample(self.num_samples, temperature=self.temperature,
-                                    seed=self.seed, labels=self._labels())
+                f"{getattr(self.model, 'event_shape', None)}."
+            )
+        samples = self.model.sample(
+            self.num_samples, temperature=self.temperature, seed=self.seed, labels=self._labels()
+        )
         path = self.path_for_epoch(epoch)
-        save_image_grid(np.asarray(samples), path, num_bins=num_bins, rows=self.rows,
-                        upscale=self.upscale)
+        save_image_grid(
+            np.asarray(samples), path, num_bins=num_bins, rows=self.rows, upscale=self.upscale
+        )
         self.written.append(path)
         return path
 
     def on_epoch_end(self, epoch, logs=None):
         epoch = epoch + 1  # Keras counts from 0; file names count from 1.
         from tfp_glow.training.distributed import is_chief  # one writer under multi-worker
+
         if epoch % self.every_n_epochs == 0 and is_chief(self.model.distribute_strategy):
             self.write(epoch)
 
@@ -106,10 +118,10 @@ def _averaged_pairs(optimizer):
         raise ValueError(
             "WithAveragedWeights needs an optimizer with Polyak averaging "
             "(`use_ema=True`, as `tfp_glow.training.recommended_optimizer()` and "
-            f"`model.compile()` give); got {type(optimizer).__name__} with use_ema=False.")
+            f"`model.compile()` give); got {type(optimizer).__name__} with use_ema=False."
+        )
     averages = getattr(optimizer, "_model_variables_moving_average", None) or []
-    return [(w, a) for w, a in zip(optimizer._trainable_variables, averages)
-            if a is not None]
+    return [(w, a) for w, a in zip(optimizer._trainable_variables, averages) if a is not None]
 
 
 class WithAveragedWeights(keras.callbacks.Callback):

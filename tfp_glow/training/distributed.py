@@ -156,8 +156,10 @@ def step_logs(logs):
     """
     if not in_multi_worker_mode():
         return logs
-    return {k: (tf.reshape(v, [1]) if tf.convert_to_tensor(v).shape.rank == 0 else v)
-            for k, v in logs.items()}
+    return {
+        k: (tf.reshape(v, [1]) if tf.convert_to_tensor(v).shape.rank == 0 else v)
+        for k, v in logs.items()
+    }
 
 
 def _autoshard_off(dataset):
@@ -196,11 +198,14 @@ def first_step_batch(data, strategy=None):
                 "step per batch, so an epoch covers 1/num_workers of each worker's data. "
                 "For per-worker data pass strategy.distribute_datasets_from_function("
                 "lambda ctx: dataset_batched_per_replica) to fit; for one shared pipeline "
-                "leave autosharding on.", stacklevel=3)
+                "leave autosharding on.",
+                stacklevel=3,
+            )
         data = strategy.experimental_distribute_dataset(data)
     element = next(iter(data))
     return tf.nest.map_structure(
-        lambda v: tf.concat(strategy.experimental_local_results(v), axis=0), element)
+        lambda v: tf.concat(strategy.experimental_local_results(v), axis=0), element
+    )
 
 
 def symbolic_build_iterator(model, iterator):
@@ -216,9 +221,11 @@ def symbolic_build_iterator(model, iterator):
     SGD step already 1e-3 apart). None (no draw) when the model and its
     compiled metrics and loss are built; else `iterator`.
     """
-    needs_data = (not all(layer.built for layer in model._flatten_layers())
-                  or getattr(model, "_compile_metrics", None) is not None
-                  or getattr(model, "_compile_loss", None) is not None)
+    needs_data = (
+        not all(layer.built for layer in model._flatten_layers())
+        or getattr(model, "_compile_metrics", None) is not None
+        or getattr(model, "_compile_loss", None) is not None
+    )
     return iterator if needs_data else None
 
 
@@ -240,9 +247,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     @classmethod
     def from_keras(cls, callback):
         """The same backup (directory, frequency, options) as a Keras callback."""
-        return cls(callback.backup_dir, save_freq=callback.save_freq,
-                   double_checkpoint=callback.double_checkpoint,
-                   delete_checkpoint=callback.delete_checkpoint)
+        return cls(
+            callback.backup_dir,
+            save_freq=callback.save_freq,
+            double_checkpoint=callback.double_checkpoint,
+            delete_checkpoint=callback.delete_checkpoint,
+        )
 
     def _save_model(self):
         if not is_chief(self.model.distribute_strategy):
@@ -260,8 +270,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if self.double_checkpoint and tf.io.gfile.exists(self._weights_path):
             tf.io.gfile.copy(self._weights_path, self._prev_weights_path, overwrite=True)
         if self.double_checkpoint and tf.io.gfile.exists(self._training_metadata_path):
-            tf.io.gfile.copy(self._training_metadata_path,
-                             self._prev_training_metadata_path, overwrite=True)
+            tf.io.gfile.copy(
+                self._training_metadata_path, self._prev_training_metadata_path, overwrite=True
+            )
         # Weights first, then the epoch: a kill in between leaves the new
         # weights with the old epoch number, and the resumed run repeats an
         # epoch instead of skipping one.
@@ -293,7 +304,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"BackupAndRestore: the workers restored different epochs from "
                 f"{self.backup_dir!r} (this worker: {int(epoch)}). Only the chief writes "
                 "the backup, so the directory must be on storage every worker sees (a "
-                "shared file system, gs://, s3://).")
+                "shared file system, gs://, s3://)."
+            )
 
     def on_train_end(self, logs=None):
         if is_chief(self.model.distribute_strategy):
@@ -303,8 +315,11 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 # Keras callbacks that write files named by the user: across workers they
 # would all write the same files (an h5 written twice at once fails with
 # "unable to lock file"); the chief's copy is the one to keep.
-_CHIEF_ONLY = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger,
-               keras.callbacks.TensorBoard)
+_CHIEF_ONLY = (
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TensorBoard,
+)
 
 
 def fit_callbacks(callbacks, strategy=None):
@@ -335,8 +350,9 @@ def fit_callbacks(callbacks, strategy=None):
 
 
 def multi_worker_strategy(
-        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None = None,
-        communication: str = "auto") -> tf.distribute.MultiWorkerMirroredStrategy:
+    cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None = None,
+    communication: str = "auto",
+) -> tf.distribute.MultiWorkerMirroredStrategy:
     """A `tf.distribute.MultiWorkerMirroredStrategy` for this process.
 
     The cluster comes from `cluster_resolver` if given; else from the
@@ -350,12 +366,15 @@ def multi_worker_strategy(
       cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`, or None.
       communication: `"auto"`, `"ring"` (gRPC) or `"nccl"` (GPUs).
     """
-    implementations = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
-                       "ring": tf.distribute.experimental.CommunicationImplementation.RING,
-                       "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
+    implementations = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }
     if communication not in implementations:
-        raise ValueError(f"`communication` must be one of {sorted(implementations)}; "
-                         f"received {communication!r}.")
+        raise ValueError(
+            f"`communication` must be one of {sorted(implementations)}; received {communication!r}."
+        )
     resolvers = tf.distribute.cluster_resolver
     if cluster_resolver is None:
         if os.environ.get("TF_CONFIG"):
@@ -366,8 +385,11 @@ def multi_worker_strategy(
             raise ValueError(
                 "Multi-worker training needs the cluster: set TF_CONFIG (see the README, "
                 "'Training on several machines'), run inside a Slurm job, or pass "
-                "`cluster_resolver`.")
+                "`cluster_resolver`."
+            )
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=implementations[communication])
+        implementation=implementations[communication]
+    )
     return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=cluster_resolver, communication_options=options)
+        cluster_resolver=cluster_resolver, communication_options=options
+    )

@@ -63,21 +63,29 @@ def builder_config(model):
     """
     builder = model._flow_builder
     if not isinstance(builder, types.FunctionType) or not _is_registered(builder):
-        given = ("a flow object" if builder is None
-                 else f"the unregistered function {getattr(builder, '__name__', builder)!r}")
+        given = (
+            "a flow object"
+            if builder is None
+            else f"the unregistered function {getattr(builder, '__name__', builder)!r}"
+        )
         raise TypeError(
             f"This FlowModel was built from {given}, which a .keras file cannot rebuild in "
             "another process. Pass `flow=` a zero-argument function that builds the flow, "
             "decorated with @keras.saving.register_keras_serializable(), or use Glow, "
             "RealNVP or NICE. save_weights/load_weights and "
-            "tfp_glow.export_saved_model work for any flow.")
+            "tfp_glow.export_saved_model work for any flow."
+        )
     if model.dequantizer is not None:
         raise TypeError(
             "A FlowModel with a custom `dequantizer` has no .keras config; use "
-            "save_weights/load_weights, or Glow(dequantization='variational').")
-    return {"flow": keras.saving.serialize_keras_object(builder),
-            "event_shape": list(model.event_shape), "num_bins": model.num_bins,
-            "num_classes": model.num_classes}
+            "save_weights/load_weights, or Glow(dequantization='variational')."
+        )
+    return {
+        "flow": keras.saving.serialize_keras_object(builder),
+        "event_shape": list(model.event_shape),
+        "num_bins": model.num_bins,
+        "num_classes": model.num_classes,
+    }
 
 
 def restore_builder(config):
@@ -94,8 +102,12 @@ class FlowConfigMethods:
 
     def _base_config(self):
         """`keras.Model`'s config plus FlowModel's options (for subclasses)."""
-        return {**super().get_config(), "nonfinite": self.nonfinite,
-                "validate_args": self.validate_args, "backprop": self.backprop}
+        return {
+            **super().get_config(),
+            "nonfinite": self.nonfinite,
+            "validate_args": self.validate_args,
+            "backprop": self.backprop,
+        }
 
     def get_config(self):
         """The config of a model built from a registered flow builder; a flow
@@ -114,8 +126,9 @@ class FlowConfigMethods:
         self.get_config()
         return super().save(filepath, *args, **kwargs)
 
-    def export(self, filepath, format="tf_saved_model", verbose=None,
-               input_signature=None, **kwargs):
+    def export(
+        self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs
+    ):
         """`keras.Model.export`: the SavedModel's `serve` endpoint is `call`,
         `log p(x)` per example.
 
@@ -129,5 +142,6 @@ class FlowConfigMethods:
         if input_signature is None:
             data, *labels = self._density._signature("data")
             input_signature = [(data, labels[0]) if labels else data]
-        return super().export(filepath, format=format, verbose=verbose,
-                              input_signature=input_signature, **kwargs)
+        return super().export(
+            filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+        )

@@ -26,15 +26,24 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
-from tfp_glow.training.distributed import (first_step_batch, fit_callbacks, step_logs,
-                                  symbolic_build_iterator)
+from tfp_glow.training.distributed import (
+    first_step_batch,
+    fit_callbacks,
+    step_logs,
+    symbolic_build_iterator,
+)
 from tfp_glow.training.flow_config import FlowConfigMethods, unique_layer_names
-from tfp_glow.training.flow_variables import (FlowVariables, check_trainable, collect, flow_dtype,
-                                     zeros_batch)
+from tfp_glow.training.flow_variables import (
+    FlowVariables,
+    check_trainable,
+    collect,
+    flow_dtype,
+    zeros_batch,
+)
 from tfp_glow.training.guard import NonfiniteGuard
 from tfp_glow.training.initialization import ActNormInitialization, actnorms_of
-from tfp_glow.variational_dequantization import VariationalDequantizer
 from tfp_glow.training.xla import warn_if_partial_last_batch
+from tfp_glow.variational_dequantization import VariationalDequantizer
 
 tfb = tfp.bijectors
 

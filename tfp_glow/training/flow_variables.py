@@ -40,8 +40,14 @@ from tfp_glow.bijectors.base import sub_bijectors
 
 tfb = tfp.bijectors
 
-__all__ = ["FlowVariables", "SharedVariable", "check_trainable", "collect", "flow_dtype",
-           "zeros_batch"]
+__all__ = [
+    "FlowVariables",
+    "SharedVariable",
+    "check_trainable",
+    "collect",
+    "flow_dtype",
+    "zeros_batch",
+]
 
 # How deep the attribute scan goes into containers and plain objects (a
 # callable object holding a network, a partial of one): deep enough for every
@@ -69,8 +75,11 @@ class SharedVariable(keras.Variable):
         name = name or variable.name.split(":")[0]
         super().__init__(
             initializer=lambda shape, dtype: None,  # never called: see below
-            shape=tuple(variable.shape), dtype=variable.dtype.name,
-            trainable=variable.trainable, name=name.replace("/", "_"))
+            shape=tuple(variable.shape),
+            dtype=variable.dtype.name,
+            trainable=variable.trainable,
+            name=name.replace("/", "_"),
+        )
         self.constraint = getattr(variable, "constraint", None)
 
     def _initialize_with_initializer(self, initializer):
@@ -102,15 +111,34 @@ def _holds_variables(obj):
     # TF1 `make_template` objects (TFP's `real_nvp_default_template`) are not
     # tf.Modules: their variables live in a variable scope, reachable only
     # through the template's `variables`. Matched by class name: no TF internals.
-    return any(c.__name__ == "Template" and c.__module__.startswith("tensorflow")
-               for c in type(obj).__mro__)
+    return any(
+        c.__name__ == "Template" and c.__module__.startswith("tensorflow")
+        for c in type(obj).__mro__
+    )
 
 
 def _scan(value, depth, found):
     """Keras 3 layers and bijectors inside an attribute value (bounded depth)."""
-    if depth > _MAX_DEPTH or value is None or isinstance(
-            value, (str, bytes, int, float, bool, tf.Tensor, tf.Variable, type,
-                    types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
+    if (
+        depth > _MAX_DEPTH
+        or value is None
+        or isinstance(
+            value,
+            (
+                str,
+                bytes,
+                int,
+                float,
+                bool,
+                tf.Tensor,
+                tf.Variable,
+                type,
+                types.ModuleType,
+                types.FunctionType,
+                types.BuiltinFunctionType,
+            ),
+        )
+    ):
         return
     if isinstance(value, (keras.layers.Layer, tfb.Bijector)):
         found.append(value)
@@ -237,7 +265,8 @@ def _hidden_error(flow, bijectors, hidden):
         "closure or global, so fit would not train them and save_weights would not save "
         "them. Hand the network to the bijector itself (e.g. "
         "`shift_and_log_scale_fn=made`, not `lambda x: made(x)`), or keep it as an "
-        "attribute of the callable you pass (an object with `__call__`).")
+        "attribute of the callable you pass (an object with `__call__`)."
+    )
 
 
 def collect(flow, probe_input=None, probe_kwargs=None):
@@ -259,8 +288,7 @@ def collect(flow, probe_input=None, probe_kwargs=None):
     existing = [w.value for layer in layers for w in layer.weights] + plain
     saved = [tf.identity(v) for v in existing]
     with tf.GradientTape(watch_accessed_variables=True) as tape:
-        forward_and_log_det(flow, probe_input, len(probe_input.shape) - 1,
-                            **(probe_kwargs or {}))
+        forward_and_log_det(flow, probe_input, len(probe_input.shape) - 1, **(probe_kwargs or {}))
     for v, value in zip(existing, saved):
         v.assign(value)
     bijectors, layers, plain, keras_owned = _gather(flow)  # the probe may build some
@@ -301,4 +329,5 @@ def check_trainable(model):
             "This FlowModel has no trainable weights, so `fit` would train nothing: "
             f"its flow {type(flow).__name__} {flow.name!r} holds no trainable variable "
             "(tf.Variable, Keras layer or TFP network). Build the flow from trainable "
-            "parts (e.g. tfb.Shift(tf.Variable(0.)), a tfp_glow.nets.MADE conditioner).")
+            "parts (e.g. tfb.Shift(tf.Variable(0.)), a tfp_glow.nets.MADE conditioner)."
+        )

@@ -51,8 +51,7 @@ def _values(g):
 
 def all_finite(tensors: Iterable[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """Scalar bool: every element of every (non-None) tensor is finite."""
-    checks = [tf.reduce_all(tf.math.is_finite(_values(t))) for t in tensors
-              if t is not None]
+    checks = [tf.reduce_all(tf.math.is_finite(_values(t))) for t in tensors if t is not None]
     if not checks:
         return tf.constant(True)
     return tf.reduce_all(tf.stack(checks))
@@ -71,8 +70,12 @@ def any_replica(flag: tf.Tensor) -> tf.Tensor:
     return total > 0.0
 
 
-def apply_if(optimizer: keras.optimizers.Optimizer, ok: tf.Tensor,
-             grads: Sequence[tf.Tensor | None], variables: Sequence[tf.Variable]) -> tf.Tensor:
+def apply_if(
+    optimizer: keras.optimizers.Optimizer,
+    ok: tf.Tensor,
+    grads: Sequence[tf.Tensor | None],
+    variables: Sequence[tf.Variable],
+) -> tf.Tensor:
     """`optimizer.apply(grads, variables)` only when the scalar bool `ok` holds.
 
     When `ok` is False nothing changes: not the weights, not Adam's moments,
@@ -88,6 +91,7 @@ def apply_if(optimizer: keras.optimizers.Optimizer, ok: tf.Tensor,
     pattern of `keras.optimizers.LossScaleOptimizer`.
     """
     if tf.__internal__.distribute.strategy_supports_no_merge_call():
+
         def apply_fn():
             optimizer.apply(grads, variables)
             return tf.constant(True)
@@ -99,7 +103,8 @@ def apply_if(optimizer: keras.optimizers.Optimizer, ok: tf.Tensor,
 
         def apply_fn():
             strategy.extended.call_for_each_replica(
-                lambda g: optimizer.apply(g, variables), args=(grads,))
+                lambda g: optimizer.apply(g, variables), args=(grads,)
+            )
             return tf.constant(True)
 
         return tf.cond(ok_first, apply_fn, lambda: tf.constant(False))
@@ -123,11 +128,20 @@ class NonfiniteCounter(keras.metrics.Metric):
 
     def __init__(self, name: str = "nonfinite_steps", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
-        self.steps = self.add_variable(shape=(), initializer="zeros", dtype="float32",
-                                       aggregation="only_first_replica", name="steps")
+        self.steps = self.add_variable(
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            aggregation="only_first_replica",
+            name="steps",
+        )
         self.loss_steps = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32",
-            aggregation="only_first_replica", name="loss_steps")
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            aggregation="only_first_replica",
+            name="loss_steps",
+        )
 
     def update_state(self, loss_finite, step_finite):
         self.steps.assign_add(1.0 - tf.cast(step_finite, tf.float32))
@@ -143,8 +157,11 @@ class NonfiniteCounter(keras.metrics.Metric):
 
 def nonfinite_error_message(where: str, loss_nonfinite: bool, mode: str = "raise") -> str:
     """The text of the `FloatingPointError` of `nonfinite="raise"`."""
-    what = ("a non-finite loss (NaN or inf)" if loss_nonfinite
-            else "a finite loss but a non-finite gradient (NaN or inf)")
+    what = (
+        "a non-finite loss (NaN or inf)"
+        if loss_nonfinite
+        else "a finite loss but a non-finite gradient (NaN or inf)"
+    )
     return (
         f"Training stopped: {where} produced {what}. The update was not applied: "
         "the weights and optimizer state are those from before this batch, so no "
@@ -153,7 +170,8 @@ def nonfinite_error_message(where: str, loss_nonfinite: bool, mode: str = "raise
         "optimizer's `clipnorm=` or `global_clipnorm=`), and check this batch for "
         "NaN/inf or values outside the data range (`model.log_prob(batch)` "
         "validates its input). Pass `nonfinite='skip'` to the model to skip such "
-        "steps and keep training.")
+        "steps and keep training."
+    )
 
 
 class TrainPosition(keras.callbacks.Callback):
@@ -263,13 +281,19 @@ class NonfiniteGuard:
         if self.position is not None:
             epoch, batch = self.position
             if steps_per_execution > 1:  # Keras reports the first batch of each execution
-                where = (f"epoch {epoch + 1}, one of batches {batch}-"
-                         f"{batch + steps_per_execution - 1}")
+                where = (
+                    f"epoch {epoch + 1}, one of batches {batch}-{batch + steps_per_execution - 1}"
+                )
             else:
                 where = f"epoch {epoch + 1}, batch {batch}"
         if self._mode == "raise":
             loss_bad = float(self.counter.loss_steps.numpy()) > 0
             self.reset()
             raise FloatingPointError(nonfinite_error_message(where, loss_bad))
-        _LOG.warning("Skipped %d training step(s) with a non-finite loss or gradient at "
-                     "%s (nonfinite='skip'; %d skipped in this fit).", new, where, count)
+        _LOG.warning(
+            "Skipped %d training step(s) with a non-finite loss or gradient at "
+            "%s (nonfinite='skip'; %d skipped in this fit).",
+            new,
+            where,
+            count,
+        )

@@ -71,5 +71,6 @@ class ActNormInitialization:
         if first is None:
             raise ValueError(
                 "The model is not initialised and `fit` cannot take a first batch "
-                f"from {type(source).__name__}: call `model.initialize(batch)` first.")
+                f"from {type(source).__name__}: call `model.initialize(batch)` first."
+            )
         self.initialize(*first)

@@ -73,24 +73,40 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     ```
     """
 
-    def __init__(self, learning_rate: float, warmup_steps: int, decay_steps: int | None = None,
-                 alpha: float = 0.0, name: str = "warmup") -> None:
+    def __init__(
+        self,
+        learning_rate: float,
+        warmup_steps: int,
+        decay_steps: int | None = None,
+        alpha: float = 0.0,
+        name: str = "warmup",
+    ) -> None:
         super().__init__()
-        if isinstance(learning_rate, bool) or not isinstance(
-                learning_rate, (int, float, np.integer, np.floating)) or not (
-                math.isfinite(learning_rate) and learning_rate > 0):
+        if (
+            isinstance(learning_rate, bool)
+            or not isinstance(learning_rate, (int, float, np.integer, np.floating))
+            or not (math.isfinite(learning_rate) and learning_rate > 0)
+        ):
             raise ValueError(
-                f"`learning_rate` must be a positive finite number; got {learning_rate!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(
-                warmup_steps, (int, np.integer)) or warmup_steps < 0:
+                f"`learning_rate` must be a positive finite number; got {learning_rate!r}."
+            )
+        if (
+            isinstance(warmup_steps, bool)
+            or not isinstance(warmup_steps, (int, np.integer))
+            or warmup_steps < 0
+        ):
             raise ValueError(f"`warmup_steps` must be an int >= 0; got {warmup_steps!r}.")
         if decay_steps is not None and (
-                isinstance(decay_steps, bool) or not isinstance(decay_steps, (int, np.integer))
-                or decay_steps < 1):
-            raise ValueError(
-                f"`decay_steps` must be None or an int >= 1; got {decay_steps!r}.")
-        if isinstance(alpha, bool) or not isinstance(
-                alpha, (int, float, np.integer, np.floating)) or not 0.0 <= alpha <= 1.0:
+            isinstance(decay_steps, bool)
+            or not isinstance(decay_steps, (int, np.integer))
+            or decay_steps < 1
+        ):
+            raise ValueError(f"`decay_steps` must be None or an int >= 1; got {decay_steps!r}.")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not 0.0 <= alpha <= 1.0
+        ):
             raise ValueError(f"`alpha` must be in [0, 1]; got {alpha!r}.")
         self.learning_rate = float(learning_rate)
         self.warmup_steps = int(warmup_steps)
@@ -119,8 +135,13 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return lr * warm * decay
 
     def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps,
-                "decay_steps": self.decay_steps, "alpha": self.alpha, "name": self.name}
+        return {
+            "learning_rate": self.learning_rate,
+            "warmup_steps": self.warmup_steps,
+            "decay_steps": self.decay_steps,
+            "alpha": self.alpha,
+            "name": self.name,
+        }
 
 
 # ----------------------------------------------------------------- WarmupAdam
@@ -141,9 +162,14 @@ class WarmupAdam(keras.optimizers.Adam):
     `TypeError`), which is why `compile()` uses this one.
     """
 
-    def __init__(self, learning_rate: float = RECOMMENDED_LEARNING_RATE,
-                 warmup_steps: int = RECOMMENDED_WARMUP_STEPS, decay_steps: int | None = None,
-                 alpha: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        learning_rate: float = RECOMMENDED_LEARNING_RATE,
+        warmup_steps: int = RECOMMENDED_WARMUP_STEPS,
+        decay_steps: int | None = None,
+        alpha: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         schedule = WarmupSchedule(learning_rate, warmup_steps, decay_steps, alpha)
         super().__init__(learning_rate=float(learning_rate), **kwargs)
         self.schedule = schedule
@@ -154,8 +180,12 @@ class WarmupAdam(keras.optimizers.Adam):
         return super()._backend_update_step(grads, trainable_variables, rate)
 
     def get_config(self):
-        return {**super().get_config(), "warmup_steps": self.schedule.warmup_steps,
-                "decay_steps": self.schedule.decay_steps, "alpha": self.schedule.alpha}
+        return {
+            **super().get_config(),
+            "warmup_steps": self.schedule.warmup_steps,
+            "decay_steps": self.schedule.decay_steps,
+            "alpha": self.schedule.alpha,
+        }
 
 
 # ----------------------------------------------------------------- AdamW
@@ -168,15 +198,22 @@ def network_variables(model):
     """
     from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.bijectors._state import ParameterLayer
+
     dequantizer = getattr(model, "dequantizer", None)
-    return [v for layer in keras_layers_of(model.flow)
-            if not isinstance(layer, ParameterLayer) for v in layer.trainable_variables
-            ] + (list(dequantizer.trainable_variables) if dequantizer is not None else [])
+    return [
+        v
+        for layer in keras_layers_of(model.flow)
+        if not isinstance(layer, ParameterLayer)
+        for v in layer.trainable_variables
+    ] + (list(dequantizer.trainable_variables) if dequantizer is not None else [])
 
 
-def adamw(model: keras.Model,
-          learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
-          weight_decay: float, **kwargs: Any) -> keras.optimizers.AdamW:
+def adamw(
+    model: keras.Model,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    weight_decay: float,
+    **kwargs: Any,
+) -> keras.optimizers.AdamW:
     """Keras `AdamW` that decays `model`'s network weights only.
 
     Decoupled weight decay (Loshchilov & Hutter 2019), at each step besides
@@ -192,21 +229,26 @@ def adamw(model: keras.Model,
     exclusions when it builds.
     """
     from tfp_glow import checks
+
     weight_decay = checks.number(weight_decay, "weight_decay", minimum=0.0)
     optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **kwargs)
     decayed = {id(v) for v in network_variables(model)}
     optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if id(v) not in decayed])
+        var_list=[v for v in model.trainable_variables if id(v) not in decayed]
+    )
     return optimizer
 
 
 # ----------------------------------------------------------------- recommended
-def recommended_optimizer(decay_steps: int | None = None,
-                          learning_rate: float = RECOMMENDED_LEARNING_RATE,
-                          warmup_steps: int = RECOMMENDED_WARMUP_STEPS,
-                          ema_momentum: float | None = RECOMMENDED_EMA_MOMENTUM,
-                          weight_decay: float = 0.0, model: keras.Model | None = None,
-                          **kwargs: Any) -> keras.optimizers.Optimizer:
+def recommended_optimizer(
+    decay_steps: int | None = None,
+    learning_rate: float = RECOMMENDED_LEARNING_RATE,
+    warmup_steps: int = RECOMMENDED_WARMUP_STEPS,
+    ema_momentum: float | None = RECOMMENDED_EMA_MOMENTUM,
+    weight_decay: float = 0.0,
+    model: keras.Model | None = None,
+    **kwargs: Any,
+) -> keras.optimizers.Optimizer:
     """`WarmupAdam` (Adam on `WarmupSchedule(learning_rate, warmup_steps,
     decay_steps)`, its peak rate a variable that Keras's learning-rate callbacks
     can set) with Polyak averaging of the weights.
@@ -234,16 +276,23 @@ def recommended_optimizer(decay_steps: int | None = None,
     set by callbacks). `kwargs` go to the Keras optimizer
     (`global_clipnorm`, ...).
     """
-    checks.number(ema_momentum, "ema_momentum", minimum=0, maximum=1,
-                  exclusive_minimum=True, exclusive_maximum=True, allow_none=True)
+    checks.number(
+        ema_momentum,
+        "ema_momentum",
+        minimum=0,
+        maximum=1,
+        exclusive_minimum=True,
+        exclusive_maximum=True,
+        allow_none=True,
+    )
     if ema_momentum is not None:
         kwargs.update(use_ema=True, ema_momentum=ema_momentum)
     if weight_decay:
         if model is None:
-            raise ValueError("`recommended_optimizer(weight_decay=...)` needs `model` "
-                             "(only its networks' weights are decayed).")
-        schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps,
-                                  decay_steps=decay_steps)
+            raise ValueError(
+                "`recommended_optimizer(weight_decay=...)` needs `model` "
+                "(only its networks' weights are decayed)."
+            )
+        schedule = WarmupSchedule(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps)
         return adamw(model, schedule, weight_decay, **kwargs)
-    return WarmupAdam(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                      **kwargs)
+    return WarmupAdam(learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps, **kwargs)

@@ -64,10 +64,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks
-from tfp_glow.training._reversible_blocks import custom_gradient_block
 from tfp_glow.bijectors import base as _base
 from tfp_glow.bijectors.coupling import CouplingBase
 from tfp_glow.bijectors.multi_scale import MultiScaleFlow
+from tfp_glow.training._reversible_blocks import custom_gradient_block
 
 tfb = tfp.bijectors
 
@@ -159,10 +159,13 @@ def flow_units(bijector, event_ndims, inverse=False):
         return flow_units(bijector.bijector, event_ndims, not inverse)
     if isinstance(bijector, _CHAIN_TYPES):
         units = []
-        for part in (bijector.bijectors if inverse else reversed(bijector.bijectors)):
+        for part in bijector.bijectors if inverse else reversed(bijector.bijectors):
             units += flow_units(part, event_ndims, inverse)
-            event_ndims = (part.inverse_event_ndims(event_ndims) if inverse
-                           else part.forward_event_ndims(event_ndims))
+            event_ndims = (
+                part.inverse_event_ndims(event_ndims)
+                if inverse
+                else part.forward_event_ndims(event_ndims)
+            )
         return units
     return [Step(bijector, inverse, event_ndims)]
 
@@ -202,10 +205,14 @@ def _flatten(z, ndims):
 def _check_multi_scale_input(flow, x):
     event_shape = tuple(flow.inverse_event_shape([flow.latent_size]))
     nd = len(event_shape)
-    if x.shape.rank is None or x.shape.rank < nd or not all(
-            a is None or a == b for a, b in zip(x.shape[-nd:], event_shape)):
-        raise ValueError(f"`x` must have shape [batch, {', '.join(map(str, event_shape))}]; "
-                         f"got {x.shape}.")
+    if (
+        x.shape.rank is None
+        or x.shape.rank < nd
+        or not all(a is None or a == b for a, b in zip(x.shape[-nd:], event_shape))
+    ):
+        raise ValueError(
+            f"`x` must have shape [batch, {', '.join(map(str, event_shape))}]; got {x.shape}."
+        )
 
 
 def _multi_scale(unit, x, kwargs, backprop, block):
@@ -233,7 +240,7 @@ def _multi_scale(unit, x, kwargs, backprop, block):
         total += ldj
     latents.append(_flatten(h, len(flow.latent_shapes[-1])))
     z = tf.concat(latents, axis=-1)
-    z.set_shape(x.shape[:x.shape.rank - nd_in].concatenate([flow.latent_size]))
+    z.set_shape(x.shape[: x.shape.rank - nd_in].concatenate([flow.latent_size]))
     return z, _reduce_extra_event_dims(total, x, nd_in, unit.event_ndims)
 
 
@@ -243,7 +250,7 @@ def _reduce_extra_event_dims(ldj, x, min_ndims, event_ndims):
     extra = event_ndims - min_ndims
     if extra <= 0:
         return ldj
-    batch = tf.shape(x)[:x.shape.rank - min_ndims]
+    batch = tf.shape(x)[: x.shape.rank - min_ndims]
     return tf.reduce_sum(tf.broadcast_to(ldj, batch), axis=list(range(-extra, 0)))
 
 
@@ -304,8 +311,13 @@ def reconstruction_errors(flow, x, event_ndims=None, **kwargs):
         rebuilt = h
         for step, kept in zip(reversed(steps), reversed(inputs)):
             rebuilt = kept if step.stored else step.undo(rebuilt, kw)
-        report.append({"steps": len(steps), "rel_max": _relative_max(rebuilt, inputs[0]),
-                       "max_abs": float(tf.reduce_max(tf.abs(rebuilt - inputs[0])))})
+        report.append(
+            {
+                "steps": len(steps),
+                "rel_max": _relative_max(rebuilt, inputs[0]),
+                "max_abs": float(tf.reduce_max(tf.abs(rebuilt - inputs[0]))),
+            }
+        )
         return h, total
 
     _run(units, x, kwargs, "reversible", probe)

@@ -27,4 +27,6 @@ def warn_if_partial_last_batch(model, x, batch_size):
             f"batch of each epoch has {n % batch} examples and XLA compiles the training "
             f"step again for that shape (minutes for a deep flow). Pass "
             f"x[:{n - n % batch}], or a tf.data pipeline batched with "
-            f"drop_remainder=True, to train on full batches only.", stacklevel=3)
+            f"drop_remainder=True, to train on full batches only.",
+            stacklevel=3,
+        )

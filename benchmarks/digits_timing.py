@@ -4,9 +4,10 @@ On a shared machine the load drifts over minutes, so comparing the step
 times of separate 100-epoch runs mixes the variant with the load. Here each
 variant (a `digits_protocol.py` argument string) is built, initialised and
 compiled once; then `--rounds` rounds each fit one protocol epoch (23
-steps) of every variant in turn. Round 0 (tracing, XLA compilation) is dropped (its wall time is reported); the median
-step time (Keras batch begin to batch end, as in `digits_protocol.py`) per
-variant and its ratio to the first variant are reported.
+steps) of every variant in turn. Round 0 (tracing, XLA compilation) is
+dropped (its wall time is reported); the median step time (Keras batch
+begin to batch end, as in `digits_protocol.py`) per variant and its ratio to
+the first variant are reported.
 
     python benchmarks/digits_timing.py --rounds 8 \\
         "--dropout 0 --dequantization uniform" "" "--coupling spline"

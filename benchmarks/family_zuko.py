@@ -161,7 +161,7 @@ def time_sample(flow, n=64, repeats=3):
 
     times = []
     with torch.no_grad():
-        for i in range(repeats + 1):
+        for _ in range(repeats + 1):
             t0 = time.perf_counter()
             flow().sample((n,)).numpy()
             times.append(time.perf_counter() - t0)

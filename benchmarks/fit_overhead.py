@@ -32,7 +32,8 @@ steady epoch, and a second epoch on NumPy data whose last batch is partial
 (does it recompile?).
 
     python benchmarks/fit_overhead.py --rounds 6 --out benchmarks/results/fit_overhead.json
-    python benchmarks/fit_overhead.py --rounds 3 --jit --out benchmarks/results/fit_overhead_jit.json
+    python benchmarks/fit_overhead.py --rounds 3 --jit \
+        --out benchmarks/results/fit_overhead_jit.json
 """
 
 import argparse

@@ -461,12 +461,12 @@ def table(result, budget_mb):
             )
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     first, last = str(min(depths)), str(max(depths))
+    peaks_last, peaks_first = result["memory"][last], result["memory"][first]
     lines.append(
         f"| peak K={last} / K={first} | "
         + " | ".join(
-            f"{result['memory'][last][v]['peak_bytes'] / result['memory'][first][v]['peak_bytes']:.2f}"
-            if "peak_bytes" in result["memory"][last][v]
-            and "peak_bytes" in result["memory"][first][v]
+            f"{peaks_last[v]['peak_bytes'] / peaks_first[v]['peak_bytes']:.2f}"
+            if "peak_bytes" in peaks_last[v] and "peak_bytes" in peaks_first[v]
             else "-"
             for v in variants
         )

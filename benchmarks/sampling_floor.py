@@ -13,7 +13,8 @@ avoid). This runs them interleaved with the levers that keep sampling exact:
 and breaks one sampling call down by op type (graph mode) into the
 networks' convolutions, the random draw, forming `W^-1` and everything else.
 
-    python benchmarks/sampling_floor.py --size small --repeats 30 --out results/sampling_floor_small.json
+    python benchmarks/sampling_floor.py --size small --repeats 30 \
+        --out results/sampling_floor_small.json
 """
 
 import argparse
@@ -69,7 +70,8 @@ def inverses_from(flow, table_fn):
     for conv in convs:
         original = conv._matrix_and_log_det
 
-        def patched(inverse, _entry=table[id(conv)], _orig=original):
+        # Defaults bind this conv's table entry and method now (not the loop's last).
+        def patched(inverse, _entry=table[id(conv)], _orig=original):  # noqa: B008
             if inverse:
                 return tuple(tf.convert_to_tensor(t) for t in _entry)
             return _orig(inverse)

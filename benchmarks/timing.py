@@ -91,7 +91,7 @@ def run(size, repeats, variants=tuple(VARIANTS), kinds=KINDS, warmup=2, profile=
                     op: {"ms": us / 1000, "count": n} for op, (us, n) in per_op.items()
                 }
                 print(profile_ops.format_breakdown(per_op, top=8), flush=True)
-    for name, res in out["variants"].items():
+    for res in out["variants"].values():
         if "train_step" in res and "nets_step" in res:
             res["flow_overhead"] = res["train_step"]["median_ms"] / res["nets_step"]["median_ms"]
         if "sample" in res and "nets_forward" in res:

@@ -8,11 +8,12 @@ Run as a script, with TF_CONFIG naming this worker:
 it trains the small Glow below with stock `fit` (SGD, `nonfinite="skip"`,
 `keras.callbacks.BackupAndRestore(BACKUP_DIR)`) on its own data (its own
 pipeline through `strategy.distribute_datasets_from_function`: no
-autosharding, no rebatching) and writes `OUT_DIR/worker_<task>.npz`: the ActNorm variables right after
-`fit`'s first-batch init, the weights after training, the epoch losses, the
-skipped-step count, `evaluate`'s loss and `log_prob` of fixed images. It logs
-`begin E` / `batch B` / `end E` lines to `OUT_DIR/worker_<task>.log` and
-sleeps SLEEP_PER_BATCH seconds after each batch (a window to kill it).
+autosharding, no rebatching) and writes `OUT_DIR/worker_<task>.npz`: the
+ActNorm variables right after `fit`'s first-batch init, the weights after
+training, the epoch losses, the skipped-step count, `evaluate`'s loss and
+`log_prob` of fixed images. It logs `begin E` / `batch B` / `end E` lines to
+`OUT_DIR/worker_<task>.log` and sleeps SLEEP_PER_BATCH seconds after each batch
+(a window to kill it).
 
 The data: the global batch of step `s` is `global_batches()[s]` (32 images);
 worker `k` feeds rows `16k .. 16k + 15` of it. Worker 1's batch 1 carries a

@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 # Every example script run in a subprocess (minutes on 2 cores): CI's slow step.
 pytestmark = pytest.mark.slow
-from PIL import Image
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 

@@ -72,12 +72,11 @@ SCRIPT = textwrap.dedent(
 
     np.savez(out.replace(".npz", "_init.npz"), *model.get_weights())
     backup = keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
-    model.fit(ds, epochs=%d, verbose=0, callbacks=[backup, Log()])
+    model.fit(ds, epochs={epochs}, verbose=0, callbacks=[backup, Log()])
     np.savez(out, *model.get_weights())
     with open(log, "a") as f:
         f.write("done\\n")
-"""
-    % EPOCHS
+""".replace("{epochs}", str(EPOCHS))
 )
 
 

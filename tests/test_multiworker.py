@@ -27,13 +27,12 @@ import subprocess
 import sys
 import time
 
+import _multiworker_worker as worker
 import numpy as np
 import pytest
 
 # Worker processes on loopback (a minute or more on 2 cores): CI's slow step.
 pytestmark = pytest.mark.slow
-
-import _multiworker_worker as worker
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multiworker_worker.py")
 JOB_TIMEOUT = 420  # seconds; a job takes ~25 s on 2 idle cores, minutes when they are shared

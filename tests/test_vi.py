@@ -297,10 +297,10 @@ def test_tf_function_and_xla_agree_with_eager(dtype):
     x, log_q = both(z)
     assert x.dtype == dtype and q.sample(2, seed=(1, 1)).dtype == dtype
     rtol = 1e-4 if dtype == tf.float32 else 1e-10
-    compiled = [tf.function(both, jit_compile=True)]
+    functions = [tf.function(both, jit_compile=True)]
     if dtype == tf.float32:  # plain graph mode once; XLA in both dtypes
-        compiled.append(tf.function(both))
-    for compiled in compiled:
+        functions.append(tf.function(both))
+    for compiled in functions:
         cx, clog_q = compiled(z)
         np.testing.assert_allclose(cx, x, rtol=rtol, atol=rtol)
         np.testing.assert_allclose(clog_q, log_q, rtol=rtol, atol=rtol)

@@ -98,7 +98,7 @@ def nsf_autoregressive(dtype="float32"):
 def realnvp_keras_net(dtype="float32"):
     """TFP's RealNVP with tfp_glow's Keras 3 coupling network, halves swapped between."""
     layers = []
-    for i in range(2):
+    for _ in range(2):
         layers += [
             tfb.RealNVP(
                 num_masked=1,

@@ -26,8 +26,8 @@ flat boxes that uniform noise draws inside every bin.
                    - sum(log sigmoid(y_n) + log sigmoid(-y_n)) - D log(1 - 2a),
 
 with log-scales `s = tanh(raw)` (each step scales by at most e) and every last
-convolution zero-initialised, so at the start `u = a + (1 - 2a) sigmoid(eps)`. The margin `a` is the data
-pipelines' (`tfp_glow.dequantization`): float32 rounding of `(k + u) / B - 0.5`
+convolution zero-initialised, so at the start `u = a + (1 - 2a) sigmoid(eps)`. The margin
+`a` is the data pipelines' (`tfp_glow.dequantization`): float32 rounding of `(k + u) / B - 0.5`
 keeps every value inside bin `k`, and a `q` that saturates the sigmoid is
 penalised by its own `log q`, never credited.
 

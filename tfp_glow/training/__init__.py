@@ -23,16 +23,19 @@ from tfp_glow.training.guard import (
     check_nonfinite_mode,
     nonfinite_error_message,
 )
+
+# The `X as X` imports re-export names that are not public (not in __all__) for
+# cli_args, recipe and the tests, which read them from here.
+from tfp_glow.training.optimizers import RECOMMENDED_EMA_MOMENTUM as RECOMMENDED_EMA_MOMENTUM
+from tfp_glow.training.optimizers import RECOMMENDED_LEARNING_RATE as RECOMMENDED_LEARNING_RATE
+from tfp_glow.training.optimizers import RECOMMENDED_WARMUP_STEPS as RECOMMENDED_WARMUP_STEPS
 from tfp_glow.training.optimizers import (
-    RECOMMENDED_EMA_MOMENTUM,
-    RECOMMENDED_LEARNING_RATE,
-    RECOMMENDED_WARMUP_STEPS,
     WarmupAdam,
     WarmupSchedule,
     adamw,
-    network_variables,
     recommended_optimizer,
 )
+from tfp_glow.training.optimizers import network_variables as network_variables
 
 __all__ = [
     "NONFINITE_MODES",

@@ -188,17 +188,19 @@ def _vi_table(vi_dir):
     return lines
 
 
-def markdown(invocation, runs, families, peers, vi_dir):
-    inv = invocation
+def markdown(invocations, runs, families, peers, vi_dir):
     head = [
         f"Generated {inv['date_utc']} by `{inv['command']}` in "
         f"{inv['wall_s'] / 60:.1f} min on {inv['machine']}; load average (1, 5, 15 min) "
         f"{', '.join(f'{v:.1f}' for v in inv['loadavg_start'])} at the start, "
-        f"{', '.join(f'{v:.1f}' for v in inv['loadavg_end'])} at the end. "
+        f"{', '.join(f'{v:.1f}' for v in inv['loadavg_end'])} at the end."
+        for inv in invocations
+    ] + [
         "Each row ran in its own process with 2 threads, one row at a time "
         "(dates and loads per row in rows/*.json).",
         "",
     ]
+    skipped = {k: v for inv in invocations for k, v in inv.get("skipped", {}).items()}
     order = _order(runs, families, peers)
     table = ["| " + COLUMNS + " |", "|" + "---|" * (COLUMNS.count("|") + 1)]
     table += [_row(n, runs[n], families, peers, runs) for n in order]
@@ -223,25 +225,24 @@ def markdown(invocation, runs, families, peers, vi_dir):
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         ]
-    if inv.get("skipped"):
-        notes += [
-            "",
-            "Not run: " + "; ".join(f"{k} ({v})" for k, v in inv["skipped"].items()) + ".",
-        ]
+    if skipped:
+        notes += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + "."]
     check = _peer_check(runs, peers)
     if check:
         notes += ["", "zuko against the issue's figures for it:", ""] + check
     return "\n".join(head + table + notes) + "\n"
 
 
-def write(out_dir, invocation, families, peers, vi_dir):
+def write(out_dir, invocations, families, peers, vi_dir):
+    if isinstance(invocations, dict):  # one invocation
+        invocations = [invocations]
     runs = _load_runs(os.path.join(out_dir, "rows"))
-    text = markdown(invocation, runs, families, peers, vi_dir)
+    text = markdown(invocations, runs, families, peers, vi_dir)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, "table.json"), "w") as f:
         json.dump(
-            {"invocation": invocation, "families": families, "peers": peers, "runs": runs},
+            {"invocations": invocations, "families": families, "peers": peers, "runs": runs},
             f,
             indent=1,
             default=str,

@@ -129,6 +129,16 @@ FAMILIES = {
         toy2d=dict(builder="NeuralSplineFlow", kwargs=dict(TOY_AR, variant="coupling")),
     ),
     # toy_kl's FFJORD budget: 100 steps of batch 256 (its steps cost ~20x).
+    # IAF at the library's default optimizer diverged (a NaN loss at epoch 3 of
+    # the full run, 2026-12-07): the same model with Adam 1e-3, constant.
+    "iaf_adam": dict(
+        builder="IAF",
+        layout="vector",
+        digits=dict(input_shape=(64,)),
+        epochs=IAF_EPOCHS,
+        optimizer="adam",
+        toy2d=dict(builder="IAF", kwargs=TOY_AR),
+    ),
     "ffjord": dict(
         builder="FFJORD",
         layout="vector",
@@ -196,7 +206,7 @@ def family_spec(name, args):
         "layout": entry["layout"],
         "digits": entry["digits"],
         "epochs": args.epochs if args.epochs is not None else entry.get("epochs", EPOCHS),
-        "optimizer": args.optimizer,
+        "optimizer": entry.get("optimizer", args.optimizer),
         "lr": 1e-3,
         "seed": args.seed,
         "split_seed": 0,
@@ -384,9 +394,12 @@ def main(argv=None):
         "skipped": skipped,
     }
     previous = os.path.join(args.out_dir, "table.json")
-    if args.report_only and os.path.exists(previous):  # keep the run's own record
-        with open(previous) as f:
-            invocation = json.load(f)["invocation"]
+    earlier = []
+    if (args.report_only or args.resume) and os.path.exists(previous):
+        with open(previous) as f:  # the runs' own records (rows added by --resume)
+            table = json.load(f)
+        earlier = table.get("invocations") or [table["invocation"]]
+    invocation = earlier if args.report_only else earlier + [invocation]
     import family_report
 
     family_report.write(args.out_dir, invocation, FAMILIES, PEERS, VI_RESULTS)

@@ -169,7 +169,11 @@ CASES = {
     "unknown_model_class": (
         _unknown_class,
         _config,
-        ("names model_class 'Flow9'", "['Glow', 'NICE', 'RealNVP']"),
+        (
+            "names model_class 'Flow9'",
+            "['FFJORD', 'Glow', 'IAF', 'MAF', 'NICE', 'NeuralSplineFlow', 'RealNVP', "
+            "'ResidualFlow']",
+        ),
     ),
     "malformed_config": (_malformed_config, _config, ("is not valid JSON", "line 1 column 25")),
     # Built, this model failed only at its first triangular solve (no float16 kernel).

@@ -277,6 +277,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_item8_custom_loop_reversible_peak_memory_is_lower():
     """Peak tensor bytes of one eager custom-loop step (BFC allocator stats)."""
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3")

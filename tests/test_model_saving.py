@@ -272,6 +272,7 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_backup_and_restore_resumes_where_an_uninterrupted_fit_ends(tmp_path):
     # Same data order every epoch: no shuffling, no random dequantization.
     train = digits_dataset("train", batch_size=256, shuffle=False, dequantize=False)

@@ -311,6 +311,7 @@ def test_network_of_the_wrong_size_is_refused(kind):
         b.forward(tf.zeros((1,) + IMAGE))
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 @pytest.mark.parametrize("kind", ["spline", "mol"])
 def test_glow_and_realnvp_take_the_coupling_by_name(kind, tmp_path):
     """`Glow(coupling=...)` and `RealNVP(coupling=...)` build the coupling, fit

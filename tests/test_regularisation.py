@@ -133,6 +133,7 @@ def test_the_masks_are_a_function_of_the_step(digits):
     assert again == losses[0]
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 @pytest.mark.parametrize("backprop", ["checkpoint", "reversible"])
 def test_recomputing_backprop_drops_the_units_standard_drops(digits, backprop):
     """`"checkpoint"` and `"reversible"` run the networks again for the
@@ -272,6 +273,7 @@ def test_recipe_polyak_averaging_leaves_the_model_with_the_average(digits, tmp_p
         assert json.load(f)["ema_momentum"] == 0.9
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_with_averaged_weights_validation_and_checkpoints_see_the_average(digits, tmp_path):
     """`model.compile()` averages the weights (Keras `use_ema`, momentum
     0.99). Inside `WithAveragedWeights` validation and the wrapped

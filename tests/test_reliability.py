@@ -218,6 +218,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_guard_under_mirrored_strategy_two_replicas():
     """The conditional update takes the cross-replica `merge_call` path: one
     replica's NaN stops the update on both, which stay identical."""

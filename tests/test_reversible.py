@@ -433,6 +433,7 @@ def test_training_steps_give_the_same_weights():
         assert err <= TOLERANCE["float64"]
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_glow_fit_gives_the_same_weights_in_every_mode():
     from tfp_glow.data import DIGITS_NUM_BINS, load_digits, preprocess
 

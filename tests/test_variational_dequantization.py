@@ -129,6 +129,7 @@ def test_the_bound_never_exceeds_the_exact_likelihood_and_training_q_closes_the_
     assert gap < 0.2 * uniform_gap, (gap, uniform_gap)
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_glow_with_variational_dequantization_reports_bound_and_uniform_figure(digits):
     model = _glow()
     model.compile(keras.optimizers.Adam(2e-3))
@@ -146,6 +147,7 @@ def test_glow_with_variational_dequantization_reports_bound_and_uniform_figure(d
     np.testing.assert_allclose(again["bits_per_dim"], result["bits_per_dim"], rtol=1e-5)
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_every_dequantizer_variable_is_trained(digits):
     model = _glow()
     model.initialize(digits[:64])

@@ -204,6 +204,7 @@ def test_neutra_hmc_mixes_the_funnel_neck_far_better_than_hmc(funnel):
     assert abs(np.mean(sd["neutra"]) - 3.0) < abs(np.mean(sd["hmc"]) - 3.0), sd
 
 
+@pytest.mark.slow  # over ~15 s on 2 cores: CI's second step
 def test_neutra_nuts_on_a_structured_surrogate_returns_the_models_structure(schools):
     target, q, _ = schools
     kernel = vi.neutra_kernel(

@@ -90,11 +90,11 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         tfp_glow and TFP bijectors, TFP's own flows (`tfb.Invert` of a
         `MaskedAutoregressiveFlow` for MAF, the flow itself for IAF,
         `tfb.RealNVP`, `tfb.Glow`, `tfb.FFJORD`), elementwise and matrix
-        bijectors with `tf.Variable` parameters ... Every variable the flow
-        holds becomes a model weight (`tfp_glow.training.flow_variables`); the density
-        equals `tfd.TransformedDistribution(N(0, I), tfb.Invert(flow))`. A
-        builder registered with `@keras.saving.register_keras_serializable()`
-        makes `.keras` saving possible (`tfp_glow.training.flow_config`).
+        bijectors with `tf.Variable` parameters ... Every variable the flow holds
+        becomes a model weight (`training.flow_variables`); the density equals
+        `tfd.TransformedDistribution(N(0, I), tfb.Invert(flow))`. A builder registered
+        with `@keras.saving.register_keras_serializable()` makes `.keras` saving
+        possible (`training.flow_config`).
       event_shape: shape of one data point, e.g. `(8, 8, 1)` or `(2,)`.
       num_bins: number of discrete levels of the data (256 for 8-bit images,
         17 for the built-in digits); used by `bits_per_dim`. For continuous
@@ -117,12 +117,11 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         step's input from its output with the inverse: memory independent of
         depth). All three give the same gradients.
       dequantizer: None (uniform dequantization: the data's own noise) or a
-        `VariationalDequantizer` `q(u | k)` (or a zero-argument function
-        building one) trained jointly with the flow:
-        `fit` then minimises the variational bound, `evaluate` reports it as
-        `bits_per_dim` and the flow's figure on the data as given (uniform
-        noise) as `uniform_bits_per_dim`; `variational_log_prob` and
-        `variational_bits_per_dim` give them per example.
+        `VariationalDequantizer` `q(u | k)` (or a zero-argument function building
+        one) trained jointly with the flow: `fit` then minimises the variational
+        bound, `evaluate` reports it as `bits_per_dim` and the flow's figure on the
+        data as given (uniform noise) as `uniform_bits_per_dim`;
+        `variational_log_prob` and `variational_bits_per_dim` give them per example.
       dtype: `"float32"` (default), `"float64"`, or a mixed policy such as
         `"mixed_bfloat16"` (the builders of `Glow`, `RealNVP` and `NICE` then
         run the networks in bfloat16 and the flow math in float32). Left

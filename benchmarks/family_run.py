@@ -320,6 +320,18 @@ def main(argv=None):
     if args.write_toy_data:
         return write_toy_data(args.write_toy_data, args.toy_train, args.toy_eval)
     set_threads()
+    import keras
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+
+    versions = {"tensorflow": tf.__version__, "tfp": tfp.__version__, "keras": keras.__version__}
+    run_row(args, digits, toy_kl, versions)
+
+
+def run_row(args, digits, toy_kl, versions):
+    """One table row: the digits protocol (its partial curve kept in
+    `<out>.partial.json` while it runs), then the 2-D KL; writes `args.out` and
+    prints the headline figures. Shared by this script and family_zuko.py."""
     spec = json.loads(args.spec)
     partial = os.path.splitext(args.out)[0] + ".partial.json"
     result = {"name": spec["name"], "spec": spec}
@@ -328,36 +340,21 @@ def main(argv=None):
         write_json(partial, result)
     if spec.get("toy2d") and args.toy_data:
         result["kl_2d"] = toy_kl(spec, args.toy_data)
-    import keras
-    import tensorflow as tf
-    import tensorflow_probability as tfp
-
-    result["versions"] = {
-        "tensorflow": tf.__version__,
-        "tfp": tfp.__version__,
-        "keras": keras.__version__,
-        "python": sys.version.split()[0],
-    }
+    result["versions"] = {**versions, "python": sys.version.split()[0]}
     write_json(args.out, result)
     if os.path.exists(partial):
         os.remove(partial)
-    print(
-        json.dumps(
-            {
-                k: result.get(k)
-                for k in (
-                    "name",
-                    "params",
-                    "test_bpd",
-                    "best_test_bpd",
-                    "train_step_ms_median",
-                    "sample_64_ms",
-                )
-            }
-            | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}
-        ),
-        flush=True,
+    headline = (
+        "name",
+        "params",
+        "test_bpd",
+        "best_test_bpd",
+        "train_step_ms_median",
+        "sample_64_ms",
     )
+    figures = {k: result.get(k) for k in headline}
+    figures["kl"] = (result.get("kl_2d") or {}).get("kl_nats")
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Imports no TensorFlow.
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -35,7 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import digits_stream as stream  # noqa: E402
-from family_run import THREADS, loadavg, write_json  # noqa: E402  (no TF import)
+from family_run import THREADS, loadavg, run_row, write_json  # noqa: E402  (no TF import)
 
 
 def build(flow, features, kwargs, seed):
@@ -226,41 +225,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     torch.set_num_interop_threads(THREADS)
-    spec = json.loads(args.spec)
-    partial = os.path.splitext(args.out)[0] + ".partial.json"
-    result = {"name": spec["name"], "spec": spec}
-    if spec.get("epochs"):
-        result = digits(spec, partial)
-        write_json(partial, result)
-    if spec.get("toy2d") and args.toy_data:
-        result["kl_2d"] = toy_kl(spec, args.toy_data)
     import zuko
 
-    result["versions"] = {
-        "torch": torch.__version__,
-        "zuko": zuko.__version__,
-        "python": sys.version.split()[0],
-    }
-    write_json(args.out, result)
-    if os.path.exists(partial):
-        os.remove(partial)
-    print(
-        json.dumps(
-            {
-                k: result.get(k)
-                for k in (
-                    "name",
-                    "params",
-                    "test_bpd",
-                    "best_test_bpd",
-                    "train_step_ms_median",
-                    "sample_64_ms",
-                )
-            }
-            | {"kl": (result.get("kl_2d") or {}).get("kl_nats")}
-        ),
-        flush=True,
-    )
+    run_row(args, digits, toy_kl, {"torch": torch.__version__, "zuko": zuko.__version__})
 
 
 if __name__ == "__main__":

@@ -6,9 +6,14 @@ For a normalizing bijector `f` (data to latent) and a standard normal base,
     bits/dim = (-log p(x) + D log(num_bins)) / (D ln 2)      (openai/glow),
 
 `sample` draws `x = f^-1(T * eps)`, `eps ~ N(0, I)`, and `interpolate`
-decodes straight lines between latents. `f` may be any `tfb.Bijector` built
-from tfp_glow and TFP bijectors (a `MultiScaleFlow`, a plain `tfb.Chain`, a
-`tfb.Invert` ...): the one-pass walkers of `tfp_glow.bijectors` run it.
+decodes straight lines between latents. A conditional flow `p(x | c)` (built
+with `context_shape`, or `num_classes` for class labels) takes the context `c`
+as every method's second argument; its canonical form (`InputSpec.context`,
+float `[N, *context_shape]`) reaches every bijector as `conditional_input=c`.
+
+`f` may be any `tfb.Bijector` built from tfp_glow and TFP bijectors (a
+`MultiScaleFlow`, a plain `tfb.Chain`, a `tfb.Invert` ...): the one-pass
+walkers of `tfp_glow.bijectors` run it.
 
 Called eagerly, every public method checks its inputs (`InputSpec`) and then
 runs a compiled `tf.function` traced once per input signature with a dynamic
@@ -24,6 +29,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks
 from tfp_glow.bijectors import forward_and_log_det, inverse_and_log_det
+from tfp_glow.context_spec import context_argument
 from tfp_glow.input_spec import InputSpec
 
 tfb = tfp.bijectors
@@ -41,18 +47,25 @@ def _no_autograph(fn, signature):
     return tf.function(fn, input_signature=signature, autograph=False).get_concrete_function()
 
 
+def _context(spec, context, labels, batch_like=None, num_samples=None):
+    """The canonical context of a public call (`context`, or `labels=` by its older name)."""
+    value, name = context_argument(context, labels)
+    return spec.context(value, batch_like, arg_name=name, num_samples=num_samples)
+
+
 class FlowDensity:
-    """The density `p(x)` of a normalizing flow over a standard normal.
+    """The density `p(x)` (or `p(x | context)`) of a normalizing flow over a standard normal.
 
     Args:
       flow: the normalizing `tfb.Bijector` `f` (data to latent).
       event_shape: shape of one data point.
       num_bins: discrete levels of the data (bits/dim adds `D log(num_bins)`),
         or None for continuous data.
-      num_classes: classes of a class-conditional flow (labels reach its
-        priors as `conditional_input`), or None.
+      num_classes: classes of a class-conditional flow (one-hot labels reach
+        it as `conditional_input`), or None: shorthand for `context_shape=(K,)`.
       dtype: float dtype of the base distribution and the inputs.
       validate_args: assert input values inside graphs too.
+      context_shape: shape of one context of a conditional flow, or None.
     """
 
     def __init__(
@@ -63,6 +76,7 @@ class FlowDensity:
         num_classes=None,
         dtype=tf.float32,
         validate_args=False,
+        context_shape=None,
     ):
         if not isinstance(flow, tfb.Bijector):
             raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
@@ -75,7 +89,13 @@ class FlowDensity:
             )
         self._flow = flow
         self.spec = InputSpec(
-            event_shape, latent_shape.as_list(), dtype, num_bins, num_classes, validate_args
+            event_shape,
+            latent_shape.as_list(),
+            dtype,
+            num_bins,
+            num_classes,
+            validate_args,
+            context_shape,
         )
         dtype = self.spec.dtype
         self._base = tfd.Sample(
@@ -119,6 +139,11 @@ class FlowDensity:
         return self.spec.num_classes
 
     @property
+    def context_shape(self):
+        """Shape of one context (`(num_classes,)` for labels), or None if unconditional."""
+        return self.spec.context_shape
+
+    @property
     def dtype(self):
         return self.spec.dtype
 
@@ -139,28 +164,28 @@ class FlowDensity:
 
     def _signature(self, *kinds):
         specs = [self.spec.signature(k) for k in kinds]
-        labels = self.spec.label_signature()
-        return specs + ([labels] if labels is not None else [])
+        context = self.spec.context_signature()
+        return specs + ([context] if context is not None else [])
 
-    def _args(self, labels, *tensors):
-        return tensors + ((labels,) if self.num_classes is not None else ())
+    def _args(self, context, *tensors):
+        return tensors + ((context,) if self.context_shape is not None else ())
 
-    def _condition(self, labels):
-        return {} if self.num_classes is None else {"conditional_input": labels}
+    def _condition(self, context):
+        return {} if self.context_shape is None else {"conditional_input": context}
 
     # -- math (already validated inputs; graph or eager) -------------------------
-    def forward_and_log_det(self, x, labels=None, backprop="standard"):
+    def forward_and_log_det(self, x, context=None, backprop="standard"):
         """`(z, log|det df/dx|)` of validated inputs, with the chosen backprop."""
         # The event rank tells TFP how far to reduce an elementwise bijector's
         # log-det (Scale, Exp, SinhArcsinh ...): over the whole event.
         ndims = len(self.event_shape)
         if backprop == "standard":
-            z, ldj = forward_and_log_det(self._flow, x, ndims, **self._condition(labels))
+            z, ldj = forward_and_log_det(self._flow, x, ndims, **self._condition(context))
         else:
             from tfp_glow.training import reversible  # only models that ask for it pay the import
 
             z, ldj = reversible.forward_and_log_det(
-                self._flow, x, backprop=backprop, event_ndims=ndims, **self._condition(labels)
+                self._flow, x, backprop=backprop, event_ndims=ndims, **self._condition(context)
             )
         z = (
             tf.ensure_shape(z, [None, *self.latent_shape])
@@ -169,9 +194,9 @@ class FlowDensity:
         )
         return z, ldj
 
-    def log_prob_of(self, x, labels=None, backprop="standard"):
+    def log_prob_of(self, x, context=None, backprop="standard"):
         """`log p(x)` per example of validated inputs (the training hot path)."""
-        z, ldj = self.forward_and_log_det(x, labels, backprop)
+        z, ldj = self.forward_and_log_det(x, context, backprop)
         return self._base.log_prob(z) + ldj
 
     def bits_per_dim_of(self, log_prob):
@@ -180,22 +205,23 @@ class FlowDensity:
         discretisation = 0.0 if self.num_bins is None else d * math.log(self.num_bins)
         return (-log_prob + tf.constant(discretisation, log_prob.dtype)) / (d * math.log(2.0))
 
-    def _encode(self, x, labels=None):
-        return self.forward_and_log_det(x, labels)[0]
+    def _encode(self, x, context=None):
+        return self.forward_and_log_det(x, context)[0]
 
-    def _decode(self, z, labels=None):
-        x = inverse_and_log_det(self._flow, z, len(self.latent_shape), **self._condition(labels))[0]
+    def _decode(self, z, context=None):
+        condition = self._condition(context)
+        x = inverse_and_log_det(self._flow, z, len(self.latent_shape), **condition)[0]
         return tf.ensure_shape(x, [None, *self.event_shape])
 
-    def _log_prob(self, x, labels=None):
-        return self.log_prob_of(x, labels)
+    def _log_prob(self, x, context=None):
+        return self.log_prob_of(x, context)
 
-    def _bits_per_dim(self, x, labels=None):
-        return self.bits_per_dim_of(self.log_prob_of(x, labels))
+    def _bits_per_dim(self, x, context=None):
+        return self.bits_per_dim_of(self.log_prob_of(x, context))
 
-    # -- public API --------------------------------------------------------------
-    def log_prob(self, x, labels=None, backprop="standard"):
-        """`log p(x)` per example, for any finite `x` of the event shape.
+    # -- public API (`labels=`: the older name of `context`) --------------------
+    def log_prob(self, x, context=None, backprop="standard", *, labels=None):
+        """`log p(x | context)` per example, for any finite `x` of the event shape.
 
         `backprop` (`"standard"`, `"checkpoint"` or `"reversible"`) is what a
         `tf.GradientTape` around the call keeps for the gradient (see
@@ -203,77 +229,74 @@ class FlowDensity:
         """
         checks.choice(backprop, BACKPROP_MODES, "backprop")
         x = self.spec.data(x)
-        labels = self.spec.labels(labels, x)
+        context = _context(self.spec, context, labels, x)
         if backprop == "standard":
             name, fn = "log_prob", self._log_prob
         else:  # one compiled function per mode: the mode is baked into its graph
 
-            def fn(x, labels=None):
-                return self.log_prob_of(x, labels, backprop)
+            def fn(x, context=None):
+                return self.log_prob_of(x, context, backprop)
 
             name = f"log_prob_{backprop}"
-        return self._call(name, fn, self._signature("data"), *self._args(labels, x))
+        return self._call(name, fn, self._signature("data"), *self._args(context, x))
 
-    def bits_per_dim(self, x, labels=None):
+    def bits_per_dim(self, x, context=None, *, labels=None):
         """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""
         x = self.spec.data(x)
-        labels = self.spec.labels(labels, x)
+        context = _context(self.spec, context, labels, x)
         return self._call(
-            "bits_per_dim", self._bits_per_dim, self._signature("data"), *self._args(labels, x)
+            "bits_per_dim", self._bits_per_dim, self._signature("data"), *self._args(context, x)
         )
 
-    def encode(self, x, labels=None):
-        """`z = f(x)`, the standard-normal latent."""
+    def encode(self, x, context=None, *, labels=None):
+        """`z = f(x)` (given the context), the standard-normal latent."""
         x = self.spec.data(x)
-        labels = self.spec.labels(labels, x)
-        return self._call("encode", self._encode, self._signature("data"), *self._args(labels, x))
+        context = _context(self.spec, context, labels, x)
+        return self._call("encode", self._encode, self._signature("data"), *self._args(context, x))
 
-    def decode(self, z, labels=None):
-        """`x = f^-1(z)`."""
+    def decode(self, z, context=None, *, labels=None):
+        """`x = f^-1(z)` (given the context)."""
         z = self.spec.latent(z)
-        labels = self.spec.labels(labels, z)
-        return self._call("decode", self._decode, self._signature("latent"), *self._args(labels, z))
+        context = _context(self.spec, context, labels, z)
+        return self._call(
+            "decode", self._decode, self._signature("latent"), *self._args(context, z)
+        )
 
-    def _sample(self, num, temperature, seed, labels=None):
+    def _sample(self, num, temperature, seed, context=None):
         shape = tf.concat([[num], self.latent_shape], 0)
         eps = tf.random.stateless_normal(shape, seed=seed, dtype=self.dtype)
-        return self._decode(eps * tf.cast(temperature, self.dtype), labels)
+        return self._decode(eps * tf.cast(temperature, self.dtype), context)
 
-    def _sample_unseeded(self, num, temperature, labels=None):
+    def _sample_unseeded(self, num, temperature, context=None):
         shape = tf.concat([[num], self.latent_shape], 0)
         eps = tf.random.normal(shape, dtype=self.dtype)
-        return self._decode(eps * tf.cast(temperature, self.dtype), labels)
+        return self._decode(eps * tf.cast(temperature, self.dtype), context)
 
-    def sample(self, num_samples, temperature=1.0, seed=None, labels=None):
-        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)`.
+    def sample(self, num_samples, temperature=1.0, seed=None, context=None, *, labels=None):
+        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)` (given the context).
 
         Scaling the standard-normal latent by the temperature `T` scales the
         standard deviation of the base *and of every learned prior* by `T`
         (the priors are standardisations inside `f`): openai/glow's
         temperature. `T = 0` gives the mode of every prior. With an int `seed`
-        the draw is stateless and reproducible. Class-conditional flows take
-        `labels`: one int class for every sample, or `[num_samples]` ids, or
-        `[num_samples, num_classes]` one-hot vectors.
+        the draw is stateless and reproducible. Conditional flows take
+        `context`: one `[*context_shape]` for every sample, or
+        `[num_samples, *context_shape]`, one per sample; class-conditional
+        ones also one int class, or `[num_samples]` ids.
         """
         num = self.spec.num_samples(num_samples)
         temperature = self.spec.temperature(temperature)
-        if labels is not None and self.num_classes is not None:
-            labels = tf.convert_to_tensor(labels)
-            if labels.dtype.is_integer and labels.shape.rank == 0:
-                labels = tf.fill(tf.reshape(num, [1]), labels)
-        labels = self.spec.labels(labels)
-        if labels is not None and isinstance(num, int) and labels.shape[0] not in (None, num):
-            raise ValueError(f"`labels` has {labels.shape[0]} entries but `num_samples` is {num}.")
+        context = _context(self.spec, context, labels, num_samples=num)
         num = tf.cast(num, tf.int32)
         temperature = tf.cast(temperature, self.dtype)
         scalar = [tf.TensorSpec([], tf.int32), tf.TensorSpec([], self.dtype)]
-        labels_sig = [self.spec.label_signature()] if self.num_classes is not None else []
+        context_sig = self._signature()
         if seed is None:
             return self._call(
                 "sample_unseeded",
                 self._sample_unseeded,
-                scalar + labels_sig,
-                *self._args(labels, num, temperature),
+                scalar + context_sig,
+                *self._args(context, num, temperature),
             )
         if not isinstance(seed, (tf.Tensor, tf.Variable)) and not checks.is_int(seed):
             raise TypeError(f"`seed` must be an int or None; received {seed!r}.")
@@ -281,14 +304,14 @@ class FlowDensity:
         return self._call(
             "sample",
             self._sample,
-            scalar + [tf.TensorSpec([2], tf.int64)] + labels_sig,
-            *self._args(labels, num, temperature, seed),
+            scalar + [tf.TensorSpec([2], tf.int64)] + context_sig,
+            *self._args(context, num, temperature, seed),
         )
 
-    def _interpolate(self, x0, x1, num_steps, labels=None):
+    def _interpolate(self, x0, x1, num_steps, context=None):
         # One compiled call: both ends encoded in one pass of the flow.
         z = self._encode(
-            tf.concat([x0, x1], 0), None if labels is None else tf.concat([labels, labels], 0)
+            tf.concat([x0, x1], 0), None if context is None else tf.concat([context, context], 0)
         )
         z0, z1 = tf.split(z, 2, axis=0)
         # t: [num_steps, 1 (batch), 1, ...] against z: [batch, *latent_shape].
@@ -296,15 +319,16 @@ class FlowDensity:
         t = tf.cast(t, z0.dtype)
         z = (1.0 - t) * z0[None] + t * z1[None]
         flat = tf.reshape(z, [-1, *self.latent_shape])
-        flat_labels = None
-        if labels is not None:
-            # Step-major like `flat`: labels repeat once per step.
-            flat_labels = tf.tile(labels, [num_steps, 1])
-        x = self._decode(flat, flat_labels)
+        flat_context = None
+        if context is not None:
+            # Step-major like `flat`: the batch's contexts repeat once per step.
+            flat_context = tf.tile(context, [num_steps] + [1] * len(self.context_shape))
+        x = self._decode(flat, flat_context)
         return tf.reshape(x, [num_steps, -1, *self.event_shape])
 
-    def interpolate(self, x_start, x_end, num_steps=8, labels=None):
-        """Decodes `(1 - t) f(x_start) + t f(x_end)` for `t` in [0, 1].
+    def interpolate(self, x_start, x_end, num_steps=8, context=None, *, labels=None):
+        """Decodes `(1 - t) f(x_start) + t f(x_end)` for `t` in [0, 1] (both ends
+        and the path under the same context, `[batch, *context_shape]`).
 
         Returns `[num_steps, batch, *event_shape]`; the first and last steps
         reconstruct the inputs.
@@ -317,12 +341,12 @@ class FlowDensity:
                 f"`x_start` and `x_end` must have the same batch size; got "
                 f"{x0.shape[0]} and {x1.shape[0]}."
             )
-        labels = self.spec.labels(labels, x0)
+        context = _context(self.spec, context, labels, x0)
         signature = self._signature("data")
         signature = [signature[0], signature[0], tf.TensorSpec([], tf.int32)] + signature[1:]
         return self._call(
             "interpolate",
             self._interpolate,
             signature,
-            *self._args(labels, x0, x1, tf.constant(num_steps, tf.int32)),
+            *self._args(context, x0, x1, tf.constant(num_steps, tf.int32)),
         )

@@ -3,7 +3,12 @@
 `FlowModel` mixes this in: every method and property here forwards to the
 model's `FlowDensity` (`self._density`), so the Keras class itself holds only
 the Keras plumbing (training and evaluation steps, `fit`, `compile`, config).
+
+A conditional model's methods take the context as their second argument
+(`labels=` is its older name, kept as a keyword alias).
 """
+
+from tfp_glow.context_spec import context_argument
 
 __all__ = ["DensityMethods"]
 
@@ -19,7 +24,7 @@ class DensityMethods:
 
     @property
     def data_spec(self):
-        """The `InputSpec` that checks data, latents and labels."""
+        """The `InputSpec` that checks data, latents and contexts."""
         return self._density.spec
 
     @property
@@ -63,6 +68,12 @@ class DensityMethods:
         return self._density.num_classes
 
     @property
+    def context_shape(self):
+        """Shape of one context of a conditional model (a tuple; `(num_classes,)` for a
+        class-conditional one), or None for an unconditional model."""
+        return self._density.context_shape
+
+    @property
     def data_range(self):
         """`(-0.5, 0.5)` for discretised image models (`num_bins` set), else None.
 
@@ -76,8 +87,8 @@ class DensityMethods:
         return self._density.spec.validate_args
 
     # -- the density API -------------------------------------------------------
-    def log_prob(self, x, labels=None, backprop=None):
-        """`log p(x)` per example, for any finite `x` of the event shape.
+    def log_prob(self, x, context=None, backprop=None, *, labels=None):
+        """`log p(x | context)` per example, for any finite `x` of the event shape.
 
         `backprop` is what a `tf.GradientTape` around this call keeps for the
         gradient, as the model's `backprop` option is for `fit`: None (the
@@ -89,37 +100,38 @@ class DensityMethods:
             grads = tape.gradient(loss, model.trainable_variables)
         """
         mode = getattr(self, "backprop", "standard") if backprop is None else backprop
-        return self._density.log_prob(x, labels, mode)
+        return self._density.log_prob(x, context, mode, labels=labels)
 
-    def bits_per_dim(self, x, labels=None):
+    def bits_per_dim(self, x, context=None, *, labels=None):
         """openai/glow's bits/dim: `(-log p(x) + D log(num_bins)) / (D ln 2)`."""
-        return self._density.bits_per_dim(x, labels)
+        return self._density.bits_per_dim(x, context, labels=labels)
 
-    def encode(self, x, labels=None):
+    def encode(self, x, context=None, *, labels=None):
         """`z = f(x)`, the standard-normal latent."""
-        return self._density.encode(x, labels)
+        return self._density.encode(x, context, labels=labels)
 
-    def decode(self, z, labels=None):
+    def decode(self, z, context=None, *, labels=None):
         """`x = f^-1(z)`."""
-        return self._density.decode(z, labels)
+        return self._density.decode(z, context, labels=labels)
 
-    def sample(self, num_samples, temperature=1.0, seed=None, labels=None):
-        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)` (see `FlowDensity.sample`)."""
-        return self._density.sample(num_samples, temperature, seed, labels)
+    def sample(self, num_samples, temperature=1.0, seed=None, context=None, *, labels=None):
+        """Draws `x = f^-1(T * eps)`, `eps ~ N(0, I)` (see `FlowDensity.sample`): one
+        `context` `[*context_shape]` for every sample, or `[num_samples, *context_shape]`."""
+        return self._density.sample(num_samples, temperature, seed, context, labels=labels)
 
-    def interpolate(self, x_start, x_end, num_steps=8, labels=None):
+    def interpolate(self, x_start, x_end, num_steps=8, context=None, *, labels=None):
         """Decodes `(1 - t) f(x_start) + t f(x_end)`: `[num_steps, batch, *event]`."""
-        return self._density.interpolate(x_start, x_end, num_steps, labels)
+        return self._density.interpolate(x_start, x_end, num_steps, context, labels=labels)
 
     # -- variational dequantization (with a `self.dequantizer`) -----------------
-    def _bound_of(self, x, labels=None, backprop="standard"):
+    def _bound_of(self, x, context=None, backprop="standard"):
         """Per example, `log p(x_q) - log q(u | k)` with the dequantizer, else `log p(x)`."""
         if self.dequantizer is None:
-            return self._density.log_prob_of(x, labels, backprop)
+            return self._density.log_prob_of(x, context, backprop)
         x_q, log_q = self.dequantizer(x)
-        return self._density.log_prob_of(x_q, labels, backprop) - log_q
+        return self._density.log_prob_of(x_q, context, backprop) - log_q
 
-    def variational_log_prob(self, x, labels=None):
+    def variational_log_prob(self, x, context=None, *, labels=None):
         """The variational bound per example: `log p(x_q) - log q(u | k)`.
 
         `x` is dequantized data in [-0.5, 0.5] (its levels `k` and noise are
@@ -129,13 +141,14 @@ class DensityMethods:
         """
         spec = self._density.spec
         x = spec.training_data(x, "x")
-        labels = spec.labels(labels, x)
+        value, name = context_argument(context, labels)
+        context = spec.context(value, x, arg_name=name)
         signature = self._density._signature("data")
         return self._density._call(
-            "variational_log_prob", self._bound_of, signature, *self._density._args(labels, x)
+            "variational_log_prob", self._bound_of, signature, *self._density._args(context, x)
         )
 
-    def variational_bits_per_dim(self, x, labels=None):
+    def variational_bits_per_dim(self, x, context=None, *, labels=None):
         """`variational_log_prob` in bits/dim, `(-bound + D log(num_bins)) / (D ln 2)`:
         the figure `fit` and `evaluate` report as `bits_per_dim`."""
-        return self._density.bits_per_dim_of(self.variational_log_prob(x, labels))
+        return self._density.bits_per_dim_of(self.variational_log_prob(x, context, labels=labels))

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_glow import checks
+from tfp_glow.context_spec import ContextSpec
 
 __all__ = ["InputSpec", "DATA_RANGE", "RANGE_SLACK"]
 
@@ -32,15 +33,18 @@ def _dims(shape):
 
 
 class InputSpec:
-    """Shapes, dtype and label rules of one flow model.
+    """Shapes, dtype and context rules of one flow model.
 
     Args:
       event_shape: shape of one data point, e.g. `(8, 8, 1)`.
       latent_shape: shape of one latent `z = f(x)`.
       dtype: the flow's float dtype (inputs are cast to it).
       num_bins: discrete levels of the data, or None for continuous data.
-      num_classes: classes of a class-conditional flow, or None.
+      num_classes: classes of a class-conditional flow, or None: the shorthand
+        for `context_shape=(num_classes,)` that also takes int class ids.
       validate_args: also assert values inside graphs.
+      context_shape: shape of one context of a conditional flow `p(x | context)`,
+        or None (see `tfp_glow.context_spec`). At most one of it and `num_classes`.
     """
 
     def __init__(
@@ -51,12 +55,14 @@ class InputSpec:
         num_bins=None,
         num_classes=None,
         validate_args=False,
+        context_shape=None,
     ):
         self.event_shape = tuple(int(d) for d in event_shape)
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.dtype = tf.as_dtype(dtype)
         self.num_bins = checks.positive_int(num_bins, "num_bins", minimum=2, allow_none=True)
-        self.num_classes = checks.positive_int(num_classes, "num_classes", allow_none=True)
+        self.context_rules = ContextSpec(context_shape, num_classes, self.dtype)
+        self.num_classes = self.context_rules.num_classes
         self.validate_args = checks.boolean(validate_args, "validate_args")
 
     # -- derived facts ---------------------------------------------------------
@@ -77,11 +83,16 @@ class InputSpec:
         shape = self.event_shape if kind == "data" else self.latent_shape
         return tf.TensorSpec([None, *shape], self.dtype, name="x" if kind == "data" else "z")
 
-    def label_signature(self):
-        """Canonical labels: float one-hot `[batch, num_classes]` (None if unconditional)."""
-        if self.num_classes is None:
-            return None
-        return tf.TensorSpec([None, self.num_classes], self.dtype, name="label")
+    @property
+    def context_shape(self):
+        """Shape of one context (a tuple; `(num_classes,)` for class labels), or None."""
+        return self.context_rules.shape
+
+    def context_signature(self):
+        """Canonical contexts: float `[batch, *context_shape]` (None if unconditional)."""
+        return self.context_rules.signature()
+
+    label_signature = context_signature  # the name before `context_shape` existed
 
     # -- data and latents ------------------------------------------------------
     def data(self, x, arg_name="x", values=True):
@@ -200,61 +211,29 @@ class InputSpec:
             "is `model.log_prob(x)`."
         )
 
-    # -- labels ------------------------------------------------------------------
-    def labels(self, labels, batch_like=None, values=True, arg_name="labels"):
-        """Canonical labels: float one-hot `[batch, num_classes]`, or None.
+    # -- context -----------------------------------------------------------------
+    def context(self, context, batch_like=None, values=True, arg_name="context", num_samples=None):
+        """Canonical context: float `[batch, *context_shape]` in the flow's dtype, or None.
 
-        Accepts int class ids `[batch]` or float one-hot (or soft) vectors
-        `[batch, num_classes]`. Raises when labels are given to an
-        unconditional model, missing for a conditional one, of the wrong
-        shape or batch, or (eagerly, int ids) outside `[0, num_classes)`.
+        Takes float (or int) tensors `[batch, *context_shape]`; class-conditional
+        models also int class ids `[batch]` (made one-hot). With `num_samples`
+        (for `sample`) one unbatched context `[*context_shape]` (or one class id)
+        is broadcast to every sample. Raises, naming `arg_name` and the expected
+        shape, when the context is given to an unconditional model, missing for
+        a conditional one, of the wrong dtype, shape or batch (`batch_like`'s),
+        non-finite or (int ids) outside `[0, num_classes)` (value checks eagerly,
+        or in graphs with `validate_args`, when `values`).
         """
-        k = self.num_classes
-        if k is None:
-            if labels is not None:
-                raise ValueError(
-                    f"`{arg_name}` were given but this model is not class-conditional "
-                    "(num_classes=None); build it with `num_classes` or drop "
-                    f"`{arg_name}`."
-                )
-            return None
-        if labels is None:
-            raise ValueError(
-                f"This model is class-conditional (num_classes={k}): pass `{arg_name}` "
-                f"(int class ids [batch] or one-hot [batch, {k}])."
-            )
-        labels = tf.convert_to_tensor(labels)
-        if labels.dtype.is_integer:
-            if labels.shape.rank != 1:
-                raise ValueError(
-                    f"Integer `{arg_name}` must have shape [batch]; got {labels.shape}."
-                )
-            if values and tf.executing_eagerly() and tf.size(labels):
-                lo = int(tf.reduce_min(labels).numpy())
-                hi = int(tf.reduce_max(labels).numpy())
-                if lo < 0 or hi >= k:
-                    raise ValueError(
-                        f"`{arg_name}` must be class ids in [0, {k - 1}] "
-                        f"(num_classes={k}); got values in [{lo}, {hi}]."
-                    )
-            onehot = tf.one_hot(labels, k, dtype=self.dtype)
-        elif labels.dtype.is_floating:
-            if labels.shape.rank != 2 or labels.shape[-1] not in (None, k):
-                raise ValueError(
-                    f"Float (one-hot) `{arg_name}` must have shape [batch, {k}]; got "
-                    f"{labels.shape}."
-                )
-            onehot = tf.cast(labels, self.dtype)
-        else:
-            raise TypeError(
-                f"`{arg_name}` must be int class ids or float one-hot vectors; got dtype "
-                f"{labels.dtype.name}."
-            )
-        if batch_like is not None:
-            n, m = onehot.shape[0], batch_like.shape[0]
-            if n is not None and m is not None and n != m:
-                raise ValueError(f"`{arg_name}` has {n} entries but the batch has {m} examples.")
-        return onehot
+        t, from_ids = self.context_rules.canonical(
+            context, batch_like, values, arg_name, num_samples
+        )
+        if t is not None and values and not from_ids:
+            t = self.finite(t, self.context_rules.name_of(arg_name))
+        return t
+
+    def labels(self, labels, batch_like=None, values=True, arg_name="labels"):
+        """`context(labels, ...)`: the name from before `context_shape` existed."""
+        return self.context(labels, batch_like, values, arg_name)
 
     # -- sampling arguments ----------------------------------------------------
     @staticmethod

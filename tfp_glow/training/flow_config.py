@@ -85,6 +85,12 @@ def builder_config(model):
         "event_shape": list(model.event_shape),
         "num_bins": model.num_bins,
         "num_classes": model.num_classes,
+        # `num_classes=K` already means context_shape (K,): one of the two only.
+        "context_shape": (
+            None
+            if model.num_classes is not None or model.context_shape is None
+            else list(model.context_shape)
+        ),
     }
 
 
@@ -133,15 +139,16 @@ class FlowConfigMethods:
         `log p(x)` per example.
 
         Without `input_signature` it is `[TensorSpec([None, *event_shape])]`
-        (a batch of any size), or for a class-conditional model one
-        `(x, one-hot labels [None, num_classes])` pair; Keras itself would
+        (a batch of any size), or for a conditional model one `(x, context)` pair,
+        the context canonical: `[None, *context_shape]` floats (one-hot labels
+        `[None, num_classes]` for a class-conditional model); Keras itself would
         refuse a model whose `call` it never saw. For TF Serving with
         `log_prob`, `bits_per_dim`, `sample`, `encode`, `decode` signatures
         use `tfp_glow.export_saved_model`.
         """
         if input_signature is None:
-            data, *labels = self._density._signature("data")
-            input_signature = [(data, labels[0]) if labels else data]
+            data, *context = self._density._signature("data")
+            input_signature = [(data, context[0]) if context else data]
         return super().export(
             filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
         )

@@ -19,19 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
 from tfp_glow.density import BACKPROP_MODES, FlowDensity
 from tfp_glow.density_methods import DensityMethods
-from tfp_glow.training.distributed import (
-    first_step_batch,
-    fit_callbacks,
-    step_logs,
-    symbolic_build_iterator,
-)
+from tfp_glow.training.batches import first_batch, split_inputs, unpack
+from tfp_glow.training.distributed import fit_callbacks, step_logs, symbolic_build_iterator
 from tfp_glow.training.flow_config import FlowConfigMethods, unique_layer_names
 from tfp_glow.training.flow_variables import (
     FlowVariables,
@@ -100,8 +95,12 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         17 for the built-in digits); used by `bits_per_dim`. For continuous
         data (2-D toy densities) pass `None`: `bits_per_dim` then reports the
         negative log-likelihood in bits without a discretisation term.
-      num_classes: when set, the flow is class-conditional: labels reach its
-        priors as `conditional_input`, and `fit` takes `(image, label)` data.
+      num_classes: when set, the flow is class-conditional: the shorthand for
+        `context_shape=(num_classes,)` whose context may be int class ids.
+      context_shape: when set, the flow is conditional, `p(x | context)`: every
+        density method takes a context `[batch, *context_shape]` (its second
+        argument, `labels=` its older name), which reaches every bijector as
+        `conditional_input`; `fit` takes `(x, context)` data (`training.batches`).
       nonfinite: what a training step with a NaN/inf loss or gradient does.
         Either way the update is not applied (weights, optimizer moments and
         step count stay as they were). `"raise"` (default) then stops `fit`
@@ -143,7 +142,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
                  num_classes: int | None = None, nonfinite: str = "raise",
                  validate_args: bool = False, backprop: str = "standard",
                  dequantizer: VariationalDequantizer | Callable[..., VariationalDequantizer]
-                 | None = None,
+                 | None = None, context_shape: Sequence[int] | int | None = None,
                  **kwargs: Any) -> None:
         guard = NonfiniteGuard(nonfinite)
         checks.boolean(validate_args, "validate_args")
@@ -169,7 +168,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         self._density = FlowDensity(
             flow, event_shape, num_bins=num_bins, num_classes=num_classes,
             dtype=flow_dtype(flow, self.dtype_policy, explicit_dtype),
-            validate_args=validate_args)
+            validate_args=validate_args, context_shape=context_shape)
         self._guard = guard
         self._backprop = backprop
         # A trackable path to the flow's variables for tf.train.Checkpoint and
@@ -178,7 +177,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         # Keras tracks layers assigned as a list attribute: every variable of
         # the flow becomes a model weight (fit, saving, checkpoints, strategies),
         # TFP's plain tf.Variables (and tf_keras layers') through FlowVariables.
-        layers, plain = collect(flow, *zeros_batch(self._density, num_classes))
+        layers, plain = collect(flow, *zeros_batch(self._density))
         self.flow_layers = layers
         if plain:
             self.flow_variables = FlowVariables(plain, name="flow_variables")
@@ -219,15 +218,8 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         self.built = True  # Every variable is created in the constructor.
 
     def call(self, inputs, training=False):
-        x, labels = self._split_inputs(inputs)
-        return self.log_prob(x, labels if self.num_classes is not None else None)
-
-    def _split_inputs(self, inputs, y=None):
-        if isinstance(inputs, dict):
-            return inputs["image"], inputs.get("label", y)
-        if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
-            return inputs[0], inputs[1]
-        return inputs, y
+        x, context = split_inputs(inputs)
+        return self.log_prob(x, context if self.context_shape is not None else None)
 
     # -- training ----------------------------------------------------------
     @property
@@ -237,17 +229,12 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
             trackers.append(self._uniform_bpd_tracker)
         return trackers
 
-    def _unpack(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x, labels = self._split_inputs(x, y)
-        return x, (labels if self.num_classes is not None else None)
-
     def _checked_batch(self, data):
         """Static checks always; value checks (assertions) only with validate_args."""
-        x, labels = self._unpack(data)
+        x, context = unpack(data, self.context_shape is not None)
         spec = self._density.spec
         x = spec.training_data(x, "x", values=spec.validate_args)
-        return x, spec.labels(labels, x, values=False)
+        return x, spec.context(context, x, values=False)
 
     def _update_metrics(self, log_prob, applied=None, uniform_log_prob=None):
         if uniform_log_prob is not None:
@@ -265,13 +252,13 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
                 if m is not self._uniform_bpd_tracker or uniform_log_prob is not None}
 
     def train_step(self, data):
-        x, labels = self._checked_batch(data)
+        x, context = self._checked_batch(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         # Dropout only here, and for the gradient too: the recomputing backprop
         # modes run the networks again there, with the same masks.
         with nets.dropout_active(_dropout_seed(self.optimizer)):
             with tf.GradientTape() as tape:
-                log_prob = self._bound_of(x, labels, self._backprop)
+                log_prob = self._bound_of(x, context, self._backprop)
                 loss = -tf.reduce_mean(log_prob)
                 if self.losses:
                     loss = loss + tf.add_n(self.losses)
@@ -285,12 +272,12 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         return step_logs(logs)
 
     def test_step(self, data):
-        x, labels = self._checked_batch(data)
+        x, context = self._checked_batch(data)
         if self.dequantizer is None:
-            return step_logs(self._update_metrics(self._density.log_prob_of(x, labels)))
+            return step_logs(self._update_metrics(self._density.log_prob_of(x, context)))
         # The bound, and beside it the flow's density of the data as given.
         return step_logs(self._update_metrics(
-            self._bound_of(x, labels), uniform_log_prob=self._density.log_prob_of(x, labels)))
+            self._bound_of(x, context), uniform_log_prob=self._density.log_prob_of(x, context)))
 
     def make_train_function(self, force=False):
         """Keras' train function, followed by the NaN/inf guard's check (`checked`)."""
@@ -343,7 +330,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         `nonfinite` option for what happens next.
         """
         check_trainable(self)
-        self._initialize_for_fit(self._first_batch(x, y, batch_size), x)
+        self._initialize_for_fit(first_batch(self, x, y, batch_size), x)
         if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
             # Built here, eagerly: built inside the first trace of the train step,
             # its new variables make tf.function trace the whole step twice.
@@ -366,17 +353,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.evaluate`, checking the first batch eagerly as `fit` does."""
         if not kwargs.get("_use_cached_eval_dataset"):  # fit's own validation: checked once
-            first = self._first_batch(x, y, batch_size)
+            first = first_batch(self, x, y, batch_size)
             if first is not None:
-                self._density.spec.training_data(first[0], "x")
+                self._density.spec.context(first[1], self._density.spec.training_data(first[0]))
         return super().evaluate(x, y, batch_size=batch_size, **kwargs)
-
-    def _first_batch(self, x, y, batch_size):
-        """`(x, labels)` of the first batch, or None for sources we cannot peek at."""
-        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
-            return self._unpack(first_step_batch(x, self.distribute_strategy))
-        if isinstance(x, (np.ndarray, tf.Tensor, tuple, list, dict)):
-            x_all, labels = self._unpack(x if y is None else (x, y))
-            n = batch_size or 256
-            return x_all[:n], (None if labels is None else labels[:n])
-        return None

@@ -299,12 +299,18 @@ def collect(flow, probe_input=None, probe_kwargs=None):
     return layers, plain
 
 
-def zeros_batch(density, num_classes=None):
-    """`(x, kwargs)`: one event of zeros (and a label) for `collect`'s probe."""
+def zeros_batch(density):
+    """`(x, kwargs)`: one event of zeros (and a canonical context) for `collect`'s probe.
+
+    A conditional flow's probe carries `conditional_input`, a context of the
+    model's `context_shape` (class 0 for a class-conditional one), so networks
+    that read it build their variables too."""
     x = tf.zeros([1, *density.event_shape], density.dtype)
-    if num_classes is None:
+    if density.context_shape is None:
         return x, {}
-    return x, {"conditional_input": tf.one_hot([0], num_classes, dtype=x.dtype)}
+    if density.num_classes is not None:
+        return x, {"conditional_input": tf.one_hot([0], density.num_classes, dtype=x.dtype)}
+    return x, {"conditional_input": tf.zeros([1, *density.context_shape], x.dtype)}
 
 
 def flow_dtype(flow, policy, explicit_dtype):

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tfp_glow.bijectors import ActNorm, data_dependent_init
 from tfp_glow.bijectors.base import walk_bijectors
+from tfp_glow.context_spec import context_argument
 
 __all__ = ["ActNormInitialization", "actnorms_of"]
 
@@ -40,10 +41,11 @@ class ActNormInitialization:
         """True once every ActNorm (TFP's in `tfb.Glow` too) was initialised (or restored)."""
         return all(_actnorm_initialized(a) for a in self._actnorms)
 
-    def initialize(self, x, labels=None):
+    def initialize(self, x, context=None, *, labels=None):
         """Data-dependent init of every ActNorm from one batch, once.
 
-        Runs `x` through the normalizing direction with
+        Runs `x` (with its `context` `[batch, *context_shape]` for a conditional
+        flow; `labels=` its older name) through the normalizing direction with
         `data_dependent_init()`, so each ActNorm standardises the activations
         that actually reach it. Runs eagerly; under a `tf.distribute` strategy
         each ActNorm uses the moments of the global batch (all workers' `x`).
@@ -54,19 +56,21 @@ class ActNormInitialization:
             raise RuntimeError("`initialize` must run eagerly, outside tf.function.")
         spec = self._density.spec
         x = spec.training_data(x, "x")
-        labels = spec.labels(labels, x)
+        value, name = context_argument(context, labels)
+        context = spec.context(value, x, arg_name=name)
         if self.dequantizer is not None:
             x = self.dequantizer(x)[0]  # ActNorm sees what training feeds the flow
         with self.distribute_strategy.scope(), data_dependent_init():
-            self._density.forward_and_log_det(x, labels)
+            self._density.forward_and_log_det(x, context)
         return self
 
     def _initialize_for_fit(self, first, source):
-        """`fit`'s first batch `(x, labels)` initialises the ActNorms (once) and is
+        """`fit`'s first batch `(x, context)` initialises the ActNorms (once) and is
         checked eagerly either way; `first` is None for a source `fit` cannot peek at."""
         if self.is_initialized:
             if first is not None:
-                self._density.spec.training_data(first[0], "x")
+                spec = self._density.spec
+                spec.context(first[1], spec.training_data(first[0], "x"))
             return
         if first is None:
             raise ValueError(

@@ -27,6 +27,7 @@ PUBLIC_MODULES = (
     "tfp_glow.vi",
     "tfp_glow.training",
     "tfp_glow.data",
+    "tfp_glow.npe",
 )
 # `::: name` at the start of a line: one mkdocstrings entry.
 _ENTRY = re.compile(r"^:::\s+([\w.]+)\s*$", re.MULTILINE)

@@ -19,6 +19,7 @@ PUBLIC_MODULES = (
     "tfp_glow.vi",
     "tfp_glow.training",
     "tfp_glow.data",
+    "tfp_glow.npe",
 )
 
 

@@ -54,7 +54,7 @@ def _stateless_seed(seed, salt=0):
     return tf.constant([int(seed) % (2**31 - 1), salt], tf.int32)
 
 
-def monte_carlo_kl(log_p, log_q):
+def monte_carlo_kl(log_p: Any, log_q: Any) -> tuple[Any, Any]:
     """`KL(p || q) ~ mean(log p - log q)` over draws from `p`, with its standard
     error `std(log p - log q) / sqrt(n)` (NumPy; the last axis holds the draws).
 
@@ -68,7 +68,9 @@ def monte_carlo_kl(log_p, log_q):
     return (float(kl), float(se)) if diff.ndim == 1 else (kl, se)
 
 
-def simulate_pairs(prior, simulator: Callable, num: int, seed: int = 0):
+def simulate_pairs(
+    prior: Any, simulator: Callable, num: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """`num` pairs `theta_i ~ prior`, `x_i = simulator(theta_i)`, as NumPy arrays.
 
     Args:
@@ -253,7 +255,7 @@ class NeuralPosteriorEstimator:
          Likelihood-free Inference. ICML 2019. https://arxiv.org/abs/1905.07488
     """
 
-    def __init__(self, model, standardize: bool = True) -> None:
+    def __init__(self, model: Any, standardize: bool = True) -> None:
         from tfp_glow.training.flow_model import FlowModel
 
         if not isinstance(model, FlowModel):

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
@@ -20,6 +21,42 @@ __all__ = ["IAF", "MAF", "build_maf_flow"]
 # On the digits protocol (64 features) 5 layers of MADE [100, 100] hold
 # 147,640 parameters (the masked-out weights included, as zuko and TFP count them).
 DEFAULT_HIDDEN_UNITS = (100, 100)
+# The bound B of each layer's log-scale, B tanh(s / B) (`_BoundedShiftAndLogScale`).
+DEFAULT_LOG_SCALE_BOUND = 3.0
+
+
+class _BoundedShiftAndLogScale(tf.Module):
+    """A `MADE`'s two outputs per feature as TFP's `(shift, log_scale)`, the
+    log-scale bounded softly to `(-B, B)`:
+
+        shift, s = MADE(y)[..., 0], MADE(y)[..., 1]
+        log_scale = B tanh(s / B)            (= s near 0: the zero-initialised
+                                              MADE still starts at the identity)
+
+    Why: IAF's density solves `z_i = x_i exp(log_scale_i(z_<i)) + shift_i(z_<i)`
+    feature after feature; with an unbounded log-scale (linear in `z` through
+    the ReLU MADE) a large `z_i` makes a larger scale for the features after
+    it, a feedback that overflowed float32 at feature 62 of 64 on the digits
+    at the default 3e-3 (a NaN loss at epoch 3; BENCHMARKS.md, "The family
+    table"). Bounded, each feature can grow by at most `exp(B)` times its data.
+    It is a `tf.Module` holding the MADE as `made`, so the variable walker and
+    `tf.train.Checkpoint` find the network (as for `AutoregressiveSplineFn`).
+    """
+
+    def __init__(self, made: nets.MADE, bound: float) -> None:
+        super().__init__(name="bounded_shift_and_log_scale")
+        self.made = made
+        self.bound = bound
+
+    @property
+    def trainable_variables(self):
+        """The MADE's (tf.Module's own walk does not see Keras 3 variables)."""
+        return self.made.trainable_variables
+
+    def __call__(self, y, **kwargs):
+        params = self.made(y, **kwargs)
+        shift, s = params[..., 0], params[..., 1]
+        return shift, self.bound * tf.math.tanh(s / self.bound)
 
 
 class _AutoregressiveModel(FlowModel):
@@ -39,6 +76,7 @@ class _AutoregressiveModel(FlowModel):
         seed: int = 0,
         num_classes: int | None = None,
         num_bins: int | None = 256,
+        log_scale_bound: float | None = DEFAULT_LOG_SCALE_BOUND,
         **kwargs: Any,
     ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
@@ -52,6 +90,13 @@ class _AutoregressiveModel(FlowModel):
             seed=_vectors.seed_of(seed),
             num_classes=num_classes,
             num_bins=num_bins,
+            log_scale_bound=checks.number(
+                log_scale_bound,
+                "log_scale_bound",
+                minimum=0.0,
+                exclusive_minimum=True,
+                allow_none=True,
+            ),
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
@@ -69,6 +114,11 @@ class _AutoregressiveModel(FlowModel):
 
     def get_config(self):
         return {**self._base_config(), **self._config}
+
+    @classmethod
+    def from_config(cls, config):
+        # A config saved before `log_scale_bound` existed is an unbounded model.
+        return super().from_config({"log_scale_bound": None, **config})
 
 
 @keras.saving.register_keras_serializable(package="tfp_glow")
@@ -105,6 +155,10 @@ class MAF(_AutoregressiveModel):
       num_classes: class-conditional learned prior, or None.
       num_bins: discrete levels of the data (256 for 8-bit images), None for
         continuous data (bits/dim then without the dequantization term).
+      log_scale_bound: B: each layer's log-scale is `alpha = B tanh(s / B)` of
+        the MADE's output `s` (a scale within `exp(+-B)` per layer); None for
+        `alpha = s`, unbounded. Bounded, IAF's feature-by-feature density
+        cannot overflow (unbounded it diverged at the default optimizer).
       **kwargs: `FlowModel`'s (`dtype`, `backprop`, `nonfinite`, ...).
 
     #### Examples
@@ -162,6 +216,7 @@ def build_maf_flow(
     inverse_autoregressive=False,
     dtype="float32",
     net_dtype=None,
+    log_scale_bound=DEFAULT_LOG_SCALE_BOUND,
 ):
     """The normalizing bijector of `MAF` (or of `IAF` with
     `inverse_autoregressive=True`; see their docstrings)."""
@@ -178,7 +233,10 @@ def build_maf_flow(
         )
         # TFP's MAF runs latent -> data with the sequential inverse: MAF
         # normalizes with its one-pass inverse, IAF with its D-pass forward.
-        layer = tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=made, name=f"maf_{i}")
+        conditioner = (
+            made if log_scale_bound is None else _BoundedShiftAndLogScale(made, log_scale_bound)
+        )
+        layer = tfb.MaskedAutoregressiveFlow(shift_and_log_scale_fn=conditioner, name=f"maf_{i}")
         step = [layer if inverse_autoregressive else tfb.Invert(layer)]
         if actnorm:
             step.append(ActNorm(dim, event_ndims=1, dtype=dtype, name=f"actnorm_{i}"))

@@ -4,6 +4,8 @@ TFP's compositions other than `Chain` (`tfb.Glow` and its blocks, `Blockwise`,
 `JointMap`) are walked part by part, so each part runs once and under the
 walker's rules; `tfb.Reshape` is reshaped with its event shapes resolved
 statically, since TFP 0.25's own fails with an unknown batch dimension.
+Every other TFP bijector runs its public methods (`public_pass`); those whose
+networks take a context (`CONDITIONAL_TYPES`) receive `conditional_input`.
 """
 
 import tensorflow as tf
@@ -11,11 +13,30 @@ import tensorflow_probability as tfp
 
 tfb = tfp.bijectors
 
-__all__ = ["COMPOSITION_TYPES", "reshape", "walk_composition"]
+__all__ = ["COMPOSITION_TYPES", "CONDITIONAL_TYPES", "public_pass", "reshape", "walk_composition"]
 
 # The base of every TFP composition (Chain, Blockwise, JointMap, tfb.Glow ...),
 # found by name in the MRO: no TFP internals imported.
 COMPOSITION_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ == "Composition")
+
+# TFP's bijectors that hand `conditional_input` on to their networks (MADE,
+# RealNVPNet, AutoregressiveSplineFn): `bijector_kwargs` of TFP's own
+# conditional flows. Any other (tfb.Permute, tfb.Reshape, ...) would refuse
+# the keyword with a TypeError, so it never gets it.
+CONDITIONAL_TYPES = (tfb.MaskedAutoregressiveFlow, tfb.RealNVP)
+
+
+def public_pass(bijector, t, event_ndims, inverse, kwargs):
+    """`(output, log-det)` from TFP's public methods; `conditional_input`
+    only for `CONDITIONAL_TYPES` (other walker kwargs are tfp_glow's)."""
+    context = kwargs.get("conditional_input")
+    kw = ({"conditional_input": context}
+          if context is not None and isinstance(bijector, CONDITIONAL_TYPES) else {})
+    if inverse:
+        return (bijector.inverse(t, **kw),
+                bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims, **kw))
+    return (bijector.forward(t, **kw),
+            bijector.forward_log_det_jacobian(t, event_ndims=event_ndims, **kw))
 
 
 def walk_composition(bijector, t, event_ndims, inverse, kwargs, walk):

@@ -49,6 +49,7 @@ class AdditiveCoupling(CouplingBase):
         dtype: tf.DType | str = tf.float32,
         validate_args: bool = False,
         name: str = "additive_coupling",
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         super().__init__(
@@ -62,6 +63,7 @@ class AdditiveCoupling(CouplingBase):
             parameters=parameters,
             name=name,
             net_arg="shift_fn",
+            context_shape=context_shape,
         )
 
     def _transform(self, x_a, shift):

@@ -89,6 +89,7 @@ class AffineCoupling(CouplingBase):
         dtype: tf.DType | str = tf.float32,
         validate_args: bool = False,
         name: str = "affine_coupling",
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         min_scale = checks.number(
@@ -113,6 +114,7 @@ class AffineCoupling(CouplingBase):
             parameters=parameters,
             name=name,
             net_arg="shift_and_log_scale_fn",
+            context_shape=context_shape,
         )
 
     @property

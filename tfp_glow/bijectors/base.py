@@ -346,7 +346,8 @@ def _walk(bijector, t, event_ndims, inverse, kwargs):
     tfp_glow bijectors run their one-pass method and receive `kwargs`;
     `tfb.Invert` flips the direction; `tfb.Chain` runs its parts in order
     (last first when forward) tracking the event rank; any other bijector
-    runs TFP's public method and log-det, without `kwargs`.
+    runs TFP's public method and log-det, with only `conditional_input` and
+    only when it takes one (`_tfp_parts.public_pass`).
     """
     if isinstance(bijector, FlowBijector):
         if not tf.is_tensor(t):
@@ -374,10 +375,7 @@ def _walk(bijector, t, event_ndims, inverse, kwargs):
         return _tfp_parts.reshape(bijector, t, inverse)
     if isinstance(bijector, _tfp_parts.COMPOSITION_TYPES) and tf.is_tensor(t):
         return _tfp_parts.walk_composition(bijector, t, event_ndims, inverse, kwargs, _walk)
-    if inverse:
-        return (bijector.inverse(t),
-                bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims))
-    return bijector.forward(t), bijector.forward_log_det_jacobian(t, event_ndims=event_ndims)
+    return _tfp_parts.public_pass(bijector, t, event_ndims, inverse, kwargs)
 
 
 def _default_ndims(bijector, event_ndims, inverse):
@@ -396,8 +394,9 @@ def forward_and_log_det(bijector: tfp.bijectors.Bijector, x: tf.Tensor,
     what `FlowBijector.forward_and_log_det(x)` means. Works on any TFP
     bijector; `tfb.Chain` / `tfb.Invert` compositions of tfp_glow bijectors
     never touch TFP's cache and run each coupling network once. `kwargs`
-    (e.g. `conditional_input`) reach every tfp_glow bijector inside, and no
-    other bijector.
+    (e.g. `conditional_input`) reach every tfp_glow bijector inside;
+    `conditional_input` also reaches TFP's `MaskedAutoregressiveFlow` and
+    `RealNVP` (their networks' context), and no other bijector.
     """
     return _walk(bijector, x, _default_ndims(bijector, event_ndims, False), False, kwargs)
 

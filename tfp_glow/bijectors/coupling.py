@@ -29,6 +29,15 @@ additive, 2 for affine, `3K - 1` for a K-bin spline and `3K + 2` for a
 K-component mixture, whose `output_units_for` also take `num_bins` /
 `num_components`) and `C_a = C / 2` (channel mask) or `C` (checkerboard).
 
+Conditional couplings (`context_shape=`): the network also sees the context
+`c` (`conditional_input`), concatenated onto its input as extra channels, so
+`h = NN([x_b, f(c)])` and the map stays invertible in `x` for every `c`. `f`
+lays the context out like the event (`tfp_glow.bijectors._context`): a
+vector context is broadcast over every position of an image, an image
+context is resized to the event's height and width, and for vector events
+the context is flattened. The network is built for those extra channels at
+construction.
+
 Mixed precision: the network computes in its own dtype policy (e.g.
 `"mixed_bfloat16"`); the conditioning part is cast to the network's compute
 dtype and its output back to the flow's dtype (clipped to the finite range
@@ -43,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_glow import checks
-from tfp_glow.bijectors import _precision, _shapes
+from tfp_glow.bijectors import _context, _precision, _shapes
 from tfp_glow.bijectors.base import FlowBijector
 
 __all__ = ["MASKS", "checkerboard_mask", "CouplingBase"]
@@ -97,6 +106,7 @@ class CouplingBase(FlowBijector):
         parameters=None,
         name=None,
         net_arg="net",
+        context_shape=None,
     ):
         if not callable(net):
             raise TypeError(
@@ -119,6 +129,12 @@ class CouplingBase(FlowBijector):
         self._parity = parity
         self._event_ndims = event_ndims
         self._event_shape = event_shape
+        self._context_shape = _context.context_shape_of(context_shape)
+        if self._context_shape is not None and event_shape is None:
+            raise ValueError(
+                f"A conditional coupling (context_shape={self._context_shape}) needs "
+                "`event_shape`, so its network is built for the context's channels."
+            )
         if event_shape is not None:
             self._validate_event_shape(event_shape, "event_shape")
         self._net = self._network_from(net, net_arg)
@@ -132,7 +148,7 @@ class CouplingBase(FlowBijector):
         )
         if event_shape is not None:
             if not getattr(self._net, "built", True):
-                self._net.build((None,) + self._conditioning_shape(event_shape))
+                self._net.build((None,) + self._net_input_shape(event_shape))
             self._check_static_output_units(net_arg)
         if isinstance(self._net, keras.layers.Layer):
             self._track_layers(self._net)
@@ -193,7 +209,7 @@ class CouplingBase(FlowBijector):
         """Fails at construction when a ready network's output shape is known wrong."""
         try:
             shape = self._net.compute_output_shape(
-                (None,) + self._conditioning_shape(self._event_shape)
+                (None,) + self._net_input_shape(self._event_shape)
             )
         except NotImplementedError:  # checked on the first call instead
             return
@@ -219,6 +235,11 @@ class CouplingBase(FlowBijector):
         return self._net
 
     @property
+    def context_shape(self):
+        """The shape of one context (`conditional_input[i]`), or None."""
+        return self._context_shape
+
+    @property
     def mask(self):
         return self._mask
 
@@ -242,6 +263,21 @@ class CouplingBase(FlowBijector):
             return tuple(event_shape[:-1]) + (event_shape[-1] // 2,)
         return tuple(event_shape)
 
+    def _net_input_shape(self, event_shape):
+        """The conditioning part's shape with the context's channels added."""
+        shape = self._conditioning_shape(event_shape)
+        extra = _context.feature_channels(self._context_shape, len(event_shape))
+        return shape[:-1] + (shape[-1] + extra,)
+
+    def _net_input(self, x_b, conditional_input):
+        """`x_b`, or `[x_b, f(context)]` for a conditional coupling (the network's input)."""
+        if self._context_shape is None:  # a context for other bijectors is not ours
+            return x_b
+        context = _context.check_context(
+            conditional_input, self._context_shape, f"{type(self).__name__} ({self.name!r})",
+            x_b.dtype)
+        return _context.concat_features(x_b, context, self._context_shape, self._event_ndims)
+
     def _check(self, x):
         _shapes.check_event_rank(x, self._event_ndims)
         if self._event_shape is not None:
@@ -249,15 +285,16 @@ class CouplingBase(FlowBijector):
             _shapes.check_channels(x, self._event_shape[-1])
         self._validate_event_shape(tuple(x.shape[-self._event_ndims :]), "x")
 
-    def _run_net(self, x_b, units):
+    def _run_net(self, x_b, units, conditional_input=None):
         """Network output for the conditioning part, in the flow's dtype.
 
         The network may compute in lower precision (mixed precision): its
         input is cast to its compute dtype, its output back (safely) to the
         input's dtype, in which the flow math and log-dets stay.
         """
+        net_input = self._net_input(x_b, conditional_input)
         h = _shapes.call_with_one_batch_axis(
-            self._net, _precision.to_net_dtype(self._net, x_b), self._event_ndims
+            self._net, _precision.to_net_dtype(self._net, net_input), self._event_ndims
         )
         if isinstance(h, (tuple, list)):
             h = tf.concat(h, axis=-1)
@@ -285,16 +322,18 @@ class CouplingBase(FlowBijector):
     def _recombine(self, y_a, x_b):
         return tf.concat([x_b, y_a] if self._parity == 0 else [y_a, x_b], axis=-1)
 
-    def _apply(self, x, direction):
+    def _apply(self, x, direction, conditional_input=None):
         self._check(x)
         fn = self._transform if direction == "forward" else self._untransform
         if self._mask == "channel":
             x_a, x_b = self._split(x)
-            h = self._run_net(x_b, self._outputs_per_channel * x_a.shape[-1])
+            h = self._run_net(x_b, self._outputs_per_channel * x_a.shape[-1], conditional_input)
             y_a, ldj = fn(x_a, h)
             return self._recombine(y_a, x_b), self._reduce_event(ldj)
         mask = checkerboard_mask_np(x.shape[-self._event_ndims :], self._parity)
-        h = self._run_net(x * tf.constant(mask, x.dtype), self._outputs_per_channel * x.shape[-1])
+        h = self._run_net(
+            x * tf.constant(mask, x.dtype), self._outputs_per_channel * x.shape[-1],
+            conditional_input)
         y, ldj = fn(x, h)
         # Copy the conditioning positions; only b == 0 is transformed. `where`
         # (not b * x + (1 - b) * y) so the unused values can never leak a NaN;
@@ -302,8 +341,8 @@ class CouplingBase(FlowBijector):
         keep = tf.constant(mask > 0.5)
         return (tf.where(keep, x, y), self._reduce_event(tf.where(keep, tf.zeros_like(ldj), ldj)))
 
-    def _forward_and_log_det(self, x, **kwargs):
-        return self._apply(x, "forward")
+    def _forward_and_log_det(self, x, conditional_input=None, **kwargs):
+        return self._apply(x, "forward", conditional_input)
 
-    def _inverse_and_log_det(self, y, **kwargs):
-        return self._apply(y, "inverse")
+    def _inverse_and_log_det(self, y, conditional_input=None, **kwargs):
+        return self._apply(y, "inverse", conditional_input)

@@ -1,5 +1,7 @@
 """The learned split prior of Glow's multi-scale architecture."""
 
+from collections.abc import Sequence
+
 import keras
 import tensorflow as tf
 
@@ -23,6 +25,12 @@ class FactorOut(StandardizeBase):
     for vectors), so the layer is the identity at init. The multi-scale flow
     then removes `z` with `tfb.Split` and keeps transforming `h`.
 
+    Conditional (`num_classes` or `context_shape`, the context passed as
+    `conditional_input`): a zero-initialised map of the context adds to
+    `(mu, log_sigma)`, per channel (vector context) or per position (image
+    context, resized to the event's height and width); see
+    `tfp_glow.bijectors.standardize`.
+
     `split_fraction` picks `num_factored = round(channels * split_fraction)`
     (any value leaving at least one channel on each side).
 
@@ -44,6 +52,7 @@ class FactorOut(StandardizeBase):
         validate_args: bool = False,
         name: str = "factor_out",
         net_dtype: str | keras.DTypePolicy | None = None,
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         _shapes.validate_positive_int(channels, "channels")
@@ -57,7 +66,9 @@ class FactorOut(StandardizeBase):
             )
         self._channels = channels
         self._num_factored = k
-        super().__init__(num_classes, k, event_ndims, dtype, parameters, name, validate_args)
+        super().__init__(
+            num_classes, k, event_ndims, dtype, parameters, name, validate_args,
+            context_shape=context_shape)
         policy = _precision.net_policy(net_dtype, dtype)
         if prior_net is not None and net_dtype is not None:
             raise ValueError(

@@ -19,7 +19,10 @@ class LearnedPrior(StandardizeBase):
 
     Both start at zero (the identity). With `num_classes`, a per-class
     per-channel offset is added (openai/glow's `ycond`), so sampling draws the
-    chosen class.
+    chosen class; with `context_shape`, a zero-initialised map of the context
+    (`conditional_input`) gives the offsets: linear for a vector context,
+    per position from a conv of the resized image context (see
+    `tfp_glow.bijectors.standardize`).
 
     `mu` and `log_sigma` depend on the variables and the labels
     (`conditional_input`), never on `z`: the map is affine in `z` and its
@@ -39,6 +42,7 @@ class LearnedPrior(StandardizeBase):
         dtype: tf.DType | str = tf.float32,
         validate_args: bool = False,
         name: str = "learned_prior",
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         event_shape = checks.shape(event_shape, "event_shape")
@@ -52,6 +56,7 @@ class LearnedPrior(StandardizeBase):
             name,
             validate_args,
             is_constant_jacobian=True,
+            context_shape=context_shape,
         )
         state = ParameterLayer(dtype=self.dtype.name, name=f"{self.name}_params")
         self.mean = state.add("mean", event_shape)

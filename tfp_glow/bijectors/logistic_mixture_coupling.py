@@ -107,6 +107,7 @@ class LogisticMixtureCoupling(CouplingBase):
         validate_args: bool = False,
         name: str = "logistic_mixture_coupling",
         min_derivative: float = 1e-3,
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         self._num_components = checks.positive_int(num_components, "num_components")
@@ -125,6 +126,7 @@ class LogisticMixtureCoupling(CouplingBase):
             validate_args=validate_args,
             parameters=parameters,
             name=name,
+            context_shape=context_shape,
         )
 
     @staticmethod

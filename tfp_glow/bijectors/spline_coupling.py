@@ -241,6 +241,7 @@ class RationalQuadraticSplineCoupling(CouplingBase):
         validate_args: bool = False,
         name: str = "spline_coupling",
         max_derivative_ratio: float | None = 10.0,
+        context_shape: Sequence[int] | None = None,
     ) -> None:
         parameters = dict(locals())
         num_bins = checks.positive_int(num_bins, "num_bins", minimum=2)
@@ -287,6 +288,7 @@ class RationalQuadraticSplineCoupling(CouplingBase):
             validate_args=validate_args,
             parameters=parameters,
             name=name,
+            context_shape=context_shape,
         )
 
     @staticmethod

@@ -12,8 +12,13 @@ outputs back to the input's dtype, the job the couplings do for the nets in
 `coupling.py`.
 
 The optional context (`context_size`, TFP's `conditional_input`) is a vector
-per example whose batch shape broadcasts against the input's.
+per example whose batch shape broadcasts against the input's. A context of
+any shape is given as `context_shape=` instead (e.g. `(4, 4, 1)`, an image):
+its last `len(context_shape)` axes are flattened into `prod(context_shape)`
+features, so a conditional flow hands every network the same context.
 """
+
+import numpy as np
 
 import keras
 import tensorflow as tf
@@ -42,9 +47,24 @@ class TFPConditioner(ListedSublayers, layers.Layer):
     `tf.train.Checkpoint` does not follow a Keras layer's lists by itself.
     """
 
-    def __init__(self, context_size=None, **kwargs):
+    def __init__(self, context_size=None, context_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.context_size = checks.positive_int(context_size, "context_size", allow_none=True)
+        self.context_shape = None
+        if context_shape is not None:
+            shape = checks.shape(context_shape, "context_shape")
+            if not shape or not all(d > 0 for d in shape):
+                raise ValueError(
+                    f"`context_shape` must be a non-empty shape of positive ints; "
+                    f"received {context_shape!r}."
+                )
+            size = int(np.prod(shape))
+            if self.context_size not in (None, size):
+                raise ValueError(
+                    f"`context_size` ({self.context_size}) must be prod(context_shape) = "
+                    f"{size} when both are given; received context_shape={context_shape!r}."
+                )
+            self.context_shape, self.context_size = tuple(int(d) for d in shape), size
         # See the module docstring: keep the caller's dtype, accept Python ints.
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
@@ -112,12 +132,34 @@ class TFPConditioner(ListedSublayers, layers.Layer):
                 "pass `conditional_input=` (TFP's `bijector_kwargs`)."
             )
         context = self._to_compute(conditional_input, "conditional_input")
+        if self.context_shape is not None:
+            context = self._flatten_context(context)
         if context.shape.rank == 0 or context.shape[-1] not in (None, self.context_size):
             raise ValueError(
                 f"`conditional_input` must have shape [..., {self.context_size}] "
                 f"(`context_size`); received shape {context.shape}."
             )
         return context
+
+    def _flatten_context(self, context):
+        """`[batch..., *context_shape]` -> `[batch..., prod(context_shape)]`."""
+        n = len(self.context_shape)
+        rank = context.shape.rank
+        if rank is None or rank < n + 1 or tuple(context.shape[rank - n :]) != self.context_shape:
+            raise ValueError(
+                f"`conditional_input` must have shape [batch, "
+                f"{', '.join(map(str, self.context_shape))}] (`context_shape`) for "
+                f"{self.name}; received shape {context.shape}."
+            )
+        flat = tf.reshape(context, tf.concat([tf.shape(context)[: rank - n], [-1]], 0))
+        flat.set_shape(context.shape[: rank - n].concatenate([self.context_size]))
+        return flat
+
+    def get_config(self):
+        config = super().get_config()
+        if self.context_shape is not None:
+            config["context_shape"] = list(self.context_shape)
+        return config
 
     @staticmethod
     def _unflatten(y, batch, static_batch, event, dtype):

@@ -19,17 +19,37 @@ with `log_prob = log N(f(x); 0, I) + log|det df/dx|`,
 `seed` (the same seed gives the same samples in every process; temperature 0
 gives the mode). Class-conditional models (`model.num_classes` set) take an
 extra `label` int32 input: [N] everywhere, and a scalar or [num] in `sample`.
-`x`, `z` and the float outputs have `input_signature_dtype` (float32).
+Conditional models (`model.context_shape` set, `p(x | context)`) take an
+extra float `context` input: [N, *context_shape] everywhere, and in `sample`
+one [*context_shape] for every sample or [num, *context_shape]. `x`, `z`,
+`context` and the float outputs have `input_signature_dtype` (float32).
+Served values equal the model's own `log_prob(x, context)`,
+`sample(num, temperature, seed, context)` ... (same float32 graph).
+
+A TF Serving REST request (`tensorflow_model_server --rest_api_port=8501
+--model_name=flow --model_base_path=<export_dir>`) for a model with
+`context_shape=(3,)` and `event_shape=(2,)`:
+
+    POST http://localhost:8501/v1/models/flow:predict
+    {"signature_name": "log_prob",
+     "inputs": {"x": [[0.1, -0.3], [1.2, 0.4]],
+                "context": [[0.5, 1.0, -1.0], [0.0, 0.2, 0.3]]}}
+    -> {"outputs": [-2.31, -3.07]}
+
+    {"signature_name": "sample",
+     "inputs": {"num": 4, "temperature": 0.7, "seed": 1, "context": [0.5, 1.0, -1.0]}}
+    -> {"outputs": [[...], [...], [...], [...]]}            (4 samples, one context)
 
 Every signature checks its inputs at run time, before the flow: a wrong
 shape fails with "Shape of tensor x [2,4,4,1] is not compatible with expected
-shape [?,8,8,1]", a label outside [0, num_classes) or a negative `num` or
+shape [?,8,8,1]" (a context: "Shape of tensor context [2,2] is not compatible
+with expected shape [?,3]"), a label outside [0, num_classes) or a negative `num` or
 `temperature` with a message naming the argument. A wrong dtype is refused
 by the runtime before the graph runs ("expected to be a float tensor but is
 a double tensor"); TF Serving's REST API converts JSON numbers to the
-signature's dtypes, so it does not meet that case. `load_exported` wraps a
-loaded export with Python-side checks that raise `ValueError`/`TypeError`
-naming the expected shape and dtype.
+signature's dtypes, so it does not meet that case. `load_exported` (`tfp_glow.exported`)
+wraps a loaded export with Python-side checks that raise `ValueError`/`TypeError`
+naming the expected shape and dtype (a missing or misshaped `context` too).
 
 Why a `tf.Module` holding `[v.value for v in model.variables]`: the project's
 design notes record that `tf.saved_model.save` of Keras 3 objects can load in Python yet
@@ -43,7 +63,6 @@ tfp_glow, and the tests run every signature under `saved_model_cli run`.
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import types
@@ -51,16 +70,16 @@ import types
 import numpy as np
 import tensorflow as tf
 
+from tfp_glow.exported import (
+    METADATA_FILE,
+    SIGNATURE_NAMES,
+    ExportedFlow,
+    load_exported,
+    numeric_versions,
+)
 from tfp_glow.training.flow_model import FlowModel
 
 __all__ = ["export_saved_model", "load_exported", "ExportedFlow", "SIGNATURE_NAMES"]
-
-SIGNATURE_NAMES = ("serving_default", "log_prob", "bits_per_dim", "sample", "encode",
-                   "decode")
-_VERSION_RE = re.compile(r"^\d+$")
-# TF Serving reads only `tf_serving_warmup_requests` from assets.extra/ and
-# ignores the rest: a safe place for a description of the model.
-METADATA_FILE = os.path.join("assets.extra", "tfp_glow.json")
 
 
 def _checked(t, spec):
@@ -84,7 +103,12 @@ def _function(python_fn, input_signature):
 
 
 class _ServingModule(tf.Module):
-    """Plain variables plus `tf.function`s with input signatures."""
+    """Plain variables plus `tf.function`s with input signatures.
+
+    The condition of a conditional model is one more input of every
+    signature: int `label` ids of a class-conditional model, else a float
+    `context`; the Python functions below take it under that name.
+    """
 
     def __init__(self, model, input_dtype):
         super().__init__(name="tfp_glow_serving")
@@ -100,42 +124,93 @@ class _ServingModule(tf.Module):
         self._input_dtype = tf.as_dtype(input_dtype)
         self._model_dtype = density.dtype
         self._num_classes = density.num_classes
+        self._context_shape = density.context_shape
         self._x_spec = tf.TensorSpec(density.spec.signature("data").shape, self._input_dtype,
                                      name="x")
         self._z_spec = tf.TensorSpec(density.spec.signature("latent").shape,
                                      self._input_dtype, name="z")
-        label_spec = tf.TensorSpec([None], tf.int32, name="label")
         sample_specs = [tf.TensorSpec([], tf.int32, name="num"),
                         tf.TensorSpec([], tf.float32, name="temperature"),
                         tf.TensorSpec([], tf.int64, name="seed")]
-        if model.num_classes is not None:
-            # Unknown rank: a scalar label (one class for every sample) or [num].
-            sample_specs.append(tf.TensorSpec(None, tf.int32, name="label"))
-            x_in, z_in = [self._x_spec, label_spec], [self._z_spec, label_spec]
-            self.log_prob = _function(self._log_prob, x_in)
-            self.bits_per_dim = _function(self._bits_per_dim, x_in)
-            self.encode = _function(self._encode, x_in)
-            self.decode = _function(self._decode, z_in)
-        else:
+        if self._context_shape is None:
             # One-argument functions: a signature has no optional inputs.
             self.log_prob = _function(lambda x: self._log_prob(x), [self._x_spec])
             self.bits_per_dim = _function(lambda x: self._bits_per_dim(x), [self._x_spec])
             self.encode = _function(lambda x: self._encode(x), [self._x_spec])
             self.decode = _function(lambda z: self._decode(z), [self._z_spec])
-        self.sample = _function(self._sample, sample_specs)
+            self.sample = _function(lambda num, temperature, seed: self._sample(
+                num, temperature, seed), sample_specs)
+            return
+        if self._num_classes is not None:
+            cond_spec = tf.TensorSpec([None], tf.int32, name="label")
+            # Unknown rank: a scalar label (one class for every sample) or [num].
+            sample_specs.append(tf.TensorSpec(None, tf.int32, name="label"))
+            x_in, z_in = [self._x_spec, cond_spec], [self._z_spec, cond_spec]
+            self.log_prob = _function(lambda x, label: self._log_prob(x, label), x_in)
+            self.bits_per_dim = _function(lambda x, label: self._bits_per_dim(x, label), x_in)
+            self.encode = _function(lambda x, label: self._encode(x, label), x_in)
+            self.decode = _function(lambda z, label: self._decode(z, label), z_in)
+            self.sample = _function(lambda num, temperature, seed, label: self._sample(
+                num, temperature, seed, label), sample_specs)
+            return
+        cond_spec = tf.TensorSpec([None, *self._context_shape], self._input_dtype,
+                                  name="context")
+        # Unknown rank: one context for every sample, or [num, *context_shape].
+        sample_specs.append(tf.TensorSpec(None, self._input_dtype, name="context"))
+        x_in, z_in = [self._x_spec, cond_spec], [self._z_spec, cond_spec]
+        self.log_prob = _function(lambda x, context: self._log_prob(x, context), x_in)
+        self.bits_per_dim = _function(lambda x, context: self._bits_per_dim(x, context), x_in)
+        self.encode = _function(lambda x, context: self._encode(x, context), x_in)
+        self.decode = _function(lambda z, context: self._decode(z, context), z_in)
+        self.sample = _function(lambda num, temperature, seed, context: self._sample(
+            num, temperature, seed, context), sample_specs)
 
     # -- input checks (run time, inside the graph) ---------------------------
-    def _inputs(self, t, spec, label):
+    def _inputs(self, t, spec, condition):
         t = tf.cast(_checked(t, spec), self._model_dtype)
-        if label is None:
+        if condition is None:
             return t, None
-        label = tf.ensure_shape(label, [None])
+        if self._num_classes is None:
+            return t, self._batch_context(condition, t)
+        label = tf.ensure_shape(condition, [None])
         checks = [tf.debugging.assert_equal(
             tf.shape(label)[0], tf.shape(t)[0],
             message="`label` must have shape [batch] with the batch of the data")]
         checks += self._label_range(label)
         with tf.control_dependencies(checks):
             return t, tf.identity(label)
+
+    def _batch_context(self, context, t):
+        """`[batch, *context_shape]` with the data's batch, in the model's dtype."""
+        dims = ", ".join(map(str, self._context_shape))
+        context = tf.ensure_shape(context, [None, *self._context_shape])
+        check = tf.debugging.assert_equal(
+            tf.shape(context)[0], tf.shape(t)[0],
+            message=f"`context` must have shape [batch, {dims}] with the batch of the data")
+        with tf.control_dependencies([check]):
+            return tf.cast(context, self._model_dtype)
+
+    def _sample_context(self, context, num):
+        """`[*context_shape]` (one for every sample) or `[num, *context_shape]` as
+        `[num, *context_shape]`, checked at run time (the input's rank is unknown)."""
+        shape = self._context_shape
+        dims = ", ".join(map(str, shape))
+        expected = f"`context` must have shape [{dims}] or [num, {dims}]"
+        rank = tf.rank(context)
+        rank_ok = tf.debugging.assert_equal(
+            tf.logical_or(tf.equal(rank, len(shape)), tf.equal(rank, len(shape) + 1)), True,
+            message=expected)
+        with tf.control_dependencies([rank_ok]):
+            tail = tf.shape(context)[rank - len(shape):]
+        tail_ok = tf.debugging.assert_equal(tail, tf.constant(shape, tf.int32),
+                                            message=expected)
+        with tf.control_dependencies([tail_ok]):
+            batched = tf.reshape(context, [-1, *shape])
+        rows_ok = tf.debugging.assert_equal(
+            tf.logical_or(tf.equal(rank, len(shape)), tf.equal(tf.shape(batched)[0], num)),
+            True, message=f"{expected}: a batched `context` needs one row per sample")
+        with tf.control_dependencies([rows_ok]):
+            return tf.cast(tf.broadcast_to(batched, [num, *shape]), self._model_dtype)
 
     def _label_range(self, label):
         # tf.one_hot maps an out-of-range label to zeros: refuse it instead.
@@ -147,48 +222,46 @@ class _ServingModule(tf.Module):
     def _to_output(self, t):
         return tf.cast(t, self._input_dtype)
 
-    # -- signatures -------------------------------------------------------------
-    def _log_prob(self, x, label=None):
-        x, label = self._inputs(x, self._x_spec, label)
-        return {"log_prob": self._to_output(self._held.model.log_prob(x, label))}
+    # -- signatures (`condition`: the label or context input) ----------------------
+    def _log_prob(self, x, condition=None):
+        x, condition = self._inputs(x, self._x_spec, condition)
+        return {"log_prob": self._to_output(self._held.model.log_prob(x, condition))}
 
-    def _bits_per_dim(self, x, label=None):
-        x, label = self._inputs(x, self._x_spec, label)
-        return {"bits_per_dim": self._to_output(self._held.model.bits_per_dim(x, label))}
+    def _bits_per_dim(self, x, condition=None):
+        x, condition = self._inputs(x, self._x_spec, condition)
+        return {"bits_per_dim": self._to_output(self._held.model.bits_per_dim(x, condition))}
 
-    def _encode(self, x, label=None):
-        x, label = self._inputs(x, self._x_spec, label)
-        return {"z": self._to_output(self._held.model.encode(x, label))}
+    def _encode(self, x, condition=None):
+        x, condition = self._inputs(x, self._x_spec, condition)
+        return {"z": self._to_output(self._held.model.encode(x, condition))}
 
-    def _decode(self, z, label=None):
-        z, label = self._inputs(z, self._z_spec, label)
-        return {"x": self._to_output(self._held.model.decode(z, label))}
+    def _decode(self, z, condition=None):
+        z, condition = self._inputs(z, self._z_spec, condition)
+        return {"x": self._to_output(self._held.model.decode(z, condition))}
 
-    def _sample(self, num, temperature, seed, label=None):
+    def _sample(self, num, temperature, seed, condition=None):
         checks = [
             tf.debugging.assert_non_negative(num, message="`num` must be >= 0"),
             tf.debugging.assert_non_negative(temperature,
                                              message="`temperature` must be >= 0"),
         ]
-        if label is not None:
+        if condition is not None and self._num_classes is not None:
             checks.append(tf.debugging.assert_less_equal(
-                tf.rank(label), 1, message="`label` must be a scalar or have shape [num]"))
-            checks += self._label_range(label)
+                tf.rank(condition), 1, message="`label` must be a scalar or have shape [num]"))
+            checks += self._label_range(condition)
         with tf.control_dependencies(checks):
             num = tf.identity(num)
-        if label is not None:
-            label = tf.broadcast_to(label, [num])
-        x = self._held.model.sample(num, temperature=temperature, seed=seed, labels=label)
+        if condition is not None:
+            condition = (tf.broadcast_to(condition, [num]) if self._num_classes is not None
+                         else self._sample_context(condition, num))
+        x = self._held.model.sample(num, temperature=temperature, seed=seed, context=condition)
         return {"samples": self._to_output(x)}
 
 
 def _next_version(export_dir):
     if not tf.io.gfile.isdir(export_dir):
         return 1
-    versions = [int(name.rstrip("/")) for name in tf.io.gfile.listdir(export_dir)
-                if _VERSION_RE.match(name.rstrip("/"))
-                and tf.io.gfile.isdir(os.path.join(export_dir, name.rstrip("/")))]
-    return max(versions, default=0) + 1
+    return max(numeric_versions(export_dir), default=0) + 1
 
 
 def export_saved_model(model: FlowModel, export_dir: str | os.PathLike,
@@ -221,6 +294,8 @@ def export_saved_model(model: FlowModel, export_dir: str | os.PathLike,
     served = tf.saved_model.load(path)
     served.signatures["sample"](num=tf.constant(4), temperature=tf.constant(0.7),
                                 seed=tf.constant(1, tf.int64))["samples"]
+    # A conditional model (context_shape=(3,)): checked in Python, then served.
+    tfp_glow.load_exported(path).sample(4, 0.7, seed=1, context=[0.5, 1.0, -1.0])
     ```
     """
     if not isinstance(model, FlowModel):
@@ -280,6 +355,7 @@ def _write_metadata(model, dtype, version_dir):
         "event_shape": list(model.event_shape),
         "latent_shape": list(model.latent_shape),
         "num_classes": model.num_classes,
+        "context_shape": None if model.context_shape is None else list(model.context_shape),
         "num_bins": model.num_bins,
         "input_dtype": dtype.name,
         "signatures": list(SIGNATURE_NAMES),
@@ -288,141 +364,3 @@ def _write_metadata(model, dtype, version_dir):
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(meta, f, indent=2, default=str)
-
-
-def _version_dir(path):
-    """`path` itself if it holds a SavedModel, else its newest numeric version."""
-    path = os.fspath(path)
-    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
-        return path
-    if tf.io.gfile.isdir(path):
-        versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(path)
-                    if _VERSION_RE.match(n.rstrip("/"))
-                    and tf.io.gfile.exists(os.path.join(path, n.rstrip("/"), "saved_model.pb"))]
-        if versions:
-            return os.path.join(path, str(max(versions)))
-    raise ValueError(
-        f"`path` {path!r} is neither a SavedModel directory nor a base directory with "
-        "numeric version subdirectories holding one.")
-
-
-def _shape_str(shape):
-    return "[" + ", ".join("batch" if d is None else str(d) for d in shape) + "]"
-
-
-class ExportedFlow:
-    """A loaded export whose methods check their inputs before the graph does.
-
-    The raw signatures (`self.signatures[name](**inputs)`) accept exactly the
-    exported dtypes and check shapes inside the graph; these methods raise a
-    `ValueError` naming the expected shape (or a `TypeError` naming the
-    expected dtype) in Python, cast float inputs to the exported dtype, and
-    return the signature's single output as a tensor.
-
-    Attributes: `path` (the version directory), `signatures`, `module` (the
-    `tf.saved_model.load` result), `event_shape`, `latent_shape`,
-    `num_classes` (None when unconditional), `metadata` (the exported JSON).
-    """
-
-    def __init__(self, path):
-        self.path = _version_dir(path)
-        self.module = tf.saved_model.load(self.path)
-        self.signatures = self.module.signatures
-        missing = [n for n in SIGNATURE_NAMES if n not in self.signatures]
-        if missing:
-            raise ValueError(
-                f"{self.path} was not written by `export_saved_model`: it lacks the "
-                f"signatures {missing}.")
-        meta_path = os.path.join(self.path, METADATA_FILE)
-        self.metadata = None
-        if tf.io.gfile.exists(meta_path):
-            with tf.io.gfile.GFile(meta_path) as f:
-                self.metadata = json.load(f)
-        x_spec = self._spec("log_prob", "x")
-        z_spec = self._spec("decode", "z")
-        self.event_shape = tuple(x_spec.shape[1:])
-        self.latent_shape = tuple(z_spec.shape[1:])
-        self.conditional = "label" in self.signatures["log_prob"].structured_input_signature[1]
-        self.num_classes = (self.metadata or {}).get("num_classes")
-
-    def _spec(self, signature, key):
-        return self.signatures[signature].structured_input_signature[1][key]
-
-    def _float_input(self, value, signature, key):
-        spec = self._spec(signature, key)
-        t = tf.convert_to_tensor(value)
-        expected = f"shape {_shape_str(spec.shape)} and a float dtype ({spec.dtype.name})"
-        if not t.dtype.is_floating:
-            raise TypeError(f"`{key}` must have {expected}; got dtype {t.dtype.name}.")
-        if not spec.shape.is_compatible_with(t.shape):
-            raise ValueError(f"`{key}` must have {expected}; got shape {t.shape}.")
-        return tf.cast(t, spec.dtype)
-
-    def _label(self, label, batch_size=None, scalar_ok=False):
-        if not self.conditional:
-            if label is not None:
-                raise ValueError("This export is not class-conditional: do not pass `label`.")
-            return {}
-        if label is None:
-            raise ValueError("This export is class-conditional: pass `label` (int [batch]).")
-        t = tf.convert_to_tensor(label)
-        if not t.dtype.is_integer:
-            raise TypeError(f"`label` must be integer class ids; got dtype {t.dtype.name}.")
-        allowed = (0, 1) if scalar_ok else (1,)
-        if t.shape.rank not in allowed or (
-                t.shape.rank == 1 and batch_size is not None and t.shape[0] != batch_size):
-            n = "batch" if batch_size is None else batch_size
-            want = f"a scalar or shape [{n}]" if scalar_ok else f"shape [{n}]"
-            raise ValueError(f"`label` must have {want}; got shape {t.shape}.")
-        t = tf.cast(t, tf.int32)
-        if self.num_classes is not None and t.shape.num_elements():
-            lo, hi = int(tf.reduce_min(t)), int(tf.reduce_max(t))
-            if lo < 0 or hi >= self.num_classes:
-                raise ValueError(
-                    f"`label` must be in [0, {self.num_classes}); got values in [{lo}, {hi}].")
-        return {"label": t}
-
-    def _call_on(self, signature, key, value, label, out):
-        t = self._float_input(value, signature, key)
-        result = self.signatures[signature](**{key: t}, **self._label(label, t.shape[0]))
-        return result[out]
-
-    def log_prob(self, x, label=None):
-        """`log p(x)` per example, `[batch]`."""
-        return self._call_on("log_prob", "x", x, label, "log_prob")
-
-    def bits_per_dim(self, x, label=None):
-        """`(-log p(x) + D log(num_bins)) / (D ln 2)` per example, `[batch]`."""
-        return self._call_on("bits_per_dim", "x", x, label, "bits_per_dim")
-
-    def encode(self, x, label=None):
-        """`z = f(x)`, `[batch, *latent_shape]`."""
-        return self._call_on("encode", "x", x, label, "z")
-
-    def decode(self, z, label=None):
-        """`x = f^-1(z)`, `[batch, *event_shape]`."""
-        return self._call_on("decode", "z", z, label, "x")
-
-    def sample(self, num, temperature=1.0, seed=0, label=None):
-        """`f^-1(temperature * eps)`, `eps ~ N(0, I)` drawn statelessly from `seed`."""
-        for name, value in (("num", num), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"`{name}` must be an int; got {value!r}.")
-        if num < 0:
-            raise ValueError(f"`num` must be >= 0; got {num}.")
-        if not isinstance(temperature, (int, float, np.floating, np.integer)) or temperature < 0:
-            raise ValueError(f"`temperature` must be a number >= 0; got {temperature!r}.")
-        inputs = dict(num=tf.constant(num, tf.int32),
-                      temperature=tf.constant(temperature, tf.float32),
-                      seed=tf.constant(seed, tf.int64))
-        inputs.update(self._label(label, num, scalar_ok=True))
-        return self.signatures["sample"](**inputs)["samples"]
-
-
-def load_exported(path: str | os.PathLike) -> "ExportedFlow":
-    """Loads an export as an `ExportedFlow` (checked inputs, one output each).
-
-    `path` is a version directory (`.../export/3`) or the base directory, in
-    which case the newest numeric version is loaded, as TF Serving would.
-    """
-    return ExportedFlow(path)

@@ -118,12 +118,13 @@ def run_tfp_glow(data, family, seed):
 
 def run_bayesflow(data, seed):
     os.environ["KERAS_BACKEND"] = "tensorflow"
-    import bayesflow as bf
-    import keras
     import tensorflow as tf
 
+    # Before bayesflow's import, which starts TensorFlow's runtime.
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    import bayesflow as bf
+    import keras
     keras.utils.set_random_seed(seed)
     workflow = bf.BasicWorkflow(inference_network=bf.networks.CouplingFlow(),
                                 inference_variables=["theta"], inference_conditions=["x"])

@@ -224,6 +224,25 @@ def test_tfp_maf_gets_the_context_as_conditional_input():
     )
 
 
+def test_sample_grid_draws_under_its_context(tmp_path):
+    from PIL import Image
+
+    flow = tfb.Chain([ContextAffine(4, CONTEXT), tfb.Reshape([4], event_shape_in=[2, 2, 1])])
+    model = tfp_glow.FlowModel(flow, event_shape=[2, 2, 1], num_bins=17, context_shape=[CONTEXT])
+    c0 = np.array([0.1, -0.2, 0.3], np.float32)
+    grid = tfp_glow.SampleGrid(tmp_path, num_samples=4, seed=2, rows=2, upscale=1, context=c0)
+    grid.set_model(model)
+    path = grid.write(1)
+    samples = model.sample(4, temperature=0.7, seed=2, context=c0)
+    expected = tfp_glow.image_grid(tfp_glow.to_uint8(samples, 17), rows=2)
+    with Image.open(path) as png:
+        np.testing.assert_array_equal(np.asarray(png), expected[..., 0])
+    missing = tfp_glow.SampleGrid(tmp_path, num_samples=4)
+    missing.set_model(model)
+    with pytest.raises(ValueError, match=r"needs `context`: one of shape \[3\]"):
+        missing.write(1)
+
+
 def test_keras_file_round_trip_keeps_context_shape(trained, tmp_path):
     model, x, c, _, _ = trained
     assert model.get_config()["context_shape"] == [CONTEXT]

@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -33,6 +34,9 @@ class SampleGrid(keras.callbacks.Callback):
       upscale: nearest-neighbour enlargement of each image.
       labels: for class-conditional models, an int or `[num_samples]` ints;
         default `arange(num_samples) % num_classes` (every class in turn).
+      context: for models built with `context_shape` (required there): one
+        context `[*context_shape]` for every sample, or
+        `[num_samples, *context_shape]`.
 
     #### Examples
 
@@ -52,6 +56,7 @@ class SampleGrid(keras.callbacks.Callback):
         rows: int | None = None,
         upscale: int = 4,
         labels: int | Sequence[int] | None = None,
+        context: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -66,16 +71,24 @@ class SampleGrid(keras.callbacks.Callback):
         self.rows = checks.positive_int(rows, "rows", allow_none=True)
         self.upscale = checks.positive_int(upscale, "upscale")
         self.labels = labels
+        self.context = context
         self.written: list[str] = []  # paths written so far, in order
 
     def path_for_epoch(self, epoch):
         """The PNG path for 1-based `epoch`."""
         return os.path.join(self.directory, f"samples_epoch_{epoch:03d}.png")
 
-    def _labels(self):
+    def _context(self):
+        """What `sample` is given: `context`, else a class-conditional model's labels."""
         num_classes = getattr(self.model, "num_classes", None)
+        if self.context is not None or getattr(self.model, "context_shape", None) is None:
+            return self.context
         if num_classes is None:
-            return None
+            raise ValueError(
+                "SampleGrid of a conditional model needs `context`: one of shape "
+                f"{list(self.model.context_shape)} for every sample, or "
+                f"[{self.num_samples}, *{list(self.model.context_shape)}]."
+            )
         if self.labels is None:
             return np.arange(self.num_samples, dtype=np.int64) % num_classes
         return np.broadcast_to(np.asarray(self.labels, np.int64), [self.num_samples])
@@ -94,7 +107,7 @@ class SampleGrid(keras.callbacks.Callback):
                 f"{getattr(self.model, 'event_shape', None)}."
             )
         samples = self.model.sample(
-            self.num_samples, temperature=self.temperature, seed=self.seed, labels=self._labels()
+            self.num_samples, temperature=self.temperature, seed=self.seed, context=self._context()
         )
         path = self.path_for_epoch(epoch)
         save_image_grid(

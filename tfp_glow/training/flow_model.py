@@ -336,7 +336,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
             # its new variables make tf.function trace the whole step twice.
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
-        warn_if_partial_last_batch(self, x, batch_size)
+        warn_if_partial_last_batch(self, split_inputs(x)[0], batch_size)  # x of (x, context)
         self._guard.reset()
         callbacks = kwargs.get("callbacks")
         if not isinstance(callbacks, keras.callbacks.CallbackList):

@@ -4,6 +4,9 @@ One line per configuration: `name: Case(make, event_shape, ...)`. `make(dtype)`
 returns a fresh bijector; a new bijector is tested by adding a line here.
 Flags on `Case` say what the tests may expect of it (`volume_preserving`: the
 log-det is 0 whatever the parameters) instead of tests matching names.
+`conditional` makes every test pass a context as `conditional_input`: an int
+K (class labels `[batch]` of K classes) or a shape (a float context
+`[batch, *shape]`, standard normal).
 """
 
 import dataclasses
@@ -17,6 +20,10 @@ from helpers import perturb  # noqa: F401  (re-exported: tests and benchmarks im
 
 from tfp_glow import bijectors as B
 from tfp_glow import nets
+from tfp_glow.bijectors._context import feature_channels
+from tfp_glow.bijectors.base import walk_bijectors
+from tfp_glow.bijectors.coupling import CouplingBase
+from tfp_glow.bijectors.standardize import StandardizeBase
 
 tfb = tfp.bijectors
 IMAGE = (4, 4, 4)
@@ -28,7 +35,7 @@ class Case:
     make: Callable  # dtype -> bijector
     event_shape: tuple
     sample: Callable | None = None  # (rng, shape) -> x in the domain
-    conditional: int | None = None  # num_classes when class-conditional
+    conditional: int | tuple | None = None  # num_classes (int labels) or a context shape
     codomain: Callable | None = None  # (rng, shape) -> y in the range of forward
     volume_preserving: bool = False  # log|det J| == 0 for any parameters
     elementwise: bool = False  # maps each element alone: any rank works, even unknown
@@ -44,14 +51,33 @@ class Case:
         y = self.codomain(rng, shape) if self.codomain else rng.standard_normal(shape)
         return tf.constant(y, dtype=dtype)
 
-    def kwargs(self, rng, batch):
+    def kwargs(self, rng, batch, dtype=tf.float32):
         if self.conditional is None:
             return {}
+        if isinstance(self.conditional, tuple):
+            context = rng.standard_normal((batch,) + self.conditional)
+            return {"conditional_input": tf.constant(context, dtype)}
         return {
             "conditional_input": tf.constant(
                 rng.integers(0, self.conditional, size=batch), tf.int32
             )
         }
+
+
+def context_weights(bijector):
+    """`(variable, index)` of every weight that multiplies the context: the
+    context's rows of a conditional coupling network's first kernel, a
+    conditional prior's context map (or class table)."""
+    found = []
+    for b in walk_bijectors(bijector):
+        if isinstance(b, CouplingBase) and b.context_shape is not None:
+            k = feature_channels(b.context_shape, len(b._event_shape))
+            first = b.net.conv_in if hasattr(b.net, "conv_in") else b.net.hidden[0]
+            found.append((first.kernel, (..., slice(-k, None), slice(None))))
+        elif isinstance(b, StandardizeBase) and b.context_shape is not None:
+            table = b._class_table if b._class_table is not None else b._context_conv.kernel
+            found.append((table, ...))
+    return found
 
 
 def _dt(dtype):
@@ -64,25 +90,27 @@ def coupling_net(shape, dtype):
     return functools.partial(cls, 8, dtype=_dt(dtype))
 
 
-def affine(mask, parity, shape=IMAGE):
+def affine(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.AffineCoupling(
-            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype
+            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype,
+            context_shape=context,
         )
 
-    return Case(make, shape)
+    return Case(make, shape, conditional=context)
 
 
-def additive(mask, parity, shape=IMAGE):
+def additive(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.AdditiveCoupling(
-            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype
+            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype,
+            context_shape=context,
         )
 
-    return Case(make, shape, volume_preserving=True)
+    return Case(make, shape, conditional=context, volume_preserving=True)
 
 
-def spline(mask, parity, shape=IMAGE):
+def spline(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.RationalQuadraticSplineCoupling(
             coupling_net(shape, dtype),
@@ -92,12 +120,13 @@ def spline(mask, parity, shape=IMAGE):
             parity=parity,
             event_shape=shape,
             dtype=dtype,
+            context_shape=context,
         )
 
-    return Case(make, shape)
+    return Case(make, shape, conditional=context)
 
 
-def mol(mask, parity, shape=IMAGE):
+def mol(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.LogisticMixtureCoupling(
             coupling_net(shape, dtype),
@@ -106,20 +135,25 @@ def mol(mask, parity, shape=IMAGE):
             parity=parity,
             event_shape=shape,
             dtype=dtype,
+            context_shape=context,
         )
 
-    return Case(make, shape)
+    return Case(make, shape, conditional=context)
 
 
-def small_multi_scale(dtype, num_classes=None):
-    """Two levels of squeeze + (ActNorm, LU conv, affine coupling), a split."""
+def small_multi_scale(dtype, num_classes=None, context=None):
+    """Two levels of squeeze + (ActNorm, LU conv, affine coupling), a split;
+    with `context` (a shape) the couplings and the priors are conditional."""
 
     def level(shape, seed):
         c = shape[-1] * 4
         squeezed = (shape[0] // 2, shape[1] // 2, c)
         steps = tfb.Chain(
             [
-                B.AffineCoupling(coupling_net(squeezed, dtype), event_shape=squeezed, dtype=dtype),
+                B.AffineCoupling(
+                    coupling_net(squeezed, dtype), event_shape=squeezed, dtype=dtype,
+                    context_shape=context,
+                ),
                 B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
                 B.ActNorm(c, dtype=dtype),
                 B.Squeeze(event_shape=shape),
@@ -128,12 +162,14 @@ def small_multi_scale(dtype, num_classes=None):
         return steps, squeezed
 
     steps1, s1 = level((4, 4, 2), 1)
-    fo = B.FactorOut(s1[-1], num_classes=num_classes, dtype=dtype)
+    fo = B.FactorOut(s1[-1], num_classes=num_classes, dtype=dtype, context_shape=context)
     steps2, s2 = level(s1[:2] + (s1[-1] - fo.num_factored,), 2)
     return B.MultiScaleFlow(
         (4, 4, 2),
         [(steps1, fo), (steps2, None)],
-        top_prior=B.LearnedPrior(s2, num_classes=num_classes, dtype=dtype),
+        top_prior=B.LearnedPrior(
+            s2, num_classes=num_classes, dtype=dtype, context_shape=context
+        ),
     )
 
 
@@ -249,5 +285,25 @@ REGISTRY = {
     "multi_scale": Case(small_multi_scale, (4, 4, 2)),
     "multi_scale_class_conditional": Case(
         lambda d: small_multi_scale(d, num_classes=3), (4, 4, 2), conditional=3
+    ),
+    # Conditional on a float context: a vector broadcast over an image, an
+    # image resized (up: bilinear) into a prior's conv.
+    "affine_checkerboard_vector_context": affine("checkerboard", 1, context=(3,)),
+    "factor_out_image_context": Case(
+        lambda d: B.FactorOut(4, dtype=d, context_shape=(3, 3, 2)), IMAGE, conditional=(3, 3, 2)
+    ),
+}
+
+# Run by the contract test in CI's slow step only (each ~5-45 s on 2 loaded
+# cores): a vector context's linear map, an image context resized down
+# (area) and flattened for a vector event, a whole conditional multi-scale flow.
+SLOW_REGISTRY = {
+    "learned_prior_vector_context": Case(
+        lambda d: B.LearnedPrior(IMAGE, dtype=d, context_shape=(5,)), IMAGE, conditional=(5,)
+    ),
+    "spline_vector_image_context": spline("channel", 0, VECTOR, context=(2, 2, 1)),
+    "additive_image_context": additive("channel", 1, context=(8, 8, 1)),
+    "multi_scale_context": Case(
+        lambda d: small_multi_scale(d, context=(2, 2, 1)), (4, 4, 2), conditional=(2, 2, 1)
     ),
 }

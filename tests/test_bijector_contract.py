@@ -6,27 +6,36 @@ fldj == -ildj at x and at y; at the edges of the domain and range), log-dets
 of both directions against the slogdet of an autodiff Jacobian (TFP's
 `get_fldj_theoretical`) on perturbed parameters, unknown batch under
 `tf.function`, float32 and float64, gradients to every trainable variable,
-no stale cached result, no cache shared between instances.
+no stale cached result, no cache shared between instances. Conditional
+entries run every test with their context (`conditional_input`), held fixed
+for the Jacobians, and the context must reach the map and its weights.
 """
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from bijector_registry import REGISTRY
+from bijector_registry import REGISTRY, SLOW_REGISTRY, context_weights
 from helpers import assert_bijective_and_finite, perturb, theoretical_log_det
 
 DTYPES = [tf.float32, tf.float64]
 ROUND_TRIP_ATOL = {tf.float32: 1e-5, tf.float64: 1e-10}
 LOG_DET_ATOL = {tf.float32: 2e-3, tf.float64: 1e-8}
 BATCH = 3
+CASES = {**REGISTRY, **SLOW_REGISTRY}
+
+
+def names(selected):
+    """`selected` names in order, those of SLOW_REGISTRY marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_REGISTRY else n
+            for n in sorted(selected)]
 
 
 def build(name, dtype, seed=0):
-    case = REGISTRY[name]
+    case = CASES[name]
     rng = np.random.default_rng(seed)
     bijector = case.make(dtype)
     perturb(bijector, rng)
-    return case, bijector, case.draw(rng, BATCH, dtype), case.kwargs(rng, BATCH)
+    return case, bijector, case.draw(rng, BATCH, dtype), case.kwargs(rng, BATCH, dtype)
 
 
 def flat_event(t, event_ndims):
@@ -34,7 +43,7 @@ def flat_event(t, event_ndims):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", names(CASES))
 class TestContract:
     def test_bijective_and_finite(self, name, dtype):
         """Round trips both ways, fldj == -ildj at x and at y, all finite (TFP's
@@ -89,7 +98,11 @@ class TestContract:
         case, b, x, kw = build(name, dtype)
         nd = len(case.event_shape)
         spec = tf.TensorSpec([None] + list(case.event_shape), dtype)
-        label_spec = [tf.TensorSpec([None], tf.int32)] if kw else []
+        label_spec = (
+            [tf.TensorSpec([None] + kw["conditional_input"].shape[1:], kw["conditional_input"].dtype)]
+            if kw
+            else []
+        )
 
         @tf.function(input_signature=[spec] + label_spec)
         def round_trip(x, *labels):
@@ -174,3 +187,43 @@ class TestContract:
         np.testing.assert_allclose(g1, y1, atol=ROUND_TRIP_ATOL[dtype])
         np.testing.assert_allclose(g2, y2, atol=ROUND_TRIP_ATOL[dtype])
         assert float(tf.reduce_max(tf.abs(y1 - y2))) > 1e-3
+
+
+CONDITIONAL = [name for name, case in CASES.items() if case.conditional is not None]
+
+
+@pytest.mark.parametrize("name", names(CONDITIONAL))
+def test_context_reaches_the_map_and_its_weights(name):
+    """The context changes the map, and the loss has a nonzero gradient with
+    respect to the (float) context and to every weight that multiplies it
+    (the context's rows of a coupling network's first kernel, a prior's
+    context map): the context path trains."""
+    case, b, x, kw = build(name, tf.float64)
+    nd = len(case.event_shape)
+    context = kw["conditional_input"]
+    weights = tf.constant(np.random.default_rng(1).standard_normal(b.forward(x, **kw).shape))
+    targets = context_weights(b)
+    assert targets, f"{name} has no context weights"
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(context)
+        y, ldj = b.forward_and_log_det(x, nd, conditional_input=context)
+        loss = tf.reduce_sum(y * weights) + tf.reduce_sum(ldj)
+    for variable, index in targets:
+        grad = tape.gradient(loss, variable)
+        assert grad is not None, f"no gradient reaches {variable.name}"
+        assert float(tf.reduce_max(tf.abs(tf.convert_to_tensor(grad)[index]))) > 0, (
+            f"zero gradient for the context part of {variable.name}"
+        )
+    if context.dtype.is_floating:
+        grad = tape.gradient(loss, context)
+        assert np.all(np.isfinite(grad)) and float(tf.reduce_max(tf.abs(grad))) > 0
+        other = context + tf.constant(0.5, context.dtype)
+    else:
+        other = (context + 1) % case.conditional
+    y_other, ldj_other = b.forward_and_log_det(x, nd, conditional_input=other)
+    assert float(tf.reduce_max(tf.abs(y_other - y))) > 1e-4
+    if not case.volume_preserving:
+        assert float(tf.reduce_max(tf.abs(ldj_other - ldj))) > 1e-6
+    # Missing context: a ValueError naming `conditional_input`.
+    with pytest.raises(ValueError, match="conditional_input"):
+        b.forward_and_log_det(x, nd)

@@ -243,7 +243,7 @@ def test_sample_grid_draws_under_its_context(tmp_path):
         missing.write(1)
 
 
-def test_keras_file_round_trip_keeps_context_shape(trained, tmp_path):
+def test_keras_file_and_keras_export_keep_the_context(trained, tmp_path):
     model, x, c, _, _ = trained
     assert model.get_config()["context_shape"] == [CONTEXT]
     model.save(tmp_path / "m.keras")
@@ -251,6 +251,13 @@ def test_keras_file_round_trip_keeps_context_shape(trained, tmp_path):
     assert loaded.context_shape == (CONTEXT,)
     np.testing.assert_array_equal(
         loaded.log_prob(x[:8], c[:8]).numpy(), model.log_prob(x[:8], c[:8]).numpy()
+    )
+    # Keras's own export: `serve((x, context))` is log p(x | context).
+    model.export(tmp_path / "keras_export", verbose=False)
+    served = tf.saved_model.load(tmp_path / "keras_export")
+    np.testing.assert_array_equal(
+        served.serve((tf.constant(x[:8]), tf.constant(c[:8]))).numpy(),
+        model.log_prob(x[:8], c[:8]).numpy(),
     )
 
 

@@ -8,10 +8,13 @@ Modules (one idea each):
 * `optimizers`: `WarmupSchedule`, `WarmupAdam`, `adamw`, `recommended_optimizer`.
 * `guard`: the NaN/inf guard of a step (`NonfiniteGuard`, ...), re-exported here.
 * `reversible`: backprop without stored activations; `distributed`: tf.distribute;
-  `xla`: the partial-batch warning; `callbacks`: `SampleGrid`, `WithAveragedWeights`.
+  `xla`: the partial-batch warning; `callbacks`: `SampleGrid`, `WithAveragedWeights`;
+  `epoch_checkpoint`: `EpochCheckpoint`, resume state and best weights written off the
+  step loop.
 """
 
 from tfp_glow.training.distributed import multi_worker_strategy
+from tfp_glow.training.epoch_checkpoint import EpochCheckpoint
 from tfp_glow.training.guard import (
     NONFINITE_MODES,
     NonfiniteCounter,
@@ -38,6 +41,7 @@ from tfp_glow.training.optimizers import (
 from tfp_glow.training.optimizers import network_variables as network_variables
 
 __all__ = [
+    "EpochCheckpoint",
     "NONFINITE_MODES",
     "NonfiniteCounter",
     "NonfiniteGuard",

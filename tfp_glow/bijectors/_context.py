@@ -35,9 +35,12 @@ __all__ = [
 
 
 def context_shape_of(value, arg_name="context_shape"):
-    """`value` as a tuple of positive ints, or None (unconditional)."""
+    """`value` (a shape, or an int: a vector's length) as a tuple of positive
+    ints, or None (unconditional)."""
     if value is None:
         return None
+    if checks.is_int(value):  # a vector's length
+        value = (value,)
     shape = checks.shape(value, arg_name)
     if not shape or not all(d > 0 for d in shape):
         raise ValueError(

@@ -14,6 +14,7 @@ from tfp_glow.bijectors import (
     RationalQuadraticSplineCoupling,
     channel_permutation,
 )
+from tfp_glow.bijectors._context import context_shape_of
 from tfp_glow.variational_dequantization import VariationalDequantizer
 
 COUPLINGS = ("affine", "additive", "spline", "mol")
@@ -68,6 +69,7 @@ _SET_BY_THE_MODEL = (
     "dtype",
     "validate_args",
     "name",
+    "context_shape",
 )
 
 
@@ -130,8 +132,10 @@ def _coupling(
     last_kernel=3,
     coupling_kwargs=None,
     net_seed=None,
+    context_shape=None,
 ):
-    """A coupling whose network is built by a factory: the coupling sizes it."""
+    """A coupling whose network is built by a factory: the coupling sizes it
+    (for the context's extra input channels too, with `context_shape`)."""
     if len(shape) == 1:
         factory = functools.partial(nets.MLPCouplingNet, hidden, dtype=net_dtype or dtype)
     elif net == "resnet":
@@ -148,7 +152,13 @@ def _coupling(
             dtype=net_dtype or dtype,
         )
     return COUPLING_CLASSES[kind](
-        factory, mask=mask, parity=parity, event_shape=shape, dtype=dtype, **(coupling_kwargs or {})
+        factory,
+        mask=mask,
+        parity=parity,
+        event_shape=shape,
+        dtype=dtype,
+        context_shape=context_shape,
+        **(coupling_kwargs or {}),
     )
 
 
@@ -165,7 +175,22 @@ def _permutation(kind, channels, seed, event_ndims=3, dtype="float32", name="inv
     return channel_permutation(kind, channels, seed=seed)
 
 
-def _maybe_prior(shape, num_classes, dtype="float32"):
-    if num_classes is None:
+def _maybe_prior(shape, num_classes, dtype="float32", context_shape=None):
+    """The learned prior of a conditional model (None for an unconditional one)."""
+    if num_classes is None and context_shape is None:
         return None
-    return LearnedPrior(shape, num_classes=num_classes, dtype=dtype)
+    return LearnedPrior(shape, num_classes=num_classes, dtype=dtype, context_shape=context_shape)
+
+
+def _context_options(context_shape, num_classes):
+    """`(context_shape, num_classes)` checked: a tuple of positive ints or None,
+    and not both (`num_classes=K` is the shorthand for `context_shape=(K,)`)."""
+    context_shape = context_shape_of(context_shape)
+    if num_classes is not None:
+        num_classes = _positive_int(num_classes, "num_classes")
+        if context_shape is not None:
+            raise ValueError(
+                f"Give `num_classes` ({num_classes}) or `context_shape` ({context_shape}), "
+                "not both: num_classes=K is the shorthand for context_shape=(K,)."
+            )
+    return context_shape, num_classes

@@ -65,10 +65,11 @@ def interleave(layers, kind, dim, seed):
     return steps
 
 
-def vector_flow(input_shape, steps, num_classes, dtype, name):
+def vector_flow(input_shape, steps, num_classes, dtype, name, context_shape=None):
     """The normalizing bijector: flatten (images), then `steps` in order (data
-    to latent), under a `MultiScaleFlow` with one level (so a class-conditional
-    model gets its learned prior on the latent, as NICE does)."""
+    to latent), under a `MultiScaleFlow` with one level (so a conditional
+    model, `num_classes` or `context_shape`, gets its learned prior on the
+    latent, as NICE does)."""
     dim = num_features(input_shape)
     steps = list(steps)
     if len(input_shape) > 1:
@@ -76,7 +77,7 @@ def vector_flow(input_shape, steps, num_classes, dtype, name):
     return MultiScaleFlow(
         input_shape,
         [(tfb.Chain(list(reversed(steps))), None)],
-        top_prior=_maybe_prior((dim,), num_classes, dtype),
+        top_prior=_maybe_prior((dim,), num_classes, dtype, context_shape),
         name=name,
     )
 

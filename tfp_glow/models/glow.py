@@ -14,6 +14,7 @@ from tfp_glow.models._common import (
     DEQUANTIZATIONS,
     PERMUTATIONS,
     _choice,
+    _context_options,
     _coupling,
     _coupling_kwargs,
     _dequantizer_kwargs,
@@ -46,7 +47,16 @@ class Glow(FlowModel):
       permutation: `"conv_lu"` (LU 1x1 conv), `"conv"` (full 1x1 conv),
         `"reverse"` or `"shuffle"` (fixed permutations).
       learn_top_prior: learn the top prior's mean and scale.
-      num_classes: class-conditional priors (`sample(labels=...)`).
+      num_classes: class-conditional priors (`sample(labels=...)`), openai/glow's
+        `ycond`: a per-class offset of every learned prior; the couplings stay
+        unconditional (the shorthand of `context_shape=(K,)` at the model's
+        interface, int class ids allowed).
+      context_shape: a conditional Glow `p(x | c)` for contexts of this shape
+        (`(k,)` for a vector, `(h, w, c)` for an image): every coupling network
+        also sees the context (a vector broadcast over the positions, an image
+        resized to each level's height and width) and every learned prior gets
+        a zero-initialised offset from it; the density methods and `fit` take
+        the context second. Not with `num_classes`.
       split_fraction: fraction of channels factored out at each split.
       num_bins: data levels (256 for 8-bit, 17 for the built-in digits).
       seed: seeds the 1x1 conv rotations and shuffles.
@@ -105,6 +115,7 @@ class Glow(FlowModel):
         coupling_kwargs: dict[str, Any] | None = None,
         dequantization: str | None = None,
         dequantizer_kwargs: dict[str, Any] | None = None,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         levels = _positive_int(levels, "levels")
@@ -121,8 +132,7 @@ class Glow(FlowModel):
         _choice(coupling, COUPLINGS, "coupling")
         coupling_kwargs = _coupling_kwargs(coupling, coupling_kwargs)
         _choice(permutation, PERMUTATIONS, "permutation")
-        if num_classes is not None:
-            num_classes = _positive_int(num_classes, "num_classes")
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         _choice(dequantization, DEQUANTIZATIONS, "dequantization")
         if dequantization == "variational" and num_bins is None:
             raise ValueError(
@@ -148,6 +158,7 @@ class Glow(FlowModel):
             coupling_kwargs=coupling_kwargs,
             dequantization=dequantization,
             dequantizer_kwargs=dequantizer_kwargs,
+            context_shape=context_shape,
         )
         flow_options = {
             k: v
@@ -180,6 +191,7 @@ class Glow(FlowModel):
             event_shape=image_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             dequantizer=build_dequantizer,
             **kwargs,
         )
@@ -212,9 +224,11 @@ def build_glow_flow(
     dropout=0.0,
     last_kernel=3,
     coupling_kwargs=None,
+    context_shape=None,
 ):
     """The normalizing bijector of `Glow` (see its docstring); `net_dtype` (a Keras
-    dtype policy name, default `dtype`) is the coupling networks' dtype."""
+    dtype policy name, default `dtype`) is the coupling networks' dtype;
+    `context_shape` makes every coupling and prior conditional."""
     shape = tuple(image_shape)
     stages = []
     for level in range(levels):
@@ -239,6 +253,7 @@ def build_glow_flow(
                     last_kernel=last_kernel,
                     coupling_kwargs=coupling_kwargs,
                     net_seed=step_seed,
+                    context_shape=context_shape,
                 ),
             ]
         fo = None
@@ -250,10 +265,11 @@ def build_glow_flow(
                 dtype=dtype,
                 net_dtype=net_dtype,
                 name=f"factor_out_{level}",
+                context_shape=context_shape,
             )
             shape = shape[:-1] + (c - fo.num_factored,)
         stages.append((tfb.Chain(list(reversed(steps)), name=f"level_{level}"), fo))
     top = None
-    if learn_top_prior or num_classes is not None:
-        top = LearnedPrior(shape, num_classes=num_classes, dtype=dtype)
+    if learn_top_prior or num_classes is not None or context_shape is not None:
+        top = LearnedPrior(shape, num_classes=num_classes, dtype=dtype, context_shape=context_shape)
     return MultiScaleFlow(image_shape, stages, top_prior=top, name="glow")

@@ -11,7 +11,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import ActNorm
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _net_dtype, _positive_int
+from tfp_glow.models._common import _context_options, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -77,9 +77,11 @@ class _AutoregressiveModel(FlowModel):
         num_classes: int | None = None,
         num_bins: int | None = 256,
         log_scale_bound: float | None = DEFAULT_LOG_SCALE_BOUND,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         self._config = dict(
             input_shape=input_shape,
             num_layers=_positive_int(num_layers, "num_layers"),
@@ -97,6 +99,7 @@ class _AutoregressiveModel(FlowModel):
                 exclusive_minimum=True,
                 allow_none=True,
             ),
+            context_shape=context_shape,
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
@@ -109,6 +112,7 @@ class _AutoregressiveModel(FlowModel):
             event_shape=input_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             **kwargs,
         )
 
@@ -153,6 +157,10 @@ class MAF(_AutoregressiveModel):
       activation: the MADEs' hidden activation.
       seed: seeds the `"shuffle"` permutations (stored in the config).
       num_classes: class-conditional learned prior, or None.
+      context_shape: a conditional model `p(x | c)` for contexts of this shape
+        (any: it is flattened): every MADE also sees the whole context, the
+        learned prior gets a zero-initialised offset from it; the density
+        methods and `fit` take the context second. Not with `num_classes`.
       num_bins: discrete levels of the data (256 for 8-bit images), None for
         continuous data (bits/dim then without the dequantization term).
       log_scale_bound: B: each layer's log-scale is `alpha = B tanh(s / B)` of
@@ -217,9 +225,12 @@ def build_maf_flow(
     dtype="float32",
     net_dtype=None,
     log_scale_bound=DEFAULT_LOG_SCALE_BOUND,
+    context_shape=None,
 ):
     """The normalizing bijector of `MAF` (or of `IAF` with
-    `inverse_autoregressive=True`; see their docstrings)."""
+    `inverse_autoregressive=True`; see their docstrings); with `context_shape`
+    every MADE also sees the flattened context (all of it, in every layer)
+    and the learned prior gets a zero-initialised offset from it."""
     dim = _vectors.num_features(input_shape)
     layers = []
     for i in range(num_layers):
@@ -230,6 +241,7 @@ def build_maf_flow(
             activation=activation,
             dtype=net_dtype or dtype,
             name=f"made_{i}",
+            context_shape=context_shape,
         )
         # TFP's MAF runs latent -> data with the sequential inverse: MAF
         # normalizes with its one-pass inverse, IAF with its D-pass forward.
@@ -243,5 +255,10 @@ def build_maf_flow(
         layers.append(tfb.Chain(list(reversed(step))) if actnorm else step[0])
     steps = _vectors.interleave(layers, permutation, dim, seed)
     return _vectors.vector_flow(
-        input_shape, steps, num_classes, dtype, name="iaf" if inverse_autoregressive else "maf"
+        input_shape,
+        steps,
+        num_classes,
+        dtype,
+        name="iaf" if inverse_autoregressive else "maf",
+        context_shape=context_shape,
     )

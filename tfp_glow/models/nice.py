@@ -10,7 +10,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import nets
 from tfp_glow.bijectors import ActNorm, AdditiveCoupling, MultiScaleFlow
-from tfp_glow.models._common import _maybe_prior, _net_dtype, _positive_int
+from tfp_glow.models._common import _context_options, _maybe_prior, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -24,6 +24,11 @@ class NICE(FlowModel):
     additive couplings with MLPs on alternating features, then a learned
     diagonal scaling (an `ActNorm` on the vector, NICE's `exp(S)` layer).
     Works on images (`input_shape=(H, W, C)`) and vectors (`(D,)`).
+
+    `num_classes`: a class-conditional learned prior. `context_shape`: a
+    conditional model `p(x | c)`: every coupling network also sees the
+    flattened context, and the learned prior gets a zero-initialised offset
+    from it; not with `num_classes`.
     """
 
     def __init__(
@@ -34,9 +39,11 @@ class NICE(FlowModel):
         num_hidden_layers: int = 3,
         num_classes: int | None = None,
         num_bins: int | None = 256,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         input_shape = tuple(int(d) for d in input_shape)
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         if len(input_shape) not in (1, 3):
             raise ValueError(f"`input_shape` must be (H, W, C) or (D,); got {input_shape!r}.")
         self._config = dict(
@@ -46,6 +53,7 @@ class NICE(FlowModel):
             num_hidden_layers=_positive_int(num_hidden_layers, "num_hidden_layers"),
             num_classes=num_classes,
             num_bins=num_bins,
+            context_shape=context_shape,
         )
         cfg = self._config
         super().__init__(
@@ -57,10 +65,12 @@ class NICE(FlowModel):
                 cfg["num_classes"],
                 dtype=self.dtype_policy.variable_dtype,
                 net_dtype=_net_dtype(self.dtype_policy),
+                context_shape=cfg["context_shape"],
             ),
             event_shape=input_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             **kwargs,
         )
 
@@ -76,6 +86,7 @@ def build_nice_flow(
     num_classes=None,
     dtype="float32",
     net_dtype=None,
+    context_shape=None,
 ):
     """The normalizing bijector of `NICE` (see its docstring)."""
     dim = int(np.prod(input_shape))
@@ -91,13 +102,18 @@ def build_nice_flow(
         )
         steps.append(
             AdditiveCoupling(
-                net, mask="checkerboard", parity=i % 2, event_shape=(dim,), dtype=dtype
+                net,
+                mask="checkerboard",
+                parity=i % 2,
+                event_shape=(dim,),
+                dtype=dtype,
+                context_shape=context_shape,
             )
         )
     steps.append(ActNorm(dim, event_ndims=1, dtype=dtype, name="nice_scaling"))
     return MultiScaleFlow(
         input_shape,
         [(tfb.Chain(list(reversed(steps))), None)],
-        top_prior=_maybe_prior((dim,), num_classes, dtype),
+        top_prior=_maybe_prior((dim,), num_classes, dtype, context_shape),
         name="nice",
     )

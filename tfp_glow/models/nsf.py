@@ -12,7 +12,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import ActNorm, RationalQuadraticSplineCoupling
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _net_dtype, _positive_int
+from tfp_glow.models._common import _context_options, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -64,6 +64,8 @@ class NeuralSplineFlow(FlowModel):
       actnorm: an `ActNorm` after every layer.
       seed: seeds the `"shuffle"` permutations (stored in the config).
       num_classes, num_bins: see `MAF` (data levels; None for continuous data).
+      context_shape: see `MAF`: every spline's network (MADE or coupling MLP)
+        also sees the flattened context.
       **kwargs: `FlowModel`'s.
 
     #### Examples
@@ -93,9 +95,11 @@ class NeuralSplineFlow(FlowModel):
         seed: int = 0,
         num_classes: int | None = None,
         num_bins: int | None = 256,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         variant = checks.choice(variant, VARIANTS, "variant")
         default_layers, default_units = DEFAULTS[variant]
         num_layers = _positive_int(
@@ -129,6 +133,7 @@ class NeuralSplineFlow(FlowModel):
             seed=_vectors.seed_of(seed),
             num_classes=num_classes,
             num_bins=num_bins,
+            context_shape=context_shape,
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
@@ -140,6 +145,7 @@ class NeuralSplineFlow(FlowModel):
             event_shape=input_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             **kwargs,
         )
 
@@ -147,7 +153,7 @@ class NeuralSplineFlow(FlowModel):
         return {**self._base_config(), **self._config}
 
 
-def _autoregressive_layer(dim, hidden_units, num_bins, tail_bound, net_dtype, index):
+def _autoregressive_layer(dim, hidden_units, num_bins, tail_bound, net_dtype, index, context):
     spline = nets.AutoregressiveSplineFn.build(
         event_size=dim,
         hidden_units=list(hidden_units),
@@ -155,12 +161,13 @@ def _autoregressive_layer(dim, hidden_units, num_bins, tail_bound, net_dtype, in
         bound=tail_bound,
         dtype=net_dtype,
         name=f"spline_made_{index}",
+        context_shape=context,
     )
     # TFP's MAF runs latent -> data; its one-pass inverse normalizes.
     return tfb.Invert(tfb.MaskedAutoregressiveFlow(bijector_fn=spline, name=f"nsf_{index}"))
 
 
-def _coupling_layer(dim, hidden_units, num_bins, tail_bound, dtype, net_dtype, index):
+def _coupling_layer(dim, hidden_units, num_bins, tail_bound, dtype, net_dtype, index, context):
     net = functools.partial(
         nets.MLPCouplingNet, hidden_units[0], num_hidden_layers=len(hidden_units), dtype=net_dtype
     )
@@ -177,6 +184,7 @@ def _coupling_layer(dim, hidden_units, num_bins, tail_bound, dtype, net_dtype, i
         event_ndims=1,
         dtype=dtype,
         name=f"spline_coupling_{index}",
+        context_shape=context,
     )
 
 
@@ -193,20 +201,28 @@ def build_nsf_flow(
     num_classes=None,
     dtype="float32",
     net_dtype=None,
+    context_shape=None,
 ):
-    """The normalizing bijector of `NeuralSplineFlow` (see its docstring)."""
+    """The normalizing bijector of `NeuralSplineFlow` (see its docstring);
+    `context_shape`: every network also sees the flattened context."""
     dim = _vectors.num_features(input_shape)
     net_dtype = net_dtype or dtype
     layers = []
     for i in range(num_layers):
         if variant == "autoregressive":
-            layer = _autoregressive_layer(dim, hidden_units, spline_bins, tail_bound, net_dtype, i)
+            layer = _autoregressive_layer(
+                dim, hidden_units, spline_bins, tail_bound, net_dtype, i, context_shape
+            )
         else:
-            layer = _coupling_layer(dim, hidden_units, spline_bins, tail_bound, dtype, net_dtype, i)
+            layer = _coupling_layer(
+                dim, hidden_units, spline_bins, tail_bound, dtype, net_dtype, i, context_shape
+            )
         if actnorm:
             layer = tfb.Chain(
                 [ActNorm(dim, event_ndims=1, dtype=dtype, name=f"actnorm_{i}"), layer]
             )
         layers.append(layer)
     steps = _vectors.interleave(layers, permutation, dim, seed)
-    return _vectors.vector_flow(input_shape, steps, num_classes, dtype, name="nsf")
+    return _vectors.vector_flow(
+        input_shape, steps, num_classes, dtype, name="nsf", context_shape=context_shape
+    )

@@ -11,6 +11,7 @@ from tfp_glow.bijectors import ActNorm, FactorOut, LogitPreprocess, MultiScaleFl
 from tfp_glow.models._common import (
     COUPLINGS,
     _choice,
+    _context_options,
     _coupling,
     _image_shape,
     _maybe_prior,
@@ -40,6 +41,13 @@ class RealNVP(FlowModel):
     ActNorm between them. `coupling_layers` is used for vectors only (images
     follow the fixed per-scale pattern above); `levels` and `num_blocks` for
     images only. `coupling` is `"affine"` (the paper's) or one of `COUPLINGS`.
+
+    `num_classes`: class-conditional learned priors (the couplings stay
+    unconditional). `context_shape`: a conditional model `p(x | c)` for
+    contexts of that shape: every coupling network also sees the context (a
+    vector broadcast over the positions, an image resized to each scale;
+    flattened for vectors) and every learned prior gets a zero-initialised
+    offset from it; not with `num_classes`.
     """
 
     def __init__(
@@ -53,9 +61,11 @@ class RealNVP(FlowModel):
         num_classes: int | None = None,
         num_bins: int | None = 256,
         coupling: str = "affine",
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         input_shape = tuple(int(d) for d in input_shape)
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:
             _image_shape(input_shape, levels - 1, "input_shape")
@@ -71,6 +81,7 @@ class RealNVP(FlowModel):
             num_classes=num_classes,
             num_bins=num_bins,
             coupling=_choice(coupling, COUPLINGS, "coupling"),
+            context_shape=context_shape,
         )
         cfg = self._config
         super().__init__(
@@ -85,10 +96,12 @@ class RealNVP(FlowModel):
                 dtype=self.dtype_policy.variable_dtype,
                 net_dtype=_net_dtype(self.dtype_policy),
                 coupling=cfg["coupling"],
+                context_shape=cfg["context_shape"],
             ),
             event_shape=input_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             **kwargs,
         )
 
@@ -96,12 +109,21 @@ class RealNVP(FlowModel):
         return {**self._base_config(), **self._config}
 
 
-def _vector_steps(dim, coupling, layers, hidden, mask, dtype="float32", net_dtype=None):
+def _vector_steps(
+    dim, coupling, layers, hidden, mask, dtype="float32", net_dtype=None, context_shape=None
+):
     steps = []
     for i in range(layers):
         steps += [
             _coupling(
-                coupling, (dim,), hidden, mask=mask, parity=i % 2, dtype=dtype, net_dtype=net_dtype
+                coupling,
+                (dim,),
+                hidden,
+                mask=mask,
+                parity=i % 2,
+                dtype=dtype,
+                net_dtype=net_dtype,
+                context_shape=context_shape,
             ),
             ActNorm(dim, event_ndims=1, dtype=dtype),
         ]
@@ -119,6 +141,7 @@ def build_realnvp_flow(
     dtype="float32",
     net_dtype=None,
     coupling="affine",
+    context_shape=None,
 ):
     """The normalizing bijector of `RealNVP` (see its docstring)."""
     if len(input_shape) == 1:
@@ -130,11 +153,12 @@ def build_realnvp_flow(
             "channel",
             dtype=dtype,
             net_dtype=net_dtype,
+            context_shape=context_shape,
         )
         return MultiScaleFlow(
             input_shape,
             [(tfb.Chain(list(reversed(steps))), None)],
-            top_prior=_maybe_prior(input_shape, num_classes, dtype),
+            top_prior=_maybe_prior(input_shape, num_classes, dtype, context_shape),
             name="realnvp",
         )
 
@@ -152,6 +176,7 @@ def build_realnvp_flow(
                     num_blocks=num_blocks,
                     dtype=dtype,
                     net_dtype=net_dtype,
+                    context_shape=context_shape,
                 ),
                 ActNorm(shape[-1], dtype=dtype),
             ]
@@ -171,9 +196,19 @@ def build_realnvp_flow(
         steps.append(Squeeze(event_shape=shape))
         shape = (shape[0] // 2, shape[1] // 2, shape[2] * 4)
         steps += block(shape, "channel", 3)
-        fo = FactorOut(shape[-1], 0.5, num_classes=num_classes, dtype=dtype, net_dtype=net_dtype)
+        fo = FactorOut(
+            shape[-1],
+            0.5,
+            num_classes=num_classes,
+            dtype=dtype,
+            net_dtype=net_dtype,
+            context_shape=context_shape,
+        )
         stages.append((tfb.Chain(list(reversed(steps)), name=f"scale_{level}"), fo))
         shape = shape[:-1] + (shape[-1] - fo.num_factored,)
     return MultiScaleFlow(
-        input_shape, stages, top_prior=_maybe_prior(shape, num_classes, dtype), name="realnvp"
+        input_shape,
+        stages,
+        top_prior=_maybe_prior(shape, num_classes, dtype, context_shape),
+        name="realnvp",
     )

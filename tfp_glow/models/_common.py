@@ -182,6 +182,18 @@ def _maybe_prior(shape, num_classes, dtype="float32", context_shape=None):
     return LearnedPrior(shape, num_classes=num_classes, dtype=dtype, context_shape=context_shape)
 
 
+def _refuse_context(model, context_shape):
+    """Families whose networks cannot take a context yet: a clear ValueError
+    (else `context_shape` would reach `FlowModel` and be silently ignored)."""
+    if context_shape is not None:
+        raise ValueError(
+            f"{model}(context_shape={context_shape!r}) is not supported yet: its flow "
+            "cannot take a context. Use Glow, RealNVP, NICE, MAF, IAF or "
+            "NeuralSplineFlow for a conditional model p(x | context), or num_classes= "
+            "for class-conditional priors."
+        )
+
+
 def _context_options(context_shape, num_classes):
     """`(context_shape, num_classes)` checked: a tuple of positive ints or None,
     and not both (`num_classes=K` is the shorthand for `context_shape=(K,)`)."""

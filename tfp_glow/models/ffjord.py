@@ -9,7 +9,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _net_dtype, _positive_int
+from tfp_glow.models._common import _net_dtype, _positive_int, _refuse_context
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -103,8 +103,10 @@ class FFJORD(FlowModel):
         activation: str = "tanh",
         num_classes: int | None = None,
         num_bins: int | None = 256,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        _refuse_context("FFJORD", context_shape)
         input_shape = _vectors.input_shape_of(input_shape)
         self._config = dict(
             input_shape=input_shape,

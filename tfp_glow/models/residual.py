@@ -17,7 +17,7 @@ from tfp_glow.bijectors import (
     Squeeze,
 )
 from tfp_glow.bijectors.residual_block import LOG_DET_MODES
-from tfp_glow.models._common import _image_shape, _maybe_prior, _positive_int
+from tfp_glow.models._common import _image_shape, _maybe_prior, _positive_int, _refuse_context
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -76,8 +76,10 @@ class ResidualFlow(FlowModel):
         logit_alpha: float | None = 0.05,
         num_classes: int | None = None,
         num_bins: int | None = 256,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        _refuse_context("ResidualFlow", context_shape)
         input_shape = checks.shape(input_shape, "input_shape", rank=(1, 3))
         levels = _positive_int(levels, "levels")
         if len(input_shape) == 3:

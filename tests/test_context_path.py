@@ -424,3 +424,41 @@ C2 = np.zeros([2, CONTEXT], np.float32)
 def test_bad_context_raises_naming_context_and_the_shape(models, call, error, message):
     with pytest.raises(error, match=message):
         call(models)
+
+
+@pytest.mark.slow
+def test_glow_with_an_image_context_exports_the_in_process_values(tmp_path):
+    """A Glow (engineer B's conditional couplings and priors) with a `[4, 4, 1]`
+    context: served log_prob and samples (one context broadcast, one per sample)
+    equal the model's; interpolation keeps its endpoints; a class-conditional
+    Glow's export keeps its int `label` input."""
+    small = dict(image_shape=(8, 8, 1), steps_per_level=1, levels=2, hidden_channels=8)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.5, 0.5, size=(16, 8, 8, 1)).astype(np.float32)
+    c = rng.normal(size=(16, 4, 4, 1)).astype(np.float32)
+    glow = tfp_glow.Glow(**small, context_shape=(4, 4, 1), num_bins=17)
+    glow.initialize(x, c)
+    flow = tfp_glow.load_exported(tfp_glow.export_saved_model(glow, tmp_path / "ctx"))
+    assert flow.context_shape == (4, 4, 1)
+    np.testing.assert_array_equal(flow.log_prob(x[:4], c[:4]), glow.log_prob(x[:4], c[:4]))
+    for context in (c[0], c[:3]):
+        np.testing.assert_array_equal(
+            flow.sample(3, 0.7, seed=1, context=context),
+            glow.sample(3, 0.7, seed=1, context=context),
+        )
+    with pytest.raises(
+        ValueError, match=r"`context` must have shape \[4, 4, 1\] or \[3, 4, 4, 1\]"
+    ):
+        flow.sample(3, context=c[0, :2])
+    path = glow.interpolate(x[:2], x[2:4], num_steps=3, context=c[:2]).numpy()
+    np.testing.assert_allclose(path[0], x[:2], atol=1e-5)
+    np.testing.assert_allclose(path[-1], x[2:4], atol=1e-5)
+    classes = tfp_glow.Glow(**small, num_classes=3, num_bins=17)
+    ids = np.arange(16) % 3
+    classes.initialize(x, ids)
+    served = tfp_glow.load_exported(tfp_glow.export_saved_model(classes, tmp_path / "ids"))
+    assert "label" in served.signatures["log_prob"].structured_input_signature[1]
+    np.testing.assert_array_equal(served.log_prob(x[:4], ids[:4]), classes.log_prob(x[:4], ids[:4]))
+    np.testing.assert_array_equal(
+        served.sample(3, seed=2, label=1), classes.sample(3, seed=2, context=1)
+    )

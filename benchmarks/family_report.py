@@ -55,7 +55,15 @@ def _implementation(name, run, families, peers):
         for k, v in spec["digits"].items()
         if k not in ("image_shape", "input_shape")
     )
-    opt = "library defaults" if spec["optimizer"] == "default" else "Adam 1e-3"
+    opt = (
+        "library defaults"
+        if spec["optimizer"] == "default"
+        else "`recommended_optimizer("
+        + ", ".join(f"{k}={v:g}" for k, v in spec.get("optimizer_kwargs", {}).items())
+        + ")`"
+        if spec["optimizer"] == "recommended"
+        else "Adam 1e-3"
+    )
     return f"tfp_glow `{spec['builder']}({kwargs})`, {opt}"
 
 

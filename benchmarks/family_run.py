@@ -164,7 +164,11 @@ def digits(spec, partial_path=None):
     params = count_params(model)
     model.initialize(tf.constant(lay_out(stream.init_batch(train))))
     if spec["optimizer"] == "default":
-        model.compile()  # the library's `recommended_optimizer()`
+        model.compile()  # the library's default (the model's `compile()` with no optimizer)
+    elif spec["optimizer"] == "recommended":  # recommended_optimizer with the row's kwargs
+        from tfp_glow.training import recommended_optimizer
+
+        model.compile(recommended_optimizer(model=model, **spec["optimizer_kwargs"]))
     else:
         model.compile(keras.optimizers.Adam(spec["lr"]))
     opt = model.optimizer
@@ -200,8 +204,10 @@ def digits(spec, partial_path=None):
             "params": params,
             "model_config": json.loads(json.dumps(model.get_config(), default=str)),
             "optimizer": (
-                "library default: model.compile() with no optimizer (recommended_optimizer)"
+                "library default: model.compile() with no optimizer"
                 if spec["optimizer"] == "default"
+                else f"recommended_optimizer(**{spec['optimizer_kwargs']})"
+                if spec["optimizer"] == "recommended"
                 else f"Adam {spec['lr']:g}"
             ),
             "variational_dequantization": variational,

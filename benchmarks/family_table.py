@@ -52,12 +52,11 @@ TOY = dict(train_samples=100_000, epochs=2, batch=512, lr=3e-3)  # 390 steps, to
 TOY_VECTOR = dict(input_shape=(2,), coupling_layers=8, hidden_channels=64)
 TOY_AR = dict(input_shape=(2,), num_layers=8, hidden_units=(64, 64))
 # Budgets below the protocol's 100 epochs, from measured steps (2 shared cores,
-# load 12-17, 2026-12-07): IAF's density takes 64 sequential passes per layer,
-# 935 ms a step (159 ms CPU) against MAF's 40 (10); FFJORD's Hutchinson-trace ODE
-# solve 515 ms (250 ms CPU) at initialisation, growing as the field learns;
-# ResidualFlow's Russian-roulette log-det 730-770 ms (load 2-5). The full table
-# must fit ~35 minutes.
-IAF_EPOCHS = 20
+# load 12-17, 2026-12-07): FFJORD's Hutchinson-trace ODE solve 515 ms (250 ms
+# CPU) at initialisation, growing as the field learns; ResidualFlow's
+# Russian-roulette log-det 730-770 ms (load 2-5). The full table must fit
+# ~45 minutes. (IAF, 64 sequential passes per layer, ~160 ms a step, runs the
+# protocol's 100 epochs: ~7 minutes.)
 FFJORD_EPOCHS = 10
 RESFLOW_EPOCHS = 10
 
@@ -76,6 +75,15 @@ FAMILIES = {
         builder="RealNVP",
         layout="image",
         digits=dict(input_shape=(8, 8, 1), levels=2, hidden_channels=20, num_blocks=2),
+        toy2d=dict(builder="RealNVP", kwargs=TOY_VECTOR),
+    ),
+    # zuko's RealNVP like for like: the same digits as 64-D vectors, 4 affine
+    # couplings with MLPs 32-128-128-64 (ActNorm between them: 116,480 parameters
+    # against zuko's 115,968).
+    "realnvp_vector": dict(
+        builder="RealNVP",
+        layout="vector",
+        digits=dict(input_shape=(64,), coupling_layers=4, hidden_channels=128),
         toy2d=dict(builder="RealNVP", kwargs=TOY_VECTOR),
         peer="zuko_realnvp",
     ),
@@ -101,18 +109,24 @@ FAMILIES = {
         ),
     ),
     # The vector families at their defaults (~150k parameters on 64 features).
+    # MAF's stated config: at the library's default optimizer (3e-3, averaged)
+    # it overfits after epoch 40 (2.709 at the end, best 2.521; 2026-12-07);
+    # ActNorm between the layers (data-dependent init) and 5e-4 ended lowest
+    # of the 5 settings tried (benchmarks/results/family_table/maf_settings.json).
     "maf": dict(
         builder="MAF",
         layout="vector",
-        digits=dict(input_shape=(64,)),
+        digits=dict(input_shape=(64,), actnorm=True),
+        optimizer="recommended",
+        optimizer_kwargs=dict(learning_rate=5e-4),
         toy2d=dict(builder="MAF", kwargs=TOY_AR),
         peer="zuko_maf",
     ),
+    # IAF: 100 epochs since its log-scale is bounded (no NaN at the default optimizer).
     "iaf": dict(
         builder="IAF",
         layout="vector",
         digits=dict(input_shape=(64,)),
-        epochs=IAF_EPOCHS,
         toy2d=dict(builder="IAF", kwargs=TOY_AR),
     ),
     "nsf_ar": dict(
@@ -129,16 +143,6 @@ FAMILIES = {
         toy2d=dict(builder="NeuralSplineFlow", kwargs=dict(TOY_AR, variant="coupling")),
     ),
     # toy_kl's FFJORD budget: 100 steps of batch 256 (its steps cost ~20x).
-    # IAF at the library's default optimizer diverged (a NaN loss at epoch 3 of
-    # the full run, 2026-12-07): the same model with Adam 1e-3, constant.
-    "iaf_adam": dict(
-        builder="IAF",
-        layout="vector",
-        digits=dict(input_shape=(64,)),
-        epochs=IAF_EPOCHS,
-        optimizer="adam",
-        toy2d=dict(builder="IAF", kwargs=TOY_AR),
-    ),
     "ffjord": dict(
         builder="FFJORD",
         layout="vector",
@@ -207,6 +211,7 @@ def family_spec(name, args):
         "digits": entry["digits"],
         "epochs": args.epochs if args.epochs is not None else entry.get("epochs", EPOCHS),
         "optimizer": entry.get("optimizer", args.optimizer),
+        "optimizer_kwargs": entry.get("optimizer_kwargs", {}),
         "lr": 1e-3,
         "seed": args.seed,
         "split_seed": 0,

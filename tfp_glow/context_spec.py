@@ -66,7 +66,7 @@ class ContextSpec:
         name = name or ("label" if self.num_classes is not None else "context")
         return tf.TensorSpec([None, *self.shape], self.dtype, name=name)
 
-    def expected(self, arg_name="context"):
+    def expected(self):
         """What a conditional model takes, in words (for messages)."""
         if self.num_classes is not None:
             return (
@@ -119,7 +119,8 @@ class ContextSpec:
             raise TypeError(f"`{name}` must be {self.expected()}; got dtype {t.dtype.name}.")
         if num_samples is not None and t.shape.rank == len(self.shape):
             # One context for every sample.
-            t = tf.broadcast_to(t[None], tf.concat([tf.reshape(num_samples, [1]), self.shape], 0))
+            num = tf.reshape(tf.cast(num_samples, tf.int32), [1])
+            t = tf.broadcast_to(t[None], tf.concat([num, self.shape], 0))
         self._check_shape(t, name)
         self._check_batch(t, name, batch_like, num_samples)
         return t, from_ids
@@ -147,14 +148,12 @@ class ContextSpec:
                 f"This model is class-conditional (num_classes={self.num_classes}): pass "
                 f"`{name}` as the `context` ({self.expected()})."
             )
-        return (
-            f"This model is conditional: pass `{name}`, {self.expected()}."
-        )
+        return f"This model is conditional: pass `{name}`, {self.expected()}."
 
     def _one_hot(self, ids, name, values, num_samples):
         k = self.num_classes
         if ids.shape.rank == 0 and num_samples is not None:
-            ids = tf.fill(tf.reshape(num_samples, [1]), ids)
+            ids = tf.fill(tf.reshape(tf.cast(num_samples, tf.int32), [1]), ids)
         if ids.shape.rank != 1:
             raise ValueError(
                 f"Integer `{name}` must have shape [batch] (class ids; or pass one-hot "

@@ -233,3 +233,26 @@ def test_maf_with_a_vector_context_learns_to_use_it():
 )
 def test_family_learns_to_use_its_context(make, event_shape):
     _learns_its_context(make(), event_shape, (3,))
+
+
+def test_checkpoint_and_reversible_backprop_give_the_same_gradients_with_a_context():
+    from tfp_glow.models.glow import build_glow_flow
+    from tfp_glow.training import reversible
+
+    flow = perturb(build_glow_flow((4, 4, 1), 2, 2, 8, context_shape=(3,)), 0, 0.05)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(-0.5, 0.5, (4, 4, 4, 1)), tf.float32)
+    c = tf.constant(rng.standard_normal((4, 3)), tf.float32)
+    variables = flow.trainable_variables
+    results = {}
+    for mode in ("standard", "checkpoint", "reversible"):
+        with tf.GradientTape() as tape:
+            z, ldj = reversible.forward_and_log_det(flow, x, mode, event_ndims=3,
+                                                    conditional_input=c)
+            loss = tf.reduce_sum(z**2) / 2 - tf.reduce_sum(ldj)
+        results[mode] = (loss, tape.gradient(loss, variables))
+    loss, grads = results["standard"]
+    for mode in ("checkpoint", "reversible"):
+        np.testing.assert_allclose(results[mode][0], loss, rtol=1e-6)
+        for g, expected in zip(results[mode][1], grads):
+            np.testing.assert_allclose(g, expected, atol=1e-5)

@@ -159,9 +159,7 @@ class StandardizeBase(FlowBijector):
         return checks
 
     def _context_of(self, conditional_input, dtype):
-        if self._num_classes is not None and (
-            conditional_input is None or tf.convert_to_tensor(conditional_input).dtype.is_integer
-        ):
+        if self._num_classes is not None:  # int labels or one-hot rows
             return one_hot_labels(conditional_input, self._num_classes, dtype)
         owner = f"{type(self).__name__} ({self.name!r})"
         return _context.check_context(conditional_input, self._context_shape, owner, dtype)

@@ -21,7 +21,9 @@ class AdditiveCoupling(CouplingBase):
     then required) or a ready Keras layer returning one output channel per
     transformed channel (`C/2` for `mask="channel"`, `C` for
     `mask="checkerboard"`; `output_units_for` computes it). See
-    `tfp_glow.bijectors.coupling` for the masks and the rule.
+    `tfp_glow.bijectors.coupling` for the masks and the rule. With
+    `context_shape`, the shift is `t([x_b, f(c)])`, `c` the context given as
+    `conditional_input` (see `AffineCoupling`).
 
     #### Examples
 

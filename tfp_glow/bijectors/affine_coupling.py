@@ -60,6 +60,11 @@ class AffineCoupling(CouplingBase):
         way back.
       dtype: the flow's dtype (the network may compute in another, see
         `tfp_glow.bijectors.coupling`).
+      context_shape: the shape of one context `c` (e.g. `(5,)` or `(8, 8, 1)`)
+        for a conditional coupling `h = NN([x_b, f(c)])`, `c` passed as
+        `conditional_input` `[batch, *context_shape]`; needs `event_shape`
+        (the network is built for the context's channels). See
+        `tfp_glow.bijectors.coupling`.
 
     #### Examples
 

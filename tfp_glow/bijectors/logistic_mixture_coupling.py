@@ -76,7 +76,8 @@ class LogisticMixtureCoupling(CouplingBase):
       num_components: `K >= 1`.
       bisection_steps: iterations of the inverse's bisection (>= 1).
       min_derivative: `m` in `[0, 1)` (default 1e-3), the least `dy/dx`.
-      mask, parity, event_shape, event_ndims, dtype: as `AffineCoupling`.
+      mask, parity, event_shape, event_ndims, dtype, context_shape: as
+        `AffineCoupling`.
 
     #### Examples
 

@@ -207,7 +207,8 @@ class RationalQuadraticSplineCoupling(CouplingBase):
       max_derivative_ratio: `R >= 1` (default 10), the cap on each knot
         derivative relative to its bins' slopes that bounds `dy/dx` below
         everywhere (above); None: no cap (the map before this option).
-      mask, parity, event_shape, event_ndims, dtype: as `AffineCoupling`.
+      mask, parity, event_shape, event_ndims, dtype, context_shape: as
+        `AffineCoupling`.
 
     #### Examples
 

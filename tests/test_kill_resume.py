@@ -1,6 +1,7 @@
 """A training run killed with SIGKILL in the middle of an epoch resumes from
-`keras.callbacks.BackupAndRestore` and ends with the same weights as a run
-that was never interrupted.
+`keras.callbacks.BackupAndRestore` (or from tfp_glow's `EpochCheckpoint`,
+what `tfp-glow train` uses, whose state is written on a background thread)
+and ends with the same weights as a run that was never interrupted.
 
 Keras 3's `BackupAndRestore` restores the weights, the optimizer state and
 the epoch number, but not the position inside an epoch: a resumed run
@@ -38,7 +39,8 @@ SCRIPT = textwrap.dedent(
     import tfp_glow
     from tfp_glow import data
 
-    backup_dir, out, log, sleep = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    backup_dir, out, log, sleep, kind = sys.argv[1:6]
+    sleep = float(sleep)
     keras.utils.set_random_seed(0)
     images = data.load_digits("train")[0][:256]
     # One fixed dequantisation draw: every epoch, in every process, sees the same data.
@@ -71,7 +73,10 @@ SCRIPT = textwrap.dedent(
             self._write(f"end {epoch}")  # after BackupAndRestore (listed first) saved
 
     np.savez(out.replace(".npz", "_init.npz"), *model.get_weights())
-    backup = keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
+    if kind == "keras":
+        backup = keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
+    else:
+        backup = tfp_glow.training.EpochCheckpoint(backup_dir)
     model.fit(ds, epochs={epochs}, verbose=0, callbacks=[backup, Log()])
     np.savez(out, *model.get_weights())
     with open(log, "a") as f:
@@ -80,7 +85,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _start(script, tmp_path, name, sleep, log_name=None):
+def _start(script, tmp_path, name, sleep, kind, log_name=None):
     log = tmp_path / f"{log_name or name}.log"
     log.write_text("")
     args = [
@@ -90,6 +95,7 @@ def _start(script, tmp_path, name, sleep, log_name=None):
         str(tmp_path / f"{name}.npz"),
         str(log),
         str(sleep),
+        kind,
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(
@@ -101,12 +107,16 @@ def _lines(log):
     return log.read_text().split()
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+BACKUP_FILES = {"keras": "latest.weights.h5", "tfp_glow": "state.npz"}
+
+
+@pytest.mark.parametrize("kind", ["keras", "tfp_glow"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, kind):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     # The reference run and the run to be killed go side by side (2 cores).
-    reference, reference_log = _start(script, tmp_path, "reference", 0.0)
-    victim, victim_log = _start(script, tmp_path, "victim", 0.25)
+    reference, reference_log = _start(script, tmp_path, "reference", 0.0, kind)
+    victim, victim_log = _start(script, tmp_path, "victim", 0.25, kind)
     deadline = time.time() + 240
     while time.time() < deadline:
         text = victim_log.read_text()
@@ -122,11 +132,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     killed_log = _lines(victim_log)
     assert "end 1" not in " ".join(killed_log) and "done" not in killed_log
-    assert (tmp_path / "victim_backup" / "latest.weights.h5").exists()
+    assert (tmp_path / "victim_backup" / BACKUP_FILES[kind]).exists()
     assert not (tmp_path / "victim.npz").exists()
 
     # Same command again: it restores epoch 1's backup and restarts epoch 2.
-    resumed, resumed_log = _start(script, tmp_path, "victim", 0.0, log_name="resumed")
+    resumed, resumed_log = _start(script, tmp_path, "victim", 0.0, kind, log_name="resumed")
     out_resumed = resumed.communicate(timeout=240)[0]
     out_reference = reference.communicate(timeout=240)[0]
     assert resumed.returncode == 0, out_resumed[-3000:]

@@ -17,7 +17,7 @@ _LAYOUT = dict(
     last=os.path.join("checkpoints", "last.weights.h5"),
     best=os.path.join("checkpoints", "best.weights.h5"),
     backup="backup",
-    backup_weights=os.path.join("backup", "latest.weights.h5"),
+    backup_weights=os.path.join("backup", "state.npz"),  # EpochCheckpoint's STATE_FILE
     history_csv="history.csv",
     history_json="history.json",
     samples_dir="samples",
@@ -144,7 +144,11 @@ def _build_from_config(config, config_path):
 
 def _load_weights(model, path):
     try:
-        model.load_weights(path)
+        if path.endswith(".npz"):  # a run still training: its EpochCheckpoint state
+            from tfp_glow.training.epoch_checkpoint import read_state_weights
+            read_state_weights(path, model)
+        else:
+            model.load_weights(path)
     except Exception as e:
         raise RunDamagedError(
             path,

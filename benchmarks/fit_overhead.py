@@ -19,10 +19,13 @@ other callback), one configuration after the other:
 * `fit, arrays`: `fit(x, batch_size=64)` on the NumPy array, no callbacks;
 * `fit, digits_dataset`: on `digits_dataset` (fresh noise, shuffling);
 * `+ validation`: with the 360 test digits as `validation_data`;
-* `+ BackupAndRestore`, `+ ModelCheckpoint (last)`, and `CLI epoch`: the
-  recipe's callbacks in full (BackupAndRestore, two ModelCheckpoints,
+* `+ BackupAndRestore`, `+ ModelCheckpoint (last)`: Keras' weights files;
+  `+ EpochCheckpoint`: tfp_glow's one background write of state and best;
+* `CLI epoch, Keras ... (before)`: what `tfp-glow train` did per epoch until
+  EpochCheckpoint (BackupAndRestore, best ModelCheckpoint, CSVLogger,
+  TerminateOnNaN); `CLI epoch`: the recipe's callbacks now (EpochCheckpoint,
   CSVLogger, TerminateOnNaN; no sample grid, which the CLI writes every 5
-  epochs): what `tfp-glow train` does per epoch;
+  epochs);
 * `..., steps_per_execution=4`: the same `fit` compiled with Keras'
   `steps_per_execution=4` (four steps per call of the train function).
 
@@ -140,8 +143,24 @@ def _epoch_configs(x, workdir):
     def last(m):
         return backup(m) + [keras.callbacks.ModelCheckpoint(paths["last"], save_weights_only=True)]
 
+    def epoch_checkpoint(m):
+        from tfp_glow.training import EpochCheckpoint
+
+        return [EpochCheckpoint(os.path.join(workdir, f"state_{id(m)}"), best_path=paths["best"],
+                                monitor="val_bits_per_dim")]
+
     def cli(m):
-        return recipe._callbacks(m, paths, 0, 0)
+        return recipe._callbacks(m, paths, 0, 0, getattr(m.optimizer, "use_ema", False))
+
+    def cli_keras(m):
+        # What `tfp-glow train` wrote per epoch before EpochCheckpoint: Keras'
+        # BackupAndRestore and a best-weights ModelCheckpoint, each a weights file.
+        return backup(m) + [
+            keras.callbacks.CSVLogger(os.path.join(workdir, f"history_{id(m)}.csv")),
+            keras.callbacks.TerminateOnNaN(),
+            keras.callbacks.ModelCheckpoint(paths["best"], save_weights_only=True,
+                                            monitor="val_bits_per_dim", save_best_only=True),
+        ]
 
     arrays = dict(batch_size=BATCH, shuffle=True)
     # name: (data, validation, callbacks, fit kwargs, steps_per_execution)
@@ -152,6 +171,9 @@ def _epoch_configs(x, workdir):
         "+ validation": (train, test, lambda m: [], {}, 1),
         "+ BackupAndRestore": (train, test, backup, {}, 1),
         "+ ModelCheckpoint (last)": (train, test, last, {}, 1),
+        "+ EpochCheckpoint (state and best)": (train, test, epoch_checkpoint, {}, 1),
+        "CLI epoch, Keras BackupAndRestore + best ModelCheckpoint (before)": (
+            train, test, cli_keras, {}, 1),
         "CLI epoch": (train, test, cli, {}, 1),
         "CLI epoch, steps_per_execution=4": (train, test, cli, {}, 4),
     }

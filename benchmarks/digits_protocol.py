@@ -144,6 +144,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--width", type=int, default=64)
     p.add_argument(
+        "--context",
+        choices=("none", "downsample"),
+        default="none",
+        help="downsample: a conditional Glow p(x_8x8 | x_4x4), the context the 2x2 means "
+        "of the image's bin centres (no dequantization noise); library builder only",
+    )
+    p.add_argument(
         "--dequantization",
         choices=("uniform", "variational"),
         default=None,
@@ -212,6 +219,26 @@ def _dequantizer_kwargs(args):
     return {k: v for k, v in given.items() if v is not None} or None
 
 
+CONTEXT_SHAPE = (4, 4, 1)
+
+
+def downsampled(levels):
+    """The 4x4 context of 8x8 levels: the mean of each 2x2 block's bin centres,
+    `(k + 1/2) / 17 - 1/2`. From the integer levels, never from the noisy `x`:
+    a context computed from `x` itself would pin `x` to a 48-dimensional plane
+    given the context, and its "density" would be unbounded."""
+    centres = (levels + 0.5) / stream.NUM_BINS - 0.5
+    n = centres.shape[0]
+    return centres.reshape(n, 4, 2, 4, 2, 1).mean(axis=(2, 4)).astype(np.float32)
+
+
+def epoch_contexts(train, epoch):
+    """The contexts of `stream.epoch_batches(train, epoch)`, in its order (the
+    epoch's `RandomState(1000 + epoch)` draws the permutation first)."""
+    perm = np.random.RandomState(1000 + epoch).permutation(len(train))
+    return downsampled(train)[perm[: stream.STEPS_PER_EPOCH * stream.BATCH]]
+
+
 def build(args):
     """`(model, switch)`; `switch` turns dropout on while fitting (None without it)."""
     import digits_variants as variants
@@ -239,8 +266,11 @@ def build(args):
             dropout=args.dropout,
             dequantization=args.dequantization,
             dequantizer_kwargs=_dequantizer_kwargs(args),
+            context_shape=CONTEXT_SHAPE if args.context == "downsample" else None,
         )
         return model, None
+    if args.context != "none":
+        raise SystemExit("--context needs the library builder")
     return variants.build_model(
         num_bins=stream.NUM_BINS,
         coupling=args.coupling,
@@ -372,6 +402,13 @@ def run(args, partial_path=None):
     x_init = tf.constant(stream.init_batch(train))
     x_test = tf.constant(stream.test_draws(test).reshape((-1, 8, 8, 1)))
     x_train_eval = tf.constant(stream.train_draw(train))
+    conditional = args.context == "downsample"
+    if conditional:  # the init batch's images: RandomState(999)'s first permutation
+        c_init = downsampled(train[np.random.RandomState(999).permutation(len(train))[:256]])
+        c_test = tf.constant(np.tile(downsampled(test), (stream.TEST_DRAWS, 1, 1, 1)))
+        c_train_eval = tf.constant(downsampled(train))
+    else:
+        c_init = c_test = c_train_eval = None
 
     model, switch = build(args)
     params = variants.count_params(model)
@@ -383,7 +420,7 @@ def run(args, partial_path=None):
     )
     if abs(params - TARGET_PARAMS) > 0.1 * TARGET_PARAMS:
         raise SystemExit(f"{params} trainable parameters: outside 150k +-10%")
-    model.initialize(x_init)
+    model.initialize(x_init, c_init)
     total_steps = stream.STEPS_PER_EPOCH * args.epochs
     model.compile(make_optimizer(args, model, total_steps), jit_compile=args.jit)
     opt = model.optimizer
@@ -392,19 +429,19 @@ def run(args, partial_path=None):
     # `log p(x_q) - log q(u | k)`, its noise read off the protocol's own draws.
     variational = getattr(model, "dequantizer", None) is not None
     log_prob = tf.function(
-        lambda x: model.variational_log_prob(x) if variational else model.log_prob(x)
+        lambda x, c: model.variational_log_prob(x, c) if variational else model.log_prob(x, c)
     )
-    uniform_log_prob = tf.function(lambda x: model.log_prob(x))
+    uniform_log_prob = tf.function(lambda x, c: model.log_prob(x, c))
 
     def test_bpd(fn=log_prob):
-        per_draw = -tf.reshape(fn(x_test), [stream.TEST_DRAWS, -1])
+        per_draw = -tf.reshape(fn(x_test, c_test), [stream.TEST_DRAWS, -1])
         nll = tf.reduce_mean(per_draw, axis=1).numpy()
         return float(np.mean([stream.bits_per_dim(v) for v in nll])), [
             stream.bits_per_dim(float(v)) for v in nll
         ]
 
     def train_bpd():
-        return stream.bits_per_dim(float(-tf.reduce_mean(log_prob(x_train_eval))))
+        return stream.bits_per_dim(float(-tf.reduce_mean(log_prob(x_train_eval, c_train_eval))))
 
     def evaluate(epoch):
         """The curve point: the averaged weights' figures (the raw ones beside)."""
@@ -488,7 +525,10 @@ def run(args, partial_path=None):
     # it (Keras' Polyak averaging copies the average into the weights when
     # `fit` ends, so a `fit` per epoch would restart each epoch from it).
     stream_x = np.concatenate([stream.epoch_batches(train, e) for e in range(args.epochs)])
-    batches = tf.data.Dataset.from_tensor_slices(stream_x.astype(np.float32)).batch(stream.BATCH)
+    pairs = stream_x.astype(np.float32)
+    if conditional:
+        pairs = (pairs, np.concatenate([epoch_contexts(train, e) for e in range(args.epochs)]))
+    batches = tf.data.Dataset.from_tensor_slices(pairs).batch(stream.BATCH)
     with switch.on() if switch is not None and args.dropout else contextlib.nullcontext():
         model.fit(
             batches,

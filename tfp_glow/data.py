@@ -47,6 +47,7 @@ from tfp_glow.dequantization import (
     check_n_bits,
     check_pipeline_args,
     finish_pipeline,
+    low_resolution,
     preprocess,
     reduce_bits,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "dataset_info",
     "digits_dataset",
     "load_digits",
+    "low_resolution",
     "make_dataset",
     "preprocess",
     "reduce_bits",

@@ -20,6 +20,7 @@ __all__ = [
     "check_pipeline_args",
     "check_seed",
     "finish_pipeline",
+    "low_resolution",
     "preprocess",
     "reduce_bits",
 ]
@@ -141,6 +142,31 @@ def preprocess(
             )
     # k / n - 0.5 first, then u / n: rounding stays at the scale of x, not of k.
     return (k / num_bins - 0.5) + u / num_bins
+
+
+def low_resolution(images: tf.Tensor | np.ndarray, num_bins: int, factor: int = 2) -> tf.Tensor:
+    """The noise-free low-resolution copy of integer images, in model space:
+    the context of a super-resolution flow `p(x | low_resolution(k))`.
+
+        c[i, j] = mean over the factor x factor block (i, j) of (k + 0.5) / num_bins - 0.5
+
+    (the bin centres' block means), float32 `[N, H / factor, W / factor, C]`.
+    Computed from the levels `k`, never from the dequantized `x`: given a
+    context that is an exact function of `x` (such as the block means of `x`
+    itself), `x` lies on a lower-dimensional plane and its conditional
+    density is unbounded, so a flow's bits/dim would mean nothing.
+    """
+    factor = checks.positive_int(factor, "factor")
+    centres = preprocess(images, num_bins, dequantize=False)
+    if centres.shape.rank != 4:
+        raise ValueError(f"`images` must have shape [N, H, W, C]; got {centres.shape}.")
+    height, width = centres.shape[1], centres.shape[2]
+    if height is not None and width is not None and (height % factor or width % factor):
+        raise ValueError(
+            f"`factor` must divide the image's height and width; got {factor} for "
+            f"{height}x{width}."
+        )
+    return tf.nn.avg_pool2d(centres, factor, factor, "VALID")
 
 
 def finish_pipeline(

@@ -104,7 +104,7 @@ def run_tfp_glow(data, family, seed):
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
     keras.utils.set_random_seed(seed)
-    estimator = npe.NeuralPosteriorEstimator.build(5, 5, family=family, seed=seed)
+    estimator = npe.NeuralPosteriorEstimator.build(5, 5, family=family)
     start = time.perf_counter()
     estimator.fit(data["theta"], data["x"], epochs=EPOCHS, batch_size=BATCH, verbose=0)
     seconds = time.perf_counter() - start

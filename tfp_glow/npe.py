@@ -363,8 +363,10 @@ class NeuralPosteriorEstimator:
         Why not `compile()`'s constant 3e-3: on `GaussianLinear` (20k pairs, 25
         epochs of 256) the default MAF overfits, its training NLL 0.04 nats below
         the true posterior's entropy; KL(p || q) over 10 held-out observations
-        was 0.065 at 3e-3 constant, 0.036 with the cosine, 0.015 at 1e-3 and
-        0.011 at 5e-4 (cosine; benchmarks/npe_peers.py's problem, seed 0).
+        (benchmarks/npe_peers.py's problem, seed 0) was 0.065 at 3e-3 constant,
+        0.036 with the cosine, 0.015 at 1e-3 (a hand-built 5-layer conditional
+        MAF, before the log-scale bound; exploratory runs, not in the repo) and
+        0.0108 at 5e-4 with the cosine (the default MAF: npe_peers.py's row).
         """
         from tfp_glow.training import recommended_optimizer
 

@@ -21,7 +21,9 @@ Optimizers: tfp_glow's rows use the library's defaults (`model.compile()`
 with no optimizer: `recommended_optimizer()`, Adam with a 100-step warm-up
 to 3e-3 and Polyak averaging, and each builder's defaults such as Glow's
 dropout and variational dequantization) unless `--optimizer adam` (Adam 1e-3,
-constant). zuko's rows use Adam 1e-3, as the issue's peer figures did.
+constant) or the row states its own (`optimizer="recommended"` with its
+`optimizer_kwargs`: MAF and realnvp_vector_5e4 at 5e-4, see their comments).
+zuko's rows use Adam 1e-3, as the issue's peer figures did.
 
 A family enters by one line of `FAMILIES`: its builder (a `tfp_glow`
 attribute), the layout, the builder's keyword arguments at ~150k parameters,

@@ -105,7 +105,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
       best_path: where `fit`'s end writes the best weights (`.weights.h5`),
         or None to keep no best model.
       monitor: the logged value that decides "best" (e.g. `val_bits_per_dim`);
-        an epoch without it keeps the earlier best.
+        an epoch without it keeps the earlier best. With Polyak averaging the
+        best weights are the average: list `WithAveragedWeights` too, so that
+        the validation figure monitored is the average's (`tfp-glow train` does).
       mode: `"min"` or `"max"`.
       delete_on_end: delete `state.npz` (and `directory` if it is then empty)
         when `fit` ends normally: the run is complete, a new `fit` starts at

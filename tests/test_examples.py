@@ -26,6 +26,7 @@ OUTPUTS = {
     "nice_digits.py": ["samples.png", "temperature_sweep.png"],
     "joint_distribution.py": ["joint_samples.png"],
     "serve_export.py": ["served_samples.png"],
+    "npe_gaussian_linear.py": ["posterior.png"],
 }
 # The VI example (tfp_glow.vi) is being added by its own owner: listed as soon
 # as the script is there, so the listing check below keeps holding.
@@ -123,6 +124,18 @@ def test_joint_distribution_trains_flow_and_sigma_through_trainable_variables(sm
     # program's trainable variables: 5 Adam steps of 2e-3 move it by ~0.006.
     learned = float(stdout.split("learned sigma")[1].split()[0])
     assert abs(learned - 1.0) > 0.003, learned
+
+
+def test_npe_example_prints_a_finite_kl_per_held_out_observation(smoke_runs):
+    _, code, stdout, _ = smoke_runs["npe_gaussian_linear.py"]
+    assert code == 0
+    kls = [
+        float(line.split("KL =")[1].split()[0])
+        for line in stdout.splitlines()
+        if line.startswith("observation")
+    ]
+    # KL(p || q) >= 0 (up to Monte Carlo error); one epoch on 2,000 pairs is well above 0.
+    assert len(kls) == 10 and all(np.isfinite(kls)) and np.mean(kls) > 0
 
 
 # Digit grids of the examples: 8x8 digits at upscale 4 with 1-pixel borders,

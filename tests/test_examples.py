@@ -27,6 +27,7 @@ OUTPUTS = {
     "joint_distribution.py": ["joint_samples.png"],
     "serve_export.py": ["served_samples.png"],
     "npe_gaussian_linear.py": ["posterior.png"],
+    "conditional_glow_digits.py": ["conditional_samples.png"],
 }
 # The VI example (tfp_glow.vi) is being added by its own owner: listed as soon
 # as the script is there, so the listing check below keeps holding.

@@ -76,8 +76,13 @@ def machine():
             model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "threads_used": THREADS,
-            "python": sys.version.split()[0], "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads_used": THREADS,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
 
 
 def make_problem(path):
@@ -90,8 +95,16 @@ def make_problem(path):
     posterior = problem.posterior(x_obs.astype(np.float64))
     draws = posterior.sample(NUM_POSTERIOR, seed=npe._stateless_seed(3, 3))  # [n, B, D]
     log_p = np.asarray(posterior.log_prob(draws)).T
-    np.savez(path, theta=theta, x=x, x_obs=x_obs, posterior_draws=np.transpose(draws, [1, 0, 2]),
-             log_p=log_p, A=problem.A, noise_std=problem.noise_std)
+    np.savez(
+        path,
+        theta=theta,
+        x=x,
+        x_obs=x_obs,
+        posterior_draws=np.transpose(draws, [1, 0, 2]),
+        log_p=log_p,
+        A=problem.A,
+        noise_std=problem.noise_std,
+    )
 
 
 # -- the rows: each returns (log_q [B, n], fit seconds, parameter count, versions) --------------
@@ -110,11 +123,16 @@ def run_tfp_glow(data, family, seed):
     start = time.perf_counter()
     estimator.fit(data["theta"], data["x"], epochs=EPOCHS, batch_size=BATCH, verbose=0)
     seconds = time.perf_counter() - start
-    log_q = np.stack([estimator.log_prob(t, x) for t, x in
-                      zip(data["posterior_draws"], data["x_obs"])])
+    log_q = np.stack(
+        [estimator.log_prob(t, x) for t, x in zip(data["posterior_draws"], data["x_obs"])]
+    )
     params = int(sum(np.prod(v.shape) for v in estimator.model.trainable_weights))
-    versions = {"tfp_glow": tfp_glow.__version__, "tensorflow": tf.__version__,
-                "tfp": tfp.__version__, "keras": keras.__version__}
+    versions = {
+        "tfp_glow": tfp_glow.__version__,
+        "tensorflow": tf.__version__,
+        "tfp": tfp.__version__,
+        "keras": keras.__version__,
+    }
     return log_q, seconds, params, versions, estimator.model.get_config()
 
 
@@ -127,20 +145,38 @@ def run_bayesflow(data, seed):
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
     import bayesflow as bf
     import keras
+
     keras.utils.set_random_seed(seed)
-    workflow = bf.BasicWorkflow(inference_network=bf.networks.CouplingFlow(),
-                                inference_variables=["theta"], inference_conditions=["x"])
+    workflow = bf.BasicWorkflow(
+        inference_network=bf.networks.CouplingFlow(),
+        inference_variables=["theta"],
+        inference_conditions=["x"],
+    )
     start = time.perf_counter()
-    workflow.fit_offline({"theta": data["theta"], "x": data["x"]}, epochs=EPOCHS,
-                         batch_size=BATCH, verbose=0)
+    workflow.fit_offline(
+        {"theta": data["theta"], "x": data["x"]}, epochs=EPOCHS, batch_size=BATCH, verbose=0
+    )
     seconds = time.perf_counter() - start
-    log_q = np.stack([
-        np.asarray(workflow.log_prob({"theta": t.astype(np.float32),
-                                      "x": np.broadcast_to(x, (len(t), x.size)).copy()}))
-        for t, x in zip(data["posterior_draws"], data["x_obs"])])
+    log_q = np.stack(
+        [
+            np.asarray(
+                workflow.log_prob(
+                    {
+                        "theta": t.astype(np.float32),
+                        "x": np.broadcast_to(x, (len(t), x.size)).copy(),
+                    }
+                )
+            )
+            for t, x in zip(data["posterior_draws"], data["x_obs"])
+        ]
+    )
     params = int(sum(np.prod(v.shape) for v in workflow.approximator.trainable_weights))
-    versions = {"bayesflow": bf.__version__, "tensorflow": tf.__version__,
-                "keras": keras.__version__, "keras_backend": keras.config.backend()}
+    versions = {
+        "bayesflow": bf.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.config.backend(),
+    }
     return log_q, seconds, params, versions, {"inference_network": "CouplingFlow()"}
 
 
@@ -162,22 +198,33 @@ def run_sbi(data, seed):
     # The prior's support is all of R^5, so sbi's leakage correction (norm_posterior)
     # would be 1: it is skipped.
     with torch.no_grad():
-        log_q = np.stack([
-            posterior.log_prob(torch.from_numpy(t.astype(np.float32)),
-                               x=torch.from_numpy(x[None]), norm_posterior=False).numpy()
-            for t, x in zip(data["posterior_draws"], data["x_obs"])])
+        log_q = np.stack(
+            [
+                posterior.log_prob(
+                    torch.from_numpy(t.astype(np.float32)),
+                    x=torch.from_numpy(x[None]),
+                    norm_posterior=False,
+                ).numpy()
+                for t, x in zip(data["posterior_draws"], data["x_obs"])
+            ]
+        )
     params = int(sum(p.numel() for p in posterior.posterior_estimator.parameters()))
     epochs_run = inference._summary.get("epochs_trained", [None])[-1]
     versions = {"sbi": sbi.__version__, "torch": torch.__version__}
-    return log_q, seconds, params, versions, {"density_estimator": "maf",
-                                              "epochs_trained": epochs_run}
+    return (
+        log_q,
+        seconds,
+        params,
+        versions,
+        {"density_estimator": "maf", "epochs_trained": epochs_run},
+    )
 
 
 def run_row(row, seed, problem_path, out_dir):
     data = dict(np.load(problem_path))
     load_start, t0 = loadavg(), time.time()
     if row.startswith("tfp_glow_"):
-        log_q, seconds, params, versions, config = run_tfp_glow(data, row[len("tfp_glow_"):], seed)
+        log_q, seconds, params, versions, config = run_tfp_glow(data, row[len("tfp_glow_") :], seed)
     elif row == "bayesflow_coupling_flow":
         log_q, seconds, params, versions, config = run_bayesflow(data, seed)
     elif row == "sbi_npe_maf":
@@ -186,23 +233,41 @@ def run_row(row, seed, problem_path, out_dir):
         raise ValueError(f"`--rows` must be among {ROWS}; got {row!r}.")
     kl, se = monte_carlo_kl(data["log_p"], log_q)
     result = {
-        "row": row, "seed": seed, "kl_mean": float(kl.mean()),
+        "row": row,
+        "seed": seed,
+        "kl_mean": float(kl.mean()),
         "kl_mean_se": float(np.sqrt((se**2).sum()) / len(se)),
-        "kl_per_observation": kl.round(5).tolist(), "kl_se_per_observation": se.round(5).tolist(),
-        "fit_seconds": round(seconds, 1), "params": params,
-        "budget": {"train_pairs": NUM_TRAIN, "epochs": EPOCHS, "batch_size": BATCH,
-                   "observations": NUM_OBS, "posterior_draws": NUM_POSTERIOR},
+        "kl_per_observation": kl.round(5).tolist(),
+        "kl_se_per_observation": se.round(5).tolist(),
+        "fit_seconds": round(seconds, 1),
+        "params": params,
+        "budget": {
+            "train_pairs": NUM_TRAIN,
+            "epochs": EPOCHS,
+            "batch_size": BATCH,
+            "observations": NUM_OBS,
+            "posterior_draws": NUM_POSTERIOR,
+        },
         "config": json.loads(json.dumps(config, default=str)),
-        "versions": {**versions, "python": sys.version.split()[0]}, "machine": machine(),
-        "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "versions": {**versions, "python": sys.version.split()[0]},
+        "machine": machine(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
         "wall_seconds": round(time.time() - t0, 1),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{row}_seed{seed}.json"), "w") as f:
         f.write(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("row", "seed", "kl_mean", "kl_mean_se",
-                                             "fit_seconds", "params")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("row", "seed", "kl_mean", "kl_mean_se", "fit_seconds", "params")
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -224,8 +289,22 @@ def main(argv=None):
         for row in args.rows:
             for seed in args.seeds:
                 env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-                subprocess.run([sys.executable, __file__, "--problem", path, "--rows", row,
-                                "--seeds", str(seed), "--out", args.out], check=True, env=env)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--problem",
+                        path,
+                        "--rows",
+                        row,
+                        "--seeds",
+                        str(seed),
+                        "--out",
+                        args.out,
+                    ],
+                    check=True,
+                    env=env,
+                )
 
 
 if __name__ == "__main__":

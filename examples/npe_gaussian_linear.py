@@ -51,8 +51,10 @@ def main(argv=None):
     )
     for i, (k, s) in enumerate(zip(kl, se)):
         print(f"observation {i}: KL = {k:.4f} +- {s:.4f} nats")
-    print(f"mean KL over {len(kl)} observations: {kl.mean():.4f} "
-          f"+- {np.sqrt((se**2).sum()) / len(se):.4f} nats")
+    print(
+        f"mean KL over {len(kl)} observations: {kl.mean():.4f} "
+        f"+- {np.sqrt((se**2).sum()) / len(se):.4f} nats"
+    )
 
     # The first observation's posterior: exact draws and the flow's.
     exact = np.asarray(problem.posterior(x_obs[0].astype(np.float64)).sample(2_000, seed=4))

@@ -99,7 +99,9 @@ def simulate_pairs(
         x = simulator(theta)
     x = np.asarray(x)
     if x.ndim < 1 or x.shape[0] != num:
-        raise ValueError(f"`simulator` must return [num={num}, ...] for [num] draws; got {x.shape}.")
+        raise ValueError(
+            f"`simulator` must return [num={num}, ...] for [num] draws; got {x.shape}."
+        )
     parts = [np.reshape(np.asarray(t), [num, -1]) for t in tf.nest.flatten(theta)]
     return np.concatenate(parts, axis=1), x
 
@@ -140,7 +142,9 @@ class GaussianLinear:
         self.theta_dim = checks.positive_int(theta_dim, "theta_dim")
         self.x_dim = checks.positive_int(x_dim, "x_dim")
         self.noise_std = checks.number(noise_std, "noise_std", minimum=0, exclusive_minimum=True)
-        self.prior_scale = checks.number(prior_scale, "prior_scale", minimum=0, exclusive_minimum=True)
+        self.prior_scale = checks.number(
+            prior_scale, "prior_scale", minimum=0, exclusive_minimum=True
+        )
         if not checks.is_int(seed):
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
         self.seed = int(seed)
@@ -151,14 +155,14 @@ class GaussianLinear:
         self.posterior_covariance = (self.posterior_covariance + self.posterior_covariance.T) / 2
 
     @property
-    def prior(self):
+    def prior(self) -> Any:
         """`N(0, prior_scale^2 I_D)`, float32 (what the flows train on)."""
         return tfd.MultivariateNormalDiag(
             loc=tf.zeros([self.theta_dim]),
             scale_diag=tf.fill([self.theta_dim], np.float32(self.prior_scale)),
         )
 
-    def simulator(self, theta, seed=None):
+    def simulator(self, theta: Any, seed: Any = None) -> Any:
         """`x = A theta + noise_std * eps` for `theta` of shape `[N, D]` (float32)."""
         theta = tf.convert_to_tensor(theta, tf.float32)
         if theta.shape.rank != 2 or theta.shape[-1] != self.theta_dim:
@@ -171,23 +175,26 @@ class GaussianLinear:
         )
         return tf.matmul(theta, tf.constant(self.A.T, tf.float32)) + self.noise_std * eps
 
-    def simulate(self, num: int, seed: int = 0):
+    def simulate(self, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`num` pairs `(theta, x)` from the prior and the simulator (`simulate_pairs`)."""
         return simulate_pairs(self.prior, self.simulator, num, seed)
 
-    def posterior(self, x_obs):
+    def posterior(self, x_obs: Any) -> Any:
         """The exact posterior `N(mu(x_obs), Sigma)` (float64), batched over
         `x_obs` of shape `[K]` or `[B, K]`."""
         x_obs = np.asarray(x_obs, np.float64)
         if x_obs.ndim not in (1, 2) or x_obs.shape[-1] != self.x_dim:
-            raise ValueError(f"`x_obs` must have shape [{self.x_dim}] or [B, {self.x_dim}]; "
-                             f"got {x_obs.shape}.")
+            raise ValueError(
+                f"`x_obs` must have shape [{self.x_dim}] or [B, {self.x_dim}]; got {x_obs.shape}."
+            )
         loc = x_obs @ (self.posterior_covariance @ self.A.T / self.noise_std**2).T
         return tfd.MultivariateNormalTriL(
             loc=loc, scale_tril=np.linalg.cholesky(self.posterior_covariance)
         )
 
-    def kl_to_posterior(self, log_prob_fn: Callable, x_obs, num_samples: int = 10_000, seed=0):
+    def kl_to_posterior(
+        self, log_prob_fn: Callable, x_obs: Any, num_samples: int = 10_000, seed: int = 0
+    ) -> tuple[Any, Any]:
         """Monte Carlo `KL(p(. | x_obs) || q) = E_p[log p - log q]` with its
         standard error (see `monte_carlo_kl`), from `num_samples` exact
         posterior draws per observation.
@@ -212,8 +219,9 @@ class GaussianLinear:
             [np.asarray(log_prob_fn(t, x), np.float64).reshape(-1) for t, x in zip(theta, batch)]
         )
         if log_q.shape != log_p.shape:
-            raise ValueError(f"`log_prob_fn` must return [{num_samples}] log-densities; "
-                             f"got {log_q.shape[1:]}.")
+            raise ValueError(
+                f"`log_prob_fn` must return [{num_samples}] log-densities; got {log_q.shape[1:]}."
+            )
         kl, se = monte_carlo_kl(log_p, log_q)
         return (float(kl[0]), float(se[0])) if x_obs.ndim == 1 else (kl, se)
 
@@ -267,11 +275,15 @@ class NeuralPosteriorEstimator:
             raise TypeError(f"`model` must be a tfp_glow FlowModel; got {type(model).__name__}.")
         context_shape = getattr(model, "context_shape", None)
         if context_shape is None:
-            raise ValueError("`model` must be conditional: build it with `context_shape=` the "
-                             "observation's shape (e.g. tfp_glow.MAF((5,), context_shape=(5,))).")
+            raise ValueError(
+                "`model` must be conditional: build it with `context_shape=` the "
+                "observation's shape (e.g. tfp_glow.MAF((5,), context_shape=(5,)))."
+            )
         if len(model.event_shape) != 1:
-            raise ValueError(f"`model` must model theta vectors [D]; its event shape is "
-                             f"{tuple(model.event_shape)}.")
+            raise ValueError(
+                f"`model` must model theta vectors [D]; its event shape is "
+                f"{tuple(model.event_shape)}."
+            )
         self.model = model
         self.standardize = checks.boolean(standardize, "standardize")
         self.theta_dim = int(model.event_shape[0])
@@ -311,8 +323,9 @@ class NeuralPosteriorEstimator:
     def _theta(self, theta, arg_name="theta"):
         theta = np.asarray(theta, self._dtype)
         if theta.ndim != 2 or theta.shape[1] != self.theta_dim:
-            raise ValueError(f"`{arg_name}` must have shape [N, {self.theta_dim}]; got "
-                             f"{theta.shape}.")
+            raise ValueError(
+                f"`{arg_name}` must have shape [N, {self.theta_dim}]; got {theta.shape}."
+            )
         return theta
 
     def _observations(self, x, num, arg_name="observation"):
@@ -321,12 +334,16 @@ class NeuralPosteriorEstimator:
         if x.shape == self.x_shape:
             x = np.broadcast_to(x, (num, *self.x_shape))
         if x.shape != (num, *self.x_shape):
-            raise ValueError(f"`{arg_name}` must have shape {list(self.x_shape)} or "
-                             f"[{num}, *{list(self.x_shape)}]; got {x.shape}.")
+            raise ValueError(
+                f"`{arg_name}` must have shape {list(self.x_shape)} or "
+                f"[{num}, *{list(self.x_shape)}]; got {x.shape}."
+            )
         return (x - self.x_shift) / self.x_scale
 
     # -- training and inference ------------------------------------------------
-    def fit(self, theta, x, epochs: int = 25, batch_size: int = 256, **fit_kwargs: Any):
+    def fit(
+        self, theta: Any, x: Any, epochs: int = 25, batch_size: int = 256, **fit_kwargs: Any
+    ) -> Any:
         """Maximum likelihood on the pairs `(theta [N, D], x [N, *x_shape])`.
 
         The first call fixes the standardisation (with `standardize=True`). An
@@ -339,8 +356,10 @@ class NeuralPosteriorEstimator:
         theta = self._theta(theta)
         x = np.asarray(x, self._dtype)
         if x.shape != (len(theta), *self.x_shape):
-            raise ValueError(f"`x` must have shape [{len(theta)}, *{list(self.x_shape)}] (one "
-                             f"observation per theta); got {x.shape}.")
+            raise ValueError(
+                f"`x` must have shape [{len(theta)}, *{list(self.x_shape)}] (one "
+                f"observation per theta); got {x.shape}."
+            )
         if self.standardize and not self._standardized:
             self.theta_shift, self.theta_scale = _moments(theta)
             self.x_shift, self.x_scale = _moments(x)
@@ -377,7 +396,7 @@ class NeuralPosteriorEstimator:
             learning_rate=LEARNING_RATE, warmup_steps=warmup, decay_steps=max(1, steps - warmup)
         )
 
-    def log_prob(self, theta, observation):
+    def log_prob(self, theta: Any, observation: Any) -> np.ndarray:
         """`log q(theta | observation)`, `[N]` NumPy, for `theta` `[N, D]` and one
         observation `x_shape` (shared) or `[N, *x_shape]` (one per theta)."""
         theta = self._theta(theta)
@@ -386,7 +405,7 @@ class NeuralPosteriorEstimator:
         log_q = np.asarray(self.model.log_prob(z, context))
         return log_q - np.sum(np.log(self.theta_scale))
 
-    def sample(self, num: int, observation, seed: int | None = None):
+    def sample(self, num: int, observation: Any, seed: int | None = None) -> np.ndarray:
         """`num` draws `theta ~ q(theta | observation)` `[num, D]` NumPy, for one
         observation `x_shape` (or `[num, *x_shape]`, one per draw)."""
         num = checks.positive_int(num, "num")

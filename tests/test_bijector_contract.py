@@ -99,7 +99,8 @@ class TestContract:
         nd = len(case.event_shape)
         spec = tf.TensorSpec([None] + list(case.event_shape), dtype)
         label_spec = (
-            [tf.TensorSpec([None] + kw["conditional_input"].shape[1:], kw["conditional_input"].dtype)]
+            [tf.TensorSpec([None] + kw["conditional_input"].shape[1:],
+                           kw["conditional_input"].dtype)]
             if kw
             else []
         )

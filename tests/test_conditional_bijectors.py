@@ -36,7 +36,9 @@ def test_vector_context_is_broadcast_over_every_position():
     x_b = tf.zeros([2, 4, 4, 2])
     out = _context.concat_features(x_b, c, (3,), 3)
     assert out.shape == (2, 4, 4, 5)
-    np.testing.assert_array_equal(out[:, :, :, 2:], np.broadcast_to(c[:, None, None, :], [2, 4, 4, 3]))
+    np.testing.assert_array_equal(
+        out[:, :, :, 2:], np.broadcast_to(c[:, None, None, :], [2, 4, 4, 3])
+    )
 
 
 def test_image_context_is_area_averaged_down_and_resized_up():
@@ -104,7 +106,9 @@ def test_bad_contexts_are_refused_naming_conditional_input():
         nets.MADE(2, 4, [8], context_size=5, context_shape=(2, 3))
     # An unconditional coupling ignores a context meant for other bijectors.
     plain = B.AffineCoupling(glow_net(), event_shape=(4, 4, 4))
-    np.testing.assert_array_equal(plain.forward(x, conditional_input=tf.ones([2, 3])), plain.forward(x))
+    np.testing.assert_array_equal(
+        plain.forward(x, conditional_input=tf.ones([2, 3])), plain.forward(x)
+    )
 
 
 @pytest.mark.parametrize("family", [tfp_glow.FFJORD, tfp_glow.ResidualFlow])
@@ -256,3 +260,27 @@ def test_checkpoint_and_reversible_backprop_give_the_same_gradients_with_a_conte
         np.testing.assert_allclose(results[mode][0], loss, rtol=1e-6)
         for g, expected in zip(results[mode][1], grads):
             np.testing.assert_allclose(g, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_realnvp_on_an_odd_dimension_is_exact_given_the_context():
+    # A 5-D posterior q(theta | x): odd D takes the alternating-feature mask.
+    keras.utils.set_random_seed(0)
+    model = tfp_glow.RealNVP(input_shape=(5,), coupling_layers=4, hidden_channels=16,
+                             context_shape=(3,), dtype="float64")
+    rng = np.random.RandomState(0)
+    x, c = rng.randn(6, 5), rng.randn(6, 3)
+    # Move the zero-initialised last layers so the map is not the identity.
+    for v in model.trainable_variables:
+        v.assign(v + 0.1 * rng.randn(*v.shape))
+    z = model.encode(x, c).numpy()
+    np.testing.assert_allclose(model.decode(z, c).numpy(), x, atol=1e-10)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        zt = model.encode(xt, c)
+    jac = tape.batch_jacobian(zt, xt).numpy()
+    expected = (-0.5 * np.sum(z**2, -1) - 2.5 * np.log(2 * np.pi)
+                + np.linalg.slogdet(jac)[1])
+    np.testing.assert_allclose(model.log_prob(x, c).numpy(), expected, rtol=1e-9, atol=1e-9)
+    assert np.abs(model.log_prob(x, c) - model.log_prob(x, c[::-1])).max() > 1e-3

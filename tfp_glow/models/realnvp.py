@@ -37,9 +37,10 @@ class RealNVP(FlowModel):
     through `LogitPreprocess(logit_alpha)` of `x + 0.5` (None to skip).
 
     Vectors (`input_shape=(D,)`, e.g. 2-D toy densities):
-    `coupling_layers` affine couplings with MLPs (alternating halves) and
-    ActNorm between them. `coupling_layers` is used for vectors only (images
-    follow the fixed per-scale pattern above); `levels` and `num_blocks` for
+    `coupling_layers` affine couplings with MLPs (alternating halves; for an
+    odd `D`, alternating even and odd features) and ActNorm between them.
+    `coupling_layers` is used for vectors only (images follow the fixed
+    per-scale pattern above); `levels` and `num_blocks` for
     images only. `coupling` is `"affine"` (the paper's) or one of `COUPLINGS`.
 
     `num_classes`: class-conditional learned priors (the couplings stay
@@ -150,7 +151,9 @@ def build_realnvp_flow(
             coupling,
             coupling_layers,
             hidden_channels,
-            "channel",
+            # Halves for an even D; for an odd D (e.g. a 5-D posterior) the
+            # alternating features (zuko's mask), which need no even split.
+            "channel" if input_shape[0] % 2 == 0 else "checkerboard",
             dtype=dtype,
             net_dtype=net_dtype,
             context_shape=context_shape,

@@ -18,9 +18,8 @@ its last `len(context_shape)` axes are flattened into `prod(context_shape)`
 features, so a conditional flow hands every network the same context.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 

@@ -146,8 +146,13 @@ def _epoch_configs(x, workdir):
     def epoch_checkpoint(m):
         from tfp_glow.training import EpochCheckpoint
 
-        return [EpochCheckpoint(os.path.join(workdir, f"state_{id(m)}"), best_path=paths["best"],
-                                monitor="val_bits_per_dim")]
+        return [
+            EpochCheckpoint(
+                os.path.join(workdir, f"state_{id(m)}"),
+                best_path=paths["best"],
+                monitor="val_bits_per_dim",
+            )
+        ]
 
     def cli(m):
         return recipe._callbacks(m, paths, 0, 0, getattr(m.optimizer, "use_ema", False))
@@ -158,8 +163,12 @@ def _epoch_configs(x, workdir):
         return backup(m) + [
             keras.callbacks.CSVLogger(os.path.join(workdir, f"history_{id(m)}.csv")),
             keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.ModelCheckpoint(paths["best"], save_weights_only=True,
-                                            monitor="val_bits_per_dim", save_best_only=True),
+            keras.callbacks.ModelCheckpoint(
+                paths["best"],
+                save_weights_only=True,
+                monitor="val_bits_per_dim",
+                save_best_only=True,
+            ),
         ]
 
     arrays = dict(batch_size=BATCH, shuffle=True)
@@ -173,7 +182,12 @@ def _epoch_configs(x, workdir):
         "+ ModelCheckpoint (last)": (train, test, last, {}, 1),
         "+ EpochCheckpoint (state and best)": (train, test, epoch_checkpoint, {}, 1),
         "CLI epoch, Keras BackupAndRestore + best ModelCheckpoint (before)": (
-            train, test, cli_keras, {}, 1),
+            train,
+            test,
+            cli_keras,
+            {},
+            1,
+        ),
         "CLI epoch": (train, test, cli, {}, 1),
         "CLI epoch, steps_per_execution=4": (train, test, cli, {}, 4),
     }

@@ -93,7 +93,11 @@ def coupling_net(shape, dtype):
 def affine(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.AffineCoupling(
-            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype,
+            coupling_net(shape, dtype),
+            mask=mask,
+            parity=parity,
+            event_shape=shape,
+            dtype=dtype,
             context_shape=context,
         )
 
@@ -103,7 +107,11 @@ def affine(mask, parity, shape=IMAGE, context=None):
 def additive(mask, parity, shape=IMAGE, context=None):
     def make(dtype):
         return B.AdditiveCoupling(
-            coupling_net(shape, dtype), mask=mask, parity=parity, event_shape=shape, dtype=dtype,
+            coupling_net(shape, dtype),
+            mask=mask,
+            parity=parity,
+            event_shape=shape,
+            dtype=dtype,
             context_shape=context,
         )
 
@@ -151,7 +159,9 @@ def small_multi_scale(dtype, num_classes=None, context=None):
         steps = tfb.Chain(
             [
                 B.AffineCoupling(
-                    coupling_net(squeezed, dtype), event_shape=squeezed, dtype=dtype,
+                    coupling_net(squeezed, dtype),
+                    event_shape=squeezed,
+                    dtype=dtype,
                     context_shape=context,
                 ),
                 B.InvertibleConv1x1(c, seed=seed, dtype=dtype),
@@ -167,9 +177,7 @@ def small_multi_scale(dtype, num_classes=None, context=None):
     return B.MultiScaleFlow(
         (4, 4, 2),
         [(steps1, fo), (steps2, None)],
-        top_prior=B.LearnedPrior(
-            s2, num_classes=num_classes, dtype=dtype, context_shape=context
-        ),
+        top_prior=B.LearnedPrior(s2, num_classes=num_classes, dtype=dtype, context_shape=context),
     )
 
 

@@ -26,8 +26,10 @@ CASES = {**REGISTRY, **SLOW_REGISTRY}
 
 def names(selected):
     """`selected` names in order, those of SLOW_REGISTRY marked slow."""
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_REGISTRY else n
-            for n in sorted(selected)]
+    return [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_REGISTRY else n
+        for n in sorted(selected)
+    ]
 
 
 def build(name, dtype, seed=0):
@@ -99,8 +101,11 @@ class TestContract:
         nd = len(case.event_shape)
         spec = tf.TensorSpec([None] + list(case.event_shape), dtype)
         label_spec = (
-            [tf.TensorSpec([None] + kw["conditional_input"].shape[1:],
-                           kw["conditional_input"].dtype)]
+            [
+                tf.TensorSpec(
+                    [None] + kw["conditional_input"].shape[1:], kw["conditional_input"].dtype
+                )
+            ]
             if kw
             else []
         )

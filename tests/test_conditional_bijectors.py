@@ -194,8 +194,13 @@ def _learns_its_context(model, event_shape, context_shape, epochs=4):
 
 def test_glow_with_an_image_context_learns_to_use_it():
     model = tfp_glow.Glow(
-        image_shape=(4, 4, 1), levels=2, steps_per_level=1, hidden_channels=8,
-        num_bins=None, dropout=0.0, context_shape=(4, 4, 1),
+        image_shape=(4, 4, 1),
+        levels=2,
+        steps_per_level=1,
+        hidden_channels=8,
+        num_bins=None,
+        dropout=0.0,
+        context_shape=(4, 4, 1),
     )
     _learns_its_context(model, (4, 4, 1), (4, 4, 1))
     twin = tfp_glow.Glow.from_config(model.get_config())
@@ -205,8 +210,9 @@ def test_glow_with_an_image_context_learns_to_use_it():
 
 
 def test_maf_with_a_vector_context_learns_to_use_it():
-    model = tfp_glow.MAF(input_shape=(4,), num_layers=2, hidden_units=[16], num_bins=None,
-                         context_shape=(3,))
+    model = tfp_glow.MAF(
+        input_shape=(4,), num_layers=2, hidden_units=[16], num_bins=None, context_shape=(3,)
+    )
     _learns_its_context(model, (4,), (3,))
 
 
@@ -214,26 +220,86 @@ def test_maf_with_a_vector_context_learns_to_use_it():
 @pytest.mark.parametrize(
     "make, event_shape",
     [
-        (lambda: tfp_glow.RealNVP(input_shape=(4, 4, 1), levels=2, hidden_channels=8,
-                                  num_blocks=1, num_bins=None, logit_alpha=None,
-                                  context_shape=(3,)), (4, 4, 1)),
-        (lambda: tfp_glow.RealNVP(input_shape=(4,), coupling_layers=2, hidden_channels=16,
-                                  num_bins=None, context_shape=(3,)), (4,)),
-        (lambda: tfp_glow.NICE(input_shape=(4,), coupling_layers=2, hidden_units=16,
-                               num_hidden_layers=1, num_bins=None, context_shape=(3,)), (4,)),
-        (lambda: tfp_glow.IAF(input_shape=(4,), num_layers=2, hidden_units=[16], num_bins=None,
-                              context_shape=(3,)), (4,)),
-        (lambda: tfp_glow.NeuralSplineFlow(input_shape=(4,), num_layers=2, hidden_units=[16],
-                                           num_bins=None, context_shape=(3,)), (4,)),
-        (lambda: tfp_glow.NeuralSplineFlow(input_shape=(4,), variant="coupling", num_layers=2,
-                                           hidden_units=[16], num_bins=None,
-                                           context_shape=(3,)), (4,)),
-        (lambda: tfp_glow.Glow(image_shape=(4, 4, 1), levels=2, steps_per_level=1,
-                               hidden_channels=8, num_bins=None, dropout=0.0,
-                               coupling="spline", last_kernel=1, context_shape=(3,)), (4, 4, 1)),
+        (
+            lambda: tfp_glow.RealNVP(
+                input_shape=(4, 4, 1),
+                levels=2,
+                hidden_channels=8,
+                num_blocks=1,
+                num_bins=None,
+                logit_alpha=None,
+                context_shape=(3,),
+            ),
+            (4, 4, 1),
+        ),
+        (
+            lambda: tfp_glow.RealNVP(
+                input_shape=(4,),
+                coupling_layers=2,
+                hidden_channels=16,
+                num_bins=None,
+                context_shape=(3,),
+            ),
+            (4,),
+        ),
+        (
+            lambda: tfp_glow.NICE(
+                input_shape=(4,),
+                coupling_layers=2,
+                hidden_units=16,
+                num_hidden_layers=1,
+                num_bins=None,
+                context_shape=(3,),
+            ),
+            (4,),
+        ),
+        (
+            lambda: tfp_glow.IAF(
+                input_shape=(4,), num_layers=2, hidden_units=[16], num_bins=None, context_shape=(3,)
+            ),
+            (4,),
+        ),
+        (
+            lambda: tfp_glow.NeuralSplineFlow(
+                input_shape=(4,), num_layers=2, hidden_units=[16], num_bins=None, context_shape=(3,)
+            ),
+            (4,),
+        ),
+        (
+            lambda: tfp_glow.NeuralSplineFlow(
+                input_shape=(4,),
+                variant="coupling",
+                num_layers=2,
+                hidden_units=[16],
+                num_bins=None,
+                context_shape=(3,),
+            ),
+            (4,),
+        ),
+        (
+            lambda: tfp_glow.Glow(
+                image_shape=(4, 4, 1),
+                levels=2,
+                steps_per_level=1,
+                hidden_channels=8,
+                num_bins=None,
+                dropout=0.0,
+                coupling="spline",
+                last_kernel=1,
+                context_shape=(3,),
+            ),
+            (4, 4, 1),
+        ),
     ],
-    ids=["realnvp_image", "realnvp_vector", "nice", "iaf", "nsf_autoregressive", "nsf_coupling",
-         "glow_spline_vector_context"],
+    ids=[
+        "realnvp_image",
+        "realnvp_vector",
+        "nice",
+        "iaf",
+        "nsf_autoregressive",
+        "nsf_coupling",
+        "glow_spline_vector_context",
+    ],
 )
 def test_family_learns_to_use_its_context(make, event_shape):
     _learns_its_context(make(), event_shape, (3,))
@@ -251,8 +317,9 @@ def test_checkpoint_and_reversible_backprop_give_the_same_gradients_with_a_conte
     results = {}
     for mode in ("standard", "checkpoint", "reversible"):
         with tf.GradientTape() as tape:
-            z, ldj = reversible.forward_and_log_det(flow, x, mode, event_ndims=3,
-                                                    conditional_input=c)
+            z, ldj = reversible.forward_and_log_det(
+                flow, x, mode, event_ndims=3, conditional_input=c
+            )
             loss = tf.reduce_sum(z**2) / 2 - tf.reduce_sum(ldj)
         results[mode] = (loss, tape.gradient(loss, variables))
     loss, grads = results["standard"]
@@ -266,8 +333,9 @@ def test_checkpoint_and_reversible_backprop_give_the_same_gradients_with_a_conte
 def test_realnvp_on_an_odd_dimension_is_exact_given_the_context():
     # A 5-D posterior q(theta | x): odd D takes the alternating-feature mask.
     keras.utils.set_random_seed(0)
-    model = tfp_glow.RealNVP(input_shape=(5,), coupling_layers=4, hidden_channels=16,
-                             context_shape=(3,), dtype="float64")
+    model = tfp_glow.RealNVP(
+        input_shape=(5,), coupling_layers=4, hidden_channels=16, context_shape=(3,), dtype="float64"
+    )
     rng = np.random.RandomState(0)
     x, c = rng.randn(6, 5), rng.randn(6, 3)
     # Move the zero-initialised last layers so the map is not the identity.
@@ -280,7 +348,6 @@ def test_realnvp_on_an_odd_dimension_is_exact_given_the_context():
         tape.watch(xt)
         zt = model.encode(xt, c)
     jac = tape.batch_jacobian(zt, xt).numpy()
-    expected = (-0.5 * np.sum(z**2, -1) - 2.5 * np.log(2 * np.pi)
-                + np.linalg.slogdet(jac)[1])
+    expected = -0.5 * np.sum(z**2, -1) - 2.5 * np.log(2 * np.pi) + np.linalg.slogdet(jac)[1]
     np.testing.assert_allclose(model.log_prob(x, c).numpy(), expected, rtol=1e-9, atol=1e-9)
     assert np.abs(model.log_prob(x, c) - model.log_prob(x, c[::-1])).max() > 1e-3

@@ -26,8 +26,14 @@ def _data():
 
 def _model(width=4):
     keras.utils.set_random_seed(0)
-    model = tfp_glow.Glow((4, 4, 1), levels=1, steps_per_level=1, hidden_channels=width,
-                          num_bins=17, dequantization="uniform")
+    model = tfp_glow.Glow(
+        (4, 4, 1),
+        levels=1,
+        steps_per_level=1,
+        hidden_channels=width,
+        num_bins=17,
+        dequantization="uniform",
+    )
     model.compile()  # Polyak averaging: "best" must hold the average
     return model
 
@@ -51,8 +57,9 @@ class _ValueOf(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         opt = self.model.optimizer
-        avg = {id(w): a for w, a in zip(opt._trainable_variables,
-                                        opt._model_variables_moving_average)}
+        avg = {
+            id(w): a for w, a in zip(opt._trainable_variables, opt._model_variables_moving_average)
+        }
         weights = [avg.get(id(v), v).numpy() for v in self.model.variables]
         raw = [v.numpy() for v in self.model.variables]
         self.seen.append((logs["val_loss"], weights, raw))
@@ -65,12 +72,18 @@ def test_stopped_then_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
 
     first = _model()
     values = _ValueOf()
-    backup = EpochCheckpoint(tmp_path / "backup", best_path=tmp_path / "best.weights.h5",
-                             delete_on_end=False)
+    backup = EpochCheckpoint(
+        tmp_path / "backup", best_path=tmp_path / "best.weights.h5", delete_on_end=False
+    )
     # WithAveragedWeights: validation (the monitored val_loss) sees the average,
     # which is what "best" keeps, as in `tfp-glow train`.
-    first.fit(ds, epochs=3, verbose=0, validation_data=ds,
-              callbacks=[WithAveragedWeights(), values, backup, _StopAfter(1)])
+    first.fit(
+        ds,
+        epochs=3,
+        verbose=0,
+        validation_data=ds,
+        callbacks=[WithAveragedWeights(), values, backup, _StopAfter(1)],
+    )
     assert os.path.exists(tmp_path / "backup" / STATE_FILE)
     # A run still training: its state file holds the last epoch's raw weights
     # (fit's end then copied their average into `first`).
@@ -81,14 +94,24 @@ def test_stopped_then_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
 
     resumed = _model()
     history = resumed.fit(
-        ds, epochs=3, verbose=0, validation_data=ds,
-        callbacks=[WithAveragedWeights(), values, EpochCheckpoint(tmp_path / "backup",
-                                           best_path=tmp_path / "best.weights.h5")])
+        ds,
+        epochs=3,
+        verbose=0,
+        validation_data=ds,
+        callbacks=[
+            WithAveragedWeights(),
+            values,
+            EpochCheckpoint(tmp_path / "backup", best_path=tmp_path / "best.weights.h5"),
+        ],
+    )
     assert history.epoch == [2]  # epochs 0 and 1 came from the state file
-    worst = max(float(np.max(np.abs(a - b)))
-                for a, b in zip(reference.get_weights(), resumed.get_weights()))
-    moved = max(float(np.max(np.abs(a - b)))
-                for a, b in zip(reference.get_weights(), _model().get_weights()))
+    worst = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(reference.get_weights(), resumed.get_weights())
+    )
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(reference.get_weights(), _model().get_weights())
+    )
     assert worst == 0.0 and moved > 1e-3
     assert not os.path.exists(tmp_path / "backup")  # finished: state and folder removed
 
@@ -99,14 +122,14 @@ def test_stopped_then_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
     for v, expected in zip(loaded.variables, best_weights):
         np.testing.assert_allclose(v.numpy(), expected, rtol=0, atol=0)
     assert np.isfinite(best_loss)
-    np.testing.assert_allclose(
-        float(-tf.reduce_mean(loaded.log_prob(x))), best_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(-tf.reduce_mean(loaded.log_prob(x))), best_loss, rtol=1e-5)
 
 
 def test_a_state_file_of_another_model_is_refused_by_name(tmp_path):
     ds, _ = _data()
-    _model(width=4).fit(ds, epochs=1, verbose=0,
-                        callbacks=[EpochCheckpoint(tmp_path, delete_on_end=False)])
+    _model(width=4).fit(
+        ds, epochs=1, verbose=0, callbacks=[EpochCheckpoint(tmp_path, delete_on_end=False)]
+    )
     with pytest.raises(ValueError, match=r"state\.npz.*different model configuration"):
         _model(width=8).fit(ds, epochs=1, verbose=0, callbacks=[EpochCheckpoint(tmp_path)])
 

@@ -163,8 +163,7 @@ def low_resolution(images: tf.Tensor | np.ndarray, num_bins: int, factor: int = 
     height, width = centres.shape[1], centres.shape[2]
     if height is not None and width is not None and (height % factor or width % factor):
         raise ValueError(
-            f"`factor` must divide the image's height and width; got {factor} for "
-            f"{height}x{width}."
+            f"`factor` must divide the image's height and width; got {factor} for {height}x{width}."
         )
     return tf.nn.avg_pool2d(centres, factor, factor, "VALID")
 

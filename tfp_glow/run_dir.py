@@ -146,6 +146,7 @@ def _load_weights(model, path):
     try:
         if path.endswith(".npz"):  # a run still training: its EpochCheckpoint state
             from tfp_glow.training.epoch_checkpoint import read_state_weights
+
             read_state_weights(path, model)
         else:
             model.load_weights(path)

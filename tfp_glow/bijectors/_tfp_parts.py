@@ -30,13 +30,20 @@ def public_pass(bijector, t, event_ndims, inverse, kwargs):
     """`(output, log-det)` from TFP's public methods; `conditional_input`
     only for `CONDITIONAL_TYPES` (other walker kwargs are tfp_glow's)."""
     context = kwargs.get("conditional_input")
-    kw = ({"conditional_input": context}
-          if context is not None and isinstance(bijector, CONDITIONAL_TYPES) else {})
+    kw = (
+        {"conditional_input": context}
+        if context is not None and isinstance(bijector, CONDITIONAL_TYPES)
+        else {}
+    )
     if inverse:
-        return (bijector.inverse(t, **kw),
-                bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims, **kw))
-    return (bijector.forward(t, **kw),
-            bijector.forward_log_det_jacobian(t, event_ndims=event_ndims, **kw))
+        return (
+            bijector.inverse(t, **kw),
+            bijector.inverse_log_det_jacobian(t, event_ndims=event_ndims, **kw),
+        )
+    return (
+        bijector.forward(t, **kw),
+        bijector.forward_log_det_jacobian(t, event_ndims=event_ndims, **kw),
+    )
 
 
 def walk_composition(bijector, t, event_ndims, inverse, kwargs, walk):

@@ -274,8 +274,11 @@ class CouplingBase(FlowBijector):
         if self._context_shape is None:  # a context for other bijectors is not ours
             return x_b
         context = _context.check_context(
-            conditional_input, self._context_shape, f"{type(self).__name__} ({self.name!r})",
-            x_b.dtype)
+            conditional_input,
+            self._context_shape,
+            f"{type(self).__name__} ({self.name!r})",
+            x_b.dtype,
+        )
         return _context.concat_features(x_b, context, self._context_shape, self._event_ndims)
 
     def _check(self, x):
@@ -332,8 +335,10 @@ class CouplingBase(FlowBijector):
             return self._recombine(y_a, x_b), self._reduce_event(ldj)
         mask = checkerboard_mask_np(x.shape[-self._event_ndims :], self._parity)
         h = self._run_net(
-            x * tf.constant(mask, x.dtype), self._outputs_per_channel * x.shape[-1],
-            conditional_input)
+            x * tf.constant(mask, x.dtype),
+            self._outputs_per_channel * x.shape[-1],
+            conditional_input,
+        )
         y, ldj = fn(x, h)
         # Copy the conditioning positions; only b == 0 is transformed. `where`
         # (not b * x + (1 - b) * y) so the unused values can never leak a NaN;

@@ -67,8 +67,15 @@ class FactorOut(StandardizeBase):
         self._channels = channels
         self._num_factored = k
         super().__init__(
-            num_classes, k, event_ndims, dtype, parameters, name, validate_args,
-            context_shape=context_shape)
+            num_classes,
+            k,
+            event_ndims,
+            dtype,
+            parameters,
+            name,
+            validate_args,
+            context_shape=context_shape,
+        )
         policy = _precision.net_policy(net_dtype, dtype)
         if prior_net is not None and net_dtype is not None:
             raise ValueError(

@@ -118,14 +118,23 @@ class StandardizeBase(FlowBijector):
         if _context.is_image(context_shape, event_ndims):
             # No bias: the offset is linear in the context, as for a vector.
             self._context_conv = keras.layers.Conv2D(
-                2 * channels, 3, padding="same", use_bias=False, kernel_initializer="zeros",
-                dtype=dtype.name, name=f"{self.name}_context")
+                2 * channels,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_initializer="zeros",
+                dtype=dtype.name,
+                name=f"{self.name}_context",
+            )
             self._context_conv.build((None, None, None, context_shape[-1]))
             self._track_layers(self._context_conv)
             return
         # The names of the class table of files saved before `context_shape`.
-        layer_name, weight = ((f"{self.name}_classes", "class_offsets") if num_classes
-                              else (f"{self.name}_context", "context_weights"))
+        layer_name, weight = (
+            (f"{self.name}_classes", "class_offsets")
+            if num_classes
+            else (f"{self.name}_context", "context_weights")
+        )
         state = ParameterLayer(dtype=dtype.name, name=layer_name)
         self._class_table = state.add(weight, [int(np.prod(context_shape)), 2 * channels])
         self._track_layers(state)

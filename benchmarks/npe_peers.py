@@ -18,9 +18,7 @@ The rows, each run in a fresh process (the peers import no TensorFlow of ours):
 
 * `tfp_glow_maf`: `NeuralPosteriorEstimator.build(5, 5, "maf")`, the default
   conditional MAF, compiled with the default optimizer;
-* `tfp_glow_realnvp`: the same with `family="realnvp"` (vector RealNVP); not in
-  the default rows: `tfp_glow.RealNVP` on vectors splits by halves of the
-  features (mask "channel") and refuses the odd theta dimension 5 (ValueError);
+* `tfp_glow_realnvp`: the same with `family="realnvp"` (vector RealNVP);
 * `bayesflow_coupling_flow`: BayesFlow 2's `BasicWorkflow` with its default
   `CouplingFlow()` (Keras 3, TensorFlow backend), `fit_offline`;
 * `sbi_npe_maf`: sbi's `NPE(prior)` (its default density estimator, MAF on
@@ -31,7 +29,7 @@ Each row writes `benchmarks/results/npe/<row>_seed<s>.json` (figures, versions,
 machine, load at start and end, times). The peers are the `npe-peers` extra:
 
     pip install -e ".[benchmarks,npe-peers]"
-    python benchmarks/npe_peers.py                       # the default rows, seeds 0 1 2
+    python benchmarks/npe_peers.py                       # every row, seeds 0 1 2
     python benchmarks/npe_peers.py --rows sbi_npe_maf --seeds 0
 """
 
@@ -272,8 +270,7 @@ def run_row(row, seed, problem_path, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_rows = [row for row in ROWS if row != "tfp_glow_realnvp"]  # odd D: see above
-    parser.add_argument("--rows", nargs="+", default=default_rows, choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=RESULTS, help="directory of the JSON results")
     parser.add_argument("--problem", help=argparse.SUPPRESS)  # a row's own process

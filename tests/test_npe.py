@@ -231,15 +231,7 @@ def gaussian_linear_data():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family",
-    [
-        "maf",
-        # tfp_glow.RealNVP on vectors splits the features in halves (mask "channel")
-        # and refuses theta's odd dimension 5 when it is built.
-        pytest.param("realnvp", marks=pytest.mark.xfail(raises=ValueError, strict=True)),
-    ],
-)
+@pytest.mark.parametrize("family", ["maf", "realnvp"])
 def test_default_conditional_flow_is_within_001_nats_of_the_true_posterior(
     family, gaussian_linear_data
 ):

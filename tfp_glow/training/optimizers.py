@@ -190,24 +190,45 @@ class WarmupAdam(keras.optimizers.Adam):
 
 # ----------------------------------------------------------------- AdamW
 def network_variables(model):
-    """The trainable variables of `model`'s networks (coupling and prior nets,
-    and a variational dequantizer's).
+    """The trainable variables of `model`'s networks: every Keras layer the
+    flow holds that is not a bijector's `ParameterLayer` (coupling and prior
+    nets, the conditioners TFP's own bijectors call, such as the `MADE` of a
+    `tfb.MaskedAutoregressiveFlow` or the `RealNVPNet` of a `tfb.RealNVP`,
+    the context maps of conditional models), and a variational dequantizer's.
 
     Everything else a flow trains is a bijector parameter (ActNorm's scale and
-    shift, the 1x1 convs' LU factors, the learned priors' mean and scale).
+    shift, the 1x1 convs' LU factors, the learned priors' mean and scale),
+    and so are the plain `tf.Variable`s of TFP's bijectors
+    (`tfb.Shift(tf.Variable(...))`, `model.flow_variables`): never decayed.
     """
-    from tfp_glow.bijectors import keras_layers_of
     from tfp_glow.bijectors._state import ParameterLayer
+    from tfp_glow.training.flow_variables import collect
 
+    # The layers FlowModel tracks: found through tfp_glow's bijectors and
+    # through TFP's (attributes, `shift_and_log_scale_fn`, `bijector_fn`, a
+    # tf.Module holding a network). `keras_layers_of` sees only the first.
+    layers = getattr(model, "flow_layers", None)
+    if layers is None:
+        layers = collect(model.flow)[0]
+    # A ParameterLayer nested inside another layer stays a parameter.
+    parameters = {
+        id(v)
+        for layer in layers
+        for sub in layer._flatten_layers(include_self=True)
+        if isinstance(sub, ParameterLayer)
+        for v in sub.trainable_variables
+    }
     dequantizer = getattr(model, "dequantizer", None)
-    return [
-        v
-        for layer in keras_layers_of(model.flow)
-        if not isinstance(layer, ParameterLayer)
-        for v in layer.trainable_variables
-    ] + (list(dequantizer.trainable_variables) if dequantizer is not None else [])
+    found, seen = [], set(parameters)
+    for layer in list(layers) + ([dequantizer] if dequantizer is not None else []):
+        for v in layer.trainable_variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                found.append(v)
+    return found
 
 
+# ----------------------------------------------------------------- AdamW
 def adamw(
     model: keras.Model,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,

@@ -111,7 +111,7 @@ def test_bad_contexts_are_refused_naming_conditional_input():
     )
 
 
-@pytest.mark.parametrize("family", [tfp_glow.FFJORD, tfp_glow.ResidualFlow])
+@pytest.mark.parametrize("family", [tfp_glow.ResidualFlow])
 def test_families_without_a_context_path_refuse_context_shape(family):
     with pytest.raises(ValueError, match=r"context_shape.*not supported"):
         family(input_shape=(2,), context_shape=(3,))

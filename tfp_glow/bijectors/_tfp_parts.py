@@ -5,7 +5,8 @@ TFP's compositions other than `Chain` (`tfb.Glow` and its blocks, `Blockwise`,
 walker's rules; `tfb.Reshape` is reshaped with its event shapes resolved
 statically, since TFP 0.25's own fails with an unknown batch dimension.
 Every other TFP bijector runs its public methods (`public_pass`); those whose
-networks take a context (`CONDITIONAL_TYPES`) receive `conditional_input`.
+networks take a context (`CONDITIONAL_TYPES`) receive `conditional_input`;
+`tfb.FFJORD` gets its context bound into its vector field (`bind_ffjord_context`).
 """
 
 import tensorflow as tf
@@ -13,7 +14,14 @@ import tensorflow_probability as tfp
 
 tfb = tfp.bijectors
 
-__all__ = ["COMPOSITION_TYPES", "CONDITIONAL_TYPES", "public_pass", "reshape", "walk_composition"]
+__all__ = [
+    "COMPOSITION_TYPES",
+    "CONDITIONAL_TYPES",
+    "bind_ffjord_context",
+    "public_pass",
+    "reshape",
+    "walk_composition",
+]
 
 # The base of every TFP composition (Chain, Blockwise, JointMap, tfb.Glow ...),
 # found by name in the MRO: no TFP internals imported.
@@ -26,10 +34,33 @@ COMPOSITION_TYPES = tuple(c for c in tfb.Chain.__mro__ if c.__name__ == "Composi
 CONDITIONAL_TYPES = (tfb.MaskedAutoregressiveFlow, tfb.RealNVP)
 
 
+def bind_ffjord_context(ffjord, context):
+    """A fresh `tfb.FFJORD` whose field is `ffjord`'s with `context` bound:
+    `f(t, z) = field(t, z, conditional_input=context)`.
+
+    Why not TFP's own condition kwargs (`ffjord.inverse(y, conditional_input=c)`,
+    which it hands to the solver as `constants`): TFP 0.25's FFJORD caches its
+    log-det keyed by the input tensor alone, so the same `y` under a second
+    context returns the first context's log-det (checked eagerly). A fresh
+    bijector per call has an empty cache; the context is closed over, and the
+    solver's adjoint gradients still reach every variable the field reads
+    (it collects them from the tape, not from `constants`).
+    """
+    field = ffjord.parameters["state_time_derivative_fn"]
+
+    def bound_field(time, state):
+        return field(time, state, conditional_input=context)
+
+    return tfb.FFJORD(**{**ffjord.parameters, "state_time_derivative_fn": bound_field})
+
+
 def public_pass(bijector, t, event_ndims, inverse, kwargs):
     """`(output, log-det)` from TFP's public methods; `conditional_input`
-    only for `CONDITIONAL_TYPES` (other walker kwargs are tfp_glow's)."""
+    only for `CONDITIONAL_TYPES` (other walker kwargs are tfp_glow's), bound
+    into the field of a `tfb.FFJORD`."""
     context = kwargs.get("conditional_input")
+    if context is not None and isinstance(bijector, tfb.FFJORD):
+        bijector, context = bind_ffjord_context(bijector, context), None
     kw = (
         {"conditional_input": context}
         if context is not None and isinstance(bijector, CONDITIONAL_TYPES)

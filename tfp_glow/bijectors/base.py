@@ -396,7 +396,8 @@ def forward_and_log_det(bijector: tfp.bijectors.Bijector, x: tf.Tensor,
     never touch TFP's cache and run each coupling network once. `kwargs`
     (e.g. `conditional_input`) reach every tfp_glow bijector inside;
     `conditional_input` also reaches TFP's `MaskedAutoregressiveFlow` and
-    `RealNVP` (their networks' context), and no other bijector.
+    `RealNVP` (their networks' context) and is bound into a `tfb.FFJORD`'s
+    field, and reaches no other bijector.
     """
     return _walk(bijector, x, _default_ndims(bijector, event_ndims, False), False, kwargs)
 

@@ -188,8 +188,8 @@ def _refuse_context(model, context_shape):
     if context_shape is not None:
         raise ValueError(
             f"{model}(context_shape={context_shape!r}) is not supported yet: its flow "
-            "cannot take a context. Use Glow, RealNVP, NICE, MAF, IAF or "
-            "NeuralSplineFlow for a conditional model p(x | context), or num_classes= "
+            "cannot take a context. Use Glow, RealNVP, NICE, MAF, IAF, "
+            "NeuralSplineFlow or FFJORD for a conditional model p(x | context), or num_classes= "
             "for class-conditional priors."
         )
 

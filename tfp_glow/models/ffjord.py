@@ -9,7 +9,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks, nets
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _net_dtype, _positive_int, _refuse_context
+from tfp_glow.models._common import _context_options, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -46,8 +46,9 @@ class FFJORD(FlowModel):
 
     solved by TFP's adaptive ODE solver (`solver`: "dormand_prince", the
     paper's dopri5, or "bdf" for stiff fields) to the tolerances `rtol`,
-    `atol`, with gradients by TFP's adjoint-free backpropagation through the
-    solver. `trace`: "exact" (D vector-Jacobian products per function
+    `atol`, with gradients by the adjoint sensitivity method (TFP's solver
+    differentiates by a second, backward ODE solve; the field's variables are
+    found on the tape). `trace`: "exact" (D vector-Jacobian products per function
     evaluation), "hutchinson" (`tr(A) ~ r^T A r`, `trace_samples` Gaussian
     probes, one product each: unbiased but noisy, so `log_prob` and the test
     bits/dim vary from call to call; the paper's choice for images), or
@@ -74,6 +75,11 @@ class FFJORD(FlowModel):
       activation: the field's hidden activation (smooth: the solver and the
         trace differentiate it).
       num_classes, num_bins: see `MAF`.
+      context_shape: a conditional model `p(x | c)` for contexts of this
+        shape (any: it is flattened): the field reads the context in its first
+        layer, `dz/dt = f(z, t, c)`, so each context has its own flow; the
+        learned prior gets a zero-initialised offset from it. The density
+        methods and `fit` take the context second. Not with `num_classes`.
       **kwargs: `FlowModel`'s.
 
     #### Examples
@@ -106,8 +112,8 @@ class FFJORD(FlowModel):
         context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        _refuse_context("FFJORD", context_shape)
         input_shape = _vectors.input_shape_of(input_shape)
+        context_shape, num_classes = _context_options(context_shape, num_classes)
         self._config = dict(
             input_shape=input_shape,
             hidden_units=_vectors.hidden_units_of(hidden_units),
@@ -119,6 +125,7 @@ class FFJORD(FlowModel):
             activation=activation,
             num_classes=num_classes,
             num_bins=num_bins,
+            context_shape=context_shape,
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
         super().__init__(
@@ -130,6 +137,7 @@ class FFJORD(FlowModel):
             event_shape=input_shape,
             num_bins=num_bins,
             num_classes=num_classes,
+            context_shape=context_shape,
             **kwargs,
         )
 
@@ -156,8 +164,11 @@ def build_ffjord_flow(
     num_classes=None,
     dtype="float32",
     net_dtype=None,
+    context_shape=None,
 ):
-    """The normalizing bijector of `FFJORD` (see its docstring)."""
+    """The normalizing bijector of `FFJORD` (see its docstring). With
+    `context_shape` the field also reads the flattened context; the walker
+    binds it into the field per call (`_tfp_parts.bind_ffjord_context`)."""
     dim = _vectors.num_features(input_shape)
     field = nets.ODENet(
         event_size=dim,
@@ -165,6 +176,7 @@ def build_ffjord_flow(
         activation=activation,
         dtype=net_dtype or dtype,
         name="ode_net",
+        context_shape=context_shape,
     )
     solvers = {"dormand_prince": tfp.math.ode.DormandPrince, "bdf": tfp.math.ode.BDF}
     ffjord = tfb.FFJORD(
@@ -178,5 +190,10 @@ def build_ffjord_flow(
     )
     # TFP's FFJORD runs latent -> data (t from 0 to 1): its inverse normalizes.
     return _vectors.vector_flow(
-        input_shape, [tfb.Invert(ffjord)], num_classes, dtype, name="ffjord"
+        input_shape,
+        [tfb.Invert(ffjord)],
+        num_classes,
+        dtype,
+        name="ffjord",
+        context_shape=context_shape,
     )

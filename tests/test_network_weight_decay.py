@@ -110,17 +110,29 @@ def test_adamw_decays_exactly_the_networks_of_the_vector_families(name):
             np.testing.assert_array_equal(v.numpy(), w)
 
 
-def test_maf_compile_without_an_optimizer_uses_its_own_settings():
-    model = tfp_glow.MAF(input_shape=(D,), num_layers=2, hidden_units=[H, H], num_bins=None)
+@pytest.mark.parametrize(
+    "name, rate, weight_decay, decayed",
+    [("maf_unbounded", 1e-3, 0.3, 12), ("realnvp_vector", 5e-4, 0.1, 12)],
+)
+def test_compile_without_an_optimizer_uses_the_family_settings(name, rate, weight_decay, decayed):
+    model = CASES[name][0]()
     model.compile()
     optimizer = model.optimizer
-    # AdamW on the warmup schedule to 1e-3, decay 0.1 of the MADEs, averaged.
+    # AdamW on the 100-step warmup schedule, decaying the networks, averaged.
     assert isinstance(optimizer, keras.optimizers.AdamW)
-    assert optimizer.weight_decay == pytest.approx(0.1)
+    assert optimizer.weight_decay == pytest.approx(weight_decay)
     assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.99)
     rates = [float(optimizer._learning_rate(step)) for step in (0, 99, 5000)]
-    np.testing.assert_allclose(rates, [1e-5, 1e-3, 1e-3], rtol=1e-6)
-    decayed = {id(v) for v in network_variables(model)}
-    assert len(decayed) == 12
-    assert all(optimizer._use_weight_decay(v) == (id(v) in decayed)
-               for v in model.trainable_variables)
+    np.testing.assert_allclose(rates, [rate / 100, rate, rate], rtol=1e-6)
+    networks = {id(v) for v in network_variables(model)}
+    assert len(networks) == decayed
+    assert all(
+        optimizer._use_weight_decay(v) == (id(v) in networks) for v in model.trainable_variables
+    )
+
+
+def test_image_realnvp_keeps_the_library_optimizer():
+    model = tfp_glow.RealNVP(input_shape=(4, 4, 1), levels=1, hidden_channels=8, num_blocks=1)
+    model.compile()
+    assert type(model.optimizer).__name__ == "WarmupAdam"
+    assert float(model.optimizer.learning_rate) == pytest.approx(3e-3)

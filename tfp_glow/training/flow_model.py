@@ -136,10 +136,6 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
     are subclasses that build `flow` from a config.
     """
 
-    # `recommended_optimizer` arguments of `compile()` with no optimizer (a
-    # family overrides them where the library's 3e-3 overfits its networks).
-    RECOMMENDED_OPTIMIZER_SETTINGS: dict[str, float] = {}
-
     def __init__(self, flow: tfp.bijectors.Bijector | Callable[[], tfp.bijectors.Bijector]
                  | None = None,
                  event_shape: Sequence[int] | None = None, num_bins: int | None = 256,
@@ -293,6 +289,12 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):  # see the helper
         super()._maybe_symbolic_build(symbolic_build_iterator(self, iterator), data_batch)
 
+    def recommended_optimizer_settings(self) -> dict[str, float]:
+        """`recommended_optimizer` arguments of `compile()` with no optimizer:
+        none here (3e-3, no weight decay); a family overrides them where that
+        rate overfits its networks (measured: BENCHMARKS.md, "The family table")."""
+        return {}
+
     def compile(self, optimizer=None, **kwargs):
         """`keras.Model.compile`; the loss is always `-log p(x)`.
 
@@ -303,8 +305,8 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         checkpoints use it during `fit`). Pass
         `recommended_optimizer(decay_steps=...)` for `tfp-glow train`'s cosine
         decay once the number of steps is known. A family whose networks
-        overfit at that rate names its own `recommended_optimizer` arguments in
-        `RECOMMENDED_OPTIMIZER_SETTINGS` (MAF: 1e-3 with weight decay 0.1).
+        overfit at that rate names its own `recommended_optimizer` arguments
+        in `recommended_optimizer_settings()` (MAF, the vector RealNVP).
         """
         if kwargs.get("loss") is not None:
             raise ValueError("FlowModel trains on -log_prob; do not pass `loss`.")
@@ -313,7 +315,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
             from tfp_glow.training import recommended_optimizer
             with self.distribute_strategy.scope():
                 optimizer = recommended_optimizer(
-                    model=self, **dict(self.RECOMMENDED_OPTIMIZER_SETTINGS))
+                    model=self, **self.recommended_optimizer_settings())
         super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):

@@ -121,16 +121,14 @@ FAMILIES = {
         ),
     ),
     # The vector families at their defaults (~150k parameters on 64 features).
-    # MAF's stated config: at the library's default optimizer (3e-3, averaged)
-    # it overfits after epoch 40 (2.709 at the end, best 2.521; 2026-12-07);
-    # ActNorm between the layers (data-dependent init) and 5e-4 ended lowest
-    # of the 5 settings tried (benchmarks/results/family_table/maf_settings.json).
+    # MAF at the library's defaults: its compile() uses MAF's own
+    # recommended_optimizer_settings() (1e-3, weight decay 0.3 of the MADEs),
+    # chosen from the settings in benchmarks/results/family_table/maf_settings.json
+    # (at 3e-3 without decay it overfit after epoch 40: 2.709 at the end).
     "maf": dict(
         builder="MAF",
         layout="vector",
-        digits=dict(input_shape=(64,), actnorm=True),
-        optimizer="recommended",
-        optimizer_kwargs=dict(learning_rate=5e-4),
+        digits=dict(input_shape=(64,)),
         toy2d=dict(builder="MAF", kwargs=TOY_AR),
         peer="zuko_maf",
     ),

@@ -167,6 +167,7 @@ def _epoch_configs(x, workdir):
                 paths["best"],
                 save_weights_only=True,
                 monitor="val_bits_per_dim",
+                mode="min",
                 save_best_only=True,
             ),
         ]

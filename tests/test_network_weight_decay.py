@@ -136,3 +136,17 @@ def test_image_realnvp_keeps_the_library_optimizer():
     model.compile()
     assert type(model.optimizer).__name__ == "WarmupAdam"
     assert float(model.optimizer.learning_rate) == pytest.approx(3e-3)
+
+
+def test_a_reloaded_model_still_decays_its_networks_only(tmp_path):
+    # Keras's optimizer config holds no exclusions: compile_from_config puts them back.
+    model = perturb(CASES["realnvp_vector"][0](), rng=2)
+    model.compile()
+    path = str(tmp_path / "realnvp.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    networks = {id(v) for v in network_variables(loaded)}
+    assert len(networks) == 12 and len(loaded.trainable_variables) == 16
+    assert [loaded.optimizer._use_weight_decay(v) for v in loaded.trainable_variables] == [
+        id(v) in networks for v in loaded.trainable_variables
+    ]

@@ -327,6 +327,12 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         """
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
+        if getattr(getattr(self, "optimizer", None), "weight_decay", None):
+            # Keras saves no exclusions: decay the networks only, as `adamw` did.
+            from tfp_glow.training.optimizers import network_variables
+            decayed = {id(v) for v in network_variables(self)}
+            self.optimizer.exclude_from_weight_decay(
+                var_list=[v for v in self.trainable_variables if id(v) not in decayed])
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)  # so its state loads
 

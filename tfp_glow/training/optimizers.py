@@ -15,7 +15,9 @@ ActNorm and the coupling scales have settled.
   so Keras's `ReduceLROnPlateau` and `LearningRateScheduler` work with it.
 * `recommended_optimizer`: what `FlowModel.compile()` with no optimizer and
   `tfp-glow train` use: `WarmupAdam`, 100-step warmup to 3e-3, then constant,
-  with Polyak averaging of the weights (momentum 0.99).
+  with Polyak averaging of the weights (momentum 0.99). `compile()` passes the
+  model's `recommended_optimizer_settings()`: MAF and the vector RealNVP name
+  a lower rate with weight decay of their networks (they overfit at 3e-3).
 
 Gradient clipping needs nothing new: Keras optimizers take `clipnorm=` or
 `global_clipnorm=`, and `FlowModel` applies it like any other optimizer.

@@ -14,8 +14,6 @@ import tensorflow as tf
 
 import tfp_glow
 
-TIGHT = dict(rtol=1e-8, atol=1e-10)
-
 
 def _model(dtype="float64", **kwargs):
     keras.utils.set_random_seed(0)
@@ -64,19 +62,22 @@ def test_the_same_input_under_two_contexts_gets_two_log_dets():
 @pytest.mark.slow
 def test_log_prob_is_the_exact_change_of_variables_given_the_context():
     """log p(x | c) = log N(encode(x, c)) + log|det d encode / dx|: the
-    integrated trace against the Jacobian of the solved map (float64, the
-    solver at rtol 1e-8), and the map inverts to the solver's tolerance."""
-    model = _model(**TIGHT)
+    integrated trace against the autodiff Jacobian of the solved map (float64,
+    the solver at rtol 1e-6: they agree to ~2e-6), and the map inverts."""
+    model = _model(rtol=1e-6, atol=1e-8)
     x, c = _pairs()
     xt = tf.constant(x)
     with tf.GradientTape(persistent=True) as tape:  # no pfor: FFJORD's solver
         tape.watch(xt)
-        zt = model.encode(xt, c)
+        zt, _ = tfp_glow.bijectors.forward_and_log_det(
+            model.flow, xt, 1, conditional_input=tf.constant(c)
+        )
     jacobian = tape.batch_jacobian(zt, xt, experimental_use_pfor=False).numpy()
-    z = zt.numpy()
+    z = model.encode(x, c).numpy()
+    np.testing.assert_allclose(z, zt.numpy(), atol=1e-12)  # the prior is in the flow
     expected = -0.5 * np.sum(z**2, -1) - np.log(2 * np.pi) + np.linalg.slogdet(jacobian)[1]
-    np.testing.assert_allclose(model.log_prob(x, c).numpy(), expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(model.decode(z, c).numpy(), x, atol=1e-6)
+    np.testing.assert_allclose(model.log_prob(x, c).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.decode(z, c).numpy(), x, atol=1e-5)
     assert np.abs(model.log_prob(x, c) - model.log_prob(x, c[::-1])).max() > 1e-3
 
 

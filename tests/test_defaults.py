@@ -136,3 +136,26 @@ def test_recommended_optimizer_with_decay_and_weight_decay(digits):
     assert not training.recommended_optimizer(ema_momentum=None).use_ema
     with pytest.raises(ValueError, match="`ema_momentum`"):
         training.recommended_optimizer(ema_momentum=1.0)
+
+
+def test_recipe_without_lr_or_weight_decay_takes_the_models_own_settings(tmp_path):
+    # `tfp-glow train --model maf` and `recipe.train(maf)` train what
+    # `maf.compile()` would: MAF's 1e-3 with decay 0.3, not the library's 3e-3.
+    import tensorflow as tf
+
+    from tfp_glow import recipe
+
+    x = np.random.RandomState(0).randn(64, 2).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(32)
+    resolved = {}
+    for name, kwargs in (("default", {}), ("given", dict(learning_rate=2e-3, weight_decay=0.0))):
+        keras.utils.set_random_seed(0)
+        model = tfp_glow.MAF(input_shape=(2,), num_layers=1, hidden_units=[8], num_bins=None)
+        result = recipe.train(model, ds, ds, run_dir=str(tmp_path / name), epochs=1,
+                              export=False, verbose=0, sample_every=0, **kwargs)
+        with open(result.paths["config"]) as f:
+            config = json.load(f)
+        resolved[name] = (config["learning_rate"], config["weight_decay"],
+                          float(getattr(model.optimizer, "weight_decay", None) or 0.0))
+    assert resolved["default"] == (1e-3, 0.3, pytest.approx(0.3))
+    assert resolved["given"] == (2e-3, 0.0, 0.0)

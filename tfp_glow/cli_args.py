@@ -168,7 +168,13 @@ def _add_train_parser(sub):
     )
     p.add_argument("--epochs", type=_positive_int, default=60, help="passes over the data")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="peak learning rate (default: the model's, 3e-3 for most; MAF 1e-3, "
+        "vector RealNVP 5e-4)",
+    )
     p.add_argument(
         "--warmup-steps", type=_nonnegative_int, default=100, help="linear learning-rate warmup"
     )
@@ -189,9 +195,10 @@ def _add_train_parser(sub):
     p.add_argument(
         "--weight-decay",
         type=_nonnegative_float,
-        default=0.0,
+        default=None,
         help="AdamW's decoupled weight decay of the networks' weights (0: Adam; "
-        "ActNorm, 1x1 conv and prior parameters are never decayed)",
+        "ActNorm, 1x1 conv and prior parameters are never decayed; default: the "
+        "model's, 0 for most, MAF 0.3, vector RealNVP 0.1)",
     )
     p.add_argument(
         "--ema",

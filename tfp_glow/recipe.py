@@ -273,10 +273,10 @@ def _callbacks(model, paths, sample_every, seed, averaged):
     ]
 
 
-def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
+def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=None,
           warmup_steps=100, lr_decay="none", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
-          extra_metrics=None, weight_decay=0.0, ema_momentum=RECOMMENDED_EMA_MOMENTUM):
+          extra_metrics=None, weight_decay=None, ema_momentum=RECOMMENDED_EMA_MOMENTUM):
     """Trains `model` on `train_ds` and writes the run directory `run_dir`.
 
     The recipe (`tfp_glow.training.recommended_optimizer`, what
@@ -312,9 +312,11 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
         ``shuffle=False``: fixed dequantization noise, one test figure).
       run_dir: the run directory (created if missing).
       epochs: passes over `train_ds` (or of `steps_per_epoch` batches).
-      learning_rate, warmup_steps, lr_decay, clipnorm: the schedule above.
+      learning_rate, warmup_steps, lr_decay, clipnorm: the schedule above;
+        `learning_rate` None: the model's (`recommended_optimizer_settings()`,
+        what its `compile()` uses; 3e-3 unless the family says otherwise).
       weight_decay: AdamW's decoupled weight decay of the network weights
-        (0: plain Adam).
+        (0: plain Adam; None: the model's, 0 unless the family says otherwise).
       ema_momentum: momentum in (0, 1) of the weights' moving average
         (default 0.99, `recommended_optimizer`'s; None: off).
       steps_per_epoch: cap on the batches per epoch (`train_ds` is then
@@ -333,7 +335,14 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=3e-3,
     Returns:
       A `TrainResult` (metrics, history, paths, export_path, resumed).
     """
-    from tfp_glow.training import recommended_optimizer
+    from tfp_glow.training import RECOMMENDED_LEARNING_RATE, recommended_optimizer
+    # None: what the model's compile() would use (a family may override 3e-3
+    # and no decay where that overfits its networks).
+    settings = getattr(model, "recommended_optimizer_settings", dict)()
+    if learning_rate is None:
+        learning_rate = settings.get("learning_rate", RECOMMENDED_LEARNING_RATE)
+    if weight_decay is None:
+        weight_decay = settings.get("weight_decay", 0.0)
     _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
                       steps_per_epoch, sample_every, verbose, weight_decay, ema_momentum)
     paths = run_paths(run_dir)

@@ -151,11 +151,23 @@ def test_recipe_without_lr_or_weight_decay_takes_the_models_own_settings(tmp_pat
     for name, kwargs in (("default", {}), ("given", dict(learning_rate=2e-3, weight_decay=0.0))):
         keras.utils.set_random_seed(0)
         model = tfp_glow.MAF(input_shape=(2,), num_layers=1, hidden_units=[8], num_bins=None)
-        result = recipe.train(model, ds, ds, run_dir=str(tmp_path / name), epochs=1,
-                              export=False, verbose=0, sample_every=0, **kwargs)
+        result = recipe.train(
+            model,
+            ds,
+            ds,
+            run_dir=str(tmp_path / name),
+            epochs=1,
+            export=False,
+            verbose=0,
+            sample_every=0,
+            **kwargs,
+        )
         with open(result.paths["config"]) as f:
             config = json.load(f)
-        resolved[name] = (config["learning_rate"], config["weight_decay"],
-                          float(getattr(model.optimizer, "weight_decay", None) or 0.0))
+        resolved[name] = (
+            config["learning_rate"],
+            config["weight_decay"],
+            float(getattr(model.optimizer, "weight_decay", None) or 0.0),
+        )
     assert resolved["default"] == (1e-3, 0.3, pytest.approx(0.3))
     assert resolved["given"] == (2e-3, 0.0, 0.0)

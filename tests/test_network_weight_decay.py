@@ -37,14 +37,16 @@ def _mlp(outputs):
 # layer, for each of the 2 layers), how many other trainable variables).
 CASES = {
     "maf_actnorm": (
-        lambda: tfp_glow.MAF(input_shape=(D,), num_layers=2, hidden_units=[H, H], actnorm=True,
-                             num_bins=None),
+        lambda: tfp_glow.MAF(
+            input_shape=(D,), num_layers=2, hidden_units=[H, H], actnorm=True, num_bins=None
+        ),
         2 * _made(2),
         4,  # two ActNorms' log-scale and bias
     ),
     "maf_unbounded": (
-        lambda: tfp_glow.MAF(input_shape=(D,), num_layers=2, hidden_units=[H, H],
-                             log_scale_bound=None, num_bins=None),
+        lambda: tfp_glow.MAF(
+            input_shape=(D,), num_layers=2, hidden_units=[H, H], log_scale_bound=None, num_bins=None
+        ),
         2 * _made(2),
         0,
     ),
@@ -54,28 +56,40 @@ CASES = {
         0,
     ),
     "maf_context": (
-        lambda: tfp_glow.MAF(input_shape=(D,), num_layers=2, hidden_units=[H, H],
-                             context_shape=(3,), num_bins=None),
+        lambda: tfp_glow.MAF(
+            input_shape=(D,), num_layers=2, hidden_units=[H, H], context_shape=(3,), num_bins=None
+        ),
         2 * _made(2, context=3),
         3,  # the learned prior's mean, log-scale and context map
     ),
     "nsf_autoregressive": (
-        lambda: tfp_glow.NeuralSplineFlow(input_shape=(D,), variant="autoregressive",
-                                          num_layers=2, hidden_units=[H, H],
-                                          spline_bins=SPLINE_BINS, num_bins=None),
+        lambda: tfp_glow.NeuralSplineFlow(
+            input_shape=(D,),
+            variant="autoregressive",
+            num_layers=2,
+            hidden_units=[H, H],
+            spline_bins=SPLINE_BINS,
+            num_bins=None,
+        ),
         2 * _made(3 * SPLINE_BINS - 1),
         0,
     ),
     "nsf_coupling": (
-        lambda: tfp_glow.NeuralSplineFlow(input_shape=(D,), variant="coupling", num_layers=2,
-                                          hidden_units=[H, H], spline_bins=SPLINE_BINS,
-                                          num_bins=None),
+        lambda: tfp_glow.NeuralSplineFlow(
+            input_shape=(D,),
+            variant="coupling",
+            num_layers=2,
+            hidden_units=[H, H],
+            spline_bins=SPLINE_BINS,
+            num_bins=None,
+        ),
         2 * _mlp((D // 2) * (3 * SPLINE_BINS - 1)),
         0,
     ),
     "realnvp_vector": (
-        lambda: tfp_glow.RealNVP(input_shape=(D,), coupling_layers=2, hidden_channels=H,
-                                 num_bins=None),
+        lambda: tfp_glow.RealNVP(
+            input_shape=(D,), coupling_layers=2, hidden_channels=H, num_bins=None
+        ),
         2 * _mlp(2 * (D // 2)),
         4,  # two ActNorms' log-scale and bias
     ),

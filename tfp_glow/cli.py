@@ -284,13 +284,7 @@ def cmd_train(args):
     with strategy.scope():
         model = _build_model(args, plan.info, plan.arch)
     # Unset --lr / --weight-decay: the model's own (what its compile() uses).
-    from tfp_glow.training import RECOMMENDED_LEARNING_RATE
-
-    settings = model.recommended_optimizer_settings()
-    if args.lr is None:
-        args.lr = settings.get("learning_rate", RECOMMENDED_LEARNING_RATE)
-    if args.weight_decay is None:
-        args.weight_decay = settings.get("weight_decay", 0.0)
+    args.lr, args.weight_decay = recipe.optimizer_settings(model, args.lr, args.weight_decay)
     cfg.update(lr=args.lr, weight_decay=args.weight_decay)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     resuming = " (resuming)" if recipe.has_backup(plan.output) else ""

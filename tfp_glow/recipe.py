@@ -70,6 +70,7 @@ __all__ = [
     "figure_title",
     "has_backup",
     "load_run",
+    "optimizer_settings",
     "read_config",
     "run_paths",
     "train",
@@ -273,6 +274,20 @@ def _callbacks(model, paths, sample_every, seed, averaged):
     ]
 
 
+def optimizer_settings(model, learning_rate=None, weight_decay=None):
+    """`(learning_rate, weight_decay)` of a run: the given values, and for None
+    what the model's `compile()` would use (`recommended_optimizer_settings()`:
+    a family may override 3e-3 and no decay where that overfits its networks)."""
+    from tfp_glow.training import RECOMMENDED_LEARNING_RATE
+
+    settings = getattr(model, "recommended_optimizer_settings", dict)()
+    if learning_rate is None:
+        learning_rate = settings.get("learning_rate", RECOMMENDED_LEARNING_RATE)
+    if weight_decay is None:
+        weight_decay = settings.get("weight_decay", 0.0)
+    return learning_rate, weight_decay
+
+
 def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=None,
           warmup_steps=100, lr_decay="none", clipnorm=None, steps_per_epoch=None,
           jit_compile=False, seed=0, sample_every=5, export=True, verbose=2, config=None,
@@ -335,14 +350,8 @@ def train(model, train_ds, test_ds, *, run_dir, epochs=60, learning_rate=None,
     Returns:
       A `TrainResult` (metrics, history, paths, export_path, resumed).
     """
-    from tfp_glow.training import RECOMMENDED_LEARNING_RATE, recommended_optimizer
-    # None: what the model's compile() would use (a family may override 3e-3
-    # and no decay where that overfits its networks).
-    settings = getattr(model, "recommended_optimizer_settings", dict)()
-    if learning_rate is None:
-        learning_rate = settings.get("learning_rate", RECOMMENDED_LEARNING_RATE)
-    if weight_decay is None:
-        weight_decay = settings.get("weight_decay", 0.0)
+    from tfp_glow.training import recommended_optimizer
+    learning_rate, weight_decay = optimizer_settings(model, learning_rate, weight_decay)
     _check_train_args(epochs, learning_rate, warmup_steps, lr_decay, clipnorm,
                       steps_per_epoch, sample_every, verbose, weight_decay, ema_momentum)
     paths = run_paths(run_dir)

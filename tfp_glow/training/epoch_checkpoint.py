@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_glow import checks
+from tfp_glow.training.callbacks import _averaged_pairs
 
 __all__ = ["EpochCheckpoint", "STATE_FILE", "read_state_weights"]
 
@@ -163,10 +164,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             averaged = {}
             inner = getattr(optimizer, "inner_optimizer", optimizer)
             if getattr(inner, "use_ema", False):
-                averages = getattr(inner, "_model_variables_moving_average", None) or []
-                averaged = {
-                    id(w): a for w, a in zip(inner._trainable_variables, averages) if a is not None
-                }
+                averaged = {id(w): a for w, a in _averaged_pairs(optimizer)}
             best_sources = [averaged.get(id(v), v) for v in model_vars]
             self._reads = (
                 model_vars,

@@ -116,12 +116,20 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, kind)
     script.write_text(SCRIPT)
     # The reference run and the run to be killed go side by side (2 cores).
     reference, reference_log = _start(script, tmp_path, "reference", 0.0, kind)
-    victim, victim_log = _start(script, tmp_path, "victim", 0.25, kind)
+    victim, victim_log = _start(script, tmp_path, "victim", 0.5, kind)
+    backup_file = tmp_path / "victim_backup" / BACKUP_FILES[kind]
     deadline = time.time() + 240
     while time.time() < deadline:
         text = victim_log.read_text()
-        # Epoch 1 (index 0) ended and its backup exists; 2 batches into epoch 2.
-        if "end 0" in text and text.split("begin 1", 1)[-1].count("batch") >= 2:
+        # Epoch 1 (index 0) ended and its backup is on disk; 2 batches into
+        # epoch 2. EpochCheckpoint writes on a background thread, so under load
+        # the file can land a few batches after "end 0": wait for it (each
+        # victim batch sleeps 0.5 s, so epoch 2 lasts at least 4 s).
+        if (
+            "end 0" in text
+            and text.split("begin 1", 1)[-1].count("batch") >= 2
+            and backup_file.exists()
+        ):
             break
         assert victim.poll() is None, victim.communicate()[0][-3000:]
         time.sleep(0.02)
@@ -132,7 +140,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, kind)
     assert victim.returncode == -signal.SIGKILL
     killed_log = _lines(victim_log)
     assert "end 1" not in " ".join(killed_log) and "done" not in killed_log
-    assert (tmp_path / "victim_backup" / BACKUP_FILES[kind]).exists()
+    assert backup_file.exists()
     assert not (tmp_path / "victim.npz").exists()
 
     # Same command again: it restores epoch 1's backup and restarts epoch 2.

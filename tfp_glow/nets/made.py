@@ -86,6 +86,29 @@ def _check_order(input_order, event_size):
     return order
 
 
+class _FanInUniform:
+    """Hidden biases `b_j ~ U(-1/sqrt(n_j), 1/sqrt(n_j))`, `n_j` the inputs unit
+    `j` sees through its mask (PyTorch's `Linear` bias rule, on the masked fan-in).
+
+    Why not zeros: a unit of the first layer that sees one input computes
+    `relu(w x)`, whose kink sits at `x = 0` for every such unit, so the network
+    starts piecewise linear with a single break; the dimension-1 conditioners
+    of a 2-D MAF (and the first features of any MADE) then learn slowly. On 8
+    Gaussians (2-D MAF, 8 layers of 64 x 2, the family table's 390 steps, init
+    seeds 0 / 1 / 2) KL(p || q) fell from 0.43 / 0.46 / 0.69 to 0.34 / 0.34 /
+    0.35 nats (zuko 1.6's MAF, same recipe: 0.26 / 0.26 / 0.22); the 64-D
+    digits MAF is unchanged (2.468 bits/dim, was 2.469).
+    """
+
+    def __init__(self, mask):
+        fan_in = np.maximum(np.asarray(mask).sum(axis=0), 1)
+        self.limit = (1.0 / np.sqrt(fan_in)).astype(np.float32)
+
+    def __call__(self, shape, dtype=None):
+        unit = keras.initializers.RandomUniform(-1.0, 1.0)(shape, dtype=dtype)
+        return unit * keras.ops.cast(self.limit, unit.dtype)
+
+
 @keras.saving.register_keras_serializable(package="tfp_glow")
 class MADE(TFPConditioner):
     """Masked autoregressive network (Germain et al. 2015), Keras 3.
@@ -199,7 +222,11 @@ class MADE(TFPConditioner):
                 )
             )
             self._biases.append(
-                self.add_weight(name=f"bias_{i}", shape=(mask.shape[1],), initializer="zeros")
+                self.add_weight(
+                    name=f"bias_{i}",
+                    shape=(mask.shape[1],),
+                    initializer="zeros" if last else _FanInUniform(mask),
+                )
             )
         self.built = True
 

@@ -300,3 +300,54 @@ def test_tf_train_checkpoint_restores_every_weight(tmp_path):
     tf.train.Checkpoint(net=fresh).read(path).assert_consumed()
     for saved, restored in zip(made.weights, fresh.weights):
         np.testing.assert_array_equal(saved, restored)
+
+
+def test_hidden_biases_start_at_the_masked_fan_in_rule():
+    """b_j ~ U(-1/sqrt(n_j), 1/sqrt(n_j)), n_j the inputs unit j sees; the last layer's are 0."""
+    made = nets.MADE(2, 3, [64, 64])
+    for bias, mask in zip(made._biases[:-1], made.masks[:-1]):
+        limit = 1 / np.sqrt(np.maximum(mask.sum(axis=0), 1))
+        b = bias.numpy()
+        assert np.all(np.abs(b) <= limit) and np.std(b / limit) > 0.4  # uniform: 0.577
+    np.testing.assert_array_equal(made._biases[-1].numpy(), 0.0)
+
+
+def test_dropout_acts_only_inside_a_training_step_and_keeps_the_masks():
+    made = nets.MADE(2, D, [32, 32], zero_init_last=False, dropout=0.5)
+    x = draw([8, D])
+    plain = made(x).numpy()
+    np.testing.assert_array_equal(made(x).numpy(), plain)  # no dropout outside a step
+    with nets.dropout_active(tf.constant([3, 0], tf.int64)):
+        dropped = made(x).numpy()
+        np.testing.assert_array_equal(made(x).numpy(), dropped)  # one step: one mask
+        # Still autoregressive: output i never sees x_i or a later input.
+        jac = jacobian(made, x)
+    assert np.max(np.abs(dropped - plain)) > 1e-3
+    with nets.dropout_active(tf.constant([4, 0], tf.int64)):
+        assert np.max(np.abs(made(x).numpy() - dropped)) > 1e-3  # next step: new mask
+    degrees = made.input_order
+    for i in range(D):
+        for j in range(D):
+            if degrees[j] >= degrees[i]:
+                assert np.all(jac[:, i, :, j] == 0)
+    with pytest.raises(ValueError, match="dropout"):
+        nets.MADE(2, D, [8], dropout=1.0)
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=str)
+@pytest.mark.parametrize("hidden", [[], [16]], ids=str)
+def test_direct_connections_keep_the_property_and_reach_every_allowed_pair(order, hidden):
+    made = nets.MADE(2, D, hidden, input_order=order, seed=5, direct_connections=True,
+                     context_size=2)  # fmt: skip
+    np.testing.assert_array_equal(made(draw([3, D]), conditional_input=draw([3, 2])), 0.0)
+    randomize(made)
+    x, c = draw([8, D]), draw([8, 2], seed=1)
+    used = np.abs(jacobian(made, x, conditional_input=c)).max(axis=(0, 2)) > 0
+    # The linear path alone uses every allowed connection, and nothing more.
+    np.testing.assert_array_equal(used, allowed(made))
+    with tf.GradientTape() as tape:
+        tape.watch(c)
+        out = made(x, conditional_input=c)
+    assert np.all(np.abs(tape.batch_jacobian(out, c).numpy()).max(axis=(0, 2, 3)) > 0)
+    restored = nets.MADE.from_config(json.loads(json.dumps(made.get_config())))
+    assert restored.direct_connections and len(restored.weights) == len(made.weights)

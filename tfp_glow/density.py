@@ -29,6 +29,7 @@ import tensorflow_probability as tfp
 
 from tfp_glow import checks
 from tfp_glow.bijectors import forward_and_log_det, inverse_and_log_det
+from tfp_glow.context_encoder import condition, context_encoder_of, flow_context_shape
 from tfp_glow.context_spec import context_argument
 from tfp_glow.input_spec import InputSpec
 
@@ -66,6 +67,7 @@ class FlowDensity:
       dtype: float dtype of the base distribution and the inputs.
       validate_args: assert input values inside graphs too.
       context_shape: shape of one context of a conditional flow, or None.
+      context_encoder: a Keras layer between the context and the flow, or None.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class FlowDensity:
         dtype=tf.float32,
         validate_args=False,
         context_shape=None,
+        context_encoder=None,
     ):
         if not isinstance(flow, tfb.Bijector):
             raise TypeError(f"`flow` must be a tfp bijector (data to latent); got {flow!r}.")
@@ -98,6 +101,8 @@ class FlowDensity:
             context_shape,
         )
         dtype = self.spec.dtype
+        self._encoder = context_encoder_of(context_encoder, context_shape, num_classes)
+        self.flow_context_shape = flow_context_shape(self._encoder, self.spec.context_shape)
         self._base = tfd.Sample(
             tfd.Normal(tf.constant(0.0, dtype), tf.constant(1.0, dtype)), self.spec.latent_shape
         )
@@ -171,7 +176,7 @@ class FlowDensity:
         return tensors + ((context,) if self.context_shape is not None else ())
 
     def _condition(self, context):
-        return {} if self.context_shape is None else {"conditional_input": context}
+        return {} if self.context_shape is None else condition(self._encoder, context, self.dtype)
 
     # -- math (already validated inputs; graph or eager) -------------------------
     def forward_and_log_det(self, x, context=None, backprop="standard"):
@@ -221,12 +226,9 @@ class FlowDensity:
 
     # -- public API (`labels=`: the older name of `context`) --------------------
     def log_prob(self, x, context=None, backprop="standard", *, labels=None):
-        """`log p(x | context)` per example, for any finite `x` of the event shape.
-
-        `backprop` (`"standard"`, `"checkpoint"` or `"reversible"`) is what a
-        `tf.GradientTape` around the call keeps for the gradient (see
-        `tfp_glow.training.reversible`); the value is the same.
-        """
+        """`log p(x | context)` per example, for any finite `x` of the event shape;
+        `backprop` (`"standard"`, `"checkpoint"`, `"reversible"`): what a tape keeps
+        for the gradient (`tfp_glow.training.reversible`), the value the same."""
         checks.choice(backprop, BACKPROP_MODES, "backprop")
         x = self.spec.data(x)
         context = _context(self.spec, context, labels, x)

@@ -74,6 +74,12 @@ class DensityMethods:
         return self._density.context_shape
 
     @property
+    def flow_context_shape(self):
+        """Shape of the context the flow's layers receive: `context_shape`, or the
+        output shape of the model's `context_encoder`."""
+        return self._density.flow_context_shape
+
+    @property
     def data_range(self):
         """`(-0.5, 0.5)` for discretised image models (`num_bins` set), else None.
 

@@ -240,6 +240,13 @@ FIT_SETTINGS = {
 }
 
 
+# What `build` adds to a family's defaults. MAF: the MADEs' direct (masked
+# linear) connections, so a posterior's linear part needs no hidden unit.
+# GaussianLinear, seed 0, KL over 10 observations: 0.0027 (decay 4.0: 0.0032,
+# 1.0: 0.0036) against 0.0048 without; MADE dropout 0.05 / 0.1: 0.0049 / 0.0050.
+MODEL_DEFAULTS = {"maf": {"direct_connections": True}}
+
+
 class NeuralPosteriorEstimator:
     """A conditional flow `q(theta | x)` trained on simulated pairs (NPE).
 
@@ -315,8 +322,9 @@ class NeuralPosteriorEstimator:
         **model_kwargs: Any,
     ) -> "NeuralPosteriorEstimator":
         """An estimator on the default conditional flow of `family`: `"maf"`
-        (`tfp_glow.MAF`, 5 layers of MADE [100, 100]) or `"realnvp"` (vector
-        `tfp_glow.RealNVP`); `model_kwargs` go to the model's constructor."""
+        (`tfp_glow.MAF`, 5 layers of MADE [100, 100] with direct connections,
+        `MODEL_DEFAULTS`) or `"realnvp"` (vector `tfp_glow.RealNVP`);
+        `model_kwargs` go to the model's constructor (over `MODEL_DEFAULTS`)."""
         import tfp_glow
 
         families = {"maf": tfp_glow.MAF, "realnvp": tfp_glow.RealNVP}
@@ -324,7 +332,10 @@ class NeuralPosteriorEstimator:
         theta_dim = checks.positive_int(theta_dim, "theta_dim")
         x_dim = checks.positive_int(x_dim, "x_dim")
         model = families[family](
-            input_shape=(theta_dim,), context_shape=(x_dim,), num_bins=None, **model_kwargs
+            input_shape=(theta_dim,),
+            context_shape=(x_dim,),
+            num_bins=None,
+            **{**MODEL_DEFAULTS.get(family, {}), **model_kwargs},
         )
         return cls(model, standardize=standardize)
 

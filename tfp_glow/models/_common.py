@@ -15,6 +15,7 @@ from tfp_glow.bijectors import (
     channel_permutation,
 )
 from tfp_glow.bijectors._context import context_shape_of
+from tfp_glow.context_encoder import context_encoder_of, flow_context_shape
 from tfp_glow.variational_dequantization import VariationalDequantizer
 
 COUPLINGS = ("affine", "additive", "spline", "mol")
@@ -192,6 +193,16 @@ def _refuse_context(model, context_shape):
             "NeuralSplineFlow or FFJORD for a conditional model p(x | context), or num_classes= "
             "for class-conditional priors."
         )
+
+
+def _flow_context(context_shape, num_classes, kwargs):
+    """The context shape the flow's layers are built for: `context_shape`, or the
+    output shape of `kwargs["context_encoder"]` (a FlowModel option, resolved in
+    place: a `.keras` config dict becomes the layer; tfp_glow.context_encoder)."""
+    encoder = context_encoder_of(kwargs.get("context_encoder"), context_shape, num_classes)
+    if "context_encoder" in kwargs:
+        kwargs["context_encoder"] = encoder
+    return flow_context_shape(encoder, context_shape)
 
 
 def _context_options(context_shape, num_classes):

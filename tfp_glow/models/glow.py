@@ -18,6 +18,7 @@ from tfp_glow.models._common import (
     _coupling,
     _coupling_kwargs,
     _dequantizer_kwargs,
+    _flow_context,
     _image_shape,
     _net_dtype,
     _permutation,
@@ -165,6 +166,7 @@ class Glow(FlowModel):
             for k, v in self._config.items()
             if k not in ("num_bins", "dequantization", "dequantizer_kwargs")
         }
+        flow_options["context_shape"] = _flow_context(context_shape, num_classes, kwargs)
 
         def build():
             # `dtype` is keras.Model's dtype policy, already in its config: every

@@ -11,7 +11,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import ActNorm
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _context_options, _net_dtype, _positive_int
+from tfp_glow.models._common import _context_options, _flow_context, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -78,6 +78,8 @@ class _AutoregressiveModel(FlowModel):
         num_bins: int | None = 256,
         log_scale_bound: float | None = DEFAULT_LOG_SCALE_BOUND,
         context_shape: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        direct_connections: bool = False,
         **kwargs: Any,
     ) -> None:
         input_shape = _vectors.input_shape_of(input_shape)
@@ -100,8 +102,13 @@ class _AutoregressiveModel(FlowModel):
                 allow_none=True,
             ),
             context_shape=context_shape,
+            dropout=checks.number(
+                dropout, "dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True
+            ),
+            direct_connections=checks.boolean(direct_connections, "direct_connections"),
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
+        options["context_shape"] = _flow_context(context_shape, num_classes, kwargs)
         super().__init__(
             flow=lambda: build_maf_flow(
                 **options,
@@ -167,6 +174,9 @@ class MAF(_AutoregressiveModel):
         the MADE's output `s` (a scale within `exp(+-B)` per layer); None for
         `alpha = s`, unbounded. Bounded, IAF's feature-by-feature density
         cannot overflow (unbounded it diverged at the default optimizer).
+      dropout: the MADEs' dropout rate while training (`nets.MADE`), 0 for none.
+      direct_connections: the MADEs' masked linear input-to-output maps
+        (`nets.MADE`).
       **kwargs: `FlowModel`'s (`dtype`, `backprop`, `nonfinite`, ...).
 
     #### Examples
@@ -188,7 +198,7 @@ class MAF(_AutoregressiveModel):
         """`compile()` with no optimizer: `recommended_optimizer` at 1e-3 with
         AdamW's decay 0.3 of the MADEs' weights. At the library's 3e-3 the
         MADEs overfit the digits (2.709 test bits/dim at epoch 100, best 2.521
-        at epoch 40); at this setting 2.469 at epoch 100 (zuko's MAF 2.490;
+        at epoch 40); at this setting 2.468 at epoch 100 (zuko's MAF 2.490;
         benchmarks/results/family_table/maf_settings.json)."""
         return {"learning_rate": 1e-3, "weight_decay": 0.3}
 
@@ -234,6 +244,8 @@ def build_maf_flow(
     net_dtype=None,
     log_scale_bound=DEFAULT_LOG_SCALE_BOUND,
     context_shape=None,
+    dropout=0.0,
+    direct_connections=False,
 ):
     """The normalizing bijector of `MAF` (or of `IAF` with
     `inverse_autoregressive=True`; see their docstrings); with `context_shape`
@@ -250,6 +262,8 @@ def build_maf_flow(
             dtype=net_dtype or dtype,
             name=f"made_{i}",
             context_shape=context_shape,
+            dropout=dropout,
+            direct_connections=direct_connections,
         )
         # TFP's MAF runs latent -> data with the sequential inverse: MAF
         # normalizes with its one-pass inverse, IAF with its D-pass forward.

@@ -10,7 +10,13 @@ import tensorflow_probability as tfp
 
 from tfp_glow import nets
 from tfp_glow.bijectors import ActNorm, AdditiveCoupling, MultiScaleFlow
-from tfp_glow.models._common import _context_options, _maybe_prior, _net_dtype, _positive_int
+from tfp_glow.models._common import (
+    _context_options,
+    _flow_context,
+    _maybe_prior,
+    _net_dtype,
+    _positive_int,
+)
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -56,6 +62,7 @@ class NICE(FlowModel):
             context_shape=context_shape,
         )
         cfg = self._config
+        flow_context = _flow_context(context_shape, num_classes, kwargs)
         super().__init__(
             flow=lambda: build_nice_flow(
                 cfg["input_shape"],
@@ -65,7 +72,7 @@ class NICE(FlowModel):
                 cfg["num_classes"],
                 dtype=self.dtype_policy.variable_dtype,
                 net_dtype=_net_dtype(self.dtype_policy),
-                context_shape=cfg["context_shape"],
+                context_shape=flow_context,
             ),
             event_shape=input_shape,
             num_bins=num_bins,

@@ -12,7 +12,7 @@ import tensorflow_probability as tfp
 from tfp_glow import checks, nets
 from tfp_glow.bijectors import ActNorm, RationalQuadraticSplineCoupling
 from tfp_glow.models import _vectors
-from tfp_glow.models._common import _context_options, _net_dtype, _positive_int
+from tfp_glow.models._common import _context_options, _flow_context, _net_dtype, _positive_int
 from tfp_glow.training.flow_model import FlowModel
 
 tfb = tfp.bijectors
@@ -136,6 +136,7 @@ class NeuralSplineFlow(FlowModel):
             context_shape=context_shape,
         )
         options = {k: v for k, v in self._config.items() if k != "num_bins"}
+        options["context_shape"] = _flow_context(context_shape, num_classes, kwargs)
         super().__init__(
             flow=lambda: build_nsf_flow(
                 **options,

@@ -13,6 +13,7 @@ from tfp_glow.models._common import (
     _choice,
     _context_options,
     _coupling,
+    _flow_context,
     _image_shape,
     _maybe_prior,
     _net_dtype,
@@ -85,6 +86,7 @@ class RealNVP(FlowModel):
             context_shape=context_shape,
         )
         cfg = self._config
+        flow_context = _flow_context(context_shape, num_classes, kwargs)
         super().__init__(
             flow=lambda: build_realnvp_flow(
                 cfg["input_shape"],
@@ -97,7 +99,7 @@ class RealNVP(FlowModel):
                 dtype=self.dtype_policy.variable_dtype,
                 net_dtype=_net_dtype(self.dtype_policy),
                 coupling=cfg["coupling"],
-                context_shape=cfg["context_shape"],
+                context_shape=flow_context,
             ),
             event_shape=input_shape,
             num_bins=num_bins,

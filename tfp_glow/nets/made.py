@@ -6,6 +6,7 @@ counterpart with the same call contract (`[..., D] -> [..., D, params]`), so
 works as with TFP's.
 """
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from tfp_glow import checks
 from tfp_glow.nets._tfp_base import TFPConditioner, units_list
+from tfp_glow.nets.coupling import _dropout
 
 __all__ = ["MADE"]
 
@@ -146,6 +148,13 @@ class MADE(TFPConditioner):
         of each input, a permutation of 1..D (TFP's convention).
       hidden_degrees: "equal" (units spread evenly over the degrees) or "random".
       activation: hidden activation, a Keras activation name or function.
+      dropout: a rate in [0, 1): hidden units dropped while a training step
+        runs (`nets.dropout_active`, as `GlowCouplingNet`'s), a regulariser for
+        small data sets; log_prob, sampling and export never drop.
+      direct_connections: also a masked linear map from the inputs (and the
+        context) straight to the outputs, `out += (W_d * M_d) [x, c]` with
+        `M_d = [d(j) < d(i)]` (Germain et al.'s direct connections), zero at
+        init: a linear dependence needs no hidden unit.
       seed: int seeding "random" orders and degrees; None draws one from
         NumPy's global generator (seeded by `keras.utils.set_random_seed`) and
         saves it in the config, so `from_config` rebuilds the same masks.
@@ -186,6 +195,8 @@ class MADE(TFPConditioner):
         seed: int | None = None,
         context_size: int | None = None,
         zero_init_last: bool = True,
+        dropout: float = 0.0,
+        direct_connections: bool = False,
         dtype: str | tf.DType | None = None,
         **kwargs: Any,
     ) -> None:
@@ -197,6 +208,9 @@ class MADE(TFPConditioner):
         self.hidden_degrees = checks.choice(hidden_degrees, _HIDDEN_DEGREES, "hidden_degrees")
         self.activation = self._get_activation(activation)
         self.zero_init_last = checks.boolean(zero_init_last, "zero_init_last")
+        self.dropout = checks.number(
+            dropout, "dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
         randomised = self._order_arg == "random" or self.hidden_degrees == "random"
         if seed is None and randomised:
             seed = int(np.random.randint(2**31 - 1))
@@ -228,6 +242,20 @@ class MADE(TFPConditioner):
                     initializer="zeros" if last else _FanInUniform(mask),
                 )
             )
+        self.direct_connections = checks.boolean(direct_connections, "direct_connections")
+        self._direct_mask = None
+        if self.direct_connections:
+            # Input j to output i iff d(j) < d(i) (each output repeated `params`
+            # times); the context reaches every output.
+            order = self._input_degrees
+            direct = np.repeat(order[:, None] < order[None, :], self.params, axis=1)
+            self._direct_mask = np.concatenate(
+                [direct, np.ones((self.context_size or 0, direct.shape[1]), bool)]
+            )
+            self._direct_kernel = self.add_weight(
+                name="direct_kernel", shape=self._direct_mask.shape, initializer="zeros"
+            )
+        self._dropout_key = zlib.crc32(self.name.encode())
         self.built = True
 
     @property
@@ -245,6 +273,7 @@ class MADE(TFPConditioner):
             x, self.event_size, conditional_input
         )
         last = len(self._masks) - 1
+        inputs = h if context is None else tf.concat([h, context], axis=-1)
         for i, (kernel, bias, mask) in enumerate(zip(self._kernels, self._biases, self._masks)):
             if context is not None:
                 h = tf.concat([h, context], axis=-1)
@@ -252,7 +281,11 @@ class MADE(TFPConditioner):
             # masked weights out of the function whatever the optimiser does.
             h = tf.matmul(h, kernel * tf.constant(mask, self.compute_dtype)) + bias
             if i < last:
-                h = self.activation(h)
+                # Masks keyed by the network's name: each MADE of a flow drops its own units.
+                h = _dropout(self.activation(h), self.dropout, self._dropout_key, i)
+        if self._direct_mask is not None:
+            direct = self._direct_kernel * tf.constant(self._direct_mask, self.compute_dtype)
+            h = h + tf.matmul(inputs, direct)
         return self._unflatten(h, batch, static_batch, [self.event_size, self.params], dtype)
 
     def compute_output_shape(self, input_shape):
@@ -271,4 +304,6 @@ class MADE(TFPConditioner):
             "seed": self.seed,
             "context_size": self.context_size,
             "zero_init_last": self.zero_init_last,
+            "dropout": self.dropout,
+            "direct_connections": self.direct_connections,
         }

@@ -113,6 +113,11 @@ class FlowConfigMethods:
             "nonfinite": self.nonfinite,
             "validate_args": self.validate_args,
             "backprop": self.backprop,
+            "context_encoder": (
+                None
+                if self.context_encoder is None
+                else keras.saving.serialize_keras_object(self.context_encoder)
+            ),
         }
 
     def get_config(self):

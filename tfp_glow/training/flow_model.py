@@ -91,25 +91,25 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         with `@keras.saving.register_keras_serializable()` makes `.keras` saving
         possible (`training.flow_config`).
       event_shape: shape of one data point, e.g. `(8, 8, 1)` or `(2,)`.
-      num_bins: number of discrete levels of the data (256 for 8-bit images,
-        17 for the built-in digits); used by `bits_per_dim`. For continuous
-        data (2-D toy densities) pass `None`: `bits_per_dim` then reports the
-        negative log-likelihood in bits without a discretisation term.
+      num_bins: discrete levels of the data (256 for 8-bit images, 17 for the
+        built-in digits), for `bits_per_dim`; `None` for continuous data (the
+        negative log-likelihood in bits, no discretisation term).
       num_classes: when set, the flow is class-conditional: the shorthand for
         `context_shape=(num_classes,)` whose context may be int class ids.
       context_shape: when set, the flow is conditional, `p(x | context)`: every
         density method takes a context `[batch, *context_shape]` (its second
         argument, `labels=` its older name), which reaches every bijector as
         `conditional_input`; `fit` takes `(x, context)` data (`training.batches`).
+      context_encoder: a Keras layer whose output all the flow's layers receive
+        instead of the context (`tfp_glow.context_encoder`), trained with them.
       nonfinite: what a training step with a NaN/inf loss or gradient does.
         Either way the update is not applied (weights, optimizer moments and
         step count stay as they were). `"raise"` (default) then stops `fit`
         with a `FloatingPointError` naming the batch; `"skip"` counts the
         step (`nonfinite_steps` in the logs) and keeps training.
-      validate_args: also check input *values* (finite; inside the data range
-        [-0.5, 0.5] for discretised images in training) inside `tf.function`
-        and `train_step`, with `tf.debugging` assertions. Eager calls always
-        check them.
+      validate_args: also check input *values* (finite; in [-0.5, 0.5] for
+        discretised images in training) inside `tf.function` and `train_step`
+        (`tf.debugging` assertions). Eager calls always check them.
       backprop: how the training step differentiates the flow:
         `"standard"` (keep every activation), `"checkpoint"` (recompute each
         flow step from its stored input) or `"reversible"` (rebuild each
@@ -143,6 +143,7 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
                  validate_args: bool = False, backprop: str = "standard",
                  dequantizer: VariationalDequantizer | Callable[..., VariationalDequantizer]
                  | None = None, context_shape: Sequence[int] | int | None = None,
+                 context_encoder: keras.layers.Layer | None = None,
                  **kwargs: Any) -> None:
         guard = NonfiniteGuard(nonfinite)
         checks.boolean(validate_args, "validate_args")
@@ -168,7 +169,9 @@ class FlowModel(DensityMethods, ActNormInitialization, FlowConfigMethods, keras.
         self._density = FlowDensity(
             flow, event_shape, num_bins=num_bins, num_classes=num_classes,
             dtype=flow_dtype(flow, self.dtype_policy, explicit_dtype),
-            validate_args=validate_args, context_shape=context_shape)
+            validate_args=validate_args, context_shape=context_shape,
+            context_encoder=context_encoder)
+        self.context_encoder = self._density._encoder  # tracked: trained, saved, exported
         self._guard = guard
         self._backprop = backprop
         # A trackable path to the flow's variables for tf.train.Checkpoint and

@@ -308,6 +308,8 @@ def zeros_batch(density):
     x = tf.zeros([1, *density.event_shape], density.dtype)
     if density.context_shape is None:
         return x, {}
+    if density.flow_context_shape != density.context_shape:  # a context encoder's output
+        return x, {"conditional_input": tf.zeros([1, *density.flow_context_shape], x.dtype)}
     if density.num_classes is not None:
         return x, {"conditional_input": tf.one_hot([0], density.num_classes, dtype=x.dtype)}
     return x, {"conditional_input": tf.zeros([1, *density.context_shape], x.dtype)}

@@ -244,3 +244,7 @@ def test_default_conditional_flow_is_within_001_nats_of_the_true_posterior(
     mean_se = np.sqrt((se**2).sum()) / len(se)
     assert mean_se < 0.002, (kl, se)
     assert kl.mean() <= 0.01, f"{family}: KL per observation {np.round(kl, 4)}"
+    if family == "maf":
+        # The default MAF (direct connections) beside BayesFlow 2's CouplingFlow
+        # (0.0028 at seed 0): 0.0027 / 0.0031 / 0.0024 at training seeds 0 / 1 / 2.
+        assert kl.mean() <= 0.004, f"maf: KL per observation {np.round(kl, 4)}"

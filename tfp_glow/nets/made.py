@@ -273,7 +273,7 @@ class MADE(TFPConditioner):
             x, self.event_size, conditional_input
         )
         last = len(self._masks) - 1
-        inputs = h if context is None else tf.concat([h, context], axis=-1)
+        inputs = h if context is None or self._direct_mask is None else tf.concat([h, context], -1)
         for i, (kernel, bias, mask) in enumerate(zip(self._kernels, self._biases, self._masks)):
             if context is not None:
                 h = tf.concat([h, context], axis=-1)

@@ -54,14 +54,15 @@ TOY = dict(train_samples=100_000, epochs=2, batch=512, lr=3e-3)  # 390 steps, to
 # toy_kl.py's 2-D flows: 8 layers, MLP hidden 64 x 2 (~35k parameters).
 TOY_VECTOR = dict(input_shape=(2,), coupling_layers=8, hidden_channels=64)
 TOY_AR = dict(input_shape=(2,), num_layers=8, hidden_units=(64, 64))
-# Budgets below the protocol's 100 epochs, from measured steps (2 shared cores,
-# load 12-17, 2026-12-07): FFJORD's Hutchinson-trace ODE solve 515 ms (250 ms
-# CPU) at initialisation, growing as the field learns; ResidualFlow's
-# Russian-roulette log-det 730-770 ms (load 2-5). The full table must fit
-# ~45 minutes. (IAF, 64 sequential passes per layer, ~160 ms a step, runs the
-# protocol's 100 epochs: ~7 minutes.)
-FFJORD_EPOCHS = 10
-RESFLOW_EPOCHS = 10
+# The slow families run the protocol's 100 epochs too (first 10 only, to fit
+# a ~45-minute table): ResidualFlow's Russian-roulette log-det ~560 ms a step
+# (26 minutes), FFJORD's Hutchinson-trace ODE solve 250 ms at first and over
+# a second by epoch 60 as the field stiffens (2 cores, 2026-12-07: it did not
+# finish within 40 minutes), so the whole table takes 1.5-2 hours;
+# `--families` reruns a subset. (IAF, 64 sequential passes per layer, ~220 ms
+# a step, about 12 minutes.)
+FFJORD_EPOCHS = 100
+RESFLOW_EPOCHS = 100
 
 # name: builder (tfp_glow attribute), layout ("image" [8, 8, 1] or "vector" 64-D),
 # digits kwargs (~150k parameters), 2-D flow for the KL (`builder`, `kwargs`),

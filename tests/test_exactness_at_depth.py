@@ -61,6 +61,7 @@ def test_deep_glow_is_non_identity(deep_models):
     assert len(last) == 96 and min(np.abs(k).max() for k in last) > 0.01
 
 
+@pytest.mark.slow  # ~19 s per dtype on 2 cores (the shallow round trips stay in the default run)
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("float64", 1e-10)])
 def test_decode_encode_round_trip_at_depth(deep_models, dtype, tolerance):
     m32, m64, x = deep_models

@@ -181,6 +181,7 @@ def test_item3_learning_rate_scheduler_sets_the_default_learning_rate(digits):
     assert float(rate) == pytest.approx(3e-5 * 5 / 100, rel=1e-6)
 
 
+@pytest.mark.slow  # two Glow fits, ~19 s on 2 cores: CI's second step
 def test_item3_default_optimizer_trains_as_adam_on_the_warmup_schedule(digits):
     """The settable rate changes nothing: bit-for-bit the weights of today's
     `Adam(WarmupSchedule(3e-3, 100), use_ema=True, ema_momentum=0.99)`."""

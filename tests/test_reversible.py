@@ -600,6 +600,7 @@ def _distributed_worker():
     print(json.dumps(out))
 
 
+@pytest.mark.slow  # a fresh process with two replicas, ~16 s on 2 cores: CI's second step
 def test_mirrored_strategy_two_replicas():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
